@@ -1,0 +1,8 @@
+//! Sluice's dataplane.
+//!
+//! The pipeline modules are pure: they take frames (`&mut [u8]` chains), immutable tables and the
+//! current time as arguments and return verdicts. They make no system calls, read no clock, take no
+//! lock and allocate nothing per packet; all I/O (AF_XDP rings, netlink, gRPC) lives in the agent
+//! and in `sluice-xdp`.
+
+pub mod policy;
