@@ -16,6 +16,8 @@ PACKAGES=(
   prometheus
   # inspection
   bpftool jq
+  # benchmark report: table and PNG chart (Debian python, not a virtualenv)
+  python3 python3-matplotlib
 )
 
 missing=()
