@@ -61,6 +61,8 @@ unsafe impl Pod for types::sluice_iface {}
 unsafe impl Pod for types::sluice_xsk_key {}
 // SAFETY: thirteen u64, no padding.
 unsafe impl Pod for types::sluice_counters {}
+// SAFETY: six u32, no padding.
+unsafe impl Pod for types::xdp_md {}
 // SAFETY: a plain integer.
 unsafe impl Pod for u32 {}
 

@@ -12,8 +12,13 @@
 
 pub mod bpf;
 pub mod loader;
+pub mod xsk;
 
 pub use loader::{
     AttachMode, ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, LoaderError,
     LoaderOptions, XdpLoader,
+};
+pub use xsk::{
+    BindMode, BusyPoll, FrameAccounting, FrameMut, RxBatch, SocketId, SocketStats, Verdict, Xsk,
+    XskConfig, XskError,
 };

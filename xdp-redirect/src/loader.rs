@@ -606,6 +606,74 @@ impl XdpLoader {
         Ok(sum)
     }
 
+    /// The classifier settings of `ifindex`, if it is configured.
+    pub fn iface(&self, ifindex: u32) -> Result<Option<IfaceConfig>, LoaderError> {
+        let value = self
+            .map(maps::IFACES)?
+            .lookup(bytes_of(&ifindex), MapFlags::ANY)
+            .map_err(|source| LoaderError::Map {
+                map: maps::IFACES,
+                op: "lookup",
+                source,
+            })?;
+        let Some(bytes) = value else { return Ok(None) };
+        let v: types::sluice_iface =
+            from_bytes(&bytes).ok_or(LoaderError::BadValue(maps::IFACES))?;
+        let role = if v.role == types::sluice_role::SLUICE_ROLE_UPLINK {
+            IfaceRole::Uplink
+        } else {
+            IfaceRole::Pod
+        };
+        let fail_closed = v.flags.0 & types::sluice_iface_flags::SLUICE_IF_FAIL_CLOSED.0 != 0;
+        Ok(Some(IfaceConfig { role, fail_closed }))
+    }
+
+    /// Removes the classifier settings of `ifindex` (its frames then pass).
+    pub fn clear_iface(&self, ifindex: u32) -> Result<(), LoaderError> {
+        self.delete(maps::IFACES, &ifindex)
+    }
+
+    /// The kernel id of the loaded program.
+    pub fn program_id(&self) -> Result<u32, LoaderError> {
+        libbpf_rs::Program::id_from_fd(self.program()?.as_fd()).map_err(|source| {
+            LoaderError::Load {
+                source,
+                verifier_log: String::new(),
+            }
+        })
+    }
+
+    /// Runs one frame through the program with `BPF_PROG_TEST_RUN` as if it
+    /// arrived on (`ifindex`, `rx_queue`) and returns the XDP action
+    /// (`XDP_DROP` 1, `XDP_PASS` 2, `XDP_REDIRECT` 4). Frames larger than a
+    /// page exercise the multi-buffer (frags) path. The interface must
+    /// exist in the caller's network namespace.
+    pub fn test_run(&self, frame: &[u8], ifindex: u32, rx_queue: u32) -> Result<u32, LoaderError> {
+        let ctx = types::xdp_md {
+            data: 0,
+            data_end: frame.len() as u32,
+            data_meta: 0,
+            ingress_ifindex: ifindex,
+            rx_queue_index: rx_queue,
+            egress_ifindex: 0,
+        };
+        let mut ctx_bytes = bytes_of(&ctx).to_vec();
+        let prog = self
+            .obj
+            .progs_mut()
+            .find(|p| p.name() == bpf::PROGRAM)
+            .ok_or(LoaderError::Missing("program sluice_xdp"))?;
+        let mut input = libbpf_rs::ProgramInput::default();
+        input.context_in = Some(&mut ctx_bytes);
+        input.data_in = Some(frame);
+        let out = prog.test_run(input).map_err(|source| LoaderError::Map {
+            map: "(BPF_PROG_TEST_RUN)",
+            op: "test_run",
+            source,
+        })?;
+        Ok(out.return_value)
+    }
+
     /// Ifindexes with a pinned link of this node.
     pub fn attached(&self) -> Result<Vec<u32>, LoaderError> {
         let dir = self.pin_dir.join("links");
