@@ -359,6 +359,13 @@ impl FrameMut<'_> {
         self.conts.get(k).map_or(&[], |d| self.mem.slice(d))
     }
 
+    /// Offset of continuation chunk `k`'s data within its chunk.
+    pub fn continuation_offset(&self, k: usize) -> usize {
+        self.conts
+            .get(k)
+            .map_or(0, |d| self.mem.offset_in_chunk(d.addr))
+    }
+
     /// Bytes of the whole packet over all chunks.
     pub fn total_len(&self) -> usize {
         self.len() + self.conts.iter().map(|d| d.len as usize).sum::<usize>()
