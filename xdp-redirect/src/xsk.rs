@@ -958,10 +958,10 @@ impl Xsk {
                     sock.tx_out += segs.len() as u64;
                 }
                 None => {
-                    if let Verdict::Forward(to) = p.verdict {
-                        if let Some(Some(s)) = self.sockets.get_mut(to.0 as usize) {
-                            s.stats.tx_queue_full += 1;
-                        }
+                    if let Verdict::Forward(to) = p.verdict
+                        && let Some(Some(s)) = self.sockets.get_mut(to.0 as usize)
+                    {
+                        s.stats.tx_queue_full += 1;
                     }
                     for d in segs.iter() {
                         self.free.push(self.mem.chunk_base(d.addr));
