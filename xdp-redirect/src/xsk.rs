@@ -441,6 +441,7 @@ struct Socket {
     queue: u32,
     pending: VecDeque<xdp_desc>,
     pending_cap: usize,
+    need_wakeup: bool,
     fill_out: u64,
     tx_out: u64,
     stats: SocketStats,
@@ -706,6 +707,7 @@ impl Xsk {
             queue,
             pending: VecDeque::with_capacity(self.cfg.tx_size as usize),
             pending_cap: self.cfg.tx_size as usize,
+            need_wakeup: self.cfg.need_wakeup,
             fill_out: 0,
             tx_out: 0,
             stats: SocketStats::default(),
@@ -746,6 +748,12 @@ impl Xsk {
     /// Closes a socket. Chunks still in its rings are reclaimed where
     /// userspace can see them (unconsumed fill entries, rx, completions,
     /// queued tx); the rest is counted as lost.
+    ///
+    /// Unregister the socket from the XSKMAP first
+    /// ([`crate::XdpLoader::unregister_socket`]): the unconsumed fill entries
+    /// are reclaimed on the assumption that no redirect into this socket
+    /// takes one meanwhile. Its [`SocketId`] may be reused by the next
+    /// [`Xsk::open_socket`].
     pub fn close_socket(&mut self, id: SocketId) -> Result<(), XskError> {
         let mut sock = self
             .sockets
@@ -808,6 +816,18 @@ impl Xsk {
     pub fn binding(&self, id: SocketId) -> Result<(&str, u32), XskError> {
         let s = self.socket(id)?;
         Ok((&s.ifname, s.queue))
+    }
+
+    /// Enters the kernel for `id`'s rx side (`recvfrom`, non-blocking):
+    /// drives NAPI when busy polling is configured, and wakes the fill ring
+    /// when the kernel asks for it.
+    pub fn poll_kernel(&mut self, id: SocketId) -> Result<(), XskError> {
+        let sock = self
+            .sockets
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(XskError::NoSuchSocket(id))?;
+        recv_kick(sock)
     }
 
     /// Counters of one socket.
@@ -1147,8 +1167,10 @@ fn kick_tx(sock: &mut Socket) -> Result<(), XskError> {
         if free == size {
             break;
         }
+        // Without XDP_USE_NEED_WAKEUP the kernel never sets the flag and
+        // every non-empty ring needs a kick.
         // SAFETY: as above.
-        if unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.tx) } == 0 {
+        if sock.need_wakeup && unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.tx) } == 0 {
             break;
         }
         sock.stats.tx_kicks += 1;
@@ -1177,6 +1199,10 @@ fn wake_fill(sock: &mut Socket) -> Result<(), XskError> {
     if unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.fill) } == 0 {
         return Ok(());
     }
+    recv_kick(sock)
+}
+
+fn recv_kick(sock: &mut Socket) -> Result<(), XskError> {
     // SAFETY: recvfrom with a null buffer of length 0 on an AF_XDP socket
     // is the documented rx/fill wakeup.
     let rc = unsafe {
