@@ -250,6 +250,15 @@ pub enum LoaderError {
         #[source]
         source: io::Error,
     },
+    /// Querying the program attached to an interface failed.
+    #[error("querying the XDP program of ifindex {ifindex}: {source}")]
+    Query {
+        /// Interface index.
+        ifindex: u32,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Detaching from an interface failed.
     #[error("detaching XDP from ifindex {ifindex}: {source}")]
     Detach {
@@ -464,8 +473,8 @@ impl XdpLoader {
     }
 
     /// Attaches the program to `ifname` (or atomically replaces the program
-    /// in its pinned link from an earlier run) and configures the interface.
-    /// Returns the ifindex.
+    /// in its pinned link from an earlier run, keeping that link's mode) and
+    /// configures the interface. Returns the ifindex.
     pub fn attach(
         &self,
         ifname: &str,
@@ -731,10 +740,8 @@ pub fn attached_program_id(ifindex: u32, mode: AttachMode) -> Result<Option<u32>
     let rc =
         unsafe { libbpf_rs::libbpf_sys::bpf_xdp_query_id(ifindex as i32, flags as i32, &mut id) };
     if rc < 0 {
-        return Err(LoaderError::Attach {
-            ifname: String::new(),
+        return Err(LoaderError::Query {
             ifindex,
-            mode,
             source: io::Error::from_raw_os_error(-rc),
         });
     }
