@@ -1272,3 +1272,91 @@ fn setsockopt_int(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(cfg: XskConfig) -> &'static str {
+        match Xsk::new(&cfg) {
+            Err(XskError::Config(why)) => why,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_before_any_syscall() {
+        let d = XskConfig::default();
+        assert!(
+            bad(XskConfig {
+                frame_size: 3000,
+                ..d.clone()
+            })
+            .contains("power of two")
+        );
+        assert!(
+            bad(XskConfig {
+                frame_size: 1024,
+                ..d.clone()
+            })
+            .contains("2048")
+        );
+        assert!(
+            bad(XskConfig {
+                fill_size: 1000,
+                ..d.clone()
+            })
+            .contains("fill_size")
+        );
+        assert!(
+            bad(XskConfig {
+                tx_size: 3,
+                ..d.clone()
+            })
+            .contains("tx_size")
+        );
+        assert!(
+            bad(XskConfig {
+                headroom: 4096,
+                ..d.clone()
+            })
+            .contains("headroom")
+        );
+        assert!(
+            bad(XskConfig {
+                batch_size: 0,
+                ..d.clone()
+            })
+            .contains("batch_size")
+        );
+        assert!(
+            bad(XskConfig {
+                frame_count: 0,
+                ..d
+            })
+            .contains("frame_count")
+        );
+    }
+
+    #[test]
+    fn accounting_balances_only_when_every_chunk_is_somewhere() {
+        let mut a = FrameAccounting {
+            total: 10,
+            free: 4,
+            fill: 3,
+            held: 1,
+            tx: 2,
+            lost: 0,
+        };
+        assert!(a.is_balanced());
+        a.free -= 1;
+        assert!(!a.is_balanced());
+    }
+
+    #[test]
+    fn default_headroom_fits_a_vxlan_push() {
+        let d = XskConfig::default();
+        assert!(d.headroom + XDP_PACKET_HEADROOM >= VXLAN_ENCAP_LEN);
+        assert_eq!(d.batch_size, 64);
+    }
+}
