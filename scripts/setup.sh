@@ -11,7 +11,7 @@ PACKAGES=(
   # control plane storage backend at scale
   etcd-server
   # CNI: upstream plugins for chaining, a real container runtime, a local rootfs
-  containernetworking-plugins podman busybox-static
+  containernetworking-plugins podman runc busybox-static
   # metrics validation (promtool)
   prometheus
   # inspection
