@@ -79,6 +79,9 @@ fn need_v11(conf: &NetConf, verb: &str) -> Result<(), CniError> {
     }
 }
 
+/// The largest MTU the kernel keeps on a route (larger values are clamped to it).
+pub const MAX_ROUTE_MTU: u32 = 65520;
+
 /// The node's networking facts, from the configuration first, then the agent, then defaults.
 #[derive(Debug, Clone)]
 pub struct NodeNet {
@@ -147,7 +150,7 @@ impl NodeNet {
                 if let Some(p) = pod_cidr {
                     routes.push(PodRoute {
                         dst: p,
-                        mtu: Some(pod_mtu),
+                        mtu: Some(pod_mtu.min(MAX_ROUTE_MTU)),
                     });
                 }
                 if let Some(c) = cluster_cidr {
@@ -619,7 +622,7 @@ mod tests {
         let n = NodeNet::resolve(&conf, None).unwrap();
         assert_eq!(n.mtu, 65535);
         assert_eq!(n.routes.len(), 3);
-        assert_eq!(n.routes[0].mtu, Some(65535));
+        assert_eq!(n.routes[0].mtu, Some(65520));
         assert_eq!(n.routes[1].mtu, Some(1450));
         assert_eq!(n.routes[2].dst.prefix_len(), 0);
         assert_eq!(n.routes[2].mtu, Some(1450));
