@@ -12,6 +12,7 @@
 //!   "agentSocket": "/run/sluice/agent.sock",
 //!   "agentTimeoutMs": 5000,
 //!   "clusterCidr": "10.244.0.0/16",          // overrides the agent's
+//!   "dataDir": "/var/lib/sluice/ipam",       // the plugin's state when IPAM is delegated
 //!   "mtu": { "mode": "routes", "podMtu": 65535, "underlayMtu": 1500, "plainMtu": 1450 },
 //!   "ipam": { "subnet": "10.244.1.0/24", "dataDir": "/var/lib/sluice/ipam" }
 //! }
@@ -53,6 +54,10 @@ pub struct NetConf {
     pub agent_timeout_ms: Option<u64>,
     #[serde(default)]
     pub cluster_cidr: Option<Ipv4Net>,
+    /// Directory of the plugin's own state (attachment records); `ipam.dataDir` overrides it
+    /// for the built-in IPAM. A delegated IPAM plugin keeps `ipam.dataDir` to itself.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     #[serde(default)]
     pub mtu: MtuConf,
     #[serde(default)]
@@ -155,12 +160,13 @@ impl NetConf {
         std::time::Duration::from_millis(self.agent_timeout_ms.unwrap_or(DEFAULT_AGENT_TIMEOUT_MS))
     }
 
-    /// The built-in IPAM's state directory for this network.
+    /// The state directory (built-in IPAM and attachment records) of this network.
     pub fn ipam_dir(&self) -> PathBuf {
-        self.ipam
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_IPAM_DIR))
+        let own = match self.ipam.delegate() {
+            None => self.ipam.data_dir.clone().or_else(|| self.data_dir.clone()),
+            Some(_) => self.data_dir.clone(),
+        };
+        own.unwrap_or_else(|| PathBuf::from(DEFAULT_IPAM_DIR))
             .join(&self.name)
     }
 }
