@@ -222,12 +222,12 @@ fn validate(conf: &NetConf) -> Result<(), CniError> {
             conf.name
         )));
     }
-    if let Some(subnet) = conf.ipam.subnet {
-        if subnet.prefix_len() > 30 {
-            return Err(crate::error::config(format!(
-                "ipam.subnet {subnet} is too small: it needs at least a /30 (network, gateway .1, broadcast are skipped)"
-            )));
-        }
+    if let Some(subnet) = conf.ipam.subnet
+        && subnet.prefix_len() > 30
+    {
+        return Err(crate::error::config(format!(
+            "ipam.subnet {subnet} is too small: it needs at least a /30 (network, gateway .1, broadcast are skipped)"
+        )));
     }
     if !conf.agent && conf.ipam.subnet.is_none() && conf.ipam.delegate().is_none() {
         return Err(crate::error::config(
@@ -239,21 +239,21 @@ fn validate(conf: &NetConf) -> Result<(), CniError> {
         ("mtu.underlayMtu", conf.mtu.underlay_mtu),
         ("mtu.plainMtu", conf.mtu.plain_mtu),
     ] {
-        if let Some(mtu) = mtu {
-            if !(576..=65535).contains(&mtu) {
-                return Err(crate::error::config(format!(
-                    "{name} {mtu} is out of range 576..=65535"
-                )));
-            }
-        }
-    }
-    if let Some(mtu) = conf.mtu.underlay_mtu {
-        if mtu < 576 + crate::VXLAN_OVERHEAD {
+        if let Some(mtu) = mtu
+            && !(576..=65535).contains(&mtu)
+        {
             return Err(crate::error::config(format!(
-                "mtu.underlayMtu {mtu} leaves no room for VXLAN's {} bytes",
-                crate::VXLAN_OVERHEAD
+                "{name} {mtu} is out of range 576..=65535"
             )));
         }
+    }
+    if let Some(mtu) = conf.mtu.underlay_mtu
+        && mtu < 576 + crate::VXLAN_OVERHEAD
+    {
+        return Err(crate::error::config(format!(
+            "mtu.underlayMtu {mtu} leaves no room for VXLAN's {} bytes",
+            crate::VXLAN_OVERHEAD
+        )));
     }
     Ok(())
 }

@@ -218,13 +218,13 @@ async fn undo(
     delegate_ctx: Option<(&CniEnv, &[u8])>,
 ) -> Result<(), CniError> {
     wire::delete_link(&host.handle, &record.host_ifname).await?;
-    if let Some(agent) = agent {
-        if let Err(e) = agent.del_pod(&record.container_id, &record.ifname).await {
-            eprintln!(
-                "sluice-cni: deregistering {}/{}: {e}",
-                record.container_id, record.ifname
-            );
-        }
+    if let Some(agent) = agent
+        && let Err(e) = agent.del_pod(&record.container_id, &record.ifname).await
+    {
+        eprintln!(
+            "sluice-cni: deregistering {}/{}: {e}",
+            record.container_id, record.ifname
+        );
     }
     if let Some(plugin) = &record.delegate {
         match delegate_ctx {

@@ -275,7 +275,7 @@ use sluice_control::agent_api::*;
 
 #[derive(Debug, Clone)]
 pub enum Recorded {
-    Add(AddPodRequest),
+    Add(Box<AddPodRequest>),
     Del(DelPodRequest),
 }
 
@@ -305,7 +305,7 @@ impl Agent for Recorder {
         self.calls
             .lock()
             .unwrap()
-            .push(Recorded::Add(r.into_inner()));
+            .push(Recorded::Add(Box::new(r.into_inner())));
         Ok(tonic::Response::new(AddPodResponse {}))
     }
     async fn del_pod(
