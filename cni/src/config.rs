@@ -180,6 +180,7 @@ pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
         )
     })?;
     cni_version_of(&value)?;
+    reject_ipv6(&value)?;
     let conf: NetConf = serde_json::from_value(value)
         .map_err(|e| crate::error::config(format!("invalid network configuration: {e}")))?;
     validate(&conf)?;
@@ -208,6 +209,24 @@ pub fn cni_version_of(value: &serde_json::Value) -> Result<String, CniError> {
         ));
     }
     Ok(version.to_string())
+}
+
+/// IPv6 ranges are a field this plugin understands but does not support yet: code 2, naming
+/// the key and the value as the spec asks.
+fn reject_ipv6(value: &serde_json::Value) -> Result<(), CniError> {
+    let fields = [
+        ("ipam.subnet", value.pointer("/ipam/subnet")),
+        ("clusterCidr", value.get("clusterCidr")),
+    ];
+    for (key, v) in fields {
+        if let Some(s) = v.and_then(|v| v.as_str()).filter(|s| s.contains(':')) {
+            return Err(CniError::new(
+                Code::UnsupportedField,
+                format!("{key} {s:?}: IPv6 is not supported by sluice-cni yet; give an IPv4 CIDR"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate(conf: &NetConf) -> Result<(), CniError> {
@@ -309,6 +328,11 @@ mod tests {
             Code::InvalidConfig
         );
         assert_eq!(parse(b"[]").unwrap_err().code, Code::InvalidConfig);
+        let v6 =
+            parse(br#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{"subnet":"fd00::/64"}}"#)
+                .unwrap_err();
+        assert_eq!(v6.code, Code::UnsupportedField);
+        assert!(v6.msg.contains("ipam.subnet") && v6.msg.contains("fd00::/64"));
     }
 
     #[test]

@@ -54,7 +54,9 @@ pub async fn run(
         Command::Del => del(&conf, stdin, &CniEnv::read(cmd, var)?)
             .await
             .map(|_| None),
-        Command::Check => check(&conf, &CniEnv::read(cmd, var)?).await.map(|_| None),
+        Command::Check => check(&conf, stdin, &CniEnv::read(cmd, var)?)
+            .await
+            .map(|_| None),
         Command::Gc => gc(&conf, stdin, &var).await.map(|_| None),
         Command::Status => status(&conf).await.map(|_| None),
         Command::Version => Ok(Some(version(stdin))),
@@ -492,7 +494,7 @@ async fn del(conf: &NetConf, stdin: &[u8], env: &CniEnv) -> Result<(), CniError>
     reclaim_reserved(&store, &host, agent.as_mut(), None).await
 }
 
-async fn check(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
+async fn check(conf: &NetConf, stdin: &[u8], env: &CniEnv) -> Result<(), CniError> {
     let netns = PodNetns::open(&env.netns)?;
     let host = host_sockets()?;
     let pod = netns.sockets()?;
@@ -524,6 +526,11 @@ async fn check(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
                 "prevResult does not list the pod address {}",
                 plan.ip
             ));
+        }
+    }
+    if let Some(plugin) = conf.ipam.delegate() {
+        if let Err(e) = crate::delegate::exec(plugin, &env.path, Command::Check, stdin) {
+            drift.push(e.msg);
         }
     }
     if record.netns != env.netns {

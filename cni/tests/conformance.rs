@@ -93,6 +93,11 @@ fn decode_version_and_env_errors() {
         exec_plugin(BIN, None, &[("CNI_COMMAND", "STATUS")], conf).code(),
         1
     );
+    // A field understood but not supported: 2, naming key and value.
+    let v6 = br#"{"cniVersion":"1.0.0","name":"n","type":"sluice-cni","agent":false,"ipam":{"subnet":"fd00::/64"}}"#;
+    let c = exec_plugin(BIN, None, &env, v6);
+    assert_eq!(c.code(), 2);
+    assert!(c.json["msg"].as_str().unwrap().contains("fd00::/64"));
 }
 
 #[test]
@@ -492,6 +497,9 @@ fn delegated_ipam_host_local() {
             .unwrap()
             .any(|e| e.unwrap().file_name() == "10.250.44.20")
     );
+    let checked = with(&conf, json!({ "prevResult": r }));
+    node.call("CHECK", &checked, "ctr-deleg", &pod.path(), "eth0")
+        .ok();
     node.call("DEL", &conf, "ctr-deleg", &pod.path(), "eth0")
         .ok();
     assert!(
