@@ -528,10 +528,10 @@ async fn check(conf: &NetConf, stdin: &[u8], env: &CniEnv) -> Result<(), CniErro
             ));
         }
     }
-    if let Some(plugin) = conf.ipam.delegate() {
-        if let Err(e) = crate::delegate::exec(plugin, &env.path, Command::Check, stdin) {
-            drift.push(e.msg);
-        }
+    if let Some(plugin) = conf.ipam.delegate()
+        && let Err(e) = crate::delegate::exec(plugin, &env.path, Command::Check, stdin)
+    {
+        drift.push(e.msg);
     }
     if record.netns != env.netns {
         drift.push(format!(
