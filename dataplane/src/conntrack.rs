@@ -323,14 +323,17 @@ pub struct CtStats {
 }
 
 /// One connection.
+///
+/// `repr(C)` keeps what a lookup reads (keys, expiry) in the first cache line of its pool slot.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub struct CtEntry<V> {
     keys: [FlowKey; 2],
-    value: V,
-    state: CtState,
-    created: u64,
-    last_seen: u64,
     expires: u64,
+    last_seen: u64,
+    state: CtState,
+    value: V,
+    created: u64,
     packets: [u64; 2],
     bytes: [u64; 2],
 }
@@ -541,6 +544,9 @@ const EMPTY_SLOT: IndexSlot = IndexSlot {
     entry: EMPTY,
 };
 
+/// Aligned to two cache lines so that an entry never straddles more lines than it needs (the
+/// adjacent-line prefetcher fetches the pair).
+#[repr(C, align(128))]
 struct PoolSlot<V> {
     generation: u32,
     entry: Option<CtEntry<V>>,
