@@ -30,6 +30,9 @@
 
 #![forbid(unsafe_code)]
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// XXH3 seed of `h1`, the hash that picks a backend's offset (ASCII "mgl-offs").
@@ -130,33 +133,54 @@ impl MaglevTable {
                     pos: offset as u32,
                     skip: skip as u32,
                     weight: b.weight,
-                    credit: 0,
                 }
             })
             .collect();
 
-        const EMPTY: u16 = u16::MAX;
         let mut entries = vec![EMPTY; size].into_boxed_slice();
-        let mut filled = 0usize;
         let m32 = size as u32;
         // The paper's population loop. Each turn claims exactly one slot, and a permutation visits
-        // every slot, so the inner walk always ends and the loop ends after `size` turns.
-        'population: loop {
-            for (i, w) in walkers.iter_mut().enumerate() {
-                w.credit += u64::from(w.weight);
-                if w.credit < u64::from(max_weight) {
-                    continue;
+        // every slot, so a turn's walk always ends and the loop ends after `size` turns.
+        let equal = backends
+            .iter()
+            .all(|b| b.weight == 0 || b.weight == max_weight);
+        if equal {
+            // Every backend of weight > 0 takes a turn every round: the unweighted loop.
+            let mut filled = 0usize;
+            'population: loop {
+                for (i, w) in walkers.iter_mut().enumerate() {
+                    if w.weight == 0 {
+                        continue;
+                    }
+                    w.claim(&mut entries, i as u16, m32);
+                    filled += 1;
+                    if filled == size {
+                        break 'population;
+                    }
                 }
-                w.credit -= u64::from(max_weight);
-                while entries[w.pos as usize] != EMPTY {
-                    w.advance(m32);
-                }
-                entries[w.pos as usize] = i as u16;
-                w.advance(m32);
-                filled += 1;
-                if filled == size {
-                    break 'population;
-                }
+            }
+        } else {
+            // Weighted turns. Round by round, backend i adds w_i to a credit and takes a turn when
+            // the credit reaches max_weight, paying max_weight; within a round backends go in
+            // order. So its k-th turn falls in round ceil(k * max_weight / w_i). A heap ordered by
+            // (round, index) replays exactly that sequence in O(M log N), whatever the weights.
+            let round = |k: u64, w: u32| (k * u64::from(max_weight)).div_ceil(u64::from(w));
+            let mut turns: BinaryHeap<Reverse<(u64, u16)>> = walkers
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.weight > 0)
+                .map(|(i, w)| Reverse((round(1, w.weight), i as u16)))
+                .collect();
+            let mut taken = vec![0u64; walkers.len()];
+            for _ in 0..size {
+                let Some(Reverse((_, i))) = turns.pop() else {
+                    break;
+                };
+                let w = &mut walkers[usize::from(i)];
+                w.claim(&mut entries, i, m32);
+                let k = &mut taken[usize::from(i)];
+                *k += 1;
+                turns.push(Reverse((round(*k + 1, w.weight), i)));
             }
         }
         Ok(Self {
@@ -196,10 +220,22 @@ struct Walker {
     pos: u32,
     skip: u32,
     weight: u32,
-    credit: u64,
 }
 
+/// The marker of an unclaimed slot while building.
+const EMPTY: u16 = u16::MAX;
+
 impl Walker {
+    /// One turn: claim the next unclaimed slot of the permutation for backend `i`.
+    #[inline]
+    fn claim(&mut self, entries: &mut [u16], i: u16, m: u32) {
+        while entries[self.pos as usize] != EMPTY {
+            self.advance(m);
+        }
+        entries[self.pos as usize] = i;
+        self.advance(m);
+    }
+
     /// `pos = (pos + skip) mod m`, with `pos, skip < m <= 2^24`.
     #[inline]
     fn advance(&mut self, m: u32) {
@@ -368,6 +404,25 @@ mod tests {
         assert_eq!(c[1], 0);
         assert_eq!(c[0] + c[2], 1009);
         assert!(c[0].abs_diff(c[2]) <= 1);
+    }
+
+    /// Extreme weight ratios build (in O(M log N)) and still follow the weights.
+    #[test]
+    fn extreme_weights() {
+        let n = names(1000);
+        let mut b = backends(&n, 1);
+        b[0].weight = u32::MAX;
+        let t = MaglevTable::build(&b, MaglevTable::DEFAULT_SIZE).unwrap();
+        let c = counts(&t, 1000);
+        // Backend 0 takes a turn every round; the others one in 2^32 - 1 rounds, so never.
+        assert_eq!(c[0], 65537);
+        b[0].weight = 3;
+        b[1].weight = 0;
+        let t = MaglevTable::build(&b, MaglevTable::DEFAULT_SIZE).unwrap();
+        let c = counts(&t, 1000);
+        assert_eq!(c[1], 0);
+        let want0 = 65537.0 * 3.0 / 1001.0;
+        assert!((c[0] as f64 - want0).abs() <= 2.0, "{} vs {want0}", c[0]);
     }
 
     /// The paper's worked example shape: a small table, every slot owned, lookups agree with entries.
