@@ -141,17 +141,24 @@ impl MaglevTable {
         let m32 = size as u32;
         // The paper's population loop. Each turn claims exactly one slot, and a permutation visits
         // every slot, so a turn's walk always ends and the loop ends after `size` turns.
-        let equal = backends
-            .iter()
-            .all(|b| b.weight == 0 || b.weight == max_weight);
-        if equal {
-            // Every backend of weight > 0 takes a turn every round: the unweighted loop.
+        //
+        // Weighted turns: round by round, backend i adds w_i to a credit and takes a turn when the
+        // credit reaches max_weight, paying max_weight; within a round backends go in order. With
+        // equal weights every backend takes a turn every round: the unweighted loop. The rounds
+        // number about M * max_weight / sum(w), each costing O(N); when the weights are so skewed
+        // that most of that work would be idle, a heap replays the very same sequence of turns.
+        let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+        let active = backends.iter().filter(|b| b.weight > 0).count() as u64;
+        if u64::from(max_weight) * active <= 32 * total {
+            let mut credits = vec![0u64; walkers.len()];
             let mut filled = 0usize;
             'population: loop {
-                for (i, w) in walkers.iter_mut().enumerate() {
-                    if w.weight == 0 {
+                for (i, (w, credit)) in walkers.iter_mut().zip(&mut credits).enumerate() {
+                    *credit += u64::from(w.weight);
+                    if *credit < u64::from(max_weight) {
                         continue;
                     }
+                    *credit -= u64::from(max_weight);
                     w.claim(&mut entries, i as u16, m32);
                     filled += 1;
                     if filled == size {
@@ -160,10 +167,8 @@ impl MaglevTable {
                 }
             }
         } else {
-            // Weighted turns. Round by round, backend i adds w_i to a credit and takes a turn when
-            // the credit reaches max_weight, paying max_weight; within a round backends go in
-            // order. So its k-th turn falls in round ceil(k * max_weight / w_i). A heap ordered by
-            // (round, index) replays exactly that sequence in O(M log N), whatever the weights.
+            // Backend i's k-th turn falls in round ceil(k * max_weight / w_i); a heap ordered by
+            // (round, index) replays the turns in O(M log N), whatever the weights.
             let round = |k: u64, w: u32| (k * u64::from(max_weight)).div_ceil(u64::from(w));
             let mut turns: BinaryHeap<Reverse<(u64, u16)>> = walkers
                 .iter()
@@ -306,6 +311,41 @@ mod tests {
             .collect()
     }
 
+    /// The credit loop, round by round, as plainly as possible.
+    fn reference_build(b: &[MaglevBackend<'_>], entries: &mut [u16]) {
+        let m = entries.len() as u64;
+        let wmax = b.iter().map(|b| u64::from(b.weight)).max().unwrap();
+        let mut st: Vec<(u64, u64, u64)> = b
+            .iter()
+            .map(|b| {
+                (
+                    xxh3_64_with_seed(b.key, SEED_OFFSET) % m,
+                    xxh3_64_with_seed(b.key, SEED_SKIP) % (m - 1) + 1,
+                    0,
+                )
+            })
+            .collect();
+        let mut filled = 0;
+        loop {
+            for (i, s) in st.iter_mut().enumerate() {
+                s.2 += u64::from(b[i].weight);
+                if s.2 < wmax {
+                    continue;
+                }
+                s.2 -= wmax;
+                while entries[s.0 as usize] != u16::MAX {
+                    s.0 = (s.0 + s.1) % m;
+                }
+                entries[s.0 as usize] = i as u16;
+                s.0 = (s.0 + s.1) % m;
+                filled += 1;
+                if filled == entries.len() {
+                    return;
+                }
+            }
+        }
+    }
+
     fn counts(t: &MaglevTable, n: usize) -> Vec<usize> {
         let mut c = vec![0; n];
         for &e in t.entries() {
@@ -409,6 +449,16 @@ mod tests {
     /// Extreme weight ratios build (in O(M log N)) and still follow the weights.
     #[test]
     fn extreme_weights() {
+        // Both schedules give the same table (20:1 takes the round loop, 100:1 and more the heap).
+        for heavy in [20u32, 100, 1000] {
+            let n = names(50);
+            let mut b = backends(&n, 1);
+            b[7].weight = heavy;
+            let heap_or_loop = MaglevTable::build(&b, 1009).unwrap();
+            let mut reference = vec![u16::MAX; 1009];
+            reference_build(&b, &mut reference);
+            assert_eq!(heap_or_loop.entries(), &reference[..], "heavy {heavy}");
+        }
         let n = names(1000);
         let mut b = backends(&n, 1);
         b[0].weight = u32::MAX;
