@@ -37,8 +37,16 @@
 //! connection (unless the slot is reused 2^32 times in between).
 //!
 //! # Guarantees
-//! No method allocates, reads a clock or panics after [`ConnTrack::new`]; lookups and inserts touch
-//! at most [`MAX_PROBE`] index slots per key plus at most [`EVICT_SCAN`] pool slots.
+//! No method allocates, reads a clock or panics after [`ConnTrack::new`] (all storage is three boxed
+//! slices sized there). A lookup reads at most [`MAX_PROBE`] index slots; an insert at most that
+//! per key plus [`EVICT_SCAN`] pool slots, and in the rare full-window case evicts at most
+//! [`MAX_PROBE`] entries per key before giving up with [`CtError::Full`]. A removal shifts back the
+//! rest of its index cluster, which at half load is a few slots.
+//!
+//! # Memory
+//! 128 bytes per pool slot (for `V` up to 24 bytes) plus 8 bytes per index slot, about 160 bytes
+//! per connection of capacity: 1 M connections take about 160 MiB. Random lookups over a table that
+//! large are bound by cache and TLB misses; [`ConnTrack::lookup_batch`] overlaps them.
 
 #![forbid(unsafe_code)]
 
@@ -1367,6 +1375,16 @@ mod tests {
         assert!(ct.get(handles[2].1).is_some());
         assert_eq!(ct.stats().evictions, 1);
         assert_eq!(ct.len(), 16);
+    }
+
+    #[test]
+    fn pool_slot_is_two_cache_lines() {
+        assert_eq!(std::mem::size_of::<PoolSlot<u32>>(), 128);
+        assert_eq!(std::mem::size_of::<PoolSlot<[u64; 3]>>(), 128);
+        assert_eq!(std::mem::align_of::<PoolSlot<u32>>(), 128);
+        assert_eq!(std::mem::size_of::<IndexSlot>(), 8);
+        let ct = table(1 << 10);
+        assert_eq!(ct.memory_bytes(), (1 << 10) * (128 + 4) + (1 << 12) * 8);
     }
 
     #[test]
