@@ -1547,6 +1547,37 @@ mod tests {
             prop_assert_eq!(ct.len(), 0);
         }
 
+        /// A full table with any expired entry evicts an expired one, never a live one (for tables
+        /// of at most EVICT_SCAN entries the sweep sees them all; larger ones look at a window).
+        #[test]
+        fn full_table_evicts_expired_first(
+            ages in proptest::collection::vec(0u64..60, 1..=EVICT_SCAN),
+            extra in 1usize..8,
+        ) {
+            let cap = ages.len();
+            let mut ct = table(cap);
+            let now = 60 * S;
+            let mut handles = Vec::new();
+            for (i, &age) in ages.iter().enumerate() {
+                let k = udp(i as u32);
+                // Inserted `age` seconds ago: expired iff age >= 30.
+                let h = ct.insert(k, k.reversed(), 0, now - age * S).unwrap();
+                handles.push((h, age >= 30));
+            }
+            let expired = handles.iter().filter(|(_, e)| *e).count();
+            for j in 1..=extra {
+                let k = tcp(1000 + j as u32);
+                ct.insert(k, k.reversed(), 0, now).unwrap();
+                prop_assert_eq!(ct.len(), cap);
+                // The first `expired` inserts take expired entries; only later ones evict.
+                prop_assert_eq!(ct.stats().evictions as usize, j.saturating_sub(expired));
+                if j <= expired {
+                    prop_assert!(handles.iter().all(|(h, e)| *e || ct.get(*h).is_some()));
+                }
+            }
+            prop_assert_eq!(ct.stats().expired as usize, expired.min(extra));
+        }
+
         /// Filling far past capacity with distinct flows keeps the table at capacity, finds the
         /// newest flow, and never fails an insert.
         #[test]
