@@ -932,9 +932,12 @@ fn bad(spec: &str) -> (String, InvalidReason) {
     (field, reason)
 }
 
+/// (spec body, expected field path, expected reason)
+type BadCase = (&'static str, &'static str, fn(&InvalidReason) -> bool);
+
 #[test]
 fn rejects_what_kubernetes_rejects() {
-    let cases: Vec<(&str, &str, fn(&InvalidReason) -> bool)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "  podSelector: {matchExpressions: [{key: a, operator: Equals, values: [b]}]}\n",
             "spec.podSelector.matchExpressions[0].operator",
