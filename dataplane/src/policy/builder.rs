@@ -69,8 +69,9 @@ pub struct PolicyBuilder {
     selected_by: Vec<[Vec<u32>; 2]>,
     compiled: Vec<PodPolicy>,
     cache: AHashMap<SigKey, Arc<DirPolicy>>,
-    /// Label key -> policies with a peer pod selector looking at that key.
-    by_key: AHashMap<String, Vec<u32>>,
+    /// Label change trigger (see `Selector::triggers`) -> policies with a peer pod selector
+    /// that it may affect.
+    by_key: AHashMap<(String, Option<String>), Vec<u32>>,
     /// Policies with an `ipBlock` peer (their peer sets depend on pod IPs).
     with_cidrs: Vec<u32>,
 }
@@ -151,15 +152,26 @@ impl PolicyBuilder {
         let labels_changed = old.labels != pod.labels;
         let ip_changed = old.ip != pod.ip;
         let ports_changed = old.ports != pod.ports;
-        let mut changed_keys: Vec<String> = Vec::new();
+        // (key, Some(value)) for each value a key gained or lost, (key, None) when the key
+        // itself appeared or disappeared.
+        let mut changed_keys: Vec<(String, Option<String>)> = Vec::new();
         for (k, v) in &old.labels {
-            if pod.labels.get(k) != Some(v) {
-                changed_keys.push(k.clone());
+            match pod.labels.get(k) {
+                Some(nv) if nv == v => {}
+                Some(nv) => {
+                    changed_keys.push((k.clone(), Some(v.clone())));
+                    changed_keys.push((k.clone(), Some(nv.clone())));
+                }
+                None => {
+                    changed_keys.push((k.clone(), Some(v.clone())));
+                    changed_keys.push((k.clone(), None));
+                }
             }
         }
-        for k in pod.labels.keys() {
+        for (k, v) in &pod.labels {
             if !old.labels.contains_key(k) {
-                changed_keys.push(k.clone());
+                changed_keys.push((k.clone(), Some(v.clone())));
+                changed_keys.push((k.clone(), None));
             }
         }
         if labels_changed {
@@ -378,20 +390,23 @@ impl PolicyBuilder {
         let Some(st) = &self.policies[p as usize] else {
             return;
         };
-        let mut keys: Vec<&str> = Vec::new();
+        let mut keys: Vec<(&str, Option<&str>)> = Vec::new();
         let mut cidrs = false;
         for rule in st.pol.rules.iter().flatten() {
             for peer in rule.peers.iter().flatten() {
                 match peer {
                     Peer::Block(_) => cidrs = true,
-                    Peer::Pods { pods, .. } => keys.extend(pods.keys()),
+                    Peer::Pods { pods, .. } => keys.extend(pods.triggers()),
                 }
             }
         }
         keys.sort_unstable();
         keys.dedup();
-        for k in keys {
-            self.by_key.entry(k.to_owned()).or_default().push(p);
+        for (k, v) in keys {
+            self.by_key
+                .entry((k.to_owned(), v.map(str::to_owned)))
+                .or_default()
+                .push(p);
         }
         if cidrs {
             self.with_cidrs.push(p);
@@ -510,12 +525,12 @@ impl PolicyBuilder {
 
     /// Pod `slot` was added (`changed_keys` None) or changed (labels under `changed_keys`, IP,
     /// ports): update the selections it is in and recompile what depends on it. Only policies
-    /// whose peer selectors look at a changed key (or that have ipBlocks, when the IP changed)
-    /// are re-evaluated.
+    /// with a peer selector requirement on a changed label value (or key presence), or with
+    /// ipBlocks when the IP changed, are re-evaluated.
     fn pod_changed(
         &mut self,
         slot: u32,
-        changed_keys: Option<&[String]>,
+        changed_keys: Option<&[(String, Option<String>)]>,
         ip_changed: bool,
         structural: bool,
     ) {

@@ -232,6 +232,9 @@ impl DirPolicy {
         if !class.union.allows(peer, ip) {
             return None;
         }
+        if let [(p, _)] = &*class.grants {
+            return Some(PolicyId(*p));
+        }
         class
             .grants
             .iter()
