@@ -12,7 +12,7 @@ use super::selector::{LabelIndex, Labels};
 use super::spec::{self, CheckedPolicy, EGRESS, INGRESS, NsMatch, Peer, PortMatch};
 use super::{
     Class, ContainerPort, DirPolicy, NO_CLASS, Namespace, NetworkPolicy, OTHER_SLOT, PeerSet,
-    PodInfo, PodPolicy, PolicyInputs, PolicyTable, PortMap, Protocol,
+    PodEntry, PodInfo, PodPolicy, PolicyInputs, PolicyTable, Protocol,
 };
 use ahash::{AHashMap, AHashSet};
 use std::collections::BTreeMap;
@@ -126,8 +126,14 @@ impl PolicyBuilder {
     /// A snapshot to publish. Cheap: shares the compiled direction policies.
     pub fn table(&self) -> PolicyTable {
         PolicyTable {
-            pod_by_ip: self.pod_by_ip.clone(),
-            pods: self.compiled.clone(),
+            pods: self
+                .pod_by_ip
+                .iter()
+                .map(|(&ip, &slot)| {
+                    let policy = self.compiled[slot as usize].clone();
+                    (ip, PodEntry { slot, policy })
+                })
+                .collect(),
             node_addrs: self.node_addrs.clone(),
             policy_names: self.policy_names.clone(),
         }
@@ -808,7 +814,9 @@ impl PolicyBuilder {
 
         let mut classes: Vec<Class> = Vec::new();
         let mut class_ids: AHashMap<Vec<usize>, u32> = AHashMap::new();
-        let ports = std::array::from_fn(|slot| {
+        let mut segs: Vec<(u16, u32)> = Vec::new();
+        let mut ranges = [(0u32, 0u32); 4];
+        for (slot, range) in ranges.iter_mut().enumerate() {
             let gs: Vec<usize> = (0..grants.len())
                 .filter(|&g| grants[g].slot == slot)
                 .collect();
@@ -821,8 +829,7 @@ impl PolicyBuilder {
             }
             bounds.sort_unstable();
             bounds.dedup();
-            let mut starts = Vec::new();
-            let mut cls = Vec::new();
+            let first = segs.len();
             for b in bounds {
                 let cover: Vec<usize> = gs
                     .iter()
@@ -838,16 +845,11 @@ impl PolicyBuilder {
                         .iter()
                         .map(|&g| (grants[g].by, grants[g].set.clone()))
                         .collect();
-                    let union = if members.len() == 1 {
-                        members[0].1.clone()
-                    } else {
-                        let mut u = PeerSet::default();
-                        for (_, s) in members.iter() {
-                            u.union_with(s);
-                        }
-                        u.pods.shrink();
-                        Arc::new(u)
-                    };
+                    let mut union = PeerSet::default();
+                    for (_, s) in members.iter() {
+                        union.union_with(s);
+                    }
+                    union.pods.shrink();
                     classes.push(Class {
                         union,
                         grants: members,
@@ -856,19 +858,16 @@ impl PolicyBuilder {
                     class_ids.insert(cover, c);
                     c
                 };
-                if cls.last() == Some(&c) {
+                if segs.len() > first && segs.last().map(|s| s.1) == Some(c) {
                     continue;
                 }
-                starts.push(b as u16);
-                cls.push(c);
+                segs.push((b as u16, c));
             }
-            PortMap {
-                starts: starts.into_boxed_slice(),
-                class: cls.into_boxed_slice(),
-            }
-        });
+            *range = (first as u32, segs.len() as u32);
+        }
         DirPolicy {
-            ports,
+            ranges,
+            segs: segs.into_boxed_slice(),
             classes: classes.into_boxed_slice(),
         }
     }

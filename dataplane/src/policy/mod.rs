@@ -199,25 +199,21 @@ impl PeerSet {
 /// Peers allowed on one port segment, with the grants that make it up (for attribution).
 #[derive(Debug)]
 pub(crate) struct Class {
-    union: Arc<PeerSet>,
+    union: PeerSet,
     grants: Box<[(u32, Arc<PeerSet>)]>,
 }
 
 const NO_CLASS: u32 = u32::MAX;
 
-/// Port segments of one protocol: segment `i` covers `starts[i]..starts[i+1]` and maps to
-/// `class[i]` (or [`NO_CLASS`]). `starts[0]` is 0.
-#[derive(Debug)]
-pub(crate) struct PortMap {
-    starts: Box<[u16]>,
-    class: Box<[u32]>,
-}
-
 /// The compiled policy of one pod in one direction (shared by pods selected by the same
-/// policies).
+/// policies). Kept in three flat allocations so a lookup touches few cache lines.
 #[derive(Debug)]
 pub(crate) struct DirPolicy {
-    ports: [PortMap; 4],
+    /// Per protocol slot, the range of `segs` holding its port segments.
+    ranges: [(u32, u32); 4],
+    /// Port segments `(start, class)`: a segment covers from its start to the next one's (or
+    /// 65535) and maps to a class or [`NO_CLASS`]. Each protocol's first segment starts at 0.
+    segs: Box<[(u16, u32)]>,
     classes: Box<[Class]>,
 }
 
@@ -225,9 +221,10 @@ impl DirPolicy {
     /// The policy allowing `peer`/`ip` on (`slot`, `port`), if any.
     #[inline]
     fn check(&self, slot: usize, port: u16, peer: Option<u32>, ip: u32) -> Option<PolicyId> {
-        let pm = &self.ports[slot];
-        let i = pm.starts.partition_point(|&s| s <= port).checked_sub(1)?;
-        let c = *pm.class.get(i)?;
+        let (a, b) = *self.ranges.get(slot)?;
+        let segs = self.segs.get(a as usize..b as usize)?;
+        let i = segs.partition_point(|&(s, _)| s <= port).checked_sub(1)?;
+        let c = segs.get(i)?.1;
         let class = self.classes.get(c as usize)?;
         if !class.union.allows(peer, ip) {
             return None;
@@ -243,18 +240,25 @@ impl DirPolicy {
     }
 }
 
-/// Per pod slot: its compiled policy per direction (`None`: not isolated).
+/// Per pod: its compiled policy per direction (`None`: not isolated).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct PodPolicy {
     dirs: [Option<Arc<DirPolicy>>; 2],
     local: bool,
 }
 
+/// A pod as the table sees it: its slot (bit index in peer sets) and policies.
+#[derive(Clone, Debug)]
+struct PodEntry {
+    slot: u32,
+    policy: PodPolicy,
+}
+
 /// Compiled NetworkPolicy for the whole cluster, as the workers see it. Immutable, `Send + Sync`.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyTable {
-    pod_by_ip: AHashMap<u32, u32>,
-    pods: Vec<PodPolicy>,
+    /// Pod IP -> pod (one hash lookup per side of a flow).
+    pods: AHashMap<u32, PodEntry>,
     node_addrs: AHashSet<u32>,
     policy_names: Arc<Vec<String>>,
 }
@@ -283,9 +287,11 @@ impl PolicyTable {
     pub fn decide(&self, query: &PolicyQuery) -> PolicyVerdict {
         let src = u32::from(query.src);
         let dst = u32::from(query.dst);
-        let src_pod = self.pod_by_ip.get(&src).copied();
-        let dst_pod = self.pod_by_ip.get(&dst).copied();
-        if src_pod.is_some() && src_pod == dst_pod {
+        let src_pod = self.pods.get(&src);
+        let dst_pod = self.pods.get(&dst);
+        if let (Some(a), Some(b)) = (src_pod, dst_pod)
+            && a.slot == b.slot
+        {
             return PolicyVerdict::Allow { by: None };
         }
         let (slot, port) = match query.proto {
@@ -296,9 +302,9 @@ impl PolicyTable {
         };
         let mut by = None;
         if let Some(s) = src_pod
-            && let Some(eg) = self.pods.get(s as usize).and_then(|p| p.dirs[1].as_deref())
+            && let Some(eg) = s.policy.dirs[1].as_deref()
         {
-            match eg.check(slot, port, dst_pod, dst) {
+            match eg.check(slot, port, dst_pod.map(|p| p.slot), dst) {
                 Some(p) => by = Some(p),
                 None => {
                     return PolicyVerdict::Deny {
@@ -308,11 +314,10 @@ impl PolicyTable {
             }
         }
         if let Some(d) = dst_pod
-            && let Some(pod) = self.pods.get(d as usize)
-            && let Some(ing) = pod.dirs[0].as_deref()
-            && !(pod.local && self.node_addrs.contains(&src))
+            && let Some(ing) = d.policy.dirs[0].as_deref()
+            && !(d.policy.local && self.node_addrs.contains(&src))
         {
-            match ing.check(slot, port, src_pod, src) {
+            match ing.check(slot, port, src_pod.map(|p| p.slot), src) {
                 Some(p) => by = Some(p),
                 None => {
                     return PolicyVerdict::Deny {
