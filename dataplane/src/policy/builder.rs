@@ -880,3 +880,113 @@ fn resolve(ports: &[ContainerPort], name: &str, protocol: Protocol) -> Option<u1
         .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
         .map(|p| p.port)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Direction, PolicyId, PolicyQuery, PolicyVerdict, proto};
+
+    fn pod(name: &str, app: &str, ip: [u8; 4], http: u16) -> PodInfo {
+        PodInfo {
+            namespace: "ns".into(),
+            name: name.into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ip: Ipv4Addr::from(ip),
+            ports: vec![ContainerPort {
+                name: Some("http".into()),
+                port: http,
+                protocol: Protocol::Tcp,
+            }],
+            local: true,
+        }
+    }
+
+    fn policy(name: &str, json: serde_json::Value) -> NetworkPolicy {
+        let mut np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": json,
+        }))
+        .unwrap();
+        np.metadata.namespace = Some("ns".into());
+        np
+    }
+
+    fn q(src: [u8; 4], dst: [u8; 4], port: u16) -> PolicyQuery {
+        PolicyQuery {
+            src: Ipv4Addr::from(src),
+            dst: Ipv4Addr::from(dst),
+            proto: proto::TCP,
+            dst_port: port,
+        }
+    }
+
+    #[test]
+    fn overlapping_port_ranges_split_into_segments_with_attribution() {
+        let inputs = PolicyInputs {
+            pods: vec![
+                pod("server", "server", [10, 0, 0, 1], 8080),
+                pod("web", "web", [10, 0, 0, 2], 8080),
+                pod("db", "db", [10, 0, 0, 3], 8080),
+            ],
+            policies: vec![
+                policy(
+                    "from-web",
+                    serde_json::json!({
+                        "podSelector": {"matchLabels": {"app": "server"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                     "ports": [{"port": 80, "endPort": 90}]}],
+                    }),
+                ),
+                policy(
+                    "from-db",
+                    serde_json::json!({
+                        "podSelector": {"matchLabels": {"app": "server"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "db"}}}],
+                                     "ports": [{"port": 85, "endPort": 100}, {"port": "http"}]}],
+                    }),
+                ),
+            ],
+            ..Default::default()
+        };
+        let b = PolicyBuilder::new(&inputs).unwrap();
+        let t = b.table();
+        let (web, db, server) = ([10, 0, 0, 2], [10, 0, 0, 3], [10, 0, 0, 1]);
+        let deny = PolicyVerdict::Deny {
+            direction: Direction::Ingress,
+        };
+        let by = |p: u32| PolicyVerdict::Allow {
+            by: Some(PolicyId(p)),
+        };
+        assert_eq!(t.decide(&q(web, server, 79)), deny);
+        assert_eq!(t.decide(&q(web, server, 80)), by(0));
+        assert_eq!(t.decide(&q(web, server, 90)), by(0));
+        assert_eq!(t.decide(&q(web, server, 91)), deny);
+        assert_eq!(t.decide(&q(db, server, 84)), deny);
+        assert_eq!(t.decide(&q(db, server, 85)), by(1));
+        assert_eq!(t.decide(&q(db, server, 100)), by(1));
+        assert_eq!(t.decide(&q(db, server, 8080)), by(1));
+        assert_eq!(t.decide(&q(web, server, 8080)), deny);
+        // Both policies select only `server`: one compiled ingress policy, none for the others.
+        assert_eq!(b.cache.len(), 1);
+        assert!(t.policy_name(PolicyId(1)) == Some("ns/from-db"));
+    }
+
+    #[test]
+    fn pods_with_the_same_selecting_policies_share_compiled_policy() {
+        let inputs = PolicyInputs {
+            pods: (0..10)
+                .map(|i| pod(&format!("p{i}"), "web", [10, 0, 0, i as u8 + 1], 8080))
+                .collect(),
+            policies: vec![policy("deny", serde_json::json!({"podSelector": {}}))],
+            ..Default::default()
+        };
+        let b = PolicyBuilder::new(&inputs).unwrap();
+        assert_eq!(b.cache.len(), 1);
+        let first = b.compiled[0].dirs[INGRESS].as_ref().unwrap();
+        assert!(
+            b.compiled
+                .iter()
+                .all(|p| Arc::ptr_eq(p.dirs[INGRESS].as_ref().unwrap(), first))
+        );
+    }
+}

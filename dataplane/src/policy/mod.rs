@@ -44,11 +44,20 @@
 //!
 //! # Cost
 //! Each pod has a slot. Per pod and direction, the policies that select it are compiled into a
-//! [`DirPolicy`]: per protocol a sorted array of port segments (shared by pods with the same
-//! selecting policies), each naming a class whose peer set is a bitset of pod slots plus an
-//! `ipBlock` prefix set. [`PolicyTable::decide`] is two hash lookups (addresses to slots), a
-//! binary search over the few port boundaries of the pod's own policies, a bit test and a few
-//! prefix-length probes: independent of the number of policies and pods in the cluster.
+//! direction policy (shared by all pods selected by the same policies): per protocol a sorted
+//! array of port segments, each naming a class whose peer set is a bitset of pod slots (pods
+//! inside an `ipBlock` included) plus an `ipBlock` prefix set for addresses that are not pods.
+//! [`PolicyTable::decide`] is one hash lookup per address, a binary search over the few port
+//! boundaries of the pod's own policies, and a bit test (or a few prefix-length probes for a
+//! non-pod address): independent of the number of policies and pods in the cluster.
+//!
+//! # Publishing
+//! The agent keeps one [`PolicyBuilder`], applies watch events to it (`set_pod`, `remove_pod`,
+//! `set_namespace`, `set_policy`, `remove_policy`) and stores `builder.table()` into an
+//! `ArcSwap<PolicyTable>`; workers load it between batches. A pod change re-evaluates only the
+//! policies with a selector requirement on a label value that changed and recompiles only the
+//! direction policies that used them; namespace label changes re-evaluate every selector.
+//! IPv6 `ipBlock`s are accepted and match no (IPv4) address.
 
 #![forbid(unsafe_code)]
 
