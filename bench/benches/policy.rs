@@ -170,8 +170,9 @@ fn cluster(n_policies: usize, n_pods: usize) -> PolicyInputs {
 }
 
 /// 1,024 queries to pods isolated for ingress, from random pods, on ports that some rule allows
-/// and ports no rule allows.
-fn queries(n_policies: usize, n_pods: usize) -> Vec<PolicyQuery> {
+/// and ports no rule allows: half of them allowed and half denied (as far as random sampling
+/// finds allowed ones), shuffled.
+fn queries(table: &PolicyTable, n_policies: usize, n_pods: usize) -> Vec<PolicyQuery> {
     let n_ns = (n_pods / 100).max(1);
     let isolated: Vec<usize> = (0..n_pods)
         .filter(|&i| {
@@ -186,19 +187,32 @@ fn queries(n_policies: usize, n_pods: usize) -> Vec<PolicyQuery> {
         x ^= x << 17;
         x as usize
     };
-    (0..1024)
-        .map(|k| {
-            let dst = isolated[next() % isolated.len()];
-            let src = next() % n_pods;
-            let port = [80 + (next() % 50) as u16, 8080, 8081, 443, 9999][k % 5];
-            PolicyQuery {
-                src: pod_ip(src),
-                dst: pod_ip(dst),
-                proto: proto::TCP,
-                dst_port: port,
-            }
-        })
-        .collect()
+    let (mut allowed, mut denied) = (Vec::new(), Vec::new());
+    for k in 0..4_000_000 {
+        if allowed.len() >= 512 && denied.len() >= 512 {
+            break;
+        }
+        let dst = isolated[next() % isolated.len()];
+        let src = next() % n_pods;
+        let port = [80 + (next() % 50) as u16, 8080, 8081, 443, 9999][k % 5];
+        let q = PolicyQuery {
+            src: pod_ip(src),
+            dst: pod_ip(dst),
+            proto: proto::TCP,
+            dst_port: port,
+        };
+        match table.decide(&q) {
+            PolicyVerdict::Allow { .. } if allowed.len() < 512 => allowed.push(q),
+            PolicyVerdict::Deny { .. } if denied.len() < 1024 - allowed.len() => denied.push(q),
+            _ => {}
+        }
+    }
+    let mut qs: Vec<PolicyQuery> = allowed.into_iter().chain(denied).collect();
+    qs.truncate(1024);
+    for i in (1..qs.len()).rev() {
+        qs.swap(i, next() % (i + 1));
+    }
+    qs
 }
 
 type DecideCase = (String, PolicyTable, Vec<PolicyQuery>);
@@ -211,7 +225,8 @@ fn decide_cases() -> &'static [DecideCase] {
         for n_pods in [100, 10_000] {
             for n_policies in [10, 1_000, 10_000] {
                 let table = PolicyTable::compile(&cluster(n_policies, n_pods)).expect("valid");
-                let qs = queries(n_policies, n_pods);
+                let qs = queries(&table, n_policies, n_pods);
+                assert_eq!(qs.len(), 1024);
                 let allowed = qs
                     .iter()
                     .filter(|q| matches!(table.decide(q), PolicyVerdict::Allow { .. }))
