@@ -841,10 +841,16 @@ impl PolicyBuilder {
                 } else if let Some(&c) = class_ids.get(&cover) {
                     c
                 } else {
-                    let members: Box<[(u32, Arc<PeerSet>)]> = cover
+                    // Largest peer sets first, so attribution usually stops at the first.
+                    let mut members: Vec<(u32, Arc<PeerSet>)> = cover
                         .iter()
                         .map(|&g| (grants[g].by, grants[g].set.clone()))
                         .collect();
+                    members.sort_by_key(|(by, set)| {
+                        let size = if set.any { usize::MAX } else { set.pods.len() };
+                        (std::cmp::Reverse(size), *by)
+                    });
+                    let members = members.into_boxed_slice();
                     let mut union = PeerSet::default();
                     for (_, s) in members.iter() {
                         union.union_with(s);

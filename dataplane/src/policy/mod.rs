@@ -119,8 +119,9 @@ pub struct PolicyId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PolicyVerdict {
     /// Allowed; `by` names a policy that allowed it when a pod was isolated (the destination's
-    /// ingress policy when it is isolated for ingress, else the source's egress policy), `None`
-    /// when no policy isolates the pods in the directions concerned.
+    /// ingress policy when it is isolated for ingress, else the source's egress policy; when
+    /// several policies allow the flow, one of them, deterministically), `None` when no policy
+    /// isolates the pods in the directions concerned.
     Allow { by: Option<PolicyId> },
     /// Denied by the isolation of `direction` (no rule of any selecting policy allowed it).
     Deny { direction: Direction },
