@@ -58,9 +58,10 @@ impl Bitset {
         was != on
     }
 
-    /// Number of members.
-    pub(crate) fn len(&self) -> usize {
-        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    /// The words, 64 members each, least significant bit first.
+    #[inline]
+    pub(crate) fn words(&self) -> &[u64] {
+        &self.words
     }
 
     pub(crate) fn is_empty(&self) -> bool {

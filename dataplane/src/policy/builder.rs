@@ -841,25 +841,12 @@ impl PolicyBuilder {
                 } else if let Some(&c) = class_ids.get(&cover) {
                     c
                 } else {
-                    // Largest peer sets first, so attribution usually stops at the first.
-                    let mut members: Vec<(u32, Arc<PeerSet>)> = cover
+                    // `cover` is in grant order, which is increasing policy order.
+                    let members: Vec<(u32, &PeerSet)> = cover
                         .iter()
-                        .map(|&g| (grants[g].by, grants[g].set.clone()))
+                        .map(|&g| (grants[g].by, &*grants[g].set))
                         .collect();
-                    members.sort_by_key(|(by, set)| {
-                        let size = if set.any { usize::MAX } else { set.pods.len() };
-                        (std::cmp::Reverse(size), *by)
-                    });
-                    let members = members.into_boxed_slice();
-                    let mut union = PeerSet::default();
-                    for (_, s) in members.iter() {
-                        union.union_with(s);
-                    }
-                    union.pods.shrink();
-                    classes.push(Class {
-                        union,
-                        grants: members,
-                    });
+                    classes.push(Class::build(&members));
                     let c = (classes.len() - 1) as u32;
                     class_ids.insert(cover, c);
                     c

@@ -77,7 +77,7 @@ pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use ahash::{AHashMap, AHashSet};
 use bitset::Bitset;
-use cidr::CidrSet;
+use cidr::{CidrMap, CidrSet};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -198,19 +198,93 @@ impl PeerSet {
                 None => self.cidrs.contains(ip),
             }
     }
-
-    fn union_with(&mut self, other: &PeerSet) {
-        self.any |= other.any;
-        self.pods.union_with(&other.pods);
-        self.cidrs.union_with(&other.cidrs);
-    }
 }
 
-/// Peers allowed on one port segment, with the grants that make it up (for attribution).
+/// Peers allowed on one port segment, each attributed to the lowest-numbered policy allowing
+/// it, all in O(1): a pod's attribution is found by its rank among the members of `pods`.
 #[derive(Debug)]
 pub(crate) struct Class {
-    union: PeerSet,
-    grants: Box<[(u32, Arc<PeerSet>)]>,
+    /// The lowest-numbered policy allowing every peer here, if any.
+    any: Option<u32>,
+    /// The pods allowed by lower-numbered policies than `any` (all of them if no `any`).
+    pods: Bitset,
+    /// Per word of `pods`: the number of members in the words before it.
+    rank: Box<[u32]>,
+    /// Per member of `pods`, in slot order: the policy allowing it.
+    by_pod: Box<[u32]>,
+    /// Addresses that are not pods.
+    cidrs: CidrMap,
+}
+
+impl Class {
+    /// `grants` in increasing policy order.
+    fn build(grants: &[(u32, &PeerSet)]) -> Self {
+        let any_at = grants.iter().position(|(_, s)| s.any);
+        let any = any_at.map(|i| grants[i].0);
+        let specific = &grants[..any_at.unwrap_or(grants.len())];
+        let mut pods = Bitset::default();
+        for (_, s) in specific {
+            pods.union_with(&s.pods);
+        }
+        pods.shrink();
+        let words = pods.words();
+        let mut rank = Vec::with_capacity(words.len());
+        let mut members = 0u32;
+        for w in words {
+            rank.push(members);
+            members += w.count_ones();
+        }
+        let mut by_pod = vec![u32::MAX; members as usize];
+        for (wi, &uw) in words.iter().enumerate() {
+            let mut remaining = uw;
+            for (p, s) in specific {
+                if remaining == 0 {
+                    break;
+                }
+                let mut m = s.pods.words().get(wi).copied().unwrap_or(0) & remaining;
+                remaining &= !m;
+                while m != 0 {
+                    let bit = 1u64 << m.trailing_zeros();
+                    let r = rank[wi] + (uw & (bit - 1)).count_ones();
+                    by_pod[r as usize] = *p;
+                    m &= m - 1;
+                }
+            }
+        }
+        let cidr_sets: Vec<(&CidrSet, u32)> = specific
+            .iter()
+            .filter(|(_, s)| !s.cidrs.is_empty())
+            .map(|(p, s)| (&s.cidrs, *p))
+            .collect();
+        Self {
+            any,
+            pods,
+            rank: rank.into_boxed_slice(),
+            by_pod: by_pod.into_boxed_slice(),
+            cidrs: CidrMap::build(&cidr_sets),
+        }
+    }
+
+    #[inline]
+    fn allowed_by(&self, peer: Option<u32>, ip: u32) -> Option<PolicyId> {
+        let specific = match peer {
+            None => self.cidrs.get(ip),
+            Some(slot) => self.pod_policy(slot),
+        };
+        specific.or(self.any).map(PolicyId)
+    }
+
+    #[inline]
+    fn pod_policy(&self, slot: u32) -> Option<u32> {
+        let w = (slot >> 6) as usize;
+        let word = *self.pods.words().get(w)?;
+        let bit = 1u64 << (slot & 63);
+        if word & bit == 0 {
+            return None;
+        }
+        let r = *self.rank.get(w)? + (word & (bit - 1)).count_ones();
+        self.by_pod.get(r as usize).copied()
+    }
 }
 
 const NO_CLASS: u32 = u32::MAX;
@@ -235,18 +309,7 @@ impl DirPolicy {
         let segs = self.segs.get(a as usize..b as usize)?;
         let i = segs.partition_point(|&(s, _)| s <= port).checked_sub(1)?;
         let c = segs.get(i)?.1;
-        let class = self.classes.get(c as usize)?;
-        if !class.union.allows(peer, ip) {
-            return None;
-        }
-        if let [(p, _)] = &*class.grants {
-            return Some(PolicyId(*p));
-        }
-        class
-            .grants
-            .iter()
-            .find(|(_, set)| set.allows(peer, ip))
-            .map(|(p, _)| PolicyId(*p))
+        self.classes.get(c as usize)?.allowed_by(peer, ip)
     }
 }
 
