@@ -46,7 +46,9 @@
 //! Each pod has a slot. Per pod and direction, the policies that select it are compiled into a
 //! direction policy (shared by all pods selected by the same policies): per protocol a sorted
 //! array of port segments, each naming a class whose peer set is a bitset of pod slots (pods
-//! inside an `ipBlock` included) plus an `ipBlock` prefix set for addresses that are not pods.
+//! inside an `ipBlock` included) plus an `ipBlock` prefix map for addresses that are not pods;
+//! the allowing policy of a pod peer is found by its rank among the bitset's members, so
+//! attribution is O(1) too.
 //! [`PolicyTable::decide`] is one hash lookup per address, a binary search over the few port
 //! boundaries of the pod's own policies, and a bit test (or a few prefix-length probes for a
 //! non-pod address): independent of the number of policies and pods in the cluster.
@@ -120,8 +122,8 @@ pub struct PolicyId(pub u32);
 pub enum PolicyVerdict {
     /// Allowed; `by` names a policy that allowed it when a pod was isolated (the destination's
     /// ingress policy when it is isolated for ingress, else the source's egress policy; when
-    /// several policies allow the flow, one of them, deterministically), `None` when no policy
-    /// isolates the pods in the directions concerned.
+    /// several policies allow the flow, the lowest-numbered), `None` when no policy isolates the
+    /// pods in the directions concerned.
     Allow { by: Option<PolicyId> },
     /// Denied by the isolation of `direction` (no rule of any selecting policy allowed it).
     Deny { direction: Direction },
