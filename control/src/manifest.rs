@@ -165,7 +165,7 @@ fn parse_yaml(source: &str, text: &str) -> Result<Vec<Document>, ManifestError> 
         let label = format!(" ({kind})");
         let object = match kind.as_str() {
             "Namespace" => typed(&doc).map(K8sObject::Namespace),
-            "Pod" => typed(&doc).map(K8sObject::Pod),
+            "Pod" => typed(&doc).map(|p| K8sObject::Pod(Box::new(p))),
             "Service" => typed(&doc).map(K8sObject::Service),
             "EndpointSlice" => typed(&doc).map(K8sObject::EndpointSlice),
             _ => typed(&doc).map(K8sObject::NetworkPolicy),

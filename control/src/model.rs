@@ -140,9 +140,13 @@ pub fn decode_object(bytes: &[u8], revision: u64) -> Result<api::Object, prost::
 
 /// A Kubernetes object of a kind Sluice understands, parsed with the k8s-openapi types.
 #[derive(Debug, Clone, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "control path; a Service is the common case and the Pod is boxed"
+)]
 pub enum K8sObject {
     Namespace(Namespace),
-    Pod(K8sPod),
+    Pod(Box<K8sPod>),
     Service(Service),
     EndpointSlice(EndpointSlice),
     NetworkPolicy(NetworkPolicy),
@@ -171,7 +175,7 @@ impl K8sObject {
         }
         Ok(match kind {
             Kind::Namespace => K8sObject::Namespace(p(json)?),
-            Kind::Pod => K8sObject::Pod(p(json)?),
+            Kind::Pod => K8sObject::Pod(Box::new(p(json)?)),
             Kind::Service => K8sObject::Service(p(json)?),
             Kind::EndpointSlice => K8sObject::EndpointSlice(p(json)?),
             Kind::NetworkPolicy => K8sObject::NetworkPolicy(p(json)?),
@@ -222,7 +226,7 @@ impl K8sObject {
         }
         Ok(match kind.as_str() {
             "Namespace" => K8sObject::Namespace(p(v)?),
-            "Pod" => K8sObject::Pod(p(v)?),
+            "Pod" => K8sObject::Pod(Box::new(p(v)?)),
             "Service" => K8sObject::Service(p(v)?),
             "EndpointSlice" => K8sObject::EndpointSlice(p(v)?),
             _ => K8sObject::NetworkPolicy(p(v)?),

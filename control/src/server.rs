@@ -724,7 +724,7 @@ impl<S: Store> Control for ControlService<S> {
         require_operator(&identity(&req)?)?;
         // Validate everything first: one bad object rejects the whole request.
         enum Item {
-            K8s(K8sObject),
+            K8s(Box<K8sObject>),
             Pod(api::Pod),
         }
         let mut items = Vec::new();
@@ -747,7 +747,7 @@ impl<S: Store> Control for ControlService<S> {
                                 obj.metadata().name.as_deref().unwrap_or("")
                             ))
                         })?;
-                    Item::K8s(obj)
+                    Item::K8s(Box::new(obj))
                 }
                 Some(Body::Pod(p)) => {
                     self.validate_pod(&p)?;
@@ -781,7 +781,7 @@ impl<S: Store> Control for ControlService<S> {
         }
         let needs_claims = items
             .iter()
-            .any(|i| matches!(i, Item::K8s(K8sObject::Service(_))));
+            .any(|i| matches!(i, Item::K8s(k) if matches!(**k, K8sObject::Service(_))));
         for _ in 0..MAX_ATTEMPTS {
             let mut plan = Plan::default();
             let (mut ips, mut ports) = if needs_claims {
@@ -795,7 +795,8 @@ impl<S: Store> Control for ControlService<S> {
             let mut stored = Vec::with_capacity(items.len());
             for item in &items {
                 let object = match item {
-                    Item::K8s(K8sObject::Pod(kp)) => {
+                    Item::K8s(k) if matches!(**k, K8sObject::Pod(_)) => {
+                        let K8sObject::Pod(kp) = &**k else { continue };
                         let ns = kp.metadata.namespace.clone().unwrap_or_default();
                         let name = kp.metadata.name.clone().unwrap_or_default();
                         let r = pod_ref(&ns, &name);
@@ -830,7 +831,7 @@ impl<S: Store> Control for ControlService<S> {
                         }
                     }
                     Item::K8s(obj) => {
-                        let mut obj = obj.clone();
+                        let mut obj = (**obj).clone();
                         let p = obj.to_proto();
                         let r = ObjectRef {
                             kind: p.kind,

@@ -116,11 +116,11 @@ async fn main() -> anyhow::Result<()> {
             RedbStore::open_with_history(&args.data_dir, args.history)
                 .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
         ),
-        Backend::Etcd => AnyStore::Etcd(
+        Backend::Etcd => AnyStore::Etcd(Box::new(
             EtcdStore::connect(&args.etcd_endpoints)
                 .await
                 .context("connecting to etcd")?,
-        ),
+        )),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

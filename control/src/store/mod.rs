@@ -125,7 +125,7 @@ pub trait Store: Clone + Send + Sync + 'static {
 #[derive(Clone)]
 pub enum AnyStore {
     Redb(RedbStore),
-    Etcd(EtcdStore),
+    Etcd(Box<EtcdStore>),
 }
 
 impl Store for AnyStore {
