@@ -1104,7 +1104,10 @@ pub async fn serve<S: Store>(
         None if local.ip().is_loopback() => {}
         None => return Err(ServeError::PlaintextNotLoopback(local)),
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Without TCP_NODELAY, small watch messages wait for delayed ACKs (40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(30)));
     builder
         .add_service(service.into_server(auth))
         .serve_with_incoming_shutdown(incoming, shutdown)
