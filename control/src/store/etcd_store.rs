@@ -104,7 +104,19 @@ impl Store for EtcdStore {
         let prefix = prefix.to_string();
         tokio::spawn(async move {
             let mut last = from;
-            let mut need_snapshot = from == 0;
+            // A watcher ahead of etcd (e.g. of a store that was replaced) must start over too.
+            let current = store
+                .client
+                .kv_client()
+                .get(
+                    prefix.as_str(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .ok()
+                .and_then(|r| r.header().map(|h| rev(h.revision())))
+                .unwrap_or(0);
+            let mut need_snapshot = from == 0 || from > current;
             loop {
                 if need_snapshot {
                     match store.list(&prefix).await {
