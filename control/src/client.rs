@@ -104,9 +104,14 @@ fn endpoint(cfg: &ClientConfig) -> Result<Endpoint, ClientError> {
         endpoint: cfg.endpoint.clone(),
         source,
     };
+    // HTTP/2 pings notice a silently dead server or path (no RST) within about 15 s.
     let mut ep = Endpoint::from_shared(cfg.endpoint.clone())
         .map_err(e)?
-        .connect_timeout(cfg.connect_timeout);
+        .connect_timeout(cfg.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
     if cfg.endpoint.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &cfg.ca_pem {

@@ -314,6 +314,28 @@ spec:
     }
 
     #[test]
+    fn truncated_or_garbled_input_never_panics() {
+        let json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"w"},"spec":{"ports":[{"port":80}]}}"#;
+        for text in [MULTI, json] {
+            for cut in 0..text.len() {
+                if let Ok(mut docs) = parse_text("t", &text[..cut]) {
+                    let _ =
+                        validate_all(&mut docs, "10.96.0.0/12".parse().unwrap(), (30000, 32767));
+                }
+                let mut garbled = text.as_bytes().to_vec();
+                garbled[cut] = b"{}[]:-\"\n #"[cut % 10];
+                if let Ok(t) = std::str::from_utf8(&garbled)
+                    && let Ok(mut docs) = parse_text("t", t)
+                {
+                    let _ =
+                        validate_all(&mut docs, "10.96.0.0/12".parse().unwrap(), (30000, 32767));
+                }
+            }
+        }
+        assert!(parse_text("t", "").unwrap().is_empty());
+    }
+
+    #[test]
     fn json_list_and_stream() {
         let text = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"a"}}]}
 {"apiVersion":"v1","kind":"Namespace","metadata":{"name":"b"}}"#;
