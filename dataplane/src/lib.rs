@@ -5,4 +5,6 @@
 //! lock and allocate nothing per packet; all I/O (AF_XDP rings, netlink, gRPC) lives in the agent
 //! and in `sluice-xdp`.
 
+pub mod conntrack;
+pub mod maglev;
 pub mod policy;
