@@ -5,4 +5,7 @@
 //! lock and allocate nothing per packet; all I/O (AF_XDP rings, netlink, gRPC) lives in the agent
 //! and in `sluice-xdp`.
 
+pub mod checksum;
+pub mod frame;
 pub mod policy;
+pub mod wire;
