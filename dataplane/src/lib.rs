@@ -7,5 +7,8 @@
 
 pub mod checksum;
 pub mod frame;
+pub mod hash;
+pub mod pcap;
 pub mod policy;
+pub mod vxlan;
 pub mod wire;
