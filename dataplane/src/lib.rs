@@ -8,6 +8,7 @@
 pub mod checksum;
 pub mod frame;
 pub mod hash;
+pub mod maglev;
 pub mod pcap;
 pub mod policy;
 pub mod vxlan;
