@@ -6,10 +6,17 @@
 //! and in `sluice-xdp`.
 
 pub mod checksum;
+pub mod demo;
 pub mod frame;
 pub mod hash;
 pub mod maglev;
+pub mod nat;
+pub mod parse;
 pub mod pcap;
 pub mod policy;
+pub mod route;
+pub mod service;
+pub mod tables;
+pub mod verdict;
 pub mod vxlan;
 pub mod wire;
