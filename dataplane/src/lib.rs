@@ -6,6 +6,7 @@
 //! and in `sluice-xdp`.
 
 pub mod checksum;
+pub mod conntrack;
 pub mod demo;
 pub mod frame;
 pub mod hash;
