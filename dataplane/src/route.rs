@@ -36,13 +36,17 @@ pub enum Route {
 /// Look up the route to `dst`.
 #[inline]
 pub fn lookup(tables: &Tables, dst: [u8; 4]) -> Route {
-    if let Some(p) = tables.local_pod(dst) {
-        return Route::Local(*p);
+    if tables.in_local_cidr(dst) {
+        return match tables.local_pod(dst) {
+            Some(p) => Route::Local(*p),
+            None if dst == tables.node.vtep_ip.octets() => Route::Kernel,
+            None => Route::NoRoute,
+        };
     }
     if let Some(n) = tables.remote_node(dst) {
         return Route::Remote(*n);
     }
-    if tables.in_cluster(dst) && dst != tables.node.vtep_ip.octets() {
+    if tables.in_cluster(dst) {
         return Route::NoRoute;
     }
     Route::Kernel
@@ -156,6 +160,7 @@ mod tests {
         assert!(matches!(lookup(&t, [10, 244, 2, 3]), Route::Remote(_)));
         assert_eq!(lookup(&t, [10, 244, 7, 1]), Route::NoRoute);
         assert_eq!(lookup(&t, [10, 244, 1, 0]), Route::Kernel);
+        assert_eq!(lookup(&t, [10, 244, 1, 99]), Route::NoRoute);
         assert_eq!(lookup(&t, [8, 8, 8, 8]), Route::Kernel);
     }
 }

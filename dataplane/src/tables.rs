@@ -193,6 +193,14 @@ pub struct Tables {
     pub policy: PolicyTable,
     /// `node.underlay_mtu - 50`, precomputed.
     pub vxlan_mtu: u16,
+    /// (network, mask) of the cluster CIDR and of this node's pod CIDR, host order.
+    cluster: (u32, u32),
+    local: (u32, u32),
+}
+
+fn net_mask(n: &Ipv4Net) -> (u32, u32) {
+    let mask = u32::from(n.netmask());
+    (u32::from(n.network()) & mask, mask)
 }
 
 impl Tables {
@@ -240,7 +248,13 @@ impl Tables {
     /// Whether an address is in the cluster CIDR.
     #[inline]
     pub fn in_cluster(&self, ip: [u8; 4]) -> bool {
-        self.node.cluster_cidr.contains(&Ipv4Addr::from(ip))
+        u32::from_be_bytes(ip) & self.cluster.1 == self.cluster.0
+    }
+
+    /// Whether an address is in this node's pod CIDR.
+    #[inline]
+    pub fn in_local_cidr(&self, ip: [u8; 4]) -> bool {
+        u32::from_be_bytes(ip) & self.local.1 == self.local.0
     }
 }
 
@@ -389,6 +403,8 @@ impl TablesBuilder {
             .underlay_mtu
             .saturating_sub(crate::vxlan::OVERHEAD as u16);
         Ok(Tables {
+            cluster: net_mask(&self.node.cluster_cidr),
+            local: net_mask(&self.node.pod_cidr),
             node: self.node,
             pods,
             nodes,
