@@ -16,7 +16,7 @@
 use crate::frame::Frame;
 use crate::parse::{L3_OFFSET, Parsed};
 use crate::tables::{LocalPod, RemoteNode, Tables};
-use crate::verdict::{DropReason, PortId, Verdict};
+use crate::verdict::{DropReason, Verdict};
 use crate::vxlan;
 use crate::wire::{ethernet, ipv4};
 
@@ -138,15 +138,6 @@ pub fn forward_external(
         ip.decrement_ttl();
     }
     Verdict::Forward(tables.node.uplink)
-}
-
-/// The port a route transmits on, if any.
-pub fn port_of(tables: &Tables, route: Route) -> Option<PortId> {
-    match route {
-        Route::Local(p) => Some(p.port),
-        Route::Remote(_) => Some(tables.node.uplink),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

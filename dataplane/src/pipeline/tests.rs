@@ -604,3 +604,15 @@ fn kernel_made_vxlan_frames_are_delivered() {
     }
     assert!(delivered >= 4, "{delivered}");
 }
+
+#[test]
+fn tables_can_be_shared_and_state_moved_to_a_worker() {
+    fn shared<T: Send + Sync + 'static>() {}
+    fn sent<T: Send + 'static>() {}
+    shared::<Tables>();
+    sent::<WorkerState>();
+    // A snapshot published through arc-swap, as the agent does.
+    let cell = arc_swap::ArcSwap::from_pointee(demo_tables());
+    cell.store(std::sync::Arc::new(demo_tables()));
+    assert_eq!(cell.load().service_count(), 3);
+}
