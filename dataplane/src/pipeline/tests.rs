@@ -616,3 +616,64 @@ fn tables_can_be_shared_and_state_moved_to_a_worker() {
     cell.store(std::sync::Arc::new(demo_tables()));
     assert_eq!(cell.load().service_count(), 3);
 }
+
+/// A new snapshot with a changed backend set does not move established flows.
+#[test]
+fn established_flows_keep_their_backend_across_snapshots() {
+    use crate::tables::{Backend, LocalPod, ServiceSpec, TablesBuilder};
+    use std::net::Ipv4Addr;
+    let t1 = demo_tables();
+    let mut s = state();
+    let sp = sport_for(&t1, R);
+    let syn = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::SYN, b"");
+    assert_eq!(run(&t1, &mut s, 1, POD_A, &syn).0, Verdict::Forward(UPLINK));
+    let spec = FrameSpec {
+        src_mac: [0; 6],
+        dst_mac: [0; 6],
+        src: R,
+        dst: A,
+        src_port: 8080,
+        dst_port: sp,
+    };
+    let synack = demo::tcp_frame(&spec, tcp::flags::SYN | tcp::flags::ACK, b"");
+    assert_eq!(
+        run(&t1, &mut s, 2, UPLINK, &from_remote(&synack)).0,
+        Verdict::Forward(POD_A)
+    );
+    // The next snapshot: web's remote backend is gone, a new local one came.
+    let pod = |n| LocalPod {
+        port: PortId(u32::from(n) - 1),
+        pod_mac: pod_mac(n),
+        host_mac: host_mac(n),
+    };
+    let t2 = TablesBuilder::new(t1.node.clone())
+        .pod(Ipv4Addr::new(10, 244, 1, 2), pod(2))
+        .pod(Ipv4Addr::new(10, 244, 1, 3), pod(3))
+        .remote_node(*t1.remote_node(R).unwrap())
+        .service(ServiceSpec {
+            name: "default/web:80".into(),
+            cluster_ip: Ipv4Addr::from(VIP),
+            port: 80,
+            proto: 6,
+            node_port: None,
+            backends: vec![Backend {
+                ip: Ipv4Addr::from(B),
+                port: 8080,
+                weight: 1,
+            }],
+            affinity_timeout_s: None,
+        })
+        .build()
+        .unwrap();
+    let ack = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::ACK, b"x");
+    let (v, out) = run(&t2, &mut s, 3, POD_A, &ack);
+    assert_eq!(v, Verdict::Forward(UPLINK));
+    assert_eq!(tuple(&decapped(&out)).dst, R);
+    // A new flow goes to the new backend set.
+    let syn = demo::tcp_frame(
+        &FrameSpec::from_pod(2, VIP, sp + 1, 80),
+        tcp::flags::SYN,
+        b"",
+    );
+    assert_eq!(run(&t2, &mut s, 4, POD_A, &syn).0, Verdict::Forward(POD_B));
+}
