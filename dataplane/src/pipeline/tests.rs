@@ -677,3 +677,99 @@ fn established_flows_keep_their_backend_across_snapshots() {
     );
     assert_eq!(run(&t2, &mut s, 4, POD_A, &syn).0, Verdict::Forward(POD_B));
 }
+
+fn flow_pool() -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    for sp in [1000u16, 1001, 1002, 1003] {
+        v.push(demo::tcp_frame(
+            &FrameSpec::from_pod(2, VIP, sp, 80),
+            tcp::flags::SYN,
+            b"",
+        ));
+        v.push(demo::tcp_frame(
+            &FrameSpec::from_pod(2, VIP, sp, 80),
+            tcp::flags::ACK,
+            b"data",
+        ));
+        let spec = FrameSpec {
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
+            src: R,
+            dst: A,
+            src_port: 8080,
+            dst_port: sp,
+        };
+        v.push(from_remote(&demo::tcp_frame(
+            &spec,
+            tcp::flags::SYN | tcp::flags::ACK,
+            b"",
+        )));
+        v.push(demo::udp_frame(
+            &FrameSpec::from_pod(2, [10, 96, 0, 53], sp, 53),
+            b"q",
+        ));
+        v.push(demo::icmp_echo_frame(
+            &FrameSpec::from_pod(2, R, sp, sp),
+            false,
+            1,
+        ));
+    }
+    v.push(vec![0u8; 20]);
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// `process_batch` gives the same verdicts and bytes as `process` frame by frame, including
+    /// batches holding several packets of one new flow and their replies.
+    #[test]
+    fn batch_equals_one_by_one(picks in proptest::collection::vec((0usize..64, any::<bool>()), 1..150)) {
+        let t = shared_tables();
+        let pool = flow_pool();
+        let seq: Vec<(Vec<u8>, PortId)> = picks
+            .iter()
+            .map(|&(i, _)| {
+                let f = pool[i % pool.len()].clone();
+                let port = if f.len() > 50 && f[30..34] == [192, 168, 50, 1] { UPLINK } else { POD_A };
+                (f, port)
+            })
+            .collect();
+        let mut one = state();
+        let single: Vec<(Verdict, Vec<u8>)> =
+            seq.iter().map(|(f, port)| run(t, &mut one, 5, *port, f)).collect();
+        let mut many = state();
+        // Batches of consecutive frames with the same ingress port, cut where a pick says so.
+        let mut i = 0;
+        while i < seq.len() {
+            let port = seq[i].1;
+            let mut j = i + 1;
+            while j < seq.len() && seq[j].1 == port && !picks[j].1 {
+                j += 1;
+            }
+            let mut bufs: Vec<Vec<u8>> = seq[i..j]
+                .iter()
+                .map(|(f, _)| {
+                    let mut b = vec![0u8; HEADROOM + f.len()];
+                    b[HEADROOM..].copy_from_slice(f);
+                    b
+                })
+                .collect();
+            let mut frames: Vec<Frame<'_>> = bufs
+                .iter_mut()
+                .map(|b| {
+                    let n = b.len() - HEADROOM;
+                    Frame::new(b, HEADROOM, n)
+                })
+                .collect();
+            let mut verdicts = vec![Verdict::PassToKernel; j - i];
+            process_batch(t, &mut many, 5, port, &mut frames, &mut verdicts);
+            for (k, (f, v)) in frames.iter().zip(&verdicts).enumerate() {
+                prop_assert_eq!(*v, single[i + k].0, "frame {}", i + k);
+                prop_assert_eq!(f.head(), &single[i + k].1[..], "frame {}", i + k);
+            }
+            i = j;
+        }
+        prop_assert_eq!(one.counters, many.counters);
+    }
+}
