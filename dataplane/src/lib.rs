@@ -6,3 +6,5 @@
 //! and in `sluice-xdp`.
 
 pub mod policy;
+#[cfg(feature = "agent")]
+pub mod agent;
