@@ -218,7 +218,8 @@ mod tests {
 
     #[test]
     fn bad_requests_are_invalid_argument() {
-        let cases: Vec<Box<dyn Fn(&mut AddPodRequest)>> = vec![
+        type Edit = Box<dyn Fn(&mut AddPodRequest)>;
+        let cases: Vec<Edit> = vec![
             Box::new(|r| r.ip = "10.244.1".into()),
             Box::new(|r| r.pod_mac = vec![1, 2, 3]),
             Box::new(|r| r.host_mac = vec![]),

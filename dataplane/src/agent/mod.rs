@@ -66,6 +66,7 @@ pub struct Agent {
     datapath: Arc<dyn Datapath>,
     /// Which worker owns the uplink socket of each uplink queue.
     uplink_queues: Vec<(u32, usize)>,
+    uplink_ifindex: u32,
 }
 
 /// Builds the frame I/O of worker `id` (AF_XDP on sluice-xdp, or [`workers::NoIo`]).
@@ -141,6 +142,7 @@ impl Agent {
             workers,
             datapath,
             uplink_queues,
+            uplink_ifindex,
         };
         // Pods wired before a restart: attach them again (their veths still exist).
         let pods: Vec<PodRecord> = agent.registry.lock().await.pods().cloned().collect();
@@ -151,6 +153,11 @@ impl Agent {
         }
         agent.republish().await;
         Ok(agent)
+    }
+
+    /// Uplink rx queue -> index of the worker owning its socket.
+    pub fn uplink_queues(&self) -> &[(u32, usize)] {
+        &self.uplink_queues
     }
 
     fn worker_for(&self, port: PortId) -> &Worker {
@@ -283,9 +290,9 @@ impl Agent {
 
     /// Clean shutdown: stop workers (closing their sockets), detach XDP from every interface,
     /// remove the pinned objects. The pod registry stays so a new agent re-attaches the pods.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(&self) {
         self.export_counters().await;
-        for w in &mut self.workers {
+        for w in &self.workers {
             w.stop();
         }
         let pods: Vec<PodRecord> = self.registry.lock().await.pods().cloned().collect();
@@ -294,7 +301,12 @@ impl Agent {
                 tracing::warn!("detaching XDP from {}: {e}", pod.host_ifname);
             }
         }
-        let _ = self.uplink_queues.len();
+        if let Err(e) = self
+            .datapath
+            .detach(&self.config.underlay.interface, self.uplink_ifindex)
+        {
+            tracing::warn!("detaching XDP from the uplink: {e}");
+        }
         self.datapath.unload(&self.config);
     }
 }

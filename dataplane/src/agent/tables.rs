@@ -254,7 +254,7 @@ pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<Serv
             });
         }
     }
-    out.sort_by(|a, b| (a.cluster_ip, a.port, a.protocol).cmp(&(b.cluster_ip, b.port, b.protocol)));
+    out.sort_by_key(|s| (s.cluster_ip, s.port, s.protocol));
     out
 }
 

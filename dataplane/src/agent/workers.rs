@@ -91,7 +91,7 @@ pub struct Worker {
     pub counters: Arc<WorkerCounters>,
     tx: Sender<Command>,
     waker: Arc<Waker>,
-    join: Option<JoinHandle<()>>,
+    join: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -136,7 +136,7 @@ impl Worker {
             counters,
             tx,
             waker,
-            join: Some(join),
+            join: std::sync::Mutex::new(Some(join)),
         })
     }
 
@@ -163,13 +163,17 @@ impl Worker {
 
     /// Whether the thread is still running.
     pub fn is_running(&self) -> bool {
-        self.join.as_ref().is_some_and(|j| !j.is_finished())
+        self.join
+            .lock()
+            .map(|j| j.as_ref().is_some_and(|j| !j.is_finished()))
+            .unwrap_or(false)
     }
 
     /// Stop the worker and wait for it (it closes its sockets on the way out).
-    pub fn stop(&mut self) {
+    pub fn stop(&self) {
         let _ = self.send(Command::Stop);
-        if let Some(j) = self.join.take() {
+        let join = self.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(j) = join {
             let _ = j.join();
         }
     }
@@ -265,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn commands_reach_the_worker_and_stop_joins() {
-        let mut w = Worker::spawn(
+        let w = Worker::spawn(
             WorkerParams {
                 id: 0,
                 core: None,

@@ -104,10 +104,12 @@ async fn run(config: NodeConfig, no_datapath: bool) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     let _ = stop_tx.send(());
-    server.await??;
-    match Arc::try_unwrap(agent) {
-        Ok(agent) => agent.shutdown().await,
-        Err(_) => tracing::warn!("requests still running at shutdown; exiting without cleanup"),
+    // Give open connections a moment to finish, then stop serving regardless.
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
+        Ok(r) => r??,
+        Err(_) => tracing::warn!("clients still connected at shutdown; closing"),
     }
+    let _ = std::fs::remove_file(&agent.config.paths.socket);
+    agent.shutdown().await;
     Ok(())
 }
