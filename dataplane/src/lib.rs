@@ -5,6 +5,6 @@
 //! lock and allocate nothing per packet; all I/O (AF_XDP rings, netlink, gRPC) lives in the agent
 //! and in `sluice-xdp`.
 
-pub mod policy;
 #[cfg(feature = "agent")]
 pub mod agent;
+pub mod policy;
