@@ -7,4 +7,19 @@
 
 #[cfg(feature = "agent")]
 pub mod agent;
+pub mod checksum;
+pub mod conntrack;
+pub mod demo;
+pub mod frame;
+pub mod hash;
+pub mod maglev;
+pub mod nat;
+pub mod parse;
+pub mod pcap;
 pub mod policy;
+pub mod route;
+pub mod service;
+pub mod tables;
+pub mod verdict;
+pub mod vxlan;
+pub mod wire;
