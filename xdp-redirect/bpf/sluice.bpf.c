@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Sluice XDP classifier: decides per frame whether it belongs to the
+ * userspace dataplane (redirect into the AF_XDP socket of the ingress
+ * interface and rx queue) or to the kernel (XDP_PASS).
+ *
+ * Redirected: IPv4 destination in the cluster or service CIDR (any
+ * configured interface); on the uplink also VXLAN (UDP to the configured
+ * port) and TCP/UDP NodePorts addressed to this node's underlay address.
+ * Everything else passes. A missing socket falls back to XDP_PASS
+ * (fail-open) unless the interface is marked fail-closed, then XDP_DROP.
+ *
+ * Frags-aware (xdp.frags): headers are read with bpf_xdp_load_bytes, which
+ * works whether or not they sit in the linear part.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "sluice.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sluice_config);
+} sluice_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SLUICE_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, struct sluice_iface);
+} sluice_ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SLUICE_XSK_SLOTS);
+	__type(key, struct sluice_xsk_key);
+	__type(value, __u32);
+} sluice_xsk_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, SLUICE_XSK_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sluice_counters);
+} sluice_counters SEC(".maps");
+
+#define COUNT(c, field)                                                        \
+	do {                                                                   \
+		if (c)                                                         \
+			(c)->field++;                                          \
+	} while (0)
+
+struct l3l4 {
+	__u8 ihl_version;
+	__u8 tos;
+	__u16 tot_len;
+	__u16 id;
+	__u16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__u16 check;
+	__u32 saddr;
+	__u32 daddr;
+};
+
+static __always_inline int in_net(__u32 addr, __u32 net, __u32 mask)
+{
+	return mask != 0 && (addr & mask) == net;
+}
+
+static __always_inline int to_socket(struct xdp_md *ctx, const struct sluice_iface *iface,
+				     struct sluice_counters *c)
+{
+	struct sluice_xsk_key key = {
+		.ifindex = ctx->ingress_ifindex,
+		.queue = ctx->rx_queue_index,
+	};
+	int fail_closed = iface->flags & SLUICE_IF_FAIL_CLOSED;
+	__u32 *slot = bpf_map_lookup_elem(&sluice_xsk_slots, &key);
+	long ret;
+
+	if (slot) {
+		ret = bpf_redirect_map(&xsks, *slot, fail_closed ? XDP_DROP : XDP_PASS);
+		if (ret == XDP_REDIRECT) {
+			COUNT(c, redirected);
+			return XDP_REDIRECT;
+		}
+	}
+	if (fail_closed) {
+		COUNT(c, drop_no_socket);
+		return XDP_DROP;
+	}
+	COUNT(c, pass_no_socket);
+	return XDP_PASS;
+}
+
+SEC("xdp.frags")
+int sluice_xdp(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct sluice_counters *c = bpf_map_lookup_elem(&sluice_counters, &zero);
+	struct sluice_config *cfg = bpf_map_lookup_elem(&sluice_config, &zero);
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct sluice_iface *iface = bpf_map_lookup_elem(&sluice_ifaces, &ifindex);
+	struct ethhdr eth;
+	struct l3l4 ip;
+	__u16 ports[2];
+	__u32 l4off;
+
+	if (!cfg || !iface) {
+		COUNT(c, pass_unknown_iface);
+		return XDP_PASS;
+	}
+	if (bpf_xdp_load_bytes(ctx, 0, &eth, sizeof(eth)) < 0) {
+		COUNT(c, pass_malformed);
+		return XDP_PASS;
+	}
+	if (eth.h_proto == bpf_htons(ETH_P_IPV6)) {
+		__u8 nexthdr;
+
+		if ((cfg->flags & SLUICE_CFG_REDIRECT_IPV6) && iface->role == SLUICE_ROLE_POD &&
+		    bpf_xdp_load_bytes(ctx, sizeof(eth) + 6, &nexthdr, 1) == 0 &&
+		    nexthdr != IPPROTO_ICMPV6) {
+			COUNT(c, match_ipv6);
+			return to_socket(ctx, iface, c);
+		}
+		COUNT(c, pass_ipv6);
+		return XDP_PASS;
+	}
+	if (eth.h_proto != bpf_htons(ETH_P_IP)) {
+		COUNT(c, pass_non_ip);
+		return XDP_PASS;
+	}
+	if (bpf_xdp_load_bytes(ctx, sizeof(eth), &ip, sizeof(ip)) < 0 ||
+	    (ip.ihl_version >> 4) != 4 || (ip.ihl_version & 0x0f) < 5) {
+		COUNT(c, pass_malformed);
+		return XDP_PASS;
+	}
+	if (in_net(ip.daddr, cfg->cluster_net, cfg->cluster_mask)) {
+		COUNT(c, match_cluster);
+		return to_socket(ctx, iface, c);
+	}
+	if (in_net(ip.daddr, cfg->service_net, cfg->service_mask)) {
+		COUNT(c, match_service);
+		return to_socket(ctx, iface, c);
+	}
+	if (iface->role != SLUICE_ROLE_UPLINK || cfg->underlay_addr == 0 ||
+	    ip.daddr != cfg->underlay_addr ||
+	    (ip.protocol != IPPROTO_UDP && ip.protocol != IPPROTO_TCP) ||
+	    (ip.frag_off & bpf_htons(0x1fff)) != 0) {
+		COUNT(c, pass_other);
+		return XDP_PASS;
+	}
+	l4off = sizeof(eth) + (ip.ihl_version & 0x0f) * 4;
+	if (bpf_xdp_load_bytes(ctx, l4off, ports, sizeof(ports)) < 0) {
+		COUNT(c, pass_malformed);
+		return XDP_PASS;
+	}
+	__u16 dport = bpf_ntohs(ports[1]);
+	if (ip.protocol == IPPROTO_UDP && cfg->vxlan_port != 0 && dport == cfg->vxlan_port) {
+		COUNT(c, match_vxlan);
+		return to_socket(ctx, iface, c);
+	}
+	if (cfg->nodeport_min != 0 && dport >= cfg->nodeport_min && dport <= cfg->nodeport_max) {
+		COUNT(c, match_nodeport);
+		return to_socket(ctx, iface, c);
+	}
+	COUNT(c, pass_other);
+	return XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

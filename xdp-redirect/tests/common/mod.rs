@@ -1,0 +1,167 @@
+//! Shared helpers of the root tests: privilege check, netns/veth and pin
+//! guards that clean up on drop, frame builders.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Fails the test unless running as root; with SLUICE_ALLOW_SKIP=1 returns
+/// false (the caller skips, printing why).
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let why = format!("{test}: needs root (CAP_NET_ADMIN, CAP_BPF, CAP_IPC_LOCK)");
+    if std::env::var("SLUICE_ALLOW_SKIP").as_deref() == Ok("1") {
+        eprintln!("skipping {why}");
+        return false;
+    }
+    panic!("{why}; run as root or set SLUICE_ALLOW_SKIP=1");
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command, ignoring failure (cleanup paths).
+pub fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0]).args(&args[1..]).output();
+}
+
+/// A network namespace removed on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(name: String) -> Self {
+        sh_quiet(&["ip", "netns", "del", &name]);
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Moves the calling thread into this namespace.
+    pub fn enter(&self) {
+        let f = File::open(format!("/run/netns/{}", self.name)).expect("netns file");
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        sh_quiet(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A host-side veth (its peer lives in a pod namespace); deleted on drop.
+pub struct Veth {
+    pub host: String,
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        sh_quiet(&["ip", "link", "del", &self.host]);
+    }
+}
+
+/// A pin directory removed (recursively) on drop, whatever the loader did.
+pub struct PinGuard {
+    pub dir: PathBuf,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+pub fn mac_of(ifname: &str, ns: Option<&NetNs>) -> [u8; 6] {
+    let path = format!("/sys/class/net/{ifname}/address");
+    let s = match ns {
+        Some(ns) => ns.exec(&["cat", &path]),
+        None => std::fs::read_to_string(&path).expect("mac"),
+    };
+    let mut mac = [0u8; 6];
+    for (i, part) in s.trim().split(':').enumerate() {
+        mac[i] = u8::from_str_radix(part, 16).expect("hex");
+    }
+    mac
+}
+
+pub fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Ethernet + IPv4 + UDP/TCP header frame with `payload` bytes.
+pub fn ipv4_frame(dst: [u8; 4], proto: u8, dport: u16, payload: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 14];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let l4 = if proto == 6 { 20 } else { 8 };
+    let total = (20 + l4 + payload) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&[10, 244, 1, 2]);
+    ip[16..20].copy_from_slice(&dst);
+    f.extend_from_slice(&ip);
+    let mut l4h = vec![0u8; l4];
+    l4h[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    l4h[2..4].copy_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&l4h);
+    f.extend(std::iter::repeat_n(0xab, payload));
+    f
+}
+
+pub fn arp_frame() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[
+        0x02, 0, 0, 0, 0, 1, 10, 244, 1, 2, 0, 0, 0, 0, 0, 0, 10, 244, 1, 3,
+    ]);
+    f.resize(60, 0);
+    f
+}
+
+pub fn ipv6_frame(next_header: u8) -> Vec<u8> {
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 1];
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&8u16.to_be_bytes());
+    ip[6] = next_header;
+    ip[7] = 64;
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0u8; 8]);
+    f
+}
