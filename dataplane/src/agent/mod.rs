@@ -17,6 +17,7 @@ pub mod manifests;
 pub mod registry;
 pub mod tables;
 pub mod workers;
+pub mod xsk_io;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use counters::CountersFile;
 use datapath::{Datapath, DatapathError};
 use manifests::ClusterObjects;
 use registry::{PodKey, PodRecord, PodRegistry, RegistryError};
-use tables::{PortId, Publisher, Snapshot};
+use tables::{NodeLinks, PortId, Publisher, Snapshot, SnapshotError};
 use workers::{PortSpec, Worker, WorkerError, WorkerIo, WorkerParams};
 
 /// Starting or running the agent failed.
@@ -53,6 +54,8 @@ pub enum AgentError {
     },
     #[error("invalid pod: {0}")]
     InvalidPod(String),
+    #[error("cannot build the tables: {0}")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// The running agent: everything the API handlers and the shutdown path need.
@@ -67,10 +70,16 @@ pub struct Agent {
     /// Which worker owns the uplink socket of each uplink queue.
     uplink_queues: Vec<(u32, usize)>,
     uplink_ifindex: u32,
+    links: NodeLinks,
+    ports: PortSet,
 }
 
+/// Every port some worker has a socket on (read by workers only on the rare path of a frame for a
+/// port they do not own, to count handoffs).
+pub type PortSet = Arc<std::sync::RwLock<Vec<PortId>>>;
+
 /// Builds the frame I/O of worker `id` (AF_XDP on sluice-xdp, or [`workers::NoIo`]).
-pub type IoFactory = dyn Fn(usize) -> Box<dyn WorkerIo>;
+pub type IoFactory = dyn Fn(usize) -> Result<Box<dyn WorkerIo>, WorkerError>;
 
 impl Agent {
     /// Start the agent: read manifests and the registry, start the workers, attach the uplink,
@@ -79,6 +88,7 @@ impl Agent {
         config: NodeConfig,
         datapath: Arc<dyn Datapath>,
         io: &IoFactory,
+        ports: PortSet,
     ) -> Result<Self, AgentError> {
         let objects = ClusterObjects::load(&config.manifests)?;
         let state = &config.paths.state_dir;
@@ -88,7 +98,21 @@ impl Agent {
             source,
         })?;
         let registry = PodRegistry::open(&config.registry_path())?;
-        let publisher = Publisher::new(Snapshot::build(1, &config, &objects, registry.pods()));
+        let uplink = &config.underlay.interface;
+        let links = NodeLinks {
+            uplink: PortId(datapath::ifindex(uplink)?),
+            uplink_mac: match config.underlay.mac {
+                Some(m) => m,
+                None => datapath::mac_of(uplink)?,
+            },
+        };
+        let publisher = Publisher::new(Snapshot::build(
+            1,
+            &config,
+            links,
+            &objects,
+            registry.pods(),
+        )?);
 
         // Workers: one per configured queue -> core entry, default one per uplink queue.
         let mut queues: Vec<(u32, usize)> = config
@@ -110,7 +134,7 @@ impl Agent {
                     core: config.workers.pin.then_some(*core),
                     busy_poll: config.workers.busy_poll,
                 },
-                io(id),
+                io(id)?,
                 publisher.clone(),
             )
             .map_err(|source| AgentError::Io {
@@ -123,7 +147,7 @@ impl Agent {
         }
 
         datapath.load(&config)?;
-        let uplink_ifindex = datapath.attach(&config.underlay.interface)?;
+        let uplink_ifindex = datapath.attach(&config.underlay.interface, datapath::Role::Uplink)?;
         for (queue, worker) in &uplink_queues {
             workers[*worker]
                 .open_port(PortSpec {
@@ -143,7 +167,12 @@ impl Agent {
             datapath,
             uplink_queues,
             uplink_ifindex,
+            links,
+            ports,
         };
+        if let Ok(mut p) = agent.ports.write() {
+            p.push(PortId(uplink_ifindex));
+        }
         // Pods wired before a restart: attach them again (their veths still exist).
         let pods: Vec<PodRecord> = agent.registry.lock().await.pods().cloned().collect();
         for pod in pods {
@@ -151,7 +180,7 @@ impl Agent {
                 tracing::warn!(pod = %pod.container_id, "cannot re-attach pod after restart: {e}");
             }
         }
-        agent.republish().await;
+        agent.republish().await?;
         Ok(agent)
     }
 
@@ -165,7 +194,7 @@ impl Agent {
     }
 
     async fn attach_pod(&self, pod: &PodRecord) -> Result<(), AgentError> {
-        let ifindex = self.datapath.attach(&pod.host_ifname)?;
+        let ifindex = self.datapath.attach(&pod.host_ifname, datapath::Role::Pod)?;
         if ifindex != pod.host_ifindex {
             return Err(AgentError::InvalidPod(format!(
                 "host veth {} has ifindex {ifindex}, the request said {}",
@@ -179,6 +208,9 @@ impl Agent {
                 queue: 0,
             })
             .await?;
+        if let Ok(mut p) = self.ports.write() {
+            p.push(PortId(ifindex));
+        }
         Ok(())
     }
 
@@ -207,12 +239,15 @@ impl Agent {
         self.attach_pod(&pod).await?;
         registry.insert(pod)?;
         drop(registry);
-        self.republish().await;
+        self.republish().await?;
         Ok(())
     }
 
     async fn detach_pod(&self, pod: &PodRecord) {
         let port = PortId(pod.host_ifindex);
+        if let Ok(mut p) = self.ports.write() {
+            p.retain(|x| *x != port);
+        }
         if let Err(e) = self.worker_for(port).close_port(port).await {
             tracing::warn!("closing socket of {}: {e}", pod.host_ifname);
         }
@@ -231,25 +266,28 @@ impl Agent {
         registry.remove(key)?;
         let snapshot = self.next_snapshot(&registry);
         drop(registry);
-        self.publisher.publish(snapshot);
+        self.publisher.publish(snapshot?);
         self.detach_pod(&pod).await;
         Ok(true)
     }
 
-    fn next_snapshot(&self, registry: &PodRegistry) -> Snapshot {
+    fn next_snapshot(&self, registry: &PodRegistry) -> Result<Snapshot, SnapshotError> {
         Snapshot::build(
             self.publisher.generation() + 1,
             &self.config,
+            self.links,
             &self.objects,
             registry.pods(),
         )
     }
 
-    async fn republish(&self) {
+    /// Build and publish a snapshot of the current state; on error the old one stays.
+    async fn republish(&self) -> Result<(), SnapshotError> {
         let registry = self.registry.lock().await;
         let s = self.next_snapshot(&registry);
         drop(registry);
-        self.publisher.publish(s);
+        self.publisher.publish(s?);
+        Ok(())
     }
 
     /// Ready when the XDP program is loaded and every worker runs; otherwise why not.

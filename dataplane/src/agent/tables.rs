@@ -20,7 +20,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::config::{MacAddr, NodeConfig};
 use super::manifests::ClusterObjects;
 use super::registry::PodRecord;
-use crate::policy::PolicyTable;
+use crate::policy::{ContainerPort, PodInfo, PolicyError, PolicyInputs, PolicyTable, Protocol};
+use crate::tables::{self, Backend, ServiceSpec, Tables, TablesBuilder, TablesError};
 
 /// The label an EndpointSlice carries to name its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -105,8 +106,9 @@ pub struct LocalNode {
     pub overlay_mtu: u32,
 }
 
-/// One immutable snapshot of everything the workers look up.
-#[derive(Clone, Debug)]
+/// One immutable snapshot of everything the workers look up: the pipeline's [`Tables`] plus the
+/// agent's own view it was built from (for export and tests).
+#[derive(Debug)]
 pub struct Snapshot {
     /// Increases by one with every publication.
     pub generation: u64,
@@ -114,7 +116,35 @@ pub struct Snapshot {
     pub pods: BTreeMap<Ipv4Addr, LocalPod>,
     pub remotes: Vec<RemoteNode>,
     pub services: Vec<ServicePort>,
-    pub policy: PolicyTable,
+    /// What the pipeline reads.
+    pub tables: Tables,
+}
+
+/// A snapshot could not be built from the inputs.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Tables(#[from] TablesError),
+    #[error("NetworkPolicy: {0}")]
+    Policy(#[from] PolicyError),
+}
+
+/// What the snapshot is built from besides the config and the cluster objects.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeLinks {
+    /// The uplink's port (its ifindex).
+    pub uplink: PortId,
+    /// The uplink's MAC (outer source MAC).
+    pub uplink_mac: MacAddr,
+}
+
+fn policy_protocol(s: &str) -> Option<Protocol> {
+    match s {
+        "" | "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
+        _ => None,
+    }
 }
 
 impl Snapshot {
@@ -122,9 +152,10 @@ impl Snapshot {
     pub fn build<'a>(
         generation: u64,
         config: &NodeConfig,
+        links: NodeLinks,
         objects: &ClusterObjects,
         pods: impl IntoIterator<Item = &'a PodRecord>,
-    ) -> Self {
+    ) -> Result<Self, SnapshotError> {
         let node = LocalNode {
             name: config.node_name.clone(),
             underlay_ip: config.underlay.address,
@@ -137,8 +168,9 @@ impl Snapshot {
             vxlan_port: config.vtep.port,
             overlay_mtu: config.overlay_mtu(),
         };
-        let pods = pods
-            .into_iter()
+        let records: Vec<&PodRecord> = pods.into_iter().collect();
+        let pods: BTreeMap<Ipv4Addr, LocalPod> = records
+            .iter()
             .map(|p| {
                 (
                     p.ip,
@@ -151,7 +183,7 @@ impl Snapshot {
                 )
             })
             .collect();
-        let remotes = config
+        let remotes: Vec<RemoteNode> = config
             .peers
             .iter()
             .map(|p| RemoteNode {
@@ -163,15 +195,100 @@ impl Snapshot {
                 vtep_ip: p.pod_cidr.network(),
             })
             .collect();
-        Self {
+        let services = service_ports(&objects.services, &objects.endpoint_slices);
+
+        let mut pnode = tables::NodeConfig::new(
+            config.underlay.address,
+            links.uplink_mac.0,
+            crate::verdict::PortId(links.uplink.0),
+            config.pod_cidr,
+            config.vtep.mac.0,
+        );
+        pnode.underlay_mtu = u16::try_from(config.underlay.mtu).unwrap_or(u16::MAX);
+        pnode.vtep_ip = node.vtep_ip;
+        pnode.vni = config.vtep.vni;
+        pnode.vxlan_port = config.vtep.port;
+        pnode.cluster_cidr = config.cluster_cidr;
+        pnode.service_cidr = config.service_cidr;
+        pnode.node_port_range = config.node_port_range.0..=config.node_port_range.1;
+        pnode.pod_mtu = u16::try_from(config.pod_mtu).unwrap_or(u16::MAX);
+        let mut b = TablesBuilder::new(pnode);
+        for p in pods.values() {
+            b = b.pod(
+                p.ip,
+                tables::LocalPod {
+                    port: crate::verdict::PortId(p.port.0),
+                    pod_mac: p.pod_mac.0,
+                    host_mac: p.host_mac.0,
+                },
+            );
+        }
+        for r in &remotes {
+            b = b.remote_node(tables::RemoteNode {
+                pod_cidr: r.pod_cidr,
+                underlay_ip: r.underlay_ip,
+                next_hop_mac: r.underlay_mac.0,
+                vtep_mac: r.vtep_mac.0,
+            });
+        }
+        for s in &services {
+            b = b.service(ServiceSpec {
+                name: s.name.clone(),
+                cluster_ip: s.cluster_ip,
+                port: s.port,
+                proto: s.protocol.number(),
+                node_port: s.node_port,
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|a| Backend {
+                        ip: *a.ip(),
+                        port: a.port(),
+                        weight: 1,
+                    })
+                    .collect(),
+                affinity_timeout_s: None,
+            });
+        }
+        let policy = PolicyTable::compile(&PolicyInputs {
+            namespaces: objects.namespaces.clone(),
+            pods: records
+                .iter()
+                .map(|p| PodInfo {
+                    namespace: if p.namespace.is_empty() {
+                        "default".into()
+                    } else {
+                        p.namespace.clone()
+                    },
+                    name: p.name.clone(),
+                    labels: p.labels.clone(),
+                    ip: p.ip,
+                    ports: p
+                        .ports
+                        .iter()
+                        .filter_map(|cp| {
+                            Some(ContainerPort {
+                                name: (!cp.name.is_empty()).then(|| cp.name.clone()),
+                                port: cp.port,
+                                protocol: policy_protocol(&cp.protocol)?,
+                            })
+                        })
+                        .collect(),
+                    local: true,
+                })
+                .collect(),
+            policies: objects.network_policies.clone(),
+            node_addrs: vec![config.underlay.address, node.vtep_ip],
+        })?;
+        let tables = b.policy(policy).build()?;
+        Ok(Self {
             generation,
             node,
             pods,
             remotes,
-            services: service_ports(&objects.services, &objects.endpoint_slices),
-            // The policy compiler lands on the `policy` branch; until then no pod is isolated.
-            policy: PolicyTable::allow_all(),
-        }
+            services,
+            tables,
+        })
     }
 
     /// The remote node whose pod CIDR holds `ip`.
@@ -288,7 +405,7 @@ impl Publisher {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::agent::manifests::parse_documents;
 
@@ -346,6 +463,11 @@ endpoints:
         assert_eq!(ports[1].protocol, L4::Udp);
     }
 
+    pub(crate) const LINKS: NodeLinks = NodeLinks {
+        uplink: PortId(2),
+        uplink_mac: MacAddr([0x0e, 0, 0, 0, 1, 1]),
+    };
+
     #[test]
     fn publish_is_seen_by_readers() {
         let config: NodeConfig = serde_saphyr::from_str(
@@ -360,7 +482,7 @@ peers:
         )
         .unwrap();
         let objects = ClusterObjects::default();
-        let p = Publisher::new(Snapshot::build(1, &config, &objects, []));
+        let p = Publisher::new(Snapshot::build(1, &config, LINKS, &objects, []).unwrap());
         let reader = p.clone();
         assert_eq!(reader.generation(), 1);
         let snap = reader.load();
@@ -371,9 +493,10 @@ peers:
             Ipv4Addr::new(10, 244, 2, 0)
         );
         assert!(snap.remote_for(Ipv4Addr::new(10, 244, 1, 7)).is_none());
-        p.publish(Snapshot::build(2, &config, &objects, []));
+        p.publish(Snapshot::build(2, &config, LINKS, &objects, []).unwrap());
         assert_eq!(reader.generation(), 2);
         // The old snapshot stays valid for whoever still holds it.
         assert_eq!(snap.generation, 1);
+        assert!(snap.tables.remote_node([10, 244, 2, 7]).is_some());
     }
 }

@@ -264,7 +264,16 @@ mod tests {
             "node_name: a\nunderlay: {interface: up0, address: 192.168.1.1}\npod_cidr: 10.244.1.0/24\nvtep: {mac: \"0e:00:00:00:01:00\"}\n",
         )
         .unwrap();
-        Publisher::new(Snapshot::build(1, &config, &ClusterObjects::default(), []))
+        Publisher::new(
+            Snapshot::build(
+                1,
+                &config,
+                crate::agent::tables::tests::LINKS,
+                &ClusterObjects::default(),
+                [],
+            )
+            .unwrap(),
+        )
     }
 
     #[tokio::test]

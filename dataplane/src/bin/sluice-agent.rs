@@ -12,9 +12,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sluice_dataplane::agent::config::NodeConfig;
-use sluice_dataplane::agent::datapath::{ControlOnly, Datapath, Unavailable};
-use sluice_dataplane::agent::workers::{NoIo, WorkerIo};
-use sluice_dataplane::agent::{Agent, api};
+use sluice_dataplane::agent::config::BindMode;
+use sluice_dataplane::agent::datapath::{ControlOnly, Datapath, XdpDatapath};
+use sluice_dataplane::agent::workers::{NoIo, WorkerError, WorkerIo};
+use sluice_dataplane::agent::xsk_io::XskIo;
+use sluice_dataplane::agent::{Agent, PortSet, api};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -38,6 +40,9 @@ struct Args {
     /// Run the control path only (API, registry, tables): attach nothing. Status stays not ready.
     #[arg(long)]
     no_datapath: bool,
+    /// Attach XDP in generic (SKB) mode instead of native (the explicit fallback).
+    #[arg(long)]
+    generic_xdp: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,21 +71,45 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    runtime.block_on(run(config, args.no_datapath))
+    runtime.block_on(run(config, args.no_datapath, args.generic_xdp))
 }
 
-async fn run(config: NodeConfig, no_datapath: bool) -> anyhow::Result<()> {
+async fn run(config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let datapath: Arc<dyn Datapath> = if no_datapath {
-        Arc::new(ControlOnly)
-    } else {
-        Arc::new(Unavailable)
+    let ports = PortSet::default();
+    let xsk_config = sluice_xdp::XskConfig {
+        batch_size: config.workers.batch_size as usize,
+        bind_mode: match config.workers.bind_mode {
+            BindMode::Copy => sluice_xdp::BindMode::Copy,
+            BindMode::ZeroCopy => sluice_xdp::BindMode::ZeroCopy,
+        },
+        busy_poll: config.workers.busy_poll.then_some(sluice_xdp::BusyPoll {
+            usecs: 20,
+            budget: config.workers.batch_size,
+        }),
+        ..Default::default()
     };
-    let io = |_id: usize| -> Box<dyn WorkerIo> { Box::new(NoIo::default()) };
+    let (datapath, io): (Arc<dyn Datapath>, Box<sluice_dataplane::agent::IoFactory>) =
+        if no_datapath {
+            (
+                Arc::new(ControlOnly),
+                Box::new(|_| Ok(Box::new(NoIo::default()) as Box<dyn WorkerIo>)),
+            )
+        } else {
+            let xdp = XdpDatapath::new(generic_xdp);
+            let loader = xdp.loader();
+            let ports = ports.clone();
+            (
+                Arc::new(xdp),
+                Box::new(move |_| -> Result<Box<dyn WorkerIo>, WorkerError> {
+                    Ok(Box::new(XskIo::new(&xsk_config, loader.clone(), ports.clone())?))
+                }),
+            )
+        };
     let socket = config.paths.socket.clone();
     let listener = api::bind(&socket)?;
-    let agent = Arc::new(Agent::start(config, datapath, &io).await?);
+    let agent = Arc::new(Agent::start(config, datapath, &*io, ports).await?);
     match agent.status() {
         Ok(()) => {
             tracing::info!(node = %agent.config.node_name, socket = %socket.display(), "ready")
