@@ -99,13 +99,7 @@ pub fn forward(
             vni: tables.node.vni,
             dst_port: tables.node.vxlan_port,
         };
-        let h = crate::hash::flow_hash(
-            u32::from_be_bytes(p.src),
-            u32::from_be_bytes(p.dst),
-            p.src_port,
-            p.dst_port,
-            p.proto,
-        );
+        let h = crate::conntrack::FlowKey::from(crate::nat::Tuple::of(p)).hash64();
         match vxlan::encap(frame, &t, vxlan::src_port(h), ip_id) {
             Ok(()) => {}
             Err(vxlan::VxlanError::NoHeadroom) => return Verdict::Drop(DropReason::NoHeadroom),

@@ -8,7 +8,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::hash;
+use crate::conntrack::FlowKey;
 use crate::parse::Parsed;
 use crate::tables::{ServiceId, Tables};
 
@@ -60,7 +60,15 @@ impl AffinityTable {
         }
     }
     fn slot(&self, client: u32, svc: u32) -> usize {
-        (hash::flow_hash(client, svc, 0, 0, 0) as usize) & self.mask
+        (FlowKey {
+            src: client,
+            dst: svc,
+            src_port: 0,
+            dst_port: 0,
+            proto: 0,
+        }
+        .hash64() as usize)
+            & self.mask
     }
     fn get(&self, client: u32, svc: u32, now: u64) -> Option<&AffinitySlot> {
         let s = self.slots.get(self.slot(client, svc))?;
@@ -118,7 +126,13 @@ pub fn select(
             affinity.put(s);
             return found(s.backend).unwrap_or(ServiceOutcome::NoBackend);
         }
-        let Some(i) = svc.maglev.lookup(hash::addr_hash(client)) else {
+        let Some(i) = svc.maglev.lookup(
+            FlowKey {
+                src: client,
+                ..FlowKey::default()
+            }
+            .hash64(),
+        ) else {
             return ServiceOutcome::NoBackend;
         };
         let Some(b) = backends.get(usize::from(i)) else {
@@ -135,13 +149,14 @@ pub fn select(
         });
         return found(i).unwrap_or(ServiceOutcome::NoBackend);
     }
-    let h = hash::flow_hash(
-        client,
-        u32::from_be_bytes(p.dst),
-        p.src_port,
-        p.dst_port,
-        p.proto,
-    );
+    let h = FlowKey {
+        src: client,
+        dst: u32::from_be_bytes(p.dst),
+        src_port: p.src_port,
+        dst_port: p.dst_port,
+        proto: p.proto,
+    }
+    .hash64();
     svc.maglev
         .lookup(h)
         .and_then(found)

@@ -59,7 +59,7 @@ impl From<WireError> for VxlanError {
     }
 }
 
-/// The outer UDP source port for a flow hash, scaled into the kernel's range as
+/// The outer UDP source port for a flow hash (`FlowKey::hash64` of the inner 5-tuple), scaled into the kernel's range as
 /// `udp_flow_src_port` does (`hash ^= hash << 16; ((u64)hash * (max - min)) >> 32) + min`).
 pub fn src_port(flow_hash: u64) -> u16 {
     let mut h = (flow_hash ^ (flow_hash >> 32)) as u32;
@@ -265,7 +265,14 @@ mod tests {
     fn our_src_port_is_in_kernel_range_and_spreads() {
         let mut seen = std::collections::HashSet::new();
         for h in 0..1000u64 {
-            let p = src_port(crate::hash::flow_hash(h as u32, 7, 1, 2, 6));
+            let key = crate::conntrack::FlowKey {
+                src: h as u32,
+                dst: 7,
+                src_port: 1,
+                dst_port: 2,
+                proto: 6,
+            };
+            let p = src_port(key.hash64());
             assert!((SRC_PORT_MIN..=SRC_PORT_MAX).contains(&p));
             seen.insert(p);
         }
