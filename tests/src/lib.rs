@@ -25,8 +25,10 @@ use sluice_control::agent_api::{AddPodRequest, DelPodRequest, StatusRequest};
 use sluice_dataplane::agent::config::{MacAddr, NodeConfig, PeerNode};
 use sluice_dataplane::agent::counters::CountersFile;
 
-/// MTU of pod veths and of the route to the own node's pod CIDR.
-pub const POD_MTU: u32 = 65535;
+/// MTU of pod veths and of the route to the own node's pod CIDR. DESIGN says 65535; until the
+/// pipeline sees the continuation chunks of multi-buffer frames (see the agent's `xsk_io`), pod
+/// frames must fit one 4 KiB UMEM chunk (4096 - 256 kernel headroom - 64 UMEM headroom).
+pub const POD_MTU: u32 = 3500;
 /// Underlay MTU.
 pub const UNDERLAY_MTU: u32 = 1500;
 
@@ -261,7 +263,7 @@ impl Cluster {
         ip(
             Some(&ns),
             &format!(
-                "link add eth0 numtxqueues {q} numrxqueues {q} address {underlay_mac} type veth peer name n{i} netns {}",
+                "link add eth0 numtxqueues {q} numrxqueues {q} address {underlay_mac} type veth peer name n{i} numtxqueues {q} numrxqueues {q} netns {}",
                 self.switch
             ),
         )?;
@@ -504,7 +506,9 @@ impl Cluster {
         let host_if = format!("vp{j}");
         ip(
             Some(&node_ns),
-            &format!("link add {host_if} mtu {POD_MTU} type veth peer name eth0 netns {ns}"),
+            &format!(
+                "link add {host_if} mtu {POD_MTU} numtxqueues 1 numrxqueues 1 type veth peer name eth0 numtxqueues 1 numrxqueues 1 netns {ns}"
+            ),
         )?;
         ip(Some(&node_ns), &format!("link set {host_if} up"))?;
         ip(Some(&ns), &format!("link set eth0 mtu {POD_MTU} up"))?;

@@ -301,10 +301,7 @@ mod tests {
         assert_eq!(rx_queue_count("no-such-if-xyz"), 1);
         assert!(Unavailable.attach("lo", Role::Pod).is_err());
         assert_eq!(drop_reason_name(0), "truncated");
-        assert_eq!(
-            drop_reason_name(agent_drop("no_socket")),
-            "no_socket"
-        );
+        assert_eq!(drop_reason_name(agent_drop("no_socket")), "no_socket");
         assert!(Unavailable.ready().is_err());
     }
 }

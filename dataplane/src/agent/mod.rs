@@ -194,7 +194,9 @@ impl Agent {
     }
 
     async fn attach_pod(&self, pod: &PodRecord) -> Result<(), AgentError> {
-        let ifindex = self.datapath.attach(&pod.host_ifname, datapath::Role::Pod)?;
+        let ifindex = self
+            .datapath
+            .attach(&pod.host_ifname, datapath::Role::Pod)?;
         if ifindex != pod.host_ifindex {
             return Err(AgentError::InvalidPod(format!(
                 "host veth {} has ifindex {ifindex}, the request said {}",

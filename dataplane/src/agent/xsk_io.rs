@@ -18,10 +18,10 @@ use std::time::Instant;
 
 use sluice_xdp::{RxBatch, SocketId, Xsk, XskConfig};
 
+use super::PortSet;
 use super::counters::WorkerCounters;
 use super::datapath::{SharedLoader, agent_drop};
 use super::tables::{PortId, Snapshot};
-use super::PortSet;
 use super::workers::{PortSpec, WorkerError, WorkerIo};
 use crate::frame::Frame;
 use crate::pipeline::{WorkerConfig, WorkerState, process};
@@ -50,11 +50,7 @@ pub struct XskIo {
 
 impl XskIo {
     /// A worker's UMEM (`cfg`), registering its sockets through `loader`.
-    pub fn new(
-        cfg: &XskConfig,
-        loader: SharedLoader,
-        peers: PortSet,
-    ) -> Result<Self, WorkerError> {
+    pub fn new(cfg: &XskConfig, loader: SharedLoader, peers: PortSet) -> Result<Self, WorkerError> {
         let xsk = Xsk::new(cfg).map_err(|e| WorkerError::Open {
             ifname: String::new(),
             queue: 0,
@@ -87,10 +83,7 @@ impl WorkerIo for XskIo {
             .xsk
             .open_socket(&spec.ifname, spec.queue)
             .map_err(|e| open_err(spec, e.to_string()))?;
-        let fd = self
-            .xsk
-            .fd(id)
-            .map_err(|e| open_err(spec, e.to_string()))?;
+        let fd = self.xsk.fd(id).map_err(|e| open_err(spec, e.to_string()))?;
         let registered = match self.loader.lock() {
             Ok(mut g) => match g.as_mut() {
                 Some(l) => l
@@ -164,13 +157,7 @@ impl WorkerIo for XskIo {
                 let (off, len) = (fm.offset(), fm.len());
                 let (v, off, len) = {
                     let mut frame = Frame::new(fm.chunk(), off, len);
-                    let v = process(
-                        tables,
-                        state,
-                        now_ns,
-                        verdict::PortId(s.port.0),
-                        &mut frame,
-                    );
+                    let v = process(tables, state, now_ns, verdict::PortId(s.port.0), &mut frame);
                     (v, frame.offset(), frame.len())
                 };
                 match v {
@@ -208,10 +195,7 @@ impl WorkerIo for XskIo {
         }
         for (i, n) in agent_drops.iter().enumerate() {
             if *n > 0 {
-                counters.drop(
-                    agent_drop(super::datapath::AGENT_DROPS[i]),
-                    *n,
-                );
+                counters.drop(agent_drop(super::datapath::AGENT_DROPS[i]), *n);
             }
         }
         if handled > 0 {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_dataplane::agent::config::NodeConfig;
 use sluice_dataplane::agent::config::BindMode;
+use sluice_dataplane::agent::config::NodeConfig;
 use sluice_dataplane::agent::datapath::{ControlOnly, Datapath, XdpDatapath};
 use sluice_dataplane::agent::workers::{NoIo, WorkerError, WorkerIo};
 use sluice_dataplane::agent::xsk_io::XskIo;
@@ -103,7 +103,11 @@ async fn run(config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow
             (
                 Arc::new(xdp),
                 Box::new(move |_| -> Result<Box<dyn WorkerIo>, WorkerError> {
-                    Ok(Box::new(XskIo::new(&xsk_config, loader.clone(), ports.clone())?))
+                    Ok(Box::new(XskIo::new(
+                        &xsk_config,
+                        loader.clone(),
+                        ports.clone(),
+                    )?))
                 }),
             )
         };
