@@ -4,8 +4,9 @@
 //! every path, panics included):
 //! - `...-sw`: the underlay switch, a bridge `br0` with one port per node;
 //! - `...-n<i>`: node `i` (0-based), uplink `eth0` at `192.168.77.<i+1>/24`, pod CIDR
-//!   `10.244.<i+1>.0/24`, one `sluice-agent` process started inside it (bpffs mounted in that
-//!   command's private mount namespace) or, for a Flannel node, a kernel `flannel.1` VXLAN device
+//!   `10.244.<i+1>.0/24`, its own bpffs instance mounted at `<tmp>/n<i>/bpf` (outside `/sys`, so
+//!   `ip netns exec` keeps it and pins survive an agent restart), and one `sluice-agent` process
+//!   started inside its namespace, or, for a Flannel node, a kernel `flannel.1` VXLAN device
 //!   programmed as DESIGN.md says;
 //! - `...-n<i>p<j>`: pod `j` of node `i`, wired like the CNI does: veth `eth0` (tx checksum offload
 //!   off, MTU [`POD_MTU`]) to host veth `vp<j>`, address `10.244.<i+1>.<j+2>/32`, default route via
@@ -170,6 +171,36 @@ impl Node {
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
     }
+    /// This node's bpffs mount point.
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpf")
+    }
+    /// The node's pinned XDP links (`<bpffs>/sluice/<node>/links/*`), sorted.
+    pub fn link_pins(&self) -> Vec<String> {
+        let dir = self.bpffs().join(format!("sluice/n{}/links", self.index));
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+    /// Whether anything of this node is still pinned.
+    pub fn pin_dir_exists(&self) -> bool {
+        self.bpffs()
+            .join(format!("sluice/n{}", self.index))
+            .exists()
+    }
+    /// The id of the XDP program attached to `ifname` in this node, if any.
+    pub fn xdp_prog_id(&self, ifname: &str) -> Result<Option<u64>> {
+        let out = ip(Some(&self.ns), &format!("-j link show dev {ifname}"))?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| HarnessError::Setup(format!("ip -j: {e}")))?;
+        Ok(v[0]["xdp"]["prog"]["id"].as_u64())
+    }
     pub fn vtep_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, self.index as u8 + 1, 0)
     }
@@ -202,6 +233,7 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     namespaces: Vec<String>,
+    mounts: Vec<PathBuf>,
     options: AgentOptions,
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
@@ -231,6 +263,7 @@ impl Cluster {
             nodes: Vec::new(),
             pods: Vec::new(),
             namespaces: Vec::new(),
+            mounts: Vec::new(),
             options,
             _dir: dir,
             runtime,
@@ -273,7 +306,11 @@ impl Cluster {
         sh(&ns, "sysctl -qw net.ipv4.ip_forward=1")?;
         let dir = self._dir.path().join(format!("n{i}"));
         std::fs::create_dir_all(dir.join("state"))
+            .and_then(|()| std::fs::create_dir_all(dir.join("bpf")))
             .map_err(|e| HarnessError::Setup(format!("mkdir: {e}")))?;
+        let bpffs = dir.join("bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))?;
+        self.mounts.push(bpffs);
         self.nodes.push(Node {
             index: i,
             kind,
@@ -315,7 +352,7 @@ impl Cluster {
             "vtep": {"mac": n.vtep_mac},
             "peers": self.peers_of(i),
             "workers": {"pin": false},
-            "paths": {"socket": n.socket(), "state_dir": n.state_dir(), "bpf_root": "/sys/fs/bpf/sluice"},
+            "paths": {"socket": n.socket(), "state_dir": n.state_dir(), "bpffs": n.bpffs()},
         });
         serde_json::from_value(json).expect("harness config is valid")
     }
@@ -345,16 +382,13 @@ impl Cluster {
         let node = &self.nodes[i];
         let log = std::fs::File::create(node.dir.join("agent.log"))
             .map_err(|e| HarnessError::Setup(format!("log: {e}")))?;
-        let mut script = format!(
-            "mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf && exec {} --config {}",
-            bin.display(),
-            node.config_path.display()
-        );
+        let bin = bin.to_string_lossy().into_owned();
+        let config = node.config_path.to_string_lossy().into_owned();
+        let mut argv = vec![bin.as_str(), "--config", config.as_str()];
         if self.options.no_datapath {
-            script.push_str(" --no-datapath");
+            argv.push("--no-datapath");
         }
-        let _ = std::fs::remove_file(node.socket());
-        let child = in_ns(&node.ns, &["unshare", "-m", "sh", "-c", &script])
+        let child = in_ns(&node.ns, &argv)
             .stdin(Stdio::null())
             .stdout(
                 log.try_clone()
@@ -401,6 +435,30 @@ impl Cluster {
         }
     }
 
+    /// Wait (up to 10 s, re-reading the file the agent rewrites every second) until node `i`'s
+    /// counters satisfy `pred`; fails with the last counters read.
+    pub fn wait_counters(
+        &self,
+        i: usize,
+        pred: impl Fn(&CountersFile) -> bool,
+    ) -> Result<CountersFile> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = self.nodes[i].counters();
+            if let Ok(c) = &c
+                && pred(c)
+            {
+                return Ok(c.clone());
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Setup(format!(
+                    "counters of node {i} never matched: {c:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The agent's log so far.
     pub fn agent_log(&self, i: usize) -> String {
         std::fs::read_to_string(self.nodes[i].dir.join("agent.log")).unwrap_or_default()
@@ -425,8 +483,7 @@ impl Cluster {
     /// Send `signal` to the agent of node `i` and wait for it to exit.
     pub fn stop_agent(&mut self, i: usize, signal: nix::sys::signal::Signal) -> Result<()> {
         if let Some(mut child) = self.nodes[i].agent.take() {
-            // The child is `ip netns exec ... unshare ... sh -c 'exec sluice-agent'`: each execs the
-            // next, so its pid is the agent's.
+            // The child is `ip netns exec <ns> sluice-agent`, which execs: its pid is the agent's.
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, signal);
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -689,5 +746,22 @@ impl Drop for Cluster {
                 .stderr(Stdio::null())
                 .status();
         }
+        for m in &self.mounts {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// Whether a BPF program with this id exists.
+pub fn bpf_prog_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }

@@ -18,8 +18,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const DEFAULT_SOCKET: &str = "/run/sluice/agent.sock";
 /// The default state directory (pod registry, counters).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice";
-/// The default bpffs directory; the node's objects are pinned under `<this>/<node name>`.
-pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/sluice";
+/// The default bpffs mount point; the node's objects are pinned under `<this>/sluice/<node name>`.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// VXLAN overhead on an IPv4 underlay (outer Ethernet is not counted in the MTU): IPv4 20 + UDP 8 +
 /// VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -240,9 +240,10 @@ pub struct Paths {
     pub socket: PathBuf,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// bpffs root; the node's objects live in `<bpf_root>/<node_name>`.
-    #[serde(default = "default_bpf_root")]
-    pub bpf_root: PathBuf,
+    /// bpffs mount point (mounted there if it is not bpffs yet); the node's objects live in
+    /// `<bpffs>/sluice/<node_name>`.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
 }
 
 impl Default for Paths {
@@ -250,7 +251,7 @@ impl Default for Paths {
         Self {
             socket: default_socket(),
             state_dir: default_state_dir(),
-            bpf_root: default_bpf_root(),
+            bpffs: default_bpffs(),
         }
     }
 }
@@ -288,8 +289,8 @@ fn default_socket() -> PathBuf {
 fn default_state_dir() -> PathBuf {
     DEFAULT_STATE_DIR.into()
 }
-fn default_bpf_root() -> PathBuf {
-    DEFAULT_BPF_ROOT.into()
+fn default_bpffs() -> PathBuf {
+    DEFAULT_BPFFS.into()
 }
 
 /// The configuration could not be read or is inconsistent.
@@ -394,7 +395,7 @@ impl NodeConfig {
 
     /// The directory holding this node's pinned BPF objects.
     pub fn bpf_pin_dir(&self) -> PathBuf {
-        self.paths.bpf_root.join(&self.node_name)
+        self.paths.bpffs.join("sluice").join(&self.node_name)
     }
 
     /// The persisted pod registry.

@@ -164,7 +164,7 @@ impl Datapath for ControlOnly {
     fn unload(&self, _: &NodeConfig) {}
 }
 
-/// The XDP program of `sluice-xdp`, pinned under `<bpf_root>/<node>`.
+/// The XDP program of `sluice-xdp`, pinned under `<bpffs>/sluice/<node>`.
 #[derive(Debug)]
 pub struct XdpDatapath {
     loader: SharedLoader,
@@ -227,12 +227,7 @@ impl Datapath for XdpDatapath {
             ifname: String::new(),
             message: e.to_string(),
         };
-        let bpffs = config
-            .paths
-            .bpf_root
-            .parent()
-            .map(std::path::Path::to_path_buf)
-            .unwrap_or_else(|| sluice_xdp::loader::DEFAULT_BPFFS.into());
+        let bpffs = config.paths.bpffs.clone();
         let opts = LoaderOptions {
             node: config.node_name.clone(),
             bpffs,

@@ -31,9 +31,9 @@ struct Args {
     /// Override the state directory.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Override the bpffs root (objects are pinned in <root>/<node name>).
+    /// Override the bpffs mount point (objects are pinned in <bpffs>/sluice/<node name>).
     #[arg(long)]
-    bpf_root: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
@@ -60,8 +60,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(s) = args.state_dir {
         config.paths.state_dir = s;
     }
-    if let Some(s) = args.bpf_root {
-        config.paths.bpf_root = s;
+    if let Some(s) = args.bpffs {
+        config.paths.bpffs = s;
     }
     if args.no_pin {
         config.workers.pin = false;
