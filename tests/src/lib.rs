@@ -234,6 +234,7 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     namespaces: Vec<String>,
     mounts: Vec<PathBuf>,
+    procs: Vec<Child>,
     options: AgentOptions,
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
@@ -264,6 +265,7 @@ impl Cluster {
             pods: Vec::new(),
             namespaces: Vec::new(),
             mounts: Vec::new(),
+            procs: Vec::new(),
             options,
             _dir: dir,
             runtime,
@@ -457,6 +459,75 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Write a manifest file (YAML) into the cluster's directory; returns its path.
+    pub fn write_manifest(&self, name: &str, yaml: &str) -> Result<PathBuf> {
+        let p = self._dir.path().join(name);
+        std::fs::write(&p, yaml).map_err(|e| HarnessError::Setup(format!("write {name}: {e}")))?;
+        Ok(p)
+    }
+
+    /// Send SIGHUP to node `i`'s agent (re-read manifests) and wait until it published new tables.
+    pub fn reload(&self, i: usize) -> Result<()> {
+        let before = self.nodes[i].counters()?.generation;
+        let pid = self.nodes[i]
+            .agent
+            .as_ref()
+            .map(|c| nix::unistd::Pid::from_raw(c.id() as i32))
+            .ok_or_else(|| HarnessError::Setup(format!("node {i} runs no agent")))?;
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)
+            .map_err(|e| HarnessError::Setup(format!("SIGHUP: {e}")))?;
+        self.wait_counters(i, |c| c.generation > before).map(|_| ())
+    }
+
+    /// Start a long-running process inside namespace `ns`; it is killed when the cluster drops.
+    pub fn spawn_in(&mut self, ns: &str, argv: &[&str]) -> Result<()> {
+        let child = in_ns(ns, argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| HarnessError::Setup(format!("spawn {argv:?}: {e}")))?;
+        self.procs.push(child);
+        Ok(())
+    }
+
+    /// Run a TCP server in pod `p` on `port` answering every line it reads with
+    /// `"<pod ip> <line>"` (so a client sees which backend served it).
+    pub fn tcp_echo_server(&mut self, p: usize, port: u16) -> Result<()> {
+        let ns = self.pods[p].ns.clone();
+        let ip = self.pods[p].ip;
+        let listen = format!("TCP-LISTEN:{port},fork,reuseaddr");
+        let reply = format!("SYSTEM:while read l; do echo {ip} $l; done");
+        self.spawn_in(&ns, &["socat", &listen, &reply])?;
+        // Wait until it listens.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !String::from_utf8_lossy(&sh(&ns, "ss -ltn").map(|o| o.stdout).unwrap_or_default())
+            .contains(&format!(":{port} "))
+        {
+            if Instant::now() > deadline {
+                return Err(HarnessError::Setup(format!(
+                    "echo server in pod {p} not listening"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// One TCP connection from namespace `ns` to `addr:port` sending `lines`; returns the reply
+    /// lines.
+    pub fn tcp_lines(ns: &str, addr: Ipv4Addr, port: u16, lines: &[&str]) -> Result<Vec<String>> {
+        let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let out = sh(
+            ns,
+            &format!("printf '{input}' | socat -t 1 -T 3 - TCP:{addr}:{port},connect-timeout=3"),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect())
     }
 
     /// The agent's log so far.
@@ -736,6 +807,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
         for i in 0..self.nodes.len() {
             let _ = self.stop_agent(i, nix::sys::signal::Signal::SIGTERM);
         }

@@ -215,3 +215,187 @@ fn harness_leaves_no_namespace_behind() {
     );
     let _ = Ipv4Addr::LOCALHOST;
 }
+
+const WEB_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}
+"#;
+
+/// Backends 10.244.1.3 (node 0), 10.244.2.2 and 10.244.2.3 (node 1).
+const WEB_ENDPOINTS: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.3]
+  - addresses: [10.244.2.2]
+  - addresses: [10.244.2.3]
+"#;
+
+/// Two nodes with the `web` service; pods: client 10.244.1.2 and backend 10.244.1.3 on node 0,
+/// backends 10.244.2.2 and 10.244.2.3 on node 1, each running the echo server on 8080.
+fn web_cluster() -> Result<(Cluster, usize)> {
+    let mut c = Cluster::new(&[NodeKind::Sluice; 2], AgentOptions::default())?;
+    let svc = c.write_manifest("services.yaml", WEB_SERVICE)?;
+    let eps = c.write_manifest("endpointslices.yaml", WEB_ENDPOINTS)?;
+    c.start_agents(|_, cfg| {
+        cfg.manifests.services.push(svc.clone());
+        cfg.manifests.endpoint_slices.push(eps.clone());
+    })?;
+    let client = c.add_pod(0, &[])?;
+    for (node, _) in [(0, 3), (1, 2), (1, 3)] {
+        let p = c.add_pod(node, &[("app", "web")])?;
+        c.tcp_echo_server(p, 8080)?;
+    }
+    Ok((c, client))
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+#[test]
+fn clusterip_service_spreads_and_sticks() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let (c, client) = web_cluster()?;
+        let ns = c.pods[client].ns.clone();
+        let mut served = std::collections::BTreeMap::<String, usize>::new();
+        for i in 0..24 {
+            let l1 = format!("c{i}a");
+            let l2 = format!("c{i}b");
+            let l3 = format!("c{i}c");
+            let reply = Cluster::tcp_lines(&ns, VIP, 80, &[&l1, &l2, &l3])?;
+            assert_eq!(reply.len(), 3, "connection {i}: {reply:?}");
+            let backend = reply[0].split(' ').next().unwrap_or_default().to_owned();
+            for (line, sent) in reply.iter().zip([&l1, &l2, &l3]) {
+                // Every line of one connection comes from the same backend.
+                assert_eq!(line, &format!("{backend} {sent}"), "connection {i} moved");
+            }
+            *served.entry(backend).or_default() += 1;
+        }
+        println!("connections per backend: {served:?}");
+        let expected: Vec<&str> = vec!["10.244.1.3", "10.244.2.2", "10.244.2.3"];
+        assert_eq!(
+            served.keys().map(String::as_str).collect::<Vec<_>>(),
+            expected
+        );
+        Ok(())
+    })());
+}
+
+#[test]
+fn nodeport_from_the_underlay() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let (c, _) = web_cluster()?;
+        // A client on the underlay: an address on the switch's bridge.
+        sluice_e2e::ip(Some(&c.switch), "addr add 192.168.77.100/24 dev br0")?;
+        let mut served = std::collections::BTreeSet::new();
+        for node in 0..2 {
+            for i in 0..8 {
+                let line = format!("n{node}c{i}");
+                let reply =
+                    Cluster::tcp_lines(&c.switch, c.nodes[node].underlay_ip, 30080, &[&line])?;
+                assert_eq!(reply.len(), 1, "NodePort on node {node}: {reply:?}");
+                let (backend, echoed) = reply[0].split_once(' ').unwrap_or_default();
+                assert_eq!(echoed, line);
+                served.insert(backend.to_owned());
+            }
+        }
+        println!("NodePort served by {served:?}");
+        assert!(served.len() >= 2, "NodePort reached only {served:?}");
+        Ok(())
+    })());
+}
+
+#[test]
+fn network_policy_default_deny_then_allow() {
+    if !require_root() {
+        return;
+    }
+    const DENY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-db, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+"#;
+    const ALLOW: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-db, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-clients, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{podSelector: {matchLabels: {role: client}}}]
+      ports: [{port: 8080, protocol: TCP}]
+"#;
+    check((|| {
+        let mut c = Cluster::new(&[NodeKind::Sluice], AgentOptions::default())?;
+        let policies = c.write_manifest("policies.yaml", DENY)?;
+        let p = policies.clone();
+        c.start_agents(move |_, cfg| cfg.manifests.network_policies.push(p.clone()))?;
+        let db = c.add_pod(0, &[("app", "db")])?;
+        let client = c.add_pod(0, &[("role", "client")])?;
+        let other = c.add_pod(0, &[("role", "other")])?;
+        c.tcp_echo_server(db, 8080)?;
+        let db_ip = c.pods[db].ip;
+
+        // Default deny: nothing reaches the db pod, and the drops are counted by reason.
+        assert!(
+            c.ping(client, db_ip, 2).is_err(),
+            "ping passed a default deny"
+        );
+        assert!(Cluster::tcp_lines(&c.pods[client].ns, db_ip, 8080, &["x"]).is_err_or_empty());
+        let f = c.wait_counters(0, |f| f.drops("policy_denied_ingress") > 0)?;
+        println!("drops after deny: {:?}", f.workers[0].drops);
+
+        // Allow role=client on TCP 8080: the client gets through, others still do not.
+        std::fs::write(&policies, ALLOW)
+            .map_err(|e| sluice_e2e::HarnessError::Setup(e.to_string()))?;
+        c.reload(0)?;
+        let reply = Cluster::tcp_lines(&c.pods[client].ns, db_ip, 8080, &["hello"])?;
+        assert_eq!(reply, vec![format!("{db_ip} hello")]);
+        let denied_before = c.nodes[0].counters()?.drops("policy_denied_ingress");
+        assert!(Cluster::tcp_lines(&c.pods[other].ns, db_ip, 8080, &["x"]).is_err_or_empty());
+        assert!(
+            c.ping(client, db_ip, 1).is_err(),
+            "ICMP is not in the allowed ports"
+        );
+        c.wait_counters(0, |f| f.drops("policy_denied_ingress") > denied_before)?;
+        Ok(())
+    })());
+}
+
+trait ErrOrEmpty {
+    fn is_err_or_empty(&self) -> bool;
+}
+
+impl ErrOrEmpty for Result<Vec<String>> {
+    fn is_err_or_empty(&self) -> bool {
+        self.as_ref().map_or(true, |v| v.is_empty())
+    }
+}

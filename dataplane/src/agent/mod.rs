@@ -62,7 +62,7 @@ pub enum AgentError {
 #[derive(Debug)]
 pub struct Agent {
     pub config: NodeConfig,
-    objects: ClusterObjects,
+    objects: std::sync::RwLock<Arc<ClusterObjects>>,
     registry: Mutex<PodRegistry>,
     publisher: Publisher,
     workers: Vec<Worker>,
@@ -160,7 +160,7 @@ impl Agent {
 
         let agent = Self {
             config,
-            objects,
+            objects: std::sync::RwLock::new(Arc::new(objects)),
             registry: Mutex::new(registry),
             publisher,
             workers,
@@ -274,13 +274,39 @@ impl Agent {
     }
 
     fn next_snapshot(&self, registry: &PodRegistry) -> Result<Snapshot, SnapshotError> {
+        let objects = self.objects.read().map(|o| o.clone()).unwrap_or_default();
         Snapshot::build(
             self.publisher.generation() + 1,
             &self.config,
             self.links,
-            &self.objects,
+            &objects,
             registry.pods(),
         )
+    }
+
+    /// Re-read the manifests (SIGHUP in standalone mode) and publish tables built from them. On
+    /// any error the current objects and tables stay.
+    pub async fn reload_manifests(&self) -> Result<(), AgentError> {
+        let fresh = Arc::new(ClusterObjects::load(&self.config.manifests)?);
+        let registry = self.registry.lock().await;
+        let old = match self.objects.write() {
+            Ok(mut o) => std::mem::replace(&mut *o, fresh),
+            Err(_) => return Ok(()),
+        };
+        let s = self.next_snapshot(&registry);
+        drop(registry);
+        match s {
+            Ok(s) => {
+                self.publisher.publish(s);
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(mut o) = self.objects.write() {
+                    *o = old;
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Build and publish a snapshot of the current state; on error the old one stays.

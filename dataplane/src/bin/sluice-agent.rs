@@ -3,7 +3,8 @@
 //! Standalone mode: reads the node config (and the manifests it names), starts the workers,
 //! attaches the datapath, re-attaches the pods of its registry, and serves the local API on its
 //! unix socket until SIGTERM or SIGINT, then shuts down cleanly (workers stopped, XDP detached,
-//! pins and socket removed). Counters are written to `<state>/counters.json` every second.
+//! pins and socket removed). SIGHUP re-reads the manifests. Counters are written to
+//! `<state>/counters.json` every second.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -77,6 +78,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let ports = PortSet::default();
     let xsk_config = sluice_xdp::XskConfig {
         batch_size: config.workers.batch_size as usize,
@@ -133,6 +135,10 @@ async fn run(config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = tick.tick() => agent.export_counters().await,
+            _ = sighup.recv() => match agent.reload_manifests().await {
+                Ok(()) => tracing::info!("manifests reloaded"),
+                Err(e) => tracing::warn!("manifests not reloaded, keeping the current ones: {e}"),
+            },
         }
     }
     tracing::info!("shutting down");
