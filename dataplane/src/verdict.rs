@@ -15,8 +15,10 @@ pub enum Verdict {
     Forward(PortId),
     /// Drop the frame; the reason has been counted.
     Drop(DropReason),
-    /// Hand the frame, unchanged, to the kernel's stack (ARP, host-bound and outside traffic,
-    /// IPv6 when so configured).
+    /// Hand the frame to the kernel's stack (ARP, host-bound and outside traffic, IPv6 when so
+    /// configured). Its headers are unchanged, except that a partial L4 checksum may have been
+    /// completed and that VXLAN from another node has been decapsulated: the frame window is then
+    /// the inner frame.
     PassToKernel,
 }
 

@@ -565,3 +565,42 @@ proptest! {
         }
     }
 }
+
+/// Frames the kernel's vxlan device sent from node 2 (192.168.50.2) to node 1 are decapsulated and
+/// delivered to pod 10.244.1.2, their partial inner checksums completed.
+#[test]
+fn kernel_made_vxlan_frames_are_delivered() {
+    let t = demo_tables();
+    let mut s = state();
+    let frames =
+        crate::pcap::read_frames(include_bytes!("../../testdata/vxlan-kernel.pcap")).unwrap();
+    let mut delivered = 0;
+    for (i, f) in frames.iter().enumerate() {
+        let (v, out) = run(&t, &mut s, i as u64 + 1, UPLINK, f);
+        if f[30..34] == [192, 168, 50, 1] {
+            let inner_icmp_error = f[50 + 23] == 1 && f[50 + 34] == 3;
+            if inner_icmp_error {
+                assert_eq!(
+                    v,
+                    Verdict::Drop(DropReason::IcmpErrorUnrelated),
+                    "frame {i}"
+                );
+                continue;
+            }
+            // A SYN/ACK opening no tracked connection is invalid (as in Linux conntrack): the SYN
+            // went out through node 1's kernel, not through this pipeline.
+            if f[50 + 23] == 6 && f[50 + 34 + 13] == tcp::flags::SYN | tcp::flags::ACK {
+                assert_eq!(v, Verdict::Drop(DropReason::ConntrackInvalid), "frame {i}");
+                continue;
+            }
+            assert_eq!(v, Verdict::Forward(POD_A), "frame {i}");
+            assert_eq!(&out[..6], &pod_mac(2));
+            assert!(checksums_ok(&out), "frame {i}");
+            delivered += 1;
+        } else {
+            // Node 1's own outgoing VXLAN is not addressed to it.
+            assert_eq!(v, Verdict::PassToKernel, "frame {i}");
+        }
+    }
+    assert!(delivered >= 4, "{delivered}");
+}
