@@ -7,6 +7,41 @@
 //! * [`xsk`]: the AF_XDP layer: one UMEM per worker shared by its sockets,
 //!   fill/completion/rx/tx rings, batches of frames, frame accounting.
 //!
+//! A worker's cycle (the agent's shape; `no_run`: needs root and veths):
+//!
+//! ```no_run
+//! use sluice_xdp::{AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, LoaderOptions};
+//! use sluice_xdp::{XdpLoader, Xsk, XskConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut loader = XdpLoader::load(&LoaderOptions::new("node-1"))?;
+//! loader.set_config(&ClassifierConfig::default())?;
+//! let pod = IfaceConfig { role: IfaceRole::Pod, fail_closed: false };
+//! let (ia, ib) = (
+//!     loader.attach("veth-a", pod, AttachMode::Native)?,
+//!     loader.attach("veth-b", pod, AttachMode::Native)?,
+//! );
+//! let mut xsk = Xsk::new(&XskConfig::default())?;
+//! let (a, b) = (xsk.open_socket("veth-a", 0)?, xsk.open_socket("veth-b", 0)?);
+//! loader.register_socket(ia, 0, xsk.fd(a)?)?;
+//! loader.register_socket(ib, 0, xsk.fd(b)?)?;
+//! let mut batch = xsk.batch();
+//! loop {
+//!     // (wait on xsk.fd(a) / xsk.fd(b) with mio or poll here)
+//!     let n = xsk.recv(a, &mut batch)?;
+//!     for i in 0..n {
+//!         let Some(mut frame) = xsk.frame(&mut batch, i) else { continue };
+//!         // frame.chunk(): the whole first chunk; frame.offset()/len():
+//!         // the data; frame.set_bounds(..) after a push or pull;
+//!         // frame.continuation(k): the chained chunks.
+//!         frame.forward(b);
+//!     }
+//!     xsk.complete(&mut batch)?;
+//!     xsk.flush()?;
+//! }
+//! # }
+//! ```
+//!
 //! All `unsafe` of the project's kernel ABI (rings, UMEM, libbpf glue) lives
 //! in this crate, each block with its `// SAFETY:` reason.
 

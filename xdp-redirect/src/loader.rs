@@ -250,6 +250,15 @@ pub enum LoaderError {
         #[source]
         source: io::Error,
     },
+    /// Querying the program attached to an interface failed.
+    #[error("querying the XDP program of ifindex {ifindex}: {source}")]
+    Query {
+        /// Interface index.
+        ifindex: u32,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Detaching from an interface failed.
     #[error("detaching XDP from ifindex {ifindex}: {source}")]
     Detach {
@@ -308,10 +317,10 @@ fn pin_io(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
 /// Mounts bpffs at `path` unless it is bpffs already.
 pub fn ensure_bpffs(path: &Path) -> Result<(), LoaderError> {
     fs::create_dir_all(path).map_err(pin_io(path))?;
-    if let Ok(st) = nix::sys::statfs::statfs(path) {
-        if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
-            return Ok(());
-        }
+    if let Ok(st) = nix::sys::statfs::statfs(path)
+        && st.filesystem_type().0 == BPF_FS_MAGIC
+    {
+        return Ok(());
     }
     nix::mount::mount(
         Some("bpf"),
@@ -390,10 +399,10 @@ impl XdpLoader {
             let Some(k) = from_bytes::<types::sluice_xsk_key>(&key) else {
                 continue;
             };
-            if let Ok(Some(v)) = slots_map.lookup(&key, MapFlags::ANY) {
-                if let Some(slot) = from_bytes::<u32>(&v) {
-                    slots.insert((k.ifindex, k.queue), slot);
-                }
+            if let Ok(Some(v)) = slots_map.lookup(&key, MapFlags::ANY)
+                && let Some(slot) = from_bytes::<u32>(&v)
+            {
+                slots.insert((k.ifindex, k.queue), slot);
             }
         }
         loader.slots = slots;
@@ -464,8 +473,8 @@ impl XdpLoader {
     }
 
     /// Attaches the program to `ifname` (or atomically replaces the program
-    /// in its pinned link from an earlier run) and configures the interface.
-    /// Returns the ifindex.
+    /// in its pinned link from an earlier run, keeping that link's mode) and
+    /// configures the interface. Returns the ifindex.
     pub fn attach(
         &self,
         ifname: &str,
@@ -663,9 +672,11 @@ impl XdpLoader {
             .progs_mut()
             .find(|p| p.name() == bpf::PROGRAM)
             .ok_or(LoaderError::Missing("program sluice_xdp"))?;
-        let mut input = libbpf_rs::ProgramInput::default();
-        input.context_in = Some(&mut ctx_bytes);
-        input.data_in = Some(frame);
+        let input = libbpf_rs::ProgramInput {
+            context_in: Some(&mut ctx_bytes),
+            data_in: Some(frame),
+            ..Default::default()
+        };
         let out = prog.test_run(input).map_err(|source| LoaderError::Map {
             map: "(BPF_PROG_TEST_RUN)",
             op: "test_run",
@@ -715,6 +726,26 @@ impl XdpLoader {
         tracing::info!(pin_dir = %self.pin_dir.display(), "XDP pins removed");
         Ok(())
     }
+}
+
+/// The id of the XDP program attached to `ifindex` in `mode` (`None` if
+/// there is none).
+pub fn attached_program_id(ifindex: u32, mode: AttachMode) -> Result<Option<u32>, LoaderError> {
+    let flags = match mode {
+        AttachMode::Native => libbpf_rs::libbpf_sys::XDP_FLAGS_DRV_MODE,
+        AttachMode::Generic => libbpf_rs::libbpf_sys::XDP_FLAGS_SKB_MODE,
+    };
+    let mut id = 0u32;
+    // SAFETY: `id` is a live u32 the call writes to.
+    let rc =
+        unsafe { libbpf_rs::libbpf_sys::bpf_xdp_query_id(ifindex as i32, flags as i32, &mut id) };
+    if rc < 0 {
+        return Err(LoaderError::Query {
+            ifindex,
+            source: io::Error::from_raw_os_error(-rc),
+        });
+    }
+    Ok((id != 0).then_some(id))
 }
 
 fn create_xdp_link(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> io::Result<OwnedFd> {

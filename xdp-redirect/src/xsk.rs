@@ -441,6 +441,7 @@ struct Socket {
     queue: u32,
     pending: VecDeque<xdp_desc>,
     pending_cap: usize,
+    need_wakeup: bool,
     fill_out: u64,
     tx_out: u64,
     stats: SocketStats,
@@ -706,6 +707,7 @@ impl Xsk {
             queue,
             pending: VecDeque::with_capacity(self.cfg.tx_size as usize),
             pending_cap: self.cfg.tx_size as usize,
+            need_wakeup: self.cfg.need_wakeup,
             fill_out: 0,
             tx_out: 0,
             stats: SocketStats::default(),
@@ -746,6 +748,12 @@ impl Xsk {
     /// Closes a socket. Chunks still in its rings are reclaimed where
     /// userspace can see them (unconsumed fill entries, rx, completions,
     /// queued tx); the rest is counted as lost.
+    ///
+    /// Unregister the socket from the XSKMAP first
+    /// ([`crate::XdpLoader::unregister_socket`]): the unconsumed fill entries
+    /// are reclaimed on the assumption that no redirect into this socket
+    /// takes one meanwhile. Its [`SocketId`] may be reused by the next
+    /// [`Xsk::open_socket`].
     pub fn close_socket(&mut self, id: SocketId) -> Result<(), XskError> {
         let mut sock = self
             .sockets
@@ -808,6 +816,18 @@ impl Xsk {
     pub fn binding(&self, id: SocketId) -> Result<(&str, u32), XskError> {
         let s = self.socket(id)?;
         Ok((&s.ifname, s.queue))
+    }
+
+    /// Enters the kernel for `id`'s rx side (`recvfrom`, non-blocking):
+    /// drives NAPI when busy polling is configured, and wakes the fill ring
+    /// when the kernel asks for it.
+    pub fn poll_kernel(&mut self, id: SocketId) -> Result<(), XskError> {
+        let sock = self
+            .sockets
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(XskError::NoSuchSocket(id))?;
+        recv_kick(sock)
     }
 
     /// Counters of one socket.
@@ -958,10 +978,10 @@ impl Xsk {
                     sock.tx_out += segs.len() as u64;
                 }
                 None => {
-                    if let Verdict::Forward(to) = p.verdict {
-                        if let Some(Some(s)) = self.sockets.get_mut(to.0 as usize) {
-                            s.stats.tx_queue_full += 1;
-                        }
+                    if let Verdict::Forward(to) = p.verdict
+                        && let Some(Some(s)) = self.sockets.get_mut(to.0 as usize)
+                    {
+                        s.stats.tx_queue_full += 1;
                     }
                     for d in segs.iter() {
                         self.free.push(self.mem.chunk_base(d.addr));
@@ -1147,8 +1167,10 @@ fn kick_tx(sock: &mut Socket) -> Result<(), XskError> {
         if free == size {
             break;
         }
+        // Without XDP_USE_NEED_WAKEUP the kernel never sets the flag and
+        // every non-empty ring needs a kick.
         // SAFETY: as above.
-        if unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.tx) } == 0 {
+        if sock.need_wakeup && unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.tx) } == 0 {
             break;
         }
         sock.stats.tx_kicks += 1;
@@ -1177,6 +1199,10 @@ fn wake_fill(sock: &mut Socket) -> Result<(), XskError> {
     if unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.fill) } == 0 {
         return Ok(());
     }
+    recv_kick(sock)
+}
+
+fn recv_kick(sock: &mut Socket) -> Result<(), XskError> {
     // SAFETY: recvfrom with a null buffer of length 0 on an AF_XDP socket
     // is the documented rx/fill wakeup.
     let rc = unsafe {
@@ -1245,4 +1271,92 @@ fn setsockopt_int(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(cfg: XskConfig) -> &'static str {
+        match Xsk::new(&cfg) {
+            Err(XskError::Config(why)) => why,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_before_any_syscall() {
+        let d = XskConfig::default();
+        assert!(
+            bad(XskConfig {
+                frame_size: 3000,
+                ..d.clone()
+            })
+            .contains("power of two")
+        );
+        assert!(
+            bad(XskConfig {
+                frame_size: 1024,
+                ..d.clone()
+            })
+            .contains("2048")
+        );
+        assert!(
+            bad(XskConfig {
+                fill_size: 1000,
+                ..d.clone()
+            })
+            .contains("fill_size")
+        );
+        assert!(
+            bad(XskConfig {
+                tx_size: 3,
+                ..d.clone()
+            })
+            .contains("tx_size")
+        );
+        assert!(
+            bad(XskConfig {
+                headroom: 4096,
+                ..d.clone()
+            })
+            .contains("headroom")
+        );
+        assert!(
+            bad(XskConfig {
+                batch_size: 0,
+                ..d.clone()
+            })
+            .contains("batch_size")
+        );
+        assert!(
+            bad(XskConfig {
+                frame_count: 0,
+                ..d
+            })
+            .contains("frame_count")
+        );
+    }
+
+    #[test]
+    fn accounting_balances_only_when_every_chunk_is_somewhere() {
+        let mut a = FrameAccounting {
+            total: 10,
+            free: 4,
+            fill: 3,
+            held: 1,
+            tx: 2,
+            lost: 0,
+        };
+        assert!(a.is_balanced());
+        a.free -= 1;
+        assert!(!a.is_balanced());
+    }
+
+    #[test]
+    fn default_headroom_fits_a_vxlan_push() {
+        let d = XskConfig::default();
+        assert!(d.headroom + XDP_PACKET_HEADROOM >= VXLAN_ENCAP_LEN);
+        assert_eq!(d.batch_size, 64);
+    }
 }

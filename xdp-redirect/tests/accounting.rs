@@ -1,0 +1,198 @@
+//! Frame accounting under pressure: a pod floods UDP of mixed sizes (single
+//! and multi-buffer) into a small UMEM; the loop drops a third, moves the
+//! data offset of some, and sends the rest back out through a tx ring too
+//! small for the load (queue-full drops). The accounting balances after
+//! every batch; at the end every chunk is found exactly once, and closing
+//! the socket gives every chunk back.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluice_xdp::{
+    AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, LoaderOptions, XdpLoader, Xsk, XskConfig,
+};
+
+#[test]
+fn every_frame_is_accounted_for() {
+    if !require_root("every_frame_is_accounted_for") {
+        return;
+    }
+    let pid = std::process::id();
+    let ns = NetNs::new(format!("slx-acc-{pid}"));
+    let host = format!("slxc{pid}");
+    sh_quiet(&["ip", "link", "del", &host]);
+    sh(&[
+        "ip", "link", "add", &host, "mtu", "9000", "type", "veth", "peer", "name", "eth0", "netns",
+        &ns.name,
+    ]);
+    let veth = Veth { host };
+    sh(&["ip", "link", "set", &veth.host, "up"]);
+    let host_mac = mac_str(mac_of(&veth.host, None));
+    ns.exec(&["ip", "link", "set", "eth0", "mtu", "9000", "up"]);
+    ns.exec(&["ip", "addr", "add", "10.244.8.2/32", "dev", "eth0"]);
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
+    ns.exec(&[
+        "ip",
+        "neigh",
+        "add",
+        "169.254.1.1",
+        "lladdr",
+        &host_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+
+    let opts = LoaderOptions::new(format!("slx-acc-{pid}"));
+    let _pins = PinGuard {
+        dir: opts.pin_dir(),
+    };
+    let mut loader = XdpLoader::load(&opts).unwrap();
+    loader.set_config(&ClassifierConfig::default()).unwrap();
+    let pod_cfg = IfaceConfig {
+        role: IfaceRole::Pod,
+        fail_closed: false,
+    };
+    let ifindex = loader
+        .attach(&veth.host, pod_cfg, AttachMode::Native)
+        .unwrap();
+
+    let cfg = XskConfig {
+        frame_count: 256,
+        fill_size: 128,
+        comp_size: 64,
+        rx_size: 128,
+        tx_size: 16,
+        batch_size: 32,
+        ..XskConfig::default()
+    };
+    let mut xsk = Xsk::new(&cfg).unwrap();
+    let s = xsk.open_socket(&veth.host, 0).unwrap();
+    loader
+        .register_socket(ifindex, 0, xsk.fd(s).unwrap())
+        .unwrap();
+    let fd = xsk.fd(s).unwrap().as_raw_fd();
+
+    const SENT: usize = 3000;
+    let path = format!("/run/netns/{}", ns.name);
+    let sender = std::thread::spawn(move || {
+        let f = std::fs::File::open(path).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 244, 8, 2), 0)).unwrap();
+        let buf = vec![0x5au8; 8000];
+        for i in 0..SENT {
+            let len = [18, 700, 1400, 4000, 8000][i % 5];
+            // ENOBUFS under load is fine: the point is pressure.
+            let _ = sock.send_to(
+                &buf[..len],
+                SocketAddrV4::new(Ipv4Addr::new(10, 244, 8, 99), 9),
+            );
+        }
+    });
+
+    let mut batch = xsk.batch();
+    let (mut seen, mut multi, mut k) = (0u64, 0u64, 0u64);
+    let mut quiet_since = Instant::now();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 5) };
+        let n = xsk.recv(s, &mut batch).unwrap();
+        for i in 0..n {
+            let mut f = xsk.frame(&mut batch, i).unwrap();
+            seen += 1;
+            k += 1;
+            if f.continuations() > 0 {
+                multi += 1;
+            }
+            match k % 3 {
+                0 => f.drop_frame(),
+                1 => {
+                    let (off, len) = (f.offset(), f.len());
+                    f.chunk().copy_within(off..off + len, off - 50);
+                    f.set_bounds(off - 50, len).unwrap();
+                    let chunk_len = f.chunk().len();
+                    assert!(
+                        f.set_bounds(off, chunk_len).is_err(),
+                        "bounds past the chunk"
+                    );
+                    assert_eq!(
+                        (f.offset(), f.len()),
+                        (off - 50, len),
+                        "refused bounds keep the old"
+                    );
+                    f.forward(s);
+                }
+                _ => f.forward(s),
+            }
+        }
+        // Held frames are counted while the batch has them.
+        assert!(xsk.accounting().is_balanced(), "{:?}", xsk.accounting());
+        xsk.complete(&mut batch).unwrap();
+        xsk.flush().unwrap();
+        let acc = xsk.accounting();
+        assert!(acc.is_balanced(), "{acc:?}");
+        assert_eq!(acc.held, 0);
+        if n > 0 {
+            quiet_since = Instant::now();
+        } else if sender.is_finished() && quiet_since.elapsed() > Duration::from_millis(200) {
+            break;
+        }
+    }
+    sender.join().unwrap();
+    let stats = xsk.stats(s).unwrap();
+    eprintln!("seen {seen}, multi-buffer {multi}, stats {stats:?}");
+    assert!(seen > 100, "only {seen} frames arrived");
+    assert!(multi > 0, "no multi-buffer frame");
+    assert!(
+        stats.tx_queue_full > 0,
+        "tx queue never filled: the test did not press"
+    );
+
+    for _ in 0..100 {
+        xsk.flush().unwrap();
+        if xsk.accounting().tx == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let acc = xsk.audit_quiescent().unwrap();
+    eprintln!("after the run: {acc:?}");
+
+    loader.unregister_socket(ifindex, 0).unwrap();
+    xsk.close_socket(s).unwrap();
+    let acc = xsk.audit_quiescent().unwrap();
+    eprintln!("after close: {acc:?}");
+    assert_eq!(acc.free, acc.total, "all chunks back on the free list");
+
+    drop(xsk);
+    loader.cleanup().unwrap();
+}

@@ -1,0 +1,126 @@
+//! Pinning: load + attach + pin, drop without cleanup (a crashed agent),
+//! reload finds the pinned maps and swaps the program inside the pinned
+//! link, clean shutdown removes every pin and detaches.
+
+mod common;
+
+use common::*;
+use sluice_xdp::loader::{attached_program_id, ifindex};
+use sluice_xdp::{AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, LoaderOptions, XdpLoader};
+
+fn pair(ns: &NetNs, host: String) -> Veth {
+    sh_quiet(&["ip", "link", "del", &host]);
+    sh(&[
+        "ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+    ]);
+    sh(&["ip", "link", "set", &host, "up"]);
+    ns.exec(&["ip", "link", "set", "eth0", "up"]);
+    Veth { host }
+}
+
+fn files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn restart_reuses_pins_and_cleanup_removes_them() {
+    if !require_root("restart_reuses_pins_and_cleanup_removes_them") {
+        return;
+    }
+    let pid = std::process::id();
+    let ns = NetNs::new(format!("slx-pin-{pid}"));
+    let native = pair(&ns, format!("slxp{pid}"));
+    let ns2 = NetNs::new(format!("slx-pin2-{pid}"));
+    let generic = pair(&ns2, format!("slxq{pid}"));
+    let opts = LoaderOptions::new(format!("slx-pin-{pid}"));
+    let pins = PinGuard {
+        dir: opts.pin_dir(),
+    };
+
+    let iface = IfaceConfig {
+        role: IfaceRole::Pod,
+        fail_closed: true,
+    };
+    let first = XdpLoader::load(&opts).unwrap();
+    first.set_config(&ClassifierConfig::default()).unwrap();
+    let idx = first
+        .attach(&native.host, iface, AttachMode::Native)
+        .unwrap();
+    let gidx = first
+        .attach(&generic.host, iface, AttachMode::Generic)
+        .unwrap();
+    assert_eq!(idx, ifindex(&native.host).unwrap());
+    let id1 = first.program_id().unwrap();
+    assert_eq!(
+        attached_program_id(idx, AttachMode::Native).unwrap(),
+        Some(id1)
+    );
+    assert_eq!(
+        attached_program_id(gidx, AttachMode::Generic).unwrap(),
+        Some(id1)
+    );
+
+    // Simulated crash: the process lets go of everything without cleanup.
+    drop(first);
+    assert_eq!(
+        files(&pins.dir.join("maps")),
+        [
+            "sluice_config",
+            "sluice_counters",
+            "sluice_ifaces",
+            "sluice_xsk_slots",
+            "xsks"
+        ]
+    );
+    let mut links = vec![idx.to_string(), gidx.to_string()];
+    links.sort();
+    assert_eq!(files(&pins.dir.join("links")), links);
+    assert_eq!(
+        attached_program_id(idx, AttachMode::Native).unwrap(),
+        Some(id1),
+        "program stays attached"
+    );
+
+    // Restart: the pinned maps are reused (the interface setting survived),
+    // the pinned link gets the new program in place.
+    let mut second = XdpLoader::load(&opts).unwrap();
+    assert_eq!(second.iface(idx).unwrap(), Some(iface), "pinned map reused");
+    let id2 = second.program_id().unwrap();
+    assert_ne!(id1, id2);
+    assert_eq!(
+        second
+            .attach(&native.host, iface, AttachMode::Native)
+            .unwrap(),
+        idx
+    );
+    assert_eq!(
+        attached_program_id(idx, AttachMode::Native).unwrap(),
+        Some(id2),
+        "link updated"
+    );
+    assert_eq!(files(&pins.dir.join("links")), links, "no second link");
+    assert_eq!(second.attached().unwrap().len(), 2);
+
+    // Detach one, then clean shutdown removes everything.
+    second.detach(gidx).unwrap();
+    assert_eq!(
+        attached_program_id(gidx, AttachMode::Generic).unwrap(),
+        None
+    );
+    assert_eq!(second.iface(gidx).unwrap(), None);
+    second.cleanup().unwrap();
+    assert!(!pins.dir.exists(), "pin dir left: {:?}", files(&pins.dir));
+    assert_eq!(
+        attached_program_id(idx, AttachMode::Native).unwrap(),
+        None,
+        "detached on cleanup"
+    );
+}
