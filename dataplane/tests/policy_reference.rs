@@ -430,6 +430,7 @@ enum Change {
         Vec<ContainerPort>,
     ),
     RemovePod(prop::sample::Index),
+    PodIp(prop::sample::Index, u8),
     Namespace(prop::sample::Index, BTreeMap<String, String>),
     Policy(prop::sample::Index, usize, NetworkPolicySpec),
     RemovePolicy(prop::sample::Index),
@@ -440,6 +441,7 @@ fn change_strategy() -> impl Strategy<Value = Change> {
         3 => (any::<prop::sample::Index>(), labels_strategy(), ports_strategy())
             .prop_map(|(i, l, p)| Change::Pod(i, l, p)),
         1 => any::<prop::sample::Index>().prop_map(Change::RemovePod),
+        1 => (any::<prop::sample::Index>(), 1..40u8).prop_map(|(i, o)| Change::PodIp(i, o)),
         1 => (any::<prop::sample::Index>(), labels_strategy()).prop_map(|(i, l)| Change::Namespace(i, l)),
         1 => (any::<prop::sample::Index>(), policy_strategy()).prop_map(|(i, (ns, s))| Change::Policy(i, ns, s)),
         1 => any::<prop::sample::Index>().prop_map(Change::RemovePolicy),
@@ -521,6 +523,14 @@ proptest! {
                     if inputs.pods.len() > 1 {
                         let p = inputs.pods.remove(which.index(inputs.pods.len()));
                         prop_assert!(b.remove_pod(&p.namespace, &p.name));
+                    }
+                }
+                Change::PodIp(which, octet) => {
+                    let ip = Ipv4Addr::new(10, 1, 0, octet);
+                    if !inputs.pods.iter().any(|p| p.ip == ip) {
+                        let i = which.index(inputs.pods.len());
+                        inputs.pods[i].ip = ip;
+                        b.set_pod(inputs.pods[i].clone());
                     }
                 }
                 Change::Namespace(which, labels) => {

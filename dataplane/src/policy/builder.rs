@@ -69,6 +69,10 @@ pub struct PolicyBuilder {
     selected_by: Vec<[Vec<u32>; 2]>,
     compiled: Vec<PodPolicy>,
     cache: AHashMap<SigKey, Arc<DirPolicy>>,
+    /// Label key -> policies with a peer pod selector looking at that key.
+    by_key: AHashMap<String, Vec<u32>>,
+    /// Policies with an `ipBlock` peer (their peer sets depend on pod IPs).
+    with_cidrs: Vec<u32>,
 }
 
 impl PolicyBuilder {
@@ -102,6 +106,8 @@ impl PolicyBuilder {
             selected_by: Vec::new(),
             compiled: Vec::new(),
             cache: AHashMap::new(),
+            by_key: AHashMap::new(),
+            with_cidrs: Vec::new(),
         };
         for ns in &inputs.namespaces {
             b.put_namespace(ns);
@@ -136,14 +142,26 @@ impl PolicyBuilder {
         let key = (pod.namespace.clone(), pod.name.clone());
         let Some(&slot) = self.pod_index.get(&key) else {
             let slot = self.insert_pod(pod);
-            self.pod_changed(slot, true, true);
+            self.pod_changed(slot, None, true, true);
             return;
         };
         let Some((old, ns)) = self.pods[slot as usize].take() else {
             return;
         };
         let labels_changed = old.labels != pod.labels;
-        let structural = old.ports != pod.ports || old.ip != pod.ip;
+        let ip_changed = old.ip != pod.ip;
+        let ports_changed = old.ports != pod.ports;
+        let mut changed_keys: Vec<String> = Vec::new();
+        for (k, v) in &old.labels {
+            if pod.labels.get(k) != Some(v) {
+                changed_keys.push(k.clone());
+            }
+        }
+        for k in pod.labels.keys() {
+            if !old.labels.contains_key(k) {
+                changed_keys.push(k.clone());
+            }
+        }
         if labels_changed {
             self.labels.remove(slot, &old.labels);
             self.labels.insert(slot, &pod.labels);
@@ -157,8 +175,13 @@ impl PolicyBuilder {
         }
         self.compiled[slot as usize].local = pod.local;
         self.pods[slot as usize] = Some((pod, ns));
-        if labels_changed || structural {
-            self.pod_changed(slot, labels_changed, structural);
+        if labels_changed || ip_changed || ports_changed {
+            self.pod_changed(
+                slot,
+                Some(&changed_keys),
+                ip_changed,
+                ip_changed || ports_changed,
+            );
         }
     }
 
@@ -224,9 +247,12 @@ impl PolicyBuilder {
             None => (self.insert_policy(c), Bitset::default()),
         };
         if let Some(st) = self.policies[p as usize].take() {
-            let st = self.evaluate_policy(st.pol, st.ns);
+            let ips = self.sorted_ips();
+            let st = self.evaluate_policy(st.pol, st.ns, &ips);
             self.policies[p as usize] = Some(st);
         }
+        self.unindex_policy(p);
+        self.index_policy(p);
         self.policy_changed(p, old_target);
         Ok(())
     }
@@ -243,6 +269,7 @@ impl PolicyBuilder {
             return false;
         };
         self.namespaces[st.ns as usize].policies.retain(|&q| q != p);
+        self.unindex_policy(p);
         self.free_policies.push(p);
         Arc::make_mut(&mut self.policy_names)[p as usize].clear();
         self.policy_changed(p, st.target);
@@ -342,7 +369,47 @@ impl PolicyBuilder {
         names[p as usize] = name;
         self.namespaces[ns as usize].policies.push(p);
         self.policy_index.insert(key, p);
+        self.index_policy(p);
         p
+    }
+
+    /// Records which label keys policy `p`'s peer selectors look at, and whether it has ipBlocks.
+    fn index_policy(&mut self, p: u32) {
+        let Some(st) = &self.policies[p as usize] else {
+            return;
+        };
+        let mut keys: Vec<&str> = Vec::new();
+        let mut cidrs = false;
+        for rule in st.pol.rules.iter().flatten() {
+            for peer in rule.peers.iter().flatten() {
+                match peer {
+                    Peer::Block(_) => cidrs = true,
+                    Peer::Pods { pods, .. } => keys.extend(pods.keys()),
+                }
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for k in keys {
+            self.by_key.entry(k.to_owned()).or_default().push(p);
+        }
+        if cidrs {
+            self.with_cidrs.push(p);
+        }
+    }
+
+    fn unindex_policy(&mut self, p: u32) {
+        for list in self.by_key.values_mut() {
+            list.retain(|&q| q != p);
+        }
+        self.with_cidrs.retain(|&q| q != p);
+    }
+
+    /// Pod IPs with their slots, sorted by IP.
+    fn sorted_ips(&self) -> Vec<(u32, u32)> {
+        let mut v: Vec<(u32, u32)> = self.pod_by_ip.iter().map(|(&ip, &s)| (ip, s)).collect();
+        v.sort_unstable();
+        v
     }
 
     fn ns_matches(&self, m: &NsMatch, policy_ns: u32, ns: u32) -> bool {
@@ -353,7 +420,7 @@ impl PolicyBuilder {
     }
 
     /// Computes a policy's target and rule peer sets over all pods.
-    fn evaluate_policy(&self, pol: CheckedPolicy, ns: u32) -> PolicyState {
+    fn evaluate_policy(&self, pol: CheckedPolicy, ns: u32, ips: &[(u32, u32)]) -> PolicyState {
         let own = &self.namespaces[ns as usize].pods;
         let mut target = if pol.target.is_empty() {
             own.clone()
@@ -386,6 +453,16 @@ impl PolicyBuilder {
                         }
                     }
                 }
+                // Pods whose IP is in an ipBlock are peers by address.
+                for &(lo, hi) in set.cidrs.intervals() {
+                    let start = ips.partition_point(|&(ip, _)| ip < lo);
+                    for &(ip, slot) in &ips[start..] {
+                        if ip > hi {
+                            break;
+                        }
+                        set.pods.set(slot, true);
+                    }
+                }
                 set.pods.shrink();
                 rule_sets[d].push(Arc::new(set));
             }
@@ -401,9 +478,10 @@ impl PolicyBuilder {
 
     /// Re-evaluates everything from the compiled selectors.
     fn rebuild_all(&mut self) {
+        let ips = self.sorted_ips();
         for p in 0..self.policies.len() {
             if let Some(st) = self.policies[p].take() {
-                self.policies[p] = Some(self.evaluate_policy(st.pol, st.ns));
+                self.policies[p] = Some(self.evaluate_policy(st.pol, st.ns, &ips));
             }
         }
         for s in &mut self.selected_by {
@@ -430,24 +508,51 @@ impl PolicyBuilder {
         }
     }
 
-    /// Pod `slot` was added or changed: update selections and recompile what depends on it.
-    fn pod_changed(&mut self, slot: u32, labels_changed: bool, structural: bool) {
+    /// Pod `slot` was added (`changed_keys` None) or changed (labels under `changed_keys`, IP,
+    /// ports): update the selections it is in and recompile what depends on it. Only policies
+    /// whose peer selectors look at a changed key (or that have ipBlocks, when the IP changed)
+    /// are re-evaluated.
+    fn pod_changed(
+        &mut self,
+        slot: u32,
+        changed_keys: Option<&[String]>,
+        ip_changed: bool,
+        structural: bool,
+    ) {
         let mut dirty = Bitset::default();
         let Some((pod, pod_ns)) = self.pods[slot as usize].as_ref() else {
             return;
         };
         let pod_ns = *pod_ns;
-        if labels_changed {
-            let ns_labels = &self.namespaces[pod_ns as usize].labels;
-            for (p, st) in self.policies.iter_mut().enumerate() {
-                let Some(st) = st else { continue };
-                if st.ns == pod_ns {
-                    st.target.set(slot, st.pol.target.matches(&pod.labels));
+        let ip = u32::from(pod.ip);
+        let candidates: Vec<u32> = match changed_keys {
+            None => (0..self.policies.len() as u32).collect(),
+            Some(keys) => {
+                let mut c = Bitset::default();
+                for k in keys {
+                    for &p in self.by_key.get(k).into_iter().flatten() {
+                        c.set(p, true);
+                    }
                 }
-                for d in [INGRESS, EGRESS] {
-                    for (ri, rule) in st.pol.rules[d].iter().enumerate() {
-                        let Some(peers) = &rule.peers else { continue };
-                        let m = peers.iter().any(|peer| match peer {
+                if ip_changed {
+                    for &p in &self.with_cidrs {
+                        c.set(p, true);
+                    }
+                }
+                c.iter().collect()
+            }
+        };
+        let ns_labels = &self.namespaces[pod_ns as usize].labels;
+        for p in candidates {
+            let Some(st) = self.policies[p as usize].as_mut() else {
+                continue;
+            };
+            for d in [INGRESS, EGRESS] {
+                for (ri, rule) in st.pol.rules[d].iter().enumerate() {
+                    let Some(peers) = &rule.peers else { continue };
+                    let set = &mut st.rule_sets[d][ri];
+                    let m = set.cidrs.contains(ip)
+                        || peers.iter().any(|peer| match peer {
                             Peer::Block(_) => false,
                             Peer::Pods { ns, pods } => {
                                 let ns_ok = match ns {
@@ -457,19 +562,22 @@ impl PolicyBuilder {
                                 ns_ok && pods.matches(&pod.labels)
                             }
                         });
-                        let set = &mut st.rule_sets[d][ri];
-                        if set.pods.contains(slot) != m {
-                            Arc::make_mut(set).pods.set(slot, m);
-                            dirty.set(p as u32, true);
-                        }
+                    if set.pods.contains(slot) != m {
+                        Arc::make_mut(set).pods.set(slot, m);
+                        dirty.set(p, true);
                     }
                 }
             }
+        }
+        if changed_keys.is_none_or(|k| !k.is_empty()) {
             let mut sel: [Vec<u32>; 2] = Default::default();
             for &p in &self.namespaces[pod_ns as usize].policies {
-                if let Some(st) = &self.policies[p as usize]
-                    && st.target.contains(slot)
-                {
+                let Some(st) = self.policies[p as usize].as_mut() else {
+                    continue;
+                };
+                let m = st.pol.target.matches(&pod.labels);
+                st.target.set(slot, m);
+                if m {
                     for d in [INGRESS, EGRESS] {
                         if st.pol.isolates[d] {
                             sel[d].push(p);
@@ -599,7 +707,7 @@ impl PolicyBuilder {
                 groups.entry(n).or_default().set(t, true);
             }
         };
-        if set.any || !set.cidrs.is_empty() {
+        if set.any {
             (0..self.pods.len() as u32).for_each(&mut consider);
         } else {
             set.pods.iter().for_each(&mut consider);

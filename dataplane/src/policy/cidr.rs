@@ -55,6 +55,11 @@ impl CidrSet {
         Self::from_intervals(out)
     }
 
+    /// The set as sorted, disjoint inclusive intervals.
+    pub(crate) fn intervals(&self) -> &[(u32, u32)] {
+        &self.intervals
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.intervals.is_empty()
     }

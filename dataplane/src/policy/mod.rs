@@ -61,6 +61,8 @@ mod spec;
 
 pub use builder::PolicyBuilder;
 pub use error::{InvalidReason, PolicyError};
+/// The Kubernetes API types the inputs use (the exact version the compiler expects).
+pub use k8s_openapi;
 pub use k8s_openapi::api::core::v1::Namespace;
 pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -167,7 +169,9 @@ pub struct PolicyInputs {
     pub node_addrs: Vec<Ipv4Addr>,
 }
 
-/// A set of peers: every address, pod slots, and/or `ipBlock` addresses.
+/// A set of peers: every address, or pod slots plus `ipBlock` addresses. Pods whose IP is in
+/// `cidrs` are in `pods` too (resolved at compile time), so a pod peer costs one bit test and
+/// only addresses that are not pods go through the prefix set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct PeerSet {
     pub(crate) any: bool,
@@ -178,7 +182,11 @@ pub(crate) struct PeerSet {
 impl PeerSet {
     #[inline]
     fn allows(&self, peer: Option<u32>, ip: u32) -> bool {
-        self.any || peer.is_some_and(|s| self.pods.contains(s)) || self.cidrs.contains(ip)
+        self.any
+            || match peer {
+                Some(s) => self.pods.contains(s),
+                None => self.cidrs.contains(ip),
+            }
     }
 
     fn union_with(&mut self, other: &PeerSet) {

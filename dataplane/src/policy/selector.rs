@@ -93,6 +93,11 @@ impl Selector {
         self.reqs.is_empty()
     }
 
+    /// The label keys the selector looks at.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
+        self.reqs.iter().map(|r| r.key.as_str())
+    }
+
     pub(crate) fn matches(&self, labels: &Labels) -> bool {
         self.reqs.iter().all(|r| {
             let v = labels.get(&r.key);
