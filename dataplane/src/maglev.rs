@@ -24,8 +24,9 @@
 //! version. A test pins a hash of a fixed table so that any change of the hashing is caught.
 //!
 //! # Guarantees
-//! [`MaglevTable::lookup`] is a modulo and an indexed load: no allocation, no panic. Building
-//! allocates (the table plus `O(N)` scratch) and belongs off the hot path.
+//! [`MaglevTable::lookup`] is a modulo (computed with three multiplications, no division) and an
+//! indexed load: no allocation, no panic. Building allocates (the table plus `O(N)` scratch) and
+//! belongs off the hot path.
 
 #![forbid(unsafe_code)]
 
@@ -69,6 +70,8 @@ pub struct MaglevTable {
     /// Empty when there are no backends (or all weights are 0), else `size` entries.
     entries: Box<[u16]>,
     size: u64,
+    /// `ceil(2^128 / size)`, for [`fast_mod`].
+    magic: u128,
 }
 
 impl MaglevTable {
@@ -112,6 +115,7 @@ impl MaglevTable {
             return Ok(Self {
                 entries: Box::new([]),
                 size: size as u64,
+                magic: magic(size as u64),
             });
         }
 
@@ -155,14 +159,20 @@ impl MaglevTable {
                 }
             }
         }
-        Ok(Self { entries, size: m })
+        Ok(Self {
+            entries,
+            size: m,
+            magic: magic(m),
+        })
     }
 
     /// The backend (an index into the slice given to [`Self::build`]) for a flow hash, such as
     /// [`crate::conntrack::FlowKey::hash64`]; `None` when the table is empty.
     #[inline]
     pub fn lookup(&self, flow_hash: u64) -> Option<u16> {
-        self.entries.get((flow_hash % self.size) as usize).copied()
+        self.entries
+            .get(fast_mod(flow_hash, self.magic, self.size) as usize)
+            .copied()
     }
 
     /// The number of slots `M`.
@@ -198,6 +208,24 @@ impl Walker {
             self.pos -= m;
         }
     }
+}
+
+/// `ceil(2^128 / d)` for `2 <= d < 2^32`.
+fn magic(d: u64) -> u128 {
+    u128::MAX / u128::from(d) + 1
+}
+
+/// `n % d` for `2 <= d < 2^32` without a division (Lemire, Kaser and Kurz, "Faster Remainder by
+/// Direct Computation", 2019: with `c = ceil(2^128 / d)`, `n % d = ((c * n mod 2^128) * d) >> 128`
+/// for every 64-bit `n`, since 128 >= 64 + log2(d)).
+#[inline]
+fn fast_mod(n: u64, magic: u128, d: u64) -> u64 {
+    let low = magic.wrapping_mul(u128::from(n));
+    let d = u128::from(d);
+    // (low * d) >> 128, with low split into 64-bit halves so that nothing overflows.
+    let hi = (low >> 64) * d;
+    let lo = (u128::from(low as u64) * d) >> 64;
+    ((hi + lo) >> 64) as u64
 }
 
 /// Trial division; sizes are at most [`MaglevTable::MAX_SIZE`], so at most ~2,000 divisions.
@@ -455,6 +483,14 @@ mod tests {
             let a = MaglevTable::build(&backends(&nm, weight), 4099).unwrap();
             let b = MaglevTable::build(&backends(&nm, weight), 4099).unwrap();
             prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn fast_mod_is_modulo(n in any::<u64>(), d in 2u64..(1 << 32)) {
+            prop_assert_eq!(fast_mod(n, magic(d), d), n % d);
+            for n in [0, 1, d - 1, d, d + 1, u64::MAX, u64::MAX - 1, u64::MAX / d * d] {
+                prop_assert_eq!(fast_mod(n, magic(d), d), n % d);
+            }
         }
 
         #[test]
