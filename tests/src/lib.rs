@@ -632,10 +632,12 @@ impl Cluster {
         let octet = i as u8 + 1;
         let pod_ip = Ipv4Addr::new(10, 244, octet, j as u8 + 2);
         let host_if = format!("vp{j}");
+        // As many queues as the uplink, so that every worker owns a socket on the pod's veth.
+        let q = self.options.uplink_queues.max(1);
         ip(
             Some(&node_ns),
             &format!(
-                "link add {host_if} mtu {POD_MTU} numtxqueues 1 numrxqueues 1 type veth peer name eth0 numtxqueues 1 numrxqueues 1 netns {ns}"
+                "link add {host_if} mtu {POD_MTU} numtxqueues {q} numrxqueues {q} type veth peer name eth0 numtxqueues {q} numrxqueues {q} netns {ns}"
             ),
         )?;
         ip(Some(&node_ns), &format!("link set {host_if} up"))?;
@@ -751,26 +753,45 @@ impl Cluster {
     /// An iperf3 TCP transfer of `seconds` from pod `client` to pod `server`; returns (bytes
     /// received by the server, Gbit/s).
     pub fn iperf3(&self, client: usize, server: usize, seconds: u32) -> Result<(u64, f64)> {
+        self.iperf3_with(client, server, seconds, &[])
+    }
+
+    /// iperf3 UDP with 64-byte payloads at full rate; returns (datagrams received by the server,
+    /// received datagrams per second).
+    pub fn iperf3_udp64(&self, client: usize, server: usize, seconds: u32) -> Result<(u64, f64)> {
+        let (bytes, gbps) =
+            self.iperf3_with(client, server, seconds, &["-u", "-b", "0", "-l", "64"])?;
+        Ok((bytes / 64, gbps * 1e9 / 8.0 / 64.0))
+    }
+
+    /// iperf3 from pod `client` to pod `server` with extra client arguments.
+    pub fn iperf3_with(
+        &self,
+        client: usize,
+        server: usize,
+        seconds: u32,
+        extra: &[&str],
+    ) -> Result<(u64, f64)> {
         let mut srv = in_ns(&self.pods[server].ns, &["iperf3", "-s", "-1", "-J"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| HarnessError::Setup(format!("iperf3 server: {e}")))?;
         std::thread::sleep(Duration::from_millis(300));
-        let client_out = in_ns(
-            &self.pods[client].ns,
-            &[
-                "iperf3",
-                "-c",
-                &self.pods[server].ip.to_string(),
-                "-t",
-                &seconds.to_string(),
-                "-J",
-                "--connect-timeout",
-                "3000",
-            ],
-        )
-        .output();
+        let server_ip = self.pods[server].ip.to_string();
+        let secs = seconds.to_string();
+        let mut argv = vec![
+            "iperf3",
+            "-c",
+            &server_ip,
+            "-t",
+            &secs,
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ];
+        argv.extend_from_slice(extra);
+        let client_out = in_ns(&self.pods[client].ns, &argv).output();
         let srv_out = {
             let deadline = Instant::now() + Duration::from_secs(5);
             while srv.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
@@ -783,13 +804,18 @@ impl Cluster {
         let client_out = client_out.map_err(|e| HarnessError::Setup(format!("iperf3: {e}")))?;
         let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
         let srv_json = parse(&srv_out.stdout);
-        let bytes = srv_json
+        // TCP servers report `sum_received`; UDP servers `sum` (bytes received, with losses).
+        let sum = srv_json.as_ref().map(|j| {
+            if j["end"]["sum_received"].is_object() {
+                j["end"]["sum_received"].clone()
+            } else {
+                j["end"]["sum"].clone()
+            }
+        });
+        let bytes = sum.as_ref().and_then(|s| s["bytes"].as_u64()).unwrap_or(0);
+        let bps = sum
             .as_ref()
-            .and_then(|j| j["end"]["sum_received"]["bytes"].as_u64())
-            .unwrap_or(0);
-        let bps = srv_json
-            .as_ref()
-            .and_then(|j| j["end"]["sum_received"]["bits_per_second"].as_f64())
+            .and_then(|s| s["bits_per_second"].as_f64())
             .unwrap_or(0.0);
         if bytes == 0 {
             return Err(HarnessError::Setup(format!(

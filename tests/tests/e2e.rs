@@ -399,3 +399,76 @@ impl ErrOrEmpty for Result<Vec<String>> {
         self.as_ref().map_or(true, |v| v.is_empty())
     }
 }
+
+/// Throughput figures (printed, not asserted beyond bytes moved): iperf3 TCP and 64-byte UDP
+/// between pods same-node and cross-node through Sluice, and cross-node between two kernel
+/// Flannel nodes on the same underlay. Set SLUICE_AGENT_BIN to a release build for real figures.
+#[test]
+fn throughput_report() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut s = sluice_cluster(2)?;
+        let a = s.add_pod(0, &[])?;
+        let b = s.add_pod(0, &[])?;
+        let r = s.add_pod(1, &[])?;
+        let (_, same) = s.iperf3(a, b, 3)?;
+        let (_, cross) = s.iperf3(a, r, 3)?;
+        let (_, cross_udp) = s.iperf3_udp64(a, r, 3)?;
+        drop(s);
+        let mut k = Cluster::new(&[NodeKind::Flannel; 2], AgentOptions::default())?;
+        k.start_agents(|_, _| {})?;
+        let ka = k.add_pod(0, &[])?;
+        let kr = k.add_pod(1, &[])?;
+        let (_, kernel) = k.iperf3(ka, kr, 3)?;
+        let (_, kernel_udp) = k.iperf3_udp64(ka, kr, 3)?;
+        println!(
+            "THROUGHPUT sluice same-node TCP {same:.2} Gbit/s; cross-node TCP {cross:.2} Gbit/s, \
+             UDP 64 B {:.0} kpps received; kernel Flannel cross-node TCP {kernel:.2} Gbit/s, \
+             UDP 64 B {:.0} kpps received; TCP ratio {:.2}",
+            cross_udp / 1e3,
+            kernel_udp / 1e3,
+            cross / kernel
+        );
+        assert!(same > 0.0 && cross > 0.0 && kernel > 0.0);
+        Ok(())
+    })());
+}
+
+/// A two-queue uplink (and two-queue pod veths): one worker per queue, each owning a socket on
+/// every interface's queue of its index; parallel flows spread over both workers with no
+/// cross-worker handoff.
+#[test]
+fn multi_queue_uplink_spreads_over_workers() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut c = Cluster::new(
+            &[NodeKind::Sluice; 2],
+            AgentOptions {
+                uplink_queues: 2,
+                ..Default::default()
+            },
+        )?;
+        c.start_agents(|_, _| {})?;
+        let a = c.add_pod(0, &[])?;
+        let r = c.add_pod(1, &[])?;
+        c.ping(a, c.pods[r].ip, 3)?;
+        let (bytes, gbps) = c.iperf3_with(a, r, 3, &["-P", "8"])?;
+        println!("8 flows over 2 queues: {bytes} bytes, {gbps:.2} Gbit/s");
+        for n in 0..2 {
+            let f = c.wait_counters(n, |f| {
+                f.workers.len() == 2 && f.workers.iter().all(|w| w.rx > 100)
+            })?;
+            println!("node {n}: {:?}", f.workers);
+            assert!(
+                f.workers.iter().all(|w| w.handoffs == 0),
+                "handoffs: {:?}",
+                f.workers
+            );
+        }
+        Ok(())
+    })());
+}

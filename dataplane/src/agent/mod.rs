@@ -189,8 +189,16 @@ impl Agent {
         &self.uplink_queues
     }
 
-    fn worker_for(&self, port: PortId) -> &Worker {
-        &self.workers[port.0 as usize % self.workers.len()]
+    /// The (worker, queue) pairs that get a socket on a pod's host veth: with at least as many
+    /// queues as workers, worker `q` takes queue `q` (every worker can then transmit to the pod
+    /// from its own UMEM, no handoff); otherwise queue 0 goes to one worker chosen by ifindex.
+    fn pod_sockets(&self, port: PortId, ifname: &str) -> Vec<(usize, u32)> {
+        let n = self.workers.len();
+        if datapath::rx_queue_count(ifname) as usize >= n {
+            (0..n).map(|w| (w, w as u32)).collect()
+        } else {
+            vec![(port.0 as usize % n, 0)]
+        }
     }
 
     async fn attach_pod(&self, pod: &PodRecord) -> Result<(), AgentError> {
@@ -203,13 +211,15 @@ impl Agent {
                 pod.host_ifname, pod.host_ifindex
             )));
         }
-        self.worker_for(PortId(ifindex))
-            .open_port(PortSpec {
-                port: PortId(ifindex),
-                ifname: pod.host_ifname.clone(),
-                queue: 0,
-            })
-            .await?;
+        for (worker, queue) in self.pod_sockets(PortId(ifindex), &pod.host_ifname) {
+            self.workers[worker]
+                .open_port(PortSpec {
+                    port: PortId(ifindex),
+                    ifname: pod.host_ifname.clone(),
+                    queue,
+                })
+                .await?;
+        }
         if let Ok(mut p) = self.ports.write() {
             p.push(PortId(ifindex));
         }
@@ -250,8 +260,10 @@ impl Agent {
         if let Ok(mut p) = self.ports.write() {
             p.retain(|x| *x != port);
         }
-        if let Err(e) = self.worker_for(port).close_port(port).await {
-            tracing::warn!("closing socket of {}: {e}", pod.host_ifname);
+        for w in &self.workers {
+            if let Err(e) = w.close_port(port).await {
+                tracing::warn!("closing socket of {}: {e}", pod.host_ifname);
+            }
         }
         if let Err(e) = self.datapath.detach(&pod.host_ifname, pod.host_ifindex) {
             tracing::warn!("detaching XDP from {}: {e}", pod.host_ifname);
