@@ -130,6 +130,22 @@ pub fn agent_binary() -> Result<PathBuf> {
     }
 }
 
+/// Where the CNI plugin is: `$SLUICE_CNI_BIN`, else `<workspace>/target/debug/sluice-cni`.
+pub fn cni_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("SLUICE_CNI_BIN") {
+        return Ok(p.into());
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sluice-cni");
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(HarnessError::Setup(format!(
+            "sluice-cni not built at {}: run `cargo build -p sluice-cni` or set SLUICE_CNI_BIN",
+            p.display()
+        )))
+    }
+}
+
 /// What kind of node to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
@@ -706,6 +722,111 @@ impl Cluster {
             container_id,
         });
         Ok(self.pods.len() - 1)
+    }
+
+    /// The CNI network config the harness hands `sluice-cni` on node `i`.
+    fn cni_config(&self, i: usize, labels: &[(&str, &str)]) -> serde_json::Value {
+        let n = &self.nodes[i];
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "sluice", "type": "sluice-cni",
+            "agentSocket": n.socket(),
+            "dataDir": n.dir.join("cni"),
+            "mtu": {"mode": "routes", "podMtu": POD_MTU, "underlayMtu": UNDERLAY_MTU},
+            "ipam": {"dataDir": n.dir.join("ipam")},
+            "runtimeConfig": {"labels": labels},
+        })
+    }
+
+    fn run_cni(
+        &self,
+        i: usize,
+        command: &str,
+        pod_ns: &str,
+        id: &str,
+        config: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        use std::io::Write;
+        let bin = cni_binary()?;
+        let mut child = in_ns(&self.nodes[i].ns, &[&bin.to_string_lossy()])
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", format!("/var/run/netns/{pod_ns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={id}"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| HarnessError::Setup(format!("spawn sluice-cni: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(config.to_string().as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| HarnessError::Setup(format!("sluice-cni: {e}")))?;
+        if !out.status.success() {
+            return Err(HarnessError::Setup(format!(
+                "sluice-cni {command} failed ({}): {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        if out.stdout.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| HarnessError::Setup(format!("sluice-cni {command} result: {e}")))
+    }
+
+    /// Create a pod on node `i` with the CNI plugin (`sluice-cni ADD`, which wires it and calls
+    /// the agent's AddPod). Returns its index in `self.pods`.
+    pub fn add_pod_cni(&mut self, i: usize, labels: &[(&str, &str)]) -> Result<usize> {
+        let j = self.nodes[i].pods;
+        self.nodes[i].pods += 1;
+        let ns = format!("{}p{j}", self.nodes[i].ns);
+        self.add_ns(&ns)?;
+        let id = format!("{}-n{i}p{j}", self.prefix);
+        let config = self.cni_config(i, labels);
+        let result = self.run_cni(i, "ADD", &ns, &id, &config)?;
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| HarnessError::Setup(format!("no address in CNI result {result}")))?;
+        let host_ifname = result["interfaces"]
+            .as_array()
+            .and_then(|l| {
+                l.iter()
+                    .find(|x| x["sandbox"].is_null() || x["sandbox"] == "")
+            })
+            .and_then(|x| x["name"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        self.pods.push(Pod {
+            node: i,
+            ns,
+            ip,
+            host_ifname,
+            container_id: id,
+        });
+        Ok(self.pods.len() - 1)
+    }
+
+    /// `sluice-cni DEL` for a pod made by [`Cluster::add_pod_cni`].
+    pub fn del_pod_cni(&self, p: usize) -> Result<()> {
+        let pod = &self.pods[p];
+        let config = self.cni_config(pod.node, &[]);
+        self.run_cni(pod.node, "DEL", &pod.ns, &pod.container_id, &config)
+            .map(|_| ())
     }
 
     /// DelPod for pod `p` on its agent; returns `existed`.

@@ -472,3 +472,34 @@ fn multi_queue_uplink_spreads_over_workers() {
         Ok(())
     })());
 }
+
+/// Pods wired by the real CNI plugin (`sluice-cni ADD`, which calls the agent's NodeInfo and
+/// AddPod) talk across nodes; `DEL` withdraws the pod from its agent.
+#[test]
+fn cni_plugin_wires_pods_across_nodes() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut c = sluice_cluster(2)?;
+        let a = c.add_pod_cni(0, &[("app", "a")])?;
+        let b = c.add_pod_cni(1, &[("app", "b")])?;
+        assert_eq!(
+            c.pods[a].ip,
+            Ipv4Addr::new(10, 244, 1, 2),
+            "first address of node 0"
+        );
+        println!("{}", c.ping(a, c.pods[b].ip, 3)?);
+        println!("{}", c.ping(b, c.pods[a].ip, 3)?);
+        let (bytes, gbps) = c.iperf3(a, b, 2)?;
+        println!("CNI pods cross-node: {bytes} bytes, {gbps:.2} Gbit/s");
+        c.wait_counters(0, |f| f.pods == 1)?;
+        c.del_pod_cni(a)?;
+        c.wait_counters(0, |f| f.pods == 0)?;
+        assert!(
+            c.ping(b, c.pods[a].ip, 1).is_err(),
+            "a deleted pod still answers"
+        );
+        Ok(())
+    })());
+}
