@@ -241,6 +241,68 @@ pub struct Pod {
     pub container_id: String,
 }
 
+/// A TCP connection held open by `socat` inside a namespace: send a line, read the reply line.
+#[derive(Debug)]
+pub struct TcpSession {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl TcpSession {
+    /// Connect from namespace `ns` to `addr:port`.
+    pub fn open(ns: &str, addr: Ipv4Addr, port: u16) -> Result<Self> {
+        use std::io::BufRead;
+        let target = format!("TCP:{addr}:{port},connect-timeout=3");
+        let mut child = in_ns(ns, &["socat", "-", &target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| HarnessError::Setup(format!("socat: {e}")))?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| HarnessError::Setup("no stdin".into()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| HarnessError::Setup("no stdout".into()))?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// Send one line and wait (up to 5 s) for one reply line.
+    pub fn exchange(&mut self, line: &str) -> Result<String> {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| HarnessError::Setup(format!("session write: {e}")))?;
+        self.lines
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| HarnessError::Setup(format!("no reply to {line:?}")))
+    }
+}
+
+impl Drop for TcpSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The whole cluster; dropping it stops the agents and removes every namespace it made.
 #[derive(Debug)]
 pub struct Cluster {

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use nix::sys::signal::Signal;
-use sluice_e2e::{AgentOptions, Cluster, NodeKind, Result, require_root};
+use sluice_e2e::{AgentOptions, Cluster, NodeKind, Result, TcpSession, require_root};
 
 fn sluice_cluster(nodes: usize) -> Result<Cluster> {
     let mut c = Cluster::new(&vec![NodeKind::Sluice; nodes], AgentOptions::default())?;
@@ -291,6 +291,56 @@ fn clusterip_service_spreads_and_sticks() {
             served.keys().map(String::as_str).collect::<Vec<_>>(),
             expected
         );
+        Ok(())
+    })());
+}
+
+/// Removing a backend (EndpointSlice change, SIGHUP) keeps established connections to the other
+/// backends on theirs, and new connections avoid the removed one.
+#[test]
+fn clusterip_backend_removal_keeps_established_connections() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let (c, client) = web_cluster()?;
+        let ns = c.pods[client].ns.clone();
+        let mut sessions = Vec::new();
+        for i in 0..12 {
+            let mut s = TcpSession::open(&ns, VIP, 80)?;
+            let reply = s.exchange(&format!("s{i}"))?;
+            let backend = reply.split(' ').next().unwrap_or_default().to_owned();
+            sessions.push((s, backend));
+        }
+        let removed = "10.244.2.3";
+        let endpoints = c.write_manifest(
+            "endpointslices.yaml",
+            &WEB_ENDPOINTS.replace("  - addresses: [10.244.2.3]\n", ""),
+        )?;
+        assert!(
+            !std::fs::read_to_string(&endpoints)
+                .map_err(|e| sluice_e2e::HarnessError::Setup(e.to_string()))?
+                .contains(removed)
+        );
+        c.reload(0)?;
+        let mut kept = 0;
+        for (i, (s, backend)) in sessions.iter_mut().enumerate() {
+            if backend == removed {
+                continue;
+            }
+            let reply = s.exchange(&format!("again{i}"))?;
+            assert_eq!(reply, format!("{backend} again{i}"), "session {i} moved");
+            kept += 1;
+        }
+        assert!(kept > 0, "no session on a remaining backend");
+        for i in 0..12 {
+            let reply = Cluster::tcp_lines(&ns, VIP, 80, &[&format!("n{i}")])?;
+            assert_eq!(reply.len(), 1);
+            assert!(
+                !reply[0].starts_with(removed),
+                "new connection to the removed backend"
+            );
+        }
         Ok(())
     })());
 }
