@@ -90,6 +90,8 @@ fn pod_to_node_and_outside_pass_through_kernel() {
         let a = c.add_pod(0, &[])?;
         // The own node's underlay address: host-bound, the XDP program passes it to the kernel.
         println!("{}", c.ping(a, c.nodes[0].underlay_ip, 3)?);
+        // The classifier passed them to the kernel (host-bound), the workers never saw them.
+        c.wait_counters(0, |f| f.xdp.get("pass_other").is_some_and(|n| *n >= 3))?;
         // A non-cluster address: node 0's kernel routes it onto the underlay and masquerades it
         // (as a node does for pod traffic leaving the cluster); node 1's underlay address stands
         // for the outside world.

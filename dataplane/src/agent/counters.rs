@@ -106,6 +106,9 @@ pub struct CountersFile {
     pub pods: usize,
     pub datapath: bool,
     pub workers: Vec<WorkerCountersView>,
+    /// The XDP classifier's counters (frames redirected to the workers, passed to the kernel).
+    #[serde(default)]
+    pub xdp: std::collections::BTreeMap<String, u64>,
 }
 
 impl CountersFile {
@@ -148,6 +151,7 @@ mod tests {
             pods: 0,
             datapath: false,
             workers: vec![v.clone(), v],
+            xdp: Default::default(),
         };
         assert_eq!(f.drops("r2"), 6);
     }

@@ -8,6 +8,7 @@
 //! The loader is shared (behind a mutex, never taken per packet) with the workers, which register
 //! the AF_XDP sockets they open in the XSKMAP themselves (see `xsk_io`).
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
@@ -53,6 +54,10 @@ pub trait Datapath: Send + Sync + Debug {
     }
     /// Remove links, maps and pins (clean shutdown).
     fn unload(&self, config: &NodeConfig);
+    /// The XDP classifier's counters by name (frames redirected, passed and why), if loaded.
+    fn classifier_counters(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
 }
 
 /// The ifindex of `ifname` in the current network namespace.
@@ -270,6 +275,33 @@ impl Datapath for XdpDatapath {
             Ok(g) if g.is_some() => Ok(()),
             _ => Err("the XDP program is not loaded".into()),
         }
+    }
+
+    fn classifier_counters(&self) -> BTreeMap<String, u64> {
+        let Ok(g) = self.loader.lock() else {
+            return BTreeMap::new();
+        };
+        let Some(c) = g.as_ref().and_then(|l| l.counters().ok()) else {
+            return BTreeMap::new();
+        };
+        [
+            ("match_cluster", c.match_cluster),
+            ("match_service", c.match_service),
+            ("match_vxlan", c.match_vxlan),
+            ("match_nodeport", c.match_nodeport),
+            ("match_ipv6", c.match_ipv6),
+            ("redirected", c.redirected),
+            ("pass_no_socket", c.pass_no_socket),
+            ("drop_no_socket", c.drop_no_socket),
+            ("pass_unknown_iface", c.pass_unknown_iface),
+            ("pass_non_ip", c.pass_non_ip),
+            ("pass_ipv6", c.pass_ipv6),
+            ("pass_other", c.pass_other),
+            ("pass_malformed", c.pass_malformed),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
     }
 
     fn unload(&self, _: &NodeConfig) {

@@ -355,6 +355,7 @@ impl Agent {
                         .snapshot(w.id, w.core, datapath::drop_reason_name)
                 })
                 .collect(),
+            xdp: self.datapath.classifier_counters(),
         }
     }
 
