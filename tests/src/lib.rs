@@ -26,10 +26,19 @@ use sluice_control::agent_api::{AddPodRequest, DelPodRequest, StatusRequest};
 use sluice_dataplane::agent::config::{MacAddr, NodeConfig, PeerNode};
 use sluice_dataplane::agent::counters::CountersFile;
 
-/// MTU of pod veths and of the route to the own node's pod CIDR. DESIGN says 65535; until the
-/// pipeline sees the continuation chunks of multi-buffer frames (see the agent's `xsk_io`), pod
-/// frames must fit one 4 KiB UMEM chunk (4096 - 256 kernel headroom - 64 UMEM headroom).
-pub const POD_MTU: u32 = 3500;
+/// MTU of pod veths (DESIGN: large, so same-node TCP is not cut to MTU-sized frames; frames span
+/// several UMEM chunks). Override with `SLUICE_E2E_POD_MTU`.
+pub const POD_MTU: u32 = 65535;
+/// The kernel caps route MTUs at 65520.
+const MAX_ROUTE_MTU: u32 = 65520;
+
+/// The pod MTU this run uses.
+pub fn pod_mtu() -> u32 {
+    std::env::var("SLUICE_E2E_POD_MTU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(POD_MTU)
+}
 /// Underlay MTU.
 pub const UNDERLAY_MTU: u32 = 1500;
 
@@ -428,7 +437,7 @@ impl Cluster {
             "node_name": format!("n{i}"),
             "underlay": {"interface": "eth0", "address": n.underlay_ip, "mtu": UNDERLAY_MTU, "mac": n.underlay_mac},
             "pod_cidr": n.pod_cidr,
-            "pod_mtu": POD_MTU,
+            "pod_mtu": pod_mtu(),
             "vtep": {"mac": n.vtep_mac},
             "peers": self.peers_of(i),
             "workers": {"pin": false},
@@ -710,16 +719,17 @@ impl Cluster {
         let octet = i as u8 + 1;
         let pod_ip = Ipv4Addr::new(10, 244, octet, j as u8 + 2);
         let host_if = format!("vp{j}");
+        let pod_mtu = pod_mtu();
         // As many queues as the uplink, so that every worker owns a socket on the pod's veth.
         let q = self.options.uplink_queues.max(1);
         ip(
             Some(&node_ns),
             &format!(
-                "link add {host_if} mtu {POD_MTU} numtxqueues {q} numrxqueues {q} type veth peer name eth0 numtxqueues {q} numrxqueues {q} netns {ns}"
+                "link add {host_if} mtu {pod_mtu} numtxqueues {q} numrxqueues {q} type veth peer name eth0 numtxqueues {q} numrxqueues {q} netns {ns}"
             ),
         )?;
         ip(Some(&node_ns), &format!("link set {host_if} up"))?;
-        ip(Some(&ns), &format!("link set eth0 mtu {POD_MTU} up"))?;
+        ip(Some(&ns), &format!("link set eth0 mtu {pod_mtu} up"))?;
         ip(Some(&ns), &format!("addr add {pod_ip}/32 dev eth0"))?;
         let host_mac = mac_of(&node_ns, &host_if)?;
         let pod_mac = mac_of(&ns, "eth0")?;
@@ -735,7 +745,10 @@ impl Cluster {
         )?;
         ip(
             Some(&ns),
-            &format!("route add 10.244.{octet}.0/24 via 169.254.1.1 dev eth0 onlink mtu {POD_MTU}"),
+            &format!(
+                "route add 10.244.{octet}.0/24 via 169.254.1.1 dev eth0 onlink mtu {}",
+                pod_mtu.min(MAX_ROUTE_MTU)
+            ),
         )?;
         run(in_ns(&ns, &["ethtool", "-K", "eth0", "tx", "off"]).stdout(Stdio::null()))?;
         ip(
@@ -797,7 +810,7 @@ impl Cluster {
             "cniVersion": "1.0.0", "name": "sluice", "type": "sluice-cni",
             "agentSocket": n.socket(),
             "dataDir": n.dir.join("cni"),
-            "mtu": {"mode": "routes", "podMtu": POD_MTU, "underlayMtu": UNDERLAY_MTU},
+            "mtu": {"mode": "routes", "podMtu": pod_mtu(), "underlayMtu": UNDERLAY_MTU},
             "ipam": {"dataDir": n.dir.join("ipam")},
             "runtimeConfig": {"labels": labels},
         })
