@@ -200,6 +200,8 @@ fn harness_leaves_no_namespace_behind() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         prefix = c.prefix.clone();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        assert!(mounts.contains(&prefix), "per-node bpffs mounted");
         let list = std::process::Command::new("ip")
             .args(["netns", "list"])
             .output()
@@ -215,7 +217,8 @@ fn harness_leaves_no_namespace_behind() {
         !text.lines().any(|l| l.starts_with(&format!("{prefix}-"))),
         "left behind: {text}"
     );
-    let _ = Ipv4Addr::LOCALHOST;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(!mounts.contains(&prefix), "bpffs mounts left behind");
 }
 
 const WEB_SERVICE: &str = r#"
