@@ -37,8 +37,16 @@
 //! connection (unless the slot is reused 2^32 times in between).
 //!
 //! # Guarantees
-//! No method allocates, reads a clock or panics after [`ConnTrack::new`]; lookups and inserts touch
-//! at most [`MAX_PROBE`] index slots per key plus at most [`EVICT_SCAN`] pool slots.
+//! No method allocates, reads a clock or panics after [`ConnTrack::new`] (all storage is three boxed
+//! slices sized there). A lookup reads at most [`MAX_PROBE`] index slots; an insert at most that
+//! per key plus [`EVICT_SCAN`] pool slots, and in the rare full-window case evicts at most
+//! [`MAX_PROBE`] entries per key before giving up with [`CtError::Full`]. A removal shifts back the
+//! rest of its index cluster, which at half load is a few slots.
+//!
+//! # Memory
+//! 128 bytes per pool slot (for `V` up to 24 bytes) plus 8 bytes per index slot, about 160 bytes
+//! per connection of capacity: 1 M connections take about 160 MiB. Random lookups over a table that
+//! large are bound by cache and TLB misses; [`ConnTrack::lookup_batch`] overlaps them.
 
 #![forbid(unsafe_code)]
 
@@ -1370,6 +1378,16 @@ mod tests {
     }
 
     #[test]
+    fn pool_slot_is_two_cache_lines() {
+        assert_eq!(std::mem::size_of::<PoolSlot<u32>>(), 128);
+        assert_eq!(std::mem::size_of::<PoolSlot<[u64; 3]>>(), 128);
+        assert_eq!(std::mem::align_of::<PoolSlot<u32>>(), 128);
+        assert_eq!(std::mem::size_of::<IndexSlot>(), 8);
+        let ct = table(1 << 10);
+        assert_eq!(ct.memory_bytes(), (1 << 10) * (128 + 4) + (1 << 12) * 8);
+    }
+
+    #[test]
     fn capacity_one_and_clamping() {
         let mut ct = table(0);
         assert_eq!(ct.capacity(), 1);
@@ -1527,6 +1545,37 @@ mod tests {
             prop_assert!(ct.lookup(&k.reversed(), t0 + timeout - 1).is_some());
             prop_assert!(ct.lookup(&k, t0 + timeout).is_none());
             prop_assert_eq!(ct.len(), 0);
+        }
+
+        /// A full table with any expired entry evicts an expired one, never a live one (for tables
+        /// of at most EVICT_SCAN entries the sweep sees them all; larger ones look at a window).
+        #[test]
+        fn full_table_evicts_expired_first(
+            ages in proptest::collection::vec(0u64..60, 1..=EVICT_SCAN),
+            extra in 1usize..8,
+        ) {
+            let cap = ages.len();
+            let mut ct = table(cap);
+            let now = 60 * S;
+            let mut handles = Vec::new();
+            for (i, &age) in ages.iter().enumerate() {
+                let k = udp(i as u32);
+                // Inserted `age` seconds ago: expired iff age >= 30.
+                let h = ct.insert(k, k.reversed(), 0, now - age * S).unwrap();
+                handles.push((h, age >= 30));
+            }
+            let expired = handles.iter().filter(|(_, e)| *e).count();
+            for j in 1..=extra {
+                let k = tcp(1000 + j as u32);
+                ct.insert(k, k.reversed(), 0, now).unwrap();
+                prop_assert_eq!(ct.len(), cap);
+                // The first `expired` inserts take expired entries; only later ones evict.
+                prop_assert_eq!(ct.stats().evictions as usize, j.saturating_sub(expired));
+                if j <= expired {
+                    prop_assert!(handles.iter().all(|(h, e)| *e || ct.get(*h).is_some()));
+                }
+            }
+            prop_assert_eq!(ct.stats().expired as usize, expired.min(extra));
         }
 
         /// Filling far past capacity with distinct flows keeps the table at capacity, finds the
