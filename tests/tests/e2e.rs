@@ -469,7 +469,20 @@ fn throughput_report() {
         let b = s.add_pod(0, &[])?;
         let r = s.add_pod(1, &[])?;
         let (_, same) = s.iperf3(a, b, 3)?;
+        // SLUICE_E2E_PERF=<file>: profile node 0's agent during the cross-node transfer.
+        let perf = std::env::var("SLUICE_E2E_PERF").ok().and_then(|out| {
+            let pid = s.nodes[0].agent.as_ref()?.id().to_string();
+            std::process::Command::new("perf")
+                .args(["record", "-g", "-o", &out, "-p", &pid, "--", "sleep", "2"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()
+        });
         let (_, cross) = s.iperf3(a, r, 3)?;
+        if let Some(mut p) = perf {
+            let _ = p.wait();
+        }
         let (_, cross_udp) = s.iperf3_udp64(a, r, 3)?;
         drop(s);
         let mut k = Cluster::new(&[NodeKind::Flannel; 2], AgentOptions::default())?;
