@@ -922,6 +922,25 @@ impl Cluster {
             .map(|_| ())
     }
 
+    /// Send a raw AddPod to node `i`'s agent; on refusal returns the gRPC code (as its Debug name)
+    /// and message.
+    pub fn add_pod_raw(
+        &self,
+        i: usize,
+        req: AddPodRequest,
+    ) -> Result<Result<(), (String, String)>> {
+        let socket = self.nodes[i].socket();
+        self.runtime.block_on(async {
+            let mut c = sluice_control::agent_client::connect(&socket)
+                .await
+                .map_err(|e| HarnessError::Setup(e.to_string()))?;
+            Ok(c.add_pod(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| (format!("{:?}", s.code()), s.message().to_owned())))
+        })
+    }
+
     /// DelPod for pod `p` on its agent; returns `existed`.
     pub fn del_pod(&self, p: usize) -> Result<bool> {
         let pod = &self.pods[p];
