@@ -5,4 +5,21 @@
 //! lock and allocate nothing per packet; all I/O (AF_XDP rings, netlink, gRPC) lives in the agent
 //! and in `sluice-xdp`.
 
+#[cfg(feature = "agent")]
+pub mod agent;
+pub mod checksum;
+pub mod conntrack;
+pub mod demo;
+pub mod frame;
+pub mod maglev;
+pub mod nat;
+pub mod parse;
+pub mod pcap;
+pub mod pipeline;
 pub mod policy;
+pub mod route;
+pub mod service;
+pub mod tables;
+pub mod verdict;
+pub mod vxlan;
+pub mod wire;

@@ -1,0 +1,249 @@
+//! Criterion benchmarks of the whole pipeline (`process`), in packets (elements) per second.
+//! Each iteration copies a batch of 64 prebuilt frames into frame buffers (with headroom) and runs
+//! `process_batch` on them; the copy (64-100 bytes a frame) is included in the figures.
+//!
+//! Cases (demo snapshot of `sluice_dataplane::demo`, 200 local pods):
+//! - `established/clusterip_remote`: pod -> ClusterIP 10.96.0.10:80 whose backend is on the remote
+//!   node: conntrack hit, DNAT, MAC/TTL rewrite, VXLAN encap. 1,024 flows.
+//! - `established/mix`: a realistic mix over 4,096 established flows: 50% TCP to the ClusterIP
+//!   (local or remote backend), 25% UDP pod -> remote pod (encap), 15% TCP pod -> local pod, 10%
+//!   replies arriving over VXLAN (decap, reverse NAT).
+//! - `new_flow/clusterip_syn`: conntrack miss: a SYN of a never-seen flow to the ClusterIP
+//!   (service lookup, Maglev, policy, conntrack insert with eviction in a full 65,536 table, DNAT,
+//!   route, encap for the remote backend).
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+use std::net::Ipv4Addr;
+
+use sluice_dataplane::demo::{self, FrameSpec};
+use sluice_dataplane::frame::Frame;
+use sluice_dataplane::pipeline::{WorkerConfig, WorkerState, process, process_batch};
+use sluice_dataplane::tables::{LocalPod, Tables};
+use sluice_dataplane::verdict::{PortId, Verdict};
+use sluice_dataplane::{conntrack::CtConfig, vxlan};
+
+const BATCH: usize = 64;
+const HEADROOM: usize = 128;
+const VIP: [u8; 4] = [10, 96, 0, 10];
+
+fn tables() -> Tables {
+    let mut b = demo::demo_builder();
+    for n in 10..210u8 {
+        b = b.pod(
+            Ipv4Addr::new(10, 244, 1, n),
+            LocalPod {
+                port: PortId(u32::from(n)),
+                pod_mac: demo::pod_mac(n),
+                host_mac: demo::host_mac(n),
+            },
+        );
+    }
+    b.build().expect("bench tables")
+}
+
+fn state(cap: usize) -> WorkerState {
+    WorkerState::new(WorkerConfig {
+        conntrack: CtConfig::with_capacity(cap),
+        affinity_capacity: 1 << 14,
+    })
+}
+
+/// A frame as it arrives: bytes and ingress port.
+struct Pkt {
+    bytes: Vec<u8>,
+    port: PortId,
+}
+
+fn from_pod(n: u8, dst: [u8; 4], sp: u16, dp: u16, tcp: bool) -> Pkt {
+    let spec = FrameSpec::from_pod(n, dst, sp, dp);
+    let bytes = if tcp {
+        demo::tcp_frame(&spec, 0x10, &[0u8; 10])
+    } else {
+        demo::udp_frame(&spec, &[0u8; 18])
+    };
+    Pkt {
+        bytes,
+        port: PortId(u32::from(n)),
+    }
+}
+
+fn from_remote(inner: Vec<u8>) -> Pkt {
+    let mut buf = vec![0u8; HEADROOM + inner.len()];
+    buf[HEADROOM..].copy_from_slice(&inner);
+    let mut f = Frame::new(&mut buf, HEADROOM, inner.len());
+    let tun = vxlan::Tunnel {
+        src_mac: demo::PEER_MAC,
+        dst_mac: demo::NODE_MAC,
+        src_ip: [192, 168, 50, 2],
+        dst_ip: [192, 168, 50, 1],
+        vni: 1,
+        dst_port: 8472,
+    };
+    vxlan::encap(&mut f, &tun, 40000, 1).expect("encap");
+    Pkt {
+        bytes: f.head().to_vec(),
+        port: demo::UPLINK,
+    }
+}
+
+/// Run a set of packets in batches of 64 through `process_batch` (grouped by port per frame).
+fn run_batch(
+    t: &Tables,
+    s: &mut WorkerState,
+    now: u64,
+    pkts: &[Pkt],
+    bufs: &mut [Vec<u8>],
+) -> usize {
+    let mut fwd = 0;
+    for (p, b) in pkts.iter().zip(bufs.iter_mut()) {
+        b[HEADROOM..HEADROOM + p.bytes.len()].copy_from_slice(&p.bytes);
+        let mut f = Frame::new(b, HEADROOM, p.bytes.len());
+        if let Verdict::Forward(_) = process(t, s, now, p.port, &mut f) {
+            fwd += 1;
+        }
+    }
+    fwd
+}
+
+fn established(c: &mut Criterion) {
+    let t = tables();
+    let mut g = c.benchmark_group("established");
+    g.throughput(Throughput::Elements(BATCH as u64));
+
+    // ClusterIP flows whose backend is remote: choose source ports Maglev sends to 10.244.2.3.
+    let mut s = state(1 << 16);
+    let mut flows = Vec::new();
+    let mut sp = 10000u16;
+    while flows.len() < 1024 {
+        let p = from_pod(10 + (sp % 200) as u8, VIP, sp, 80, true);
+        let mut buf = vec![0u8; HEADROOM + 200];
+        buf[HEADROOM..HEADROOM + p.bytes.len()].copy_from_slice(&p.bytes);
+        let mut f = Frame::new(&mut buf, HEADROOM, p.bytes.len());
+        if process(&t, &mut s, 1, p.port, &mut f) == Verdict::Forward(demo::UPLINK) {
+            flows.push(p);
+        }
+        sp += 1;
+    }
+    let mut bufs = vec![vec![0u8; HEADROOM + 200]; BATCH];
+    let mut i = 0usize;
+    g.bench_function("clusterip_remote", |b| {
+        b.iter(|| {
+            let start = i % (flows.len() - BATCH);
+            i += BATCH;
+            black_box(run_batch(
+                &t,
+                &mut s,
+                2,
+                &flows[start..start + BATCH],
+                &mut bufs,
+            ))
+        })
+    });
+
+    // The mix.
+    let mut s = state(1 << 16);
+    let mut mix = Vec::new();
+    let mut k = 0u32;
+    while mix.len() < 4096 {
+        k += 1;
+        let n = 10 + (k % 200) as u8;
+        let sp = 20000 + (k % 40000) as u16;
+        let p = match k % 20 {
+            0..10 => from_pod(n, VIP, sp, 80, true),
+            10..15 => from_pod(n, [10, 244, 2, 3 + (k % 50) as u8], sp, 53, false),
+            15..18 => from_pod(n, [10, 244, 1, 10 + ((k / 7) % 200) as u8], sp, 8080, true),
+            _ => {
+                // A reply from a remote pod to a flow we opened: open it first.
+                let out = from_pod(n, [10, 244, 2, 9], sp, 9000, false);
+                let mut buf = vec![0u8; HEADROOM + 200];
+                buf[HEADROOM..HEADROOM + out.bytes.len()].copy_from_slice(&out.bytes);
+                let mut f = Frame::new(&mut buf, HEADROOM, out.bytes.len());
+                process(&t, &mut s, 1, out.port, &mut f);
+                let spec = FrameSpec {
+                    src_mac: demo::PEER_VTEP_MAC,
+                    dst_mac: demo::VTEP_MAC,
+                    src: [10, 244, 2, 9],
+                    dst: [10, 244, 1, n],
+                    src_port: 9000,
+                    dst_port: sp,
+                };
+                from_remote(demo::udp_frame(&spec, &[0u8; 18]))
+            }
+        };
+        // Warm: the flow is established before measuring.
+        let mut buf = vec![0u8; HEADROOM + 200];
+        buf[HEADROOM..HEADROOM + p.bytes.len()].copy_from_slice(&p.bytes);
+        let mut f = Frame::new(&mut buf, HEADROOM, p.bytes.len());
+        if let Verdict::Forward(_) = process(&t, &mut s, 1, p.port, &mut f) {
+            mix.push(p);
+        }
+    }
+    let mut i = 0usize;
+    g.bench_function("mix", |b| {
+        b.iter(|| {
+            let start = i % (mix.len() - BATCH);
+            i += BATCH;
+            black_box(run_batch(
+                &t,
+                &mut s,
+                2,
+                &mix[start..start + BATCH],
+                &mut bufs,
+            ))
+        })
+    });
+    g.finish();
+}
+
+fn new_flow(c: &mut Criterion) {
+    let t = tables();
+    let mut g = c.benchmark_group("new_flow");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut s = state(1 << 16);
+    let template = demo::tcp_frame(&FrameSpec::from_pod(10, VIP, 1, 80), 0x02, b"");
+    let mut bufs = vec![vec![0u8; HEADROOM + 200]; BATCH];
+    let mut verdicts = [Verdict::PassToKernel; BATCH];
+    let mut k = 0u64;
+    g.bench_function("clusterip_syn", |b| {
+        b.iter(|| {
+            let mut frames: Vec<Frame<'_>> = Vec::with_capacity(BATCH);
+            for buf in bufs.iter_mut() {
+                k += 1;
+                let pod = 10 + (k % 200) as u8;
+                let sp = 1024 + ((k / 200) % 60000) as u16;
+                let bytes = &mut buf[HEADROOM..HEADROOM + template.len()];
+                bytes.copy_from_slice(&template);
+                // Make the tuple unique: rewrite source address and port in place (incremental
+                // checksums). This set-up (a parse and a rewrite) is included in the figure.
+                let mut f = Frame::new(buf, HEADROOM, template.len());
+                let mut p = match sluice_dataplane::parse::parse(&t, &f) {
+                    sluice_dataplane::parse::ParseOutcome::Ipv4(p) => p,
+                    _ => unreachable!(),
+                };
+                let mut to = sluice_dataplane::nat::Tuple::of(&p);
+                to.src = [10, 244, 1, pod];
+                to.src_port = sp;
+                sluice_dataplane::nat::rewrite(&mut f, &mut p, &to);
+                frames.push(f);
+            }
+            // Each frame comes from its own pod's port: process_batch of one per frame.
+            for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+                let src = f.head()[14 + 15];
+                process_batch(
+                    &t,
+                    &mut s,
+                    k,
+                    PortId(u32::from(src)),
+                    std::slice::from_mut(f),
+                    std::slice::from_mut(v),
+                );
+            }
+            black_box(&verdicts);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, established, new_flow);
+criterion_main!(benches);

@@ -1,0 +1,344 @@
+//! The whole path of a frame through a worker: [`process`] and its batch form [`process_batch`].
+//!
+//! Order (DESIGN, "A packet's way"):
+//! 1. On the uplink, VXLAN to this node is decapsulated (`vxlan`); other uplink traffic is only
+//!    ours if it belongs to a tracked flow or addresses a NodePort, else it goes to the kernel.
+//! 2. `parse` validates and extracts the tuple; frames from a pod port must carry that pod's
+//!    source address.
+//! 3. Partial L4 checksums are completed (`nat::complete_partial_checksum`).
+//! 4. `conntrack` lookup: a packet of a known flow is accounted (TCP state machine), translated as
+//!    its entry says (DNAT original / reverse NAT replies) and routed; policy is not consulted.
+//! 5. A new flow: `service` (ClusterIP or NodePort, Maglev, affinity) gives the translated tuple;
+//!    NodePort flows are also SNATed to this node's VTEP address (as kube-proxy does with
+//!    externalTrafficPolicy=Cluster), with a free source port; `route` must know the destination;
+//!    NetworkPolicy decides on the translated destination (and the original client address); the
+//!    flow is recorded in conntrack under its original and reply keys; then NAT and route.
+//! 6. ICMP errors are matched to the flow of the datagram they carry and translated with it.
+//!
+//! Every frame is counted once in [`WorkerState::counters`] (rx, and tx, passed or drops by
+//! reason).
+//!
+//! Conntrack is per worker: both directions of a flow must reach the same worker (the agent's
+//! queue/worker mapping has to be symmetric), or replies miss their entry.
+
+#![forbid(unsafe_code)]
+
+use crate::conntrack::{ConnTrack, CtConfig, CtError, CtState, FlowDir, FlowKey};
+use crate::frame::Frame;
+use crate::nat::{self, Tuple};
+use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
+use crate::policy::{Direction, PolicyQuery, PolicyVerdict, proto};
+use crate::route::{self, Route};
+use crate::service::{self, AffinityTable, ServiceOutcome};
+use crate::tables::{ServiceId, Tables};
+use crate::verdict::{Counters, DropReason, PortId, Verdict};
+use crate::vxlan::{self, VxlanError};
+use crate::wire::ethernet::{self, Mac};
+
+/// What conntrack keeps per flow besides its two keys (the original tuple, and the reply tuple
+/// which is the reversed translated tuple).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowNat {
+    /// The service the flow was balanced to, if any.
+    pub service: Option<ServiceId>,
+    /// For flows that entered from outside the cluster (NodePort): the MAC their first packet came
+    /// from on the uplink, where replies go back to.
+    pub peer_mac: Option<Mac>,
+}
+
+/// Sizes of a worker's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerConfig {
+    pub conntrack: CtConfig,
+    /// Slots of the sessionAffinity table.
+    pub affinity_capacity: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            conntrack: CtConfig::default(),
+            affinity_capacity: 1 << 14,
+        }
+    }
+}
+
+/// Everything one worker owns and mutates: conntrack, the affinity table, counters. Allocated once
+/// by [`WorkerState::new`]; processing never allocates.
+#[derive(Debug)]
+pub struct WorkerState {
+    pub conntrack: ConnTrack<FlowNat>,
+    pub affinity: AffinityTable,
+    pub counters: Counters,
+    ip_id: u16,
+}
+
+impl WorkerState {
+    pub fn new(config: WorkerConfig) -> Self {
+        Self {
+            conntrack: ConnTrack::new(config.conntrack),
+            affinity: AffinityTable::new(config.affinity_capacity),
+            counters: Counters::default(),
+            ip_id: 0,
+        }
+    }
+
+    fn next_ip_id(&mut self) -> u16 {
+        self.ip_id = self.ip_id.wrapping_add(1);
+        self.ip_id
+    }
+}
+
+/// Run one frame through the pipeline. `ingress` is the port it arrived on; `now_ns` a monotonic
+/// time in nanoseconds. The frame is rewritten in place (and may grow into its headroom for VXLAN
+/// encap or shrink for decap); the verdict is counted.
+pub fn process(
+    tables: &Tables,
+    state: &mut WorkerState,
+    now_ns: u64,
+    ingress: PortId,
+    frame: &mut Frame<'_>,
+) -> Verdict {
+    let v = process_one(tables, state, now_ns, ingress, frame);
+    state.counters.count(v);
+    v
+}
+
+/// [`process`] over a batch of frames from one port, writing one verdict per frame into
+/// `verdicts` (frames beyond `verdicts.len()` are left unprocessed).
+pub fn process_batch(
+    tables: &Tables,
+    state: &mut WorkerState,
+    now_ns: u64,
+    ingress: PortId,
+    frames: &mut [Frame<'_>],
+    verdicts: &mut [Verdict],
+) {
+    for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+        *v = process(tables, state, now_ns, ingress, f);
+    }
+}
+
+impl From<Tuple> for FlowKey {
+    fn from(t: Tuple) -> Self {
+        FlowKey {
+            src: u32::from_be_bytes(t.src),
+            dst: u32::from_be_bytes(t.dst),
+            src_port: t.src_port,
+            dst_port: t.dst_port,
+            proto: t.proto,
+        }
+    }
+}
+
+impl From<FlowKey> for Tuple {
+    fn from(k: FlowKey) -> Self {
+        Tuple {
+            src: k.src.to_be_bytes(),
+            dst: k.dst.to_be_bytes(),
+            src_port: k.src_port,
+            dst_port: k.dst_port,
+            proto: k.proto,
+        }
+    }
+}
+
+fn process_one(
+    t: &Tables,
+    s: &mut WorkerState,
+    now: u64,
+    ingress: PortId,
+    frame: &mut Frame<'_>,
+) -> Verdict {
+    let uplink = ingress == t.node.uplink;
+    let mut tunneled = false;
+    if uplink && vxlan::is_vxlan_to(frame.head(), t.node.underlay_ip.octets(), t.node.vxlan_port) {
+        if let Err(e) = vxlan::decap(frame, t.node.vni) {
+            return Verdict::Drop(match e {
+                VxlanError::BadChecksum => DropReason::VxlanBadChecksum,
+                VxlanError::WrongVni => DropReason::VxlanWrongVni,
+                VxlanError::Malformed | VxlanError::NoHeadroom => DropReason::VxlanMalformed,
+            });
+        }
+        tunneled = true;
+    }
+    let mut p = match parse::parse(t, frame) {
+        ParseOutcome::Ipv4(p) => p,
+        ParseOutcome::Done(v) => return v,
+    };
+    let external = uplink && !tunneled;
+    if !uplink && t.local_pod(p.src).is_none_or(|pod| pod.port != ingress) {
+        return Verdict::Drop(DropReason::SpoofedSource);
+    }
+    if let IcmpKind::Error { .. } = p.icmp {
+        return icmp_error(t, s, now, frame, &mut p);
+    }
+    nat::complete_partial_checksum(frame, &p);
+    let orig = Tuple::of(&p);
+    let tcp_flags = (p.proto == proto::TCP).then_some(p.tcp_flags);
+    if let Some((h, dir)) = s.conntrack.lookup(&FlowKey::from(orig), now) {
+        match s
+            .conntrack
+            .on_packet(h, dir, tcp_flags, u32::from(p.ip_len), now)
+        {
+            None | Some(CtState::Invalid) => return Verdict::Drop(DropReason::ConntrackInvalid),
+            Some(_) => {}
+        }
+        let Some(e) = s.conntrack.get(h) else {
+            return Verdict::Drop(DropReason::ConntrackInvalid);
+        };
+        let to = Tuple::from(*e.key(dir.flip())).reversed();
+        let peer_mac = e.value().peer_mac;
+        if to != orig {
+            nat::rewrite(frame, &mut p, &to);
+        }
+        let r = route::lookup(t, p.dst);
+        if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
+            return route::forward_external(t, frame, &p, mac);
+        }
+        return route::forward(t, frame, &p, r, s.next_ip_id());
+    }
+    new_flow(t, s, now, frame, p, external, tcp_flags)
+}
+
+fn new_flow(
+    t: &Tables,
+    s: &mut WorkerState,
+    now: u64,
+    frame: &mut Frame<'_>,
+    mut p: Parsed,
+    external: bool,
+    tcp_flags: Option<u8>,
+) -> Verdict {
+    let orig = Tuple::of(&p);
+    let mut xlat = orig;
+    let mut value = FlowNat::default();
+    let mut snat = false;
+    match service::select(t, &mut s.affinity, now, &p, external) {
+        ServiceOutcome::NotService if external => return Verdict::PassToKernel,
+        ServiceOutcome::NotService => {}
+        ServiceOutcome::NoBackend => return Verdict::Drop(DropReason::NoBackend),
+        ServiceOutcome::Backend {
+            svc,
+            ip,
+            port,
+            node_port,
+        } => {
+            xlat.dst = ip;
+            xlat.dst_port = port;
+            value.service = Some(svc);
+            if node_port {
+                snat = true;
+                xlat.src = t.node.vtep_ip.octets();
+                value.peer_mac = ethernet::Packet::new_checked(frame.head())
+                    .ok()
+                    .map(|e| e.src());
+            }
+        }
+    }
+    if p.proto == proto::ICMP {
+        // An echo's identifier stands in both ports.
+        xlat.dst_port = xlat.src_port;
+    }
+    let r = route::lookup(t, xlat.dst);
+    match r {
+        Route::NoRoute => return Verdict::Drop(DropReason::NoRoute),
+        // Host-bound or leaving the cluster: the kernel routes (and masquerades) it; untracked.
+        Route::Kernel => return Verdict::PassToKernel,
+        Route::Local(_) | Route::Remote(_) => {}
+    }
+    let q = PolicyQuery {
+        src: orig.src.into(),
+        dst: xlat.dst.into(),
+        proto: p.proto,
+        dst_port: if p.proto == proto::ICMP {
+            0
+        } else {
+            xlat.dst_port
+        },
+    };
+    if let PolicyVerdict::Deny { direction } = t.policy.decide(&q) {
+        return Verdict::Drop(match direction {
+            Direction::Egress => DropReason::PolicyDeniedEgress,
+            Direction::Ingress => DropReason::PolicyDeniedIngress,
+        });
+    }
+    let okey = FlowKey::from(orig);
+    let mut inserted = s
+        .conntrack
+        .insert(okey, FlowKey::from(xlat).reversed(), value, now);
+    if snat {
+        // Another client may hold this source port towards the same backend: try others.
+        let h = okey.hash64();
+        let mut i = 0u64;
+        while inserted == Err(CtError::Exists) && i < 16 {
+            i += 1;
+            let port = 1024 + ((h.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % 64511) as u16;
+            xlat.src_port = port;
+            if p.proto == proto::ICMP {
+                xlat.dst_port = port;
+            }
+            inserted = s
+                .conntrack
+                .insert(okey, FlowKey::from(xlat).reversed(), value, now);
+        }
+    }
+    let h = match inserted {
+        Ok(h) => h,
+        Err(CtError::Full) => return Verdict::Drop(DropReason::ConntrackFull),
+        Err(CtError::Exists) if snat => return Verdict::Drop(DropReason::NatPortExhausted),
+        Err(CtError::Exists) => return Verdict::Drop(DropReason::ConntrackInvalid),
+    };
+    match s
+        .conntrack
+        .on_packet(h, FlowDir::Original, tcp_flags, u32::from(p.ip_len), now)
+    {
+        None | Some(CtState::Invalid) => {
+            s.conntrack.remove(h);
+            return Verdict::Drop(DropReason::ConntrackInvalid);
+        }
+        Some(_) => {}
+    }
+    if xlat != orig {
+        nat::rewrite(frame, &mut p, &xlat);
+    }
+    route::forward(t, frame, &p, r, s.next_ip_id())
+}
+
+/// An ICMP error: find the flow of the datagram it carries (that datagram went the other way, so
+/// its reversed tuple is a key of the flow), translate the embedded datagram back to what its
+/// sender saw and the outer addresses with it, then route.
+fn icmp_error(
+    t: &Tables,
+    s: &mut WorkerState,
+    now: u64,
+    frame: &mut Frame<'_>,
+    p: &mut Parsed,
+) -> Verdict {
+    let Some(emb) = nat::embedded_tuple(frame, p) else {
+        return Verdict::Drop(DropReason::BadL4Header);
+    };
+    let Some((h, dir)) = s.conntrack.lookup(&FlowKey::from(emb.reversed()), now) else {
+        return Verdict::Drop(DropReason::IcmpErrorUnrelated);
+    };
+    let Some(e) = s.conntrack.get(h) else {
+        return Verdict::Drop(DropReason::IcmpErrorUnrelated);
+    };
+    // The embedded datagram went in direction `dir.flip()`, after translation; its sender saw it
+    // as that direction's key.
+    let emb_to = Tuple::from(*e.key(dir.flip()));
+    let peer_mac = e.value().peer_mac;
+    if emb_to != emb {
+        let outer_src = if p.src == emb.dst { emb_to.dst } else { p.src };
+        let outer_dst = if p.dst == emb.src { emb_to.src } else { p.dst };
+        nat::rewrite_icmp_error(frame, p, &emb, &emb_to, outer_src, outer_dst);
+    }
+    let r = route::lookup(t, p.dst);
+    if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
+        return route::forward_external(t, frame, p, mac);
+    }
+    route::forward(t, frame, p, r, s.next_ip_id())
+}
+
+#[cfg(test)]
+mod tests;

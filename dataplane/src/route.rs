@@ -1,0 +1,161 @@
+//! Stage `route`: where a packet goes after NAT, and the rewrite that takes it there.
+//!
+//! A local pod: MACs rewritten (host veth -> pod), TTL decremented, forwarded on its host veth
+//! port. A pod of a remote node: TTL decremented, inner MACs set to the VTEPs' (as Flannel's
+//! `flannel.1` does), VXLAN encap towards the node's underlay address, forwarded on the uplink.
+//! Addresses in the cluster CIDR that no pod or node owns get [`DropReason::NoRoute`]; this node's
+//! VTEP and underlay addresses and addresses outside the cluster go to the kernel.
+//!
+//! MTU: a packet larger than its route's MTU (the pod MTU for local pods, underlay MTU - 50 over
+//! VXLAN) is dropped with [`DropReason::FrameTooBig`] rather than answered with ICMP "fragmentation
+//! needed": pods carry per-route MTUs (DESIGN, MTU strategy), so such packets only come from
+//! misconfiguration, and a drop counter shows it.
+
+#![forbid(unsafe_code)]
+
+use crate::frame::Frame;
+use crate::parse::{L3_OFFSET, Parsed};
+use crate::tables::{LocalPod, RemoteNode, Tables};
+use crate::verdict::{DropReason, PortId, Verdict};
+use crate::vxlan;
+use crate::wire::{ethernet, ipv4};
+
+/// Where a destination address is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A pod on this node.
+    Local(LocalPod),
+    /// A pod of another node.
+    Remote(RemoteNode),
+    /// This node itself, or outside the cluster: the kernel's business.
+    Kernel,
+    /// In the cluster CIDR, but nobody's.
+    NoRoute,
+}
+
+/// Look up the route to `dst`.
+#[inline]
+pub fn lookup(tables: &Tables, dst: [u8; 4]) -> Route {
+    if let Some(p) = tables.local_pod(dst) {
+        return Route::Local(*p);
+    }
+    if let Some(n) = tables.remote_node(dst) {
+        return Route::Remote(*n);
+    }
+    if tables.in_cluster(dst) && dst != tables.node.vtep_ip.octets() {
+        return Route::NoRoute;
+    }
+    Route::Kernel
+}
+
+/// Send the packet along `route`: rewrite and return the verdict. `ip_id` is the outer IPv4
+/// identification to use if the route encapsulates.
+pub fn forward(
+    tables: &Tables,
+    frame: &mut Frame<'_>,
+    p: &Parsed,
+    route: Route,
+    ip_id: u16,
+) -> Verdict {
+    let (mtu, port) = match route {
+        Route::Local(pod) => (tables.node.pod_mtu, pod.port),
+        Route::Remote(_) => (tables.vxlan_mtu, tables.node.uplink),
+        Route::Kernel => return Verdict::PassToKernel,
+        Route::NoRoute => return Verdict::Drop(DropReason::NoRoute),
+    };
+    if p.ip_len > mtu {
+        return Verdict::Drop(DropReason::FrameTooBig);
+    }
+    if p.ttl <= 1 {
+        return Verdict::Drop(DropReason::TtlExceeded);
+    }
+    let (src_mac, dst_mac) = match route {
+        Route::Local(pod) => (pod.host_mac, pod.pod_mac),
+        Route::Remote(node) => (tables.node.vtep_mac, node.vtep_mac),
+        _ => return Verdict::PassToKernel,
+    };
+    {
+        let head = frame.head_mut();
+        if let Ok(mut eth) = ethernet::Packet::new_checked(&mut *head) {
+            eth.set_src(src_mac);
+            eth.set_dst(dst_mac);
+        }
+        if let Some(l3) = head.get_mut(L3_OFFSET..)
+            && let Ok(mut ip) = ipv4::Packet::new_checked(l3)
+        {
+            ip.decrement_ttl();
+        }
+    }
+    if let Route::Remote(node) = route {
+        // Ethernet padding of short frames must not travel inside the tunnel.
+        if !frame.is_chained() {
+            frame.truncate_head(L3_OFFSET + usize::from(p.ip_len));
+        }
+        let t = vxlan::Tunnel {
+            src_mac: tables.node.underlay_mac,
+            dst_mac: node.next_hop_mac,
+            src_ip: tables.node.underlay_ip.octets(),
+            dst_ip: node.underlay_ip.octets(),
+            vni: tables.node.vni,
+            dst_port: tables.node.vxlan_port,
+        };
+        let h = crate::conntrack::FlowKey::from(crate::nat::Tuple::of(p)).hash64();
+        match vxlan::encap(frame, &t, vxlan::src_port(h), ip_id) {
+            Ok(()) => {}
+            Err(vxlan::VxlanError::NoHeadroom) => return Verdict::Drop(DropReason::NoHeadroom),
+            Err(_) => return Verdict::Drop(DropReason::FrameTooBig),
+        }
+    }
+    Verdict::Forward(port)
+}
+
+/// Send a reply to a client outside the cluster (a NodePort client) back out of the uplink to
+/// the MAC its request came from.
+pub fn forward_external(
+    tables: &Tables,
+    frame: &mut Frame<'_>,
+    p: &Parsed,
+    peer_mac: ethernet::Mac,
+) -> Verdict {
+    if p.ip_len > tables.node.underlay_mtu {
+        return Verdict::Drop(DropReason::FrameTooBig);
+    }
+    if p.ttl <= 1 {
+        return Verdict::Drop(DropReason::TtlExceeded);
+    }
+    let head = frame.head_mut();
+    if let Ok(mut eth) = ethernet::Packet::new_checked(&mut *head) {
+        eth.set_src(tables.node.underlay_mac);
+        eth.set_dst(peer_mac);
+    }
+    if let Some(l3) = head.get_mut(L3_OFFSET..)
+        && let Ok(mut ip) = ipv4::Packet::new_checked(l3)
+    {
+        ip.decrement_ttl();
+    }
+    Verdict::Forward(tables.node.uplink)
+}
+
+/// The port a route transmits on, if any.
+pub fn port_of(tables: &Tables, route: Route) -> Option<PortId> {
+    match route {
+        Route::Local(p) => Some(p.port),
+        Route::Remote(_) => Some(tables.node.uplink),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups() {
+        let t = crate::tables::tests::demo_tables();
+        assert!(matches!(lookup(&t, [10, 244, 1, 2]), Route::Local(_)));
+        assert!(matches!(lookup(&t, [10, 244, 2, 3]), Route::Remote(_)));
+        assert_eq!(lookup(&t, [10, 244, 7, 1]), Route::NoRoute);
+        assert_eq!(lookup(&t, [10, 244, 1, 0]), Route::Kernel);
+        assert_eq!(lookup(&t, [8, 8, 8, 8]), Route::Kernel);
+    }
+}

@@ -1,0 +1,298 @@
+//! Stage `service`: for the first packet of a flow, find the service it addresses (ClusterIP:port,
+//! or NodePort on this node's underlay address) and choose a backend with Maglev.
+//!
+//! sessionAffinity ClientIP: the Maglev key is the client address alone (so every worker and
+//! every node picks the same backend for a client while the backend set is unchanged), and each
+//! worker remembers the client's backend in an [`AffinityTable`] for the service's timeout
+//! (refreshed by every new flow) so a client keeps its backend when backends come or go.
+
+#![forbid(unsafe_code)]
+
+use crate::conntrack::FlowKey;
+use crate::parse::Parsed;
+use crate::tables::{ServiceId, Tables};
+
+/// What the service stage found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceOutcome {
+    /// The destination is not a service.
+    NotService,
+    /// A service whose backend was chosen.
+    Backend {
+        svc: ServiceId,
+        ip: [u8; 4],
+        port: u16,
+        /// Reached through a NodePort (needs SNAT).
+        node_port: bool,
+    },
+    /// A service without a backend.
+    NoBackend,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct AffinitySlot {
+    client: u32,
+    svc: u32,
+    backend: u16,
+    ip: [u8; 4],
+    port: u16,
+    expires_ns: u64,
+    used: bool,
+}
+
+/// A per-worker, fixed-size, direct-mapped table of (client, service) -> backend with expiry.
+/// Inserting never allocates; a colliding pair overwrites the older one (that client then falls
+/// back to the Maglev choice keyed by its address, which is the same backend while the set is
+/// unchanged).
+#[derive(Debug)]
+pub struct AffinityTable {
+    slots: Box<[AffinitySlot]>,
+    mask: usize,
+}
+
+impl AffinityTable {
+    /// A table with `capacity` rounded up to a power of two (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let n = capacity.max(1).next_power_of_two();
+        Self {
+            slots: vec![AffinitySlot::default(); n].into_boxed_slice(),
+            mask: n - 1,
+        }
+    }
+    fn slot(&self, client: u32, svc: u32) -> usize {
+        (FlowKey {
+            src: client,
+            dst: svc,
+            src_port: 0,
+            dst_port: 0,
+            proto: 0,
+        }
+        .hash64() as usize)
+            & self.mask
+    }
+    fn get(&self, client: u32, svc: u32, now: u64) -> Option<&AffinitySlot> {
+        let s = self.slots.get(self.slot(client, svc))?;
+        (s.used && s.client == client && s.svc == svc && s.expires_ns > now).then_some(s)
+    }
+    fn put(&mut self, s: AffinitySlot) {
+        let i = self.slot(s.client, s.svc);
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = s;
+        }
+    }
+}
+
+/// Find the service of a new flow and choose its backend.
+pub fn select(
+    tables: &Tables,
+    affinity: &mut AffinityTable,
+    now_ns: u64,
+    p: &Parsed,
+    from_uplink: bool,
+) -> ServiceOutcome {
+    let (svc_id, node_port) = match tables.cluster_ip(p.dst, p.dst_port, p.proto) {
+        Some(id) => (id, false),
+        None if from_uplink && p.dst == tables.node.underlay_ip.octets() => {
+            match tables.node_port(p.dst_port, p.proto) {
+                Some(id) => (id, true),
+                None => return ServiceOutcome::NotService,
+            }
+        }
+        None => return ServiceOutcome::NotService,
+    };
+    let Some(svc) = tables.service(svc_id) else {
+        return ServiceOutcome::NotService;
+    };
+    let client = u32::from_be_bytes(p.src);
+    let backends = &svc.spec.backends;
+    let found = |i: u16| {
+        backends
+            .get(usize::from(i))
+            .map(|b| ServiceOutcome::Backend {
+                svc: svc_id,
+                ip: b.ip.octets(),
+                port: b.port,
+                node_port,
+            })
+    };
+    if svc.affinity_timeout_ns > 0 {
+        if let Some(s) = affinity.get(client, svc_id.0, now_ns)
+            && backends
+                .get(usize::from(s.backend))
+                .is_some_and(|b| b.ip.octets() == s.ip && b.port == s.port)
+        {
+            let mut s = *s;
+            s.expires_ns = now_ns.saturating_add(svc.affinity_timeout_ns);
+            affinity.put(s);
+            return found(s.backend).unwrap_or(ServiceOutcome::NoBackend);
+        }
+        let Some(i) = svc.maglev.lookup(
+            FlowKey {
+                src: client,
+                ..FlowKey::default()
+            }
+            .hash64(),
+        ) else {
+            return ServiceOutcome::NoBackend;
+        };
+        let Some(b) = backends.get(usize::from(i)) else {
+            return ServiceOutcome::NoBackend;
+        };
+        affinity.put(AffinitySlot {
+            client,
+            svc: svc_id.0,
+            backend: i,
+            ip: b.ip.octets(),
+            port: b.port,
+            expires_ns: now_ns.saturating_add(svc.affinity_timeout_ns),
+            used: true,
+        });
+        return found(i).unwrap_or(ServiceOutcome::NoBackend);
+    }
+    let h = FlowKey {
+        src: client,
+        dst: u32::from_be_bytes(p.dst),
+        src_port: p.src_port,
+        dst_port: p.dst_port,
+        proto: p.proto,
+    }
+    .hash64();
+    svc.maglev
+        .lookup(h)
+        .and_then(found)
+        .unwrap_or(ServiceOutcome::NoBackend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::IcmpKind;
+
+    fn pkt(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> Parsed {
+        Parsed {
+            l4_off: 34,
+            l4_len: 20,
+            ip_len: 40,
+            proto,
+            src,
+            dst,
+            src_port: sport,
+            dst_port: dport,
+            tcp_flags: 0,
+            icmp: IcmpKind::None,
+            ttl: 64,
+            dont_frag: true,
+        }
+    }
+
+    #[test]
+    fn cluster_ip_node_port_and_misses() {
+        let t = crate::tables::tests::demo_tables();
+        let mut a = AffinityTable::new(16);
+        let o = select(
+            &t,
+            &mut a,
+            0,
+            &pkt([10, 244, 1, 2], [10, 96, 0, 10], 1, 80, 6),
+            false,
+        );
+        assert!(matches!(
+            o,
+            ServiceOutcome::Backend {
+                port: 8080,
+                node_port: false,
+                ..
+            }
+        ));
+        let o = select(
+            &t,
+            &mut a,
+            0,
+            &pkt([1, 2, 3, 4], [192, 168, 50, 1], 1, 30080, 6),
+            true,
+        );
+        assert!(matches!(
+            o,
+            ServiceOutcome::Backend {
+                node_port: true,
+                ..
+            }
+        ));
+        let o = select(
+            &t,
+            &mut a,
+            0,
+            &pkt([1, 2, 3, 4], [192, 168, 50, 1], 1, 30080, 6),
+            false,
+        );
+        assert_eq!(o, ServiceOutcome::NotService);
+        let o = select(
+            &t,
+            &mut a,
+            0,
+            &pkt([10, 244, 1, 2], [10, 96, 0, 99], 1, 80, 6),
+            false,
+        );
+        assert_eq!(o, ServiceOutcome::NoBackend);
+        let o = select(
+            &t,
+            &mut a,
+            0,
+            &pkt([10, 244, 1, 2], [10, 244, 2, 3], 1, 80, 6),
+            false,
+        );
+        assert_eq!(o, ServiceOutcome::NotService);
+    }
+
+    #[test]
+    fn flows_spread_over_backends() {
+        let t = crate::tables::tests::demo_tables();
+        let mut a = AffinityTable::new(16);
+        let mut seen = std::collections::HashSet::new();
+        for sport in 0..200 {
+            if let ServiceOutcome::Backend { ip, .. } = select(
+                &t,
+                &mut a,
+                0,
+                &pkt([10, 244, 1, 2], [10, 96, 0, 10], sport, 80, 6),
+                false,
+            ) {
+                seen.insert(ip);
+            }
+        }
+        assert_eq!(seen.len(), 2);
+    }
+
+    #[test]
+    fn affinity_sticks_until_timeout() {
+        let t = crate::tables::tests::demo_tables();
+        let mut a = AffinityTable::new(16);
+        let first = select(
+            &t,
+            &mut a,
+            0,
+            &pkt([10, 244, 1, 2], [10, 96, 0, 53], 1, 53, 17),
+            false,
+        );
+        assert!(matches!(first, ServiceOutcome::Backend { .. }));
+        for sport in 2..50 {
+            let o = select(
+                &t,
+                &mut a,
+                1_000,
+                &pkt([10, 244, 1, 2], [10, 96, 0, 53], sport, 53, 17),
+                false,
+            );
+            assert_eq!(o, first);
+        }
+        assert!(
+            a.get(u32::from_be_bytes([10, 244, 1, 2]), 1, 1_000)
+                .is_some()
+        );
+        // The demo affinity timeout is 10 s; 20 s later the entry is gone.
+        assert!(
+            a.get(u32::from_be_bytes([10, 244, 1, 2]), 1, 20_000_000_000)
+                .is_none()
+        );
+    }
+}
