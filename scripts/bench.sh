@@ -6,6 +6,7 @@
 #            kernel-routed (pods, kernel routing, no overlay)
 #            kernel-vxlan (pods, Flannel's kernel VXLAN: vxlan device + bridge) -- the baseline
 #            sluice (pods wired by sluice-cni, sluice-agent's AF_XDP dataplane, VXLAN between nodes)
+#            sluice-rt (the same with the agents' worker threads SCHED_FIFO; not in --quick)
 #   figures: iperf3 TCP 1 and 2 streams (Gbit/s), iperf3 UDP 64-byte payload (received kpps, loss),
 #            sockperf UDP ping-pong latency p50/p99 (us), same-node pod-to-pod TCP (Gbit/s);
 #            Sluice also through a ClusterIP Service (rows sluice-clusterip) and with 10 and 10,000
@@ -25,12 +26,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/topo.sh
 
-SETUPS="host-veth kernel-routed kernel-vxlan sluice"
+SETUPS="host-veth kernel-routed kernel-vxlan sluice sluice-rt" SETUPS_SET=0
 MTU=1500 REPS=3 SECS=5 QUICK=0 CRITERION=run PROFILE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; REPS=1; SECS=1; CRITERION=off ;;
-    --setups) SETUPS=$2; shift ;;
+    --setups) SETUPS=$2; SETUPS_SET=1; shift ;;
     --mtu) MTU=$2; shift ;;
     --reps) REPS=$2; shift ;;
     --secs) SECS=$2; shift ;;
@@ -41,6 +42,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+[ $QUICK = 1 ] && [ $SETUPS_SET = 0 ] && SETUPS="host-veth kernel-routed kernel-vxlan sluice"
 [ "$(id -u)" -eq 0 ] || { echo "bench.sh: needs root (network namespaces)" >&2; exit 1; }
 scripts/setup.sh >/dev/null
 
@@ -50,7 +52,17 @@ teardown() {
   topo_sluice_stop
   topo_cleanup "$PFX"
 }
-trap 'teardown; rm -rf "$SLDIR" "/tmp/${PFX}iperf.pid"' EXIT
+# On failure, show what the Sluice agents saw (log tail, drops by reason) before removing it all.
+diag() {
+  local n
+  for n in 1 2; do
+    [ -e "$SLDIR/n$n/agent.log" ] || continue
+    echo "--- sluice-agent n$n: last log lines, worker counters" >&2
+    tail -5 "$SLDIR/n$n/agent.log" >&2
+    jq -c '.workers[] | {rx, tx, batches, ring_full, drops}' "$SLDIR/n$n/state/counters.json" >&2 || true
+  done
+}
+trap 'rc=$?; [ $rc -eq 0 ] || diag; teardown; rm -rf "$SLDIR" "/tmp/${PFX}iperf.pid"' EXIT
 trap 'exit 130' INT TERM
 OUT=bench/results
 mkdir -p "$OUT"
@@ -69,7 +81,7 @@ record() { # setup metric value
 need() {
   if ! awk -v v="$3" -v m="${4:-0}" 'BEGIN { exit !(v ~ /^[0-9.eE+-]+$/ && v + 0 > m) }'; then
     echo "bench.sh: $1 carried no traffic ($2 = '${3}')" >&2
-    exit 1
+    return 1
   fi
 }
 
@@ -95,8 +107,8 @@ tcp() { # SETUP METRIC SRC IP STREAMS
   local j v
   j=$(cli "$3" iperf3 -c "$4" -t "$SECS" -P "$5" --connect-timeout 3000 -J) ||
     { echo "bench.sh: $1: iperf3 TCP to $4 failed: $(jq -r .error <<<"$j" 2>/dev/null)" >&2; exit 1; }
-  v=$(jq '.end.sum_received.bits_per_second/1e9' <<<"$j")
-  need "$1" "$2" "$v"
+  v=$(jq '(.end.sum_received.bits_per_second // 0)/1e9' <<<"$j")
+  need "$1" "$2" "$v" || { echo "bench.sh: iperf3 said: $(jq -c '.error // .end' <<<"$j")" >&2; exit 1; }
   record "$1" "$2" "$v"
 }
 
@@ -104,8 +116,8 @@ udp64() { # SETUP SRC IP
   local j v
   j=$(cli "$2" iperf3 -c "$3" -t "$SECS" -u -l 64 -b 0 --connect-timeout 3000 -J) ||
     { echo "bench.sh: $1: iperf3 UDP to $3 failed: $(jq -r .error <<<"$j" 2>/dev/null)" >&2; exit 1; }
-  v=$(jq '(.end.sum.packets-.end.sum.lost_packets)/.end.sum.seconds/1e3' <<<"$j")
-  need "$1" udp64_kpps "$v"
+  v=$(jq '((.end.sum.packets // 0)-(.end.sum.lost_packets // 0))/(.end.sum.seconds // 1)/1e3' <<<"$j")
+  need "$1" udp64_kpps "$v" || { echo "bench.sh: iperf3 said: $(jq -c '.error // .end.sum' <<<"$j")" >&2; exit 1; }
   record "$1" udp64_kpps "$v"
   record "$1" udp64_loss_pct "$(jq '.end.sum.lost_percent' <<<"$j")"
 }
@@ -115,7 +127,7 @@ lat() { # SETUP SRC IP
   j=$(cli "$2" sockperf pp -i "$3" -p 11111 -t "$SECS" -m 64 2>&1) || true
   p50=$(awk '/percentile 50.000/ {print $NF}' <<<"$j")
   p99=$(awk '/percentile 99.000/ {print $NF}' <<<"$j")
-  need "$1" "latency (sockperf to $3)" "$p50"
+  need "$1" "latency (sockperf to $3)" "$p50" || { echo "bench.sh: sockperf said: $(tail -3 <<<"$j")" >&2; exit 1; }
   record "$1" lat_p50_us "$p50"
   record "$1" lat_p99_us "$p99"
 }
@@ -167,8 +179,12 @@ profile() {
     wait $! || true
     {
       echo "# perf record -e cpu-clock -a -g during iperf3 $kind ($name, MTU $MTU); client CPU $CLIENT_CPU, server CPU $SERVER_CPU"
-      perf report -i "$data" --stdio --no-children --sort cpu,comm,dso,sym >"$data.txt" 2>&1 || true
-      grep -E '^ +[0-9]' "$data.txt" | head -60 || true
+      echo "# share of all samples (both CPUs) by CPU and command:"
+      perf report -i "$data" --stdio --no-children --sort cpu,comm 2>/dev/null | grep -E '^ +[0-9]' | head -16 || true
+      echo "# hottest symbols of the data path (iperf3, sluice workers, softirq threads), share of all samples:"
+      perf report -i "$data" --stdio --no-children -g none --comms "$(perf report -i "$data" --stdio --no-children --sort comm 2>/dev/null |
+        awk '/^ +[0-9]/ && $2 ~ /^(iperf3|sluice-worker|ksoftirqd)/ {printf "%s%s", s, $2; s=","}')" \
+        --sort comm,dso,sym 2>/dev/null | grep -E '^ +[0-9]' | head -45 || true
     } >"$OUT/profile-$name-$kind-mtu$MTU.txt"
     echo "   profile: $OUT/profile-$name-$kind-mtu$MTU.txt" >&2
   done
@@ -209,43 +225,40 @@ endpoints:
 YAML
 }
 
-# write_policies FILE COUNT: COUNT NetworkPolicies. "allow-client" isolates the server pods
-# (app=bench) for ingress and allows everything from role=client; the other COUNT-1 are generated:
-# odd ones also select app=bench (so the server's ingress rule set grows with COUNT), even ones
-# select pods that do not exist (app=other-i); each allows one /32 ipBlock on one TCP port.
-# COUNT=0 writes one policy that selects nothing (the baseline: no pod isolated).
+# write_policies COUNT: COUNT NetworkPolicies in $SLDIR/policies-{0..9}.yaml (at most 1,000 YAML
+# documents a file: the agent's YAML reader stops at 1,024 documents per file). "allow-client"
+# isolates the server pods (app=bench) for ingress and allows everything from node 1's pod CIDR (an
+# ipBlock: a standalone agent knows the labels of its own pods only, so a podSelector cannot match
+# the remote client); the other COUNT-1 are generated: odd ones also select app=bench (so the
+# server's ingress rule set grows with COUNT), even ones select pods that do not exist
+# (app=other-i); each allows one /32 ipBlock on one TCP port. COUNT=0: no policy at all.
+POLICY_FILES=$(printf "$SLDIR/policies-%d.yaml " 0 1 2 3 4 5 6 7 8 9)
 write_policies() {
-  local f=$1 count=$2
-  if [ "$count" -eq 0 ]; then
-    cat >"$f" <<YAML
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: selects-nothing, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: nothing}}
-  policyTypes: [Ingress]
-YAML
-    return
-  fi
-  awk -v n="$count" 'BEGIN {
-    print "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-client, namespace: default}"
-    print "spec:\n  podSelector: {matchLabels: {app: bench}}\n  policyTypes: [Ingress]"
-    print "  ingress:\n    - from: [{podSelector: {matchLabels: {role: client}}}]"
+  local f
+  for f in $POLICY_FILES; do echo "# generated by scripts/bench.sh" >"$f"; done
+  awk -v n="$1" -v dir="$SLDIR" 'BEGIN {
+    if (n == 0) exit
+    f = dir "/policies-0.yaml"
+    print "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-client, namespace: default}" >> f
+    print "spec:\n  podSelector: {matchLabels: {app: bench}}\n  policyTypes: [Ingress]" >> f
+    print "  ingress:\n    - from: [{ipBlock: {cidr: 10.244.1.0/24}}]" >> f
     for (i = 1; i < n; i++) {
+      f = dir "/policies-" int(i / 1000) ".yaml"
       sel = (i % 2) ? "bench" : "other-" i
-      printf "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: gen-%d, namespace: default}\n", i
-      printf "spec:\n  podSelector: {matchLabels: {app: %s}}\n  policyTypes: [Ingress]\n", sel
-      printf "  ingress:\n    - from: [{ipBlock: {cidr: 172.16.%d.%d/32}}]\n", int(i / 256), i % 256
-      printf "      ports: [{port: %d, protocol: TCP}]\n", 20000 + i % 10000
+      printf "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: gen-%d, namespace: default}\n", i >> f
+      printf "spec:\n  podSelector: {matchLabels: {app: %s}}\n  policyTypes: [Ingress]\n", sel >> f
+      printf "  ingress:\n    - from: [{ipBlock: {cidr: 172.16.%d.%d/32}}]\n", int(i / 256), i % 256 >> f
+      printf "      ports: [{port: %d, protocol: TCP}]\n", 20000 + i % 10000 >> f
     }
-  }' >"$f"
+  }'
 }
 
-sluice_counters() { # label: keep both nodes' worker counters of this phase
+sluice_counters() { # SETUP PHASE: keep both nodes' worker counters after this phase
+  sleep 1.2 # the agent rewrites counters.json every second
   local n
   for n in 1 2; do
-    jq -c --arg l "$1" --arg n "n$n" --argjson mtu "$MTU" \
-      '{setup: "sluice", mtu: $mtu, phase: $l, node: $n, counters: .workers}' \
+    jq -c --arg s "$1" --arg l "$2" --arg n "n$n" --argjson mtu "$MTU" \
+      '{setup: $s, mtu: $mtu, phase: $l, node: $n, counters: .workers}' \
       "$SLDIR/n$n/state/counters.json" >>"$RAW"
   done
 }
@@ -255,14 +268,14 @@ sluice_counters() { # label: keep both nodes' worker counters of this phase
 sluice_setup() {
   local n ip1 ip2 ip3 f
   for f in "$SLUICE_AGENT_BIN" "$SLUICE_CNI_BIN"; do
-    [ -x "$f" ] || { echo "bench.sh: $f missing: cargo build --release -p sluice-dataplane --bin sluice-agent -p sluice-cni" >&2; exit 1; }
+    [ -x "$f" ] || { echo "bench.sh: $f missing: cargo build --release -p sluice-dataplane --bin sluice-agent -p sluice-cni --bin sluice-cni" >&2; exit 1; }
   done
   # The server's address is the CNI's first allocation on node 2 (.2; .0 and .1 are reserved).
   write_service "$SLDIR/services.yaml" "$SLDIR/endpointslices.yaml" "${POD_NET}.2.2"
-  write_policies "$SLDIR/policies.yaml" 0
+  write_policies 0
   for n in 1 2; do
     topo_sluice_config "$PFX" "$n" "$MTU" "$SLDIR" "$((n - 1))" \
-      "$SLDIR/services.yaml" "$SLDIR/endpointslices.yaml" "$SLDIR/policies.yaml"
+      "$SLDIR/services.yaml" "$SLDIR/endpointslices.yaml" "$POLICY_FILES"
     topo_sluice_agent "$PFX" "$n" "$SLDIR"
   done
   ip1=$(topo_sluice_pod "$PFX" 1 1 "$SLDIR" "$MTU" '{"role":"client"}')
@@ -276,19 +289,19 @@ sluice_setup() {
 sluice_measure() {
   local pol_n
   measure sluice "${PFX}p1" "${PFX}p2" "$SL_IP2"
-  sluice_counters cross-node
+  sluice_counters sluice cross-node
   same_node sluice "${PFX}p1" "${PFX}p3" "$SL_IP3"
-  sluice_counters same-node
+  sluice_counters sluice same-node
   measure sluice-clusterip "${PFX}p1" "${PFX}p2" "$SVC_VIP" "tcp1 lat" "$SL_IP2"
-  sluice_counters clusterip
+  sluice_counters sluice clusterip
   for pol_n in 10 10000; do
     echo "   installing $pol_n NetworkPolicies" >&2
-    write_policies "$SLDIR/policies.yaml" "$pol_n"
+    write_policies "$pol_n"
     topo_sluice_reload "$SLDIR"
     measure "sluice-pol$([ $pol_n = 10 ] && echo 10 || echo 10k)" "${PFX}p1" "${PFX}p2" "$SL_IP2" "tcp1 lat"
-    sluice_counters "pol$pol_n"
+    sluice_counters sluice "pol$pol_n"
   done
-  write_policies "$SLDIR/policies.yaml" 0
+  write_policies 0
   topo_sluice_reload "$SLDIR"
   if [ "$PROFILE" = 1 ]; then profile sluice "${PFX}p1" "${PFX}p2" "$SL_IP2"; fi
 }
@@ -319,6 +332,14 @@ build_and_measure() {
     sluice)
       sluice_setup
       sluice_measure ;;
+    sluice-rt)
+      # The same, with the workers SCHED_FIFO: a worker sharing its core with a busy pod gets the
+      # CPU as soon as a frame arrives instead of waiting for its time slice.
+      SLUICE_WORKER_RT=50 sluice_setup
+      measure "$setup" "${PFX}p1" "${PFX}p2" "$SL_IP2"
+      sluice_counters sluice-rt cross-node
+      same_node "$setup" "${PFX}p1" "${PFX}p3" "$SL_IP3"
+      sluice_counters sluice-rt same-node ;;
     *) echo "bench.sh: unknown setup $setup" >&2; exit 2 ;;
   esac
 }

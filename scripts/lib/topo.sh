@@ -120,9 +120,11 @@ SLUICE_AGENT_PIDS=()
 SLUICE_MOUNTS=()
 
 # topo_sluice_config PFX N MTU DIR CPU SERVICES SLICES POLICIES: write DIR/nN/node.json.
-# CPU: the core the node's single worker (uplink queue 0) is pinned to. Manifest args are files.
+# CPU: the core the node's single worker (uplink queue 0) is pinned to. Manifest args are files
+# (POLICIES: several, separated by spaces).
 topo_sluice_config() {
   local pfx=$1 n=$2 mtu=$3 dir=$4 cpu=$5 svc=$6 eps=$7 pol=$8 m=$(( 3 - $2 )) mac pmac
+  pol=$(printf '"%s",' $pol); pol=${pol%,}
   mac=$(nsx "${pfx}n$n" cat /sys/class/net/up0/address)
   pmac=$(nsx "${pfx}n$m" cat /sys/class/net/up0/address)
   mkdir -p "$dir/n$n/state" "$dir/n$n/bpf" "$dir/n$n/ipam"
@@ -135,7 +137,7 @@ topo_sluice_config() {
   "vtep": {"mac": "0e:5c:02:00:00:0$n"},
   "peers": [{"name": "n$m", "underlay_ip": "${UNDERLAY_NET}.1$m", "underlay_mac": "$pmac",
              "pod_cidr": "${POD_NET}.$m.0/24", "vtep_mac": "0e:5c:02:00:00:0$m"}],
-  "manifests": {"services": ["$svc"], "endpoint_slices": ["$eps"], "network_policies": ["$pol"]},
+  "manifests": {"services": ["$svc"], "endpoint_slices": ["$eps"], "network_policies": [$pol]},
   "workers": {"queues": {"0": $cpu}, "pin": true, "batch_size": ${SLUICE_BATCH:-64}, "busy_poll": ${SLUICE_BUSY_POLL:-false}},
   "paths": {"socket": "$dir/n$n/agent.sock", "state_dir": "$dir/n$n/state", "bpffs": "$dir/n$n/bpf"}
 }
@@ -152,13 +154,25 @@ topo_sluice_agent() {
     </dev/null >"$dir/n$n/agent.log" 2>&1 &
   SLUICE_AGENT_PIDS+=("$!")
   for i in $(seq 100); do
-    if grep -qs '"datapath": *true' "$dir/n$n/state/counters.json"; then return 0; fi
+    if grep -qs '"datapath": *true' "$dir/n$n/state/counters.json"; then
+      [ -n "${SLUICE_WORKER_RT:-}" ] && topo_sluice_rt "$!" "$SLUICE_WORKER_RT"
+      return 0
+    fi
     if ! kill -0 "$!" 2>/dev/null; then break; fi
     sleep 0.2
   done
   echo "sluice-agent of node n$n did not come up; its log:" >&2
   cat "$dir/n$n/agent.log" >&2
   return 1
+}
+
+# topo_sluice_rt PID PRIO: run the agent's worker threads SCHED_FIFO at PRIO (an experiment knob:
+# SLUICE_WORKER_RT=N; a worker sharing a core with a busy pod otherwise waits for its time slice).
+topo_sluice_rt() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    case "$(cat "$t/comm")" in sluice-worker*) chrt -f -p "$2" "${t##*/}" ;; esac
+  done
 }
 
 # topo_sluice_reload DIR: SIGHUP every agent (re-read manifests) and wait until each exported a
