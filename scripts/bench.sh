@@ -287,7 +287,7 @@ sluice_setup() {
 }
 
 sluice_measure() {
-  local pol_n
+  local pol_n t0
   measure sluice "${PFX}p1" "${PFX}p2" "$SL_IP2"
   sluice_counters sluice cross-node
   same_node sluice "${PFX}p1" "${PFX}p3" "$SL_IP3"
@@ -297,7 +297,9 @@ sluice_measure() {
   for pol_n in 10 10000; do
     echo "   installing $pol_n NetworkPolicies" >&2
     write_policies "$pol_n"
+    t0=$(date +%s.%N)
     topo_sluice_reload "$SLDIR"
+    echo "   $pol_n NetworkPolicies published by both agents in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s" >&2
     measure "sluice-pol$([ $pol_n = 10 ] && echo 10 || echo 10k)" "${PFX}p1" "${PFX}p2" "$SL_IP2" "tcp1 lat"
     sluice_counters sluice "pol$pol_n"
   done
