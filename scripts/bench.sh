@@ -299,7 +299,9 @@ sluice_measure() {
     write_policies "$pol_n"
     t0=$(date +%s.%N)
     topo_sluice_reload "$SLDIR"
-    echo "   $pol_n NetworkPolicies published by both agents in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s" >&2
+    t0=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+    echo "   $pol_n NetworkPolicies published by both agents in $t0 s" >&2
+    record "sluice-pol$([ $pol_n = 10 ] && echo 10 || echo 10k)" policy_publish_s "$t0"
     measure "sluice-pol$([ $pol_n = 10 ] && echo 10 || echo 10k)" "${PFX}p1" "${PFX}p2" "$SL_IP2" "tcp1 lat"
     sluice_counters sluice "pol$pol_n"
   done

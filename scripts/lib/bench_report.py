@@ -55,7 +55,7 @@ def summarise(values, order):
         out[mtu] = {}
         for s in order[mtu]:
             out[mtu][s] = {}
-            for m, _, _ in METRICS:
+            for m in [m for m, _, _ in METRICS] + ["policy_publish_s"]:
                 v = values[mtu][s][m]
                 if v:
                     out[mtu][s][m] = {"median": statistics.median(v), "min": min(v),
@@ -131,7 +131,9 @@ def targets(summary, mtu, lines):
             f"p50 {g('sluice-pol10', 'lat_p50_us')} -> {g('sluice-pol10k', 'lat_p50_us')} us "
             f"({fmt_ratio(ratio(g('sluice-pol10k', 'lat_p50_us'), g('sluice-pol10', 'lat_p50_us')))}), "
             f"p99 {g('sluice-pol10', 'lat_p99_us')} -> {g('sluice-pol10k', 'lat_p99_us')} us "
-            f"({fmt_ratio(ratio(g('sluice-pol10k', 'lat_p99_us'), g('sluice-pol10', 'lat_p99_us')))}), 10,000 vs 10 NetworkPolicies.")
+            f"({fmt_ratio(ratio(g('sluice-pol10k', 'lat_p99_us'), g('sluice-pol10', 'lat_p99_us')))}), 10,000 vs 10 NetworkPolicies "
+            f"(read, compiled and published by both agents after SIGHUP in {g('sluice-pol10k', 'policy_publish_s')} s; "
+            "conntrack lets established flows skip policy, so this is mostly the per-packet cost of a larger table).")
     c, s = g("sluice-clusterip", "tcp1_gbps"), g("sluice", "tcp1_gbps")
     if c and s:
         lines.append(

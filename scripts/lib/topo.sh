@@ -150,7 +150,7 @@ topo_sluice_agent() {
   local pfx=$1 n=$2 dir=$3 i
   mount -t bpf bpf "$dir/n$n/bpf"
   SLUICE_MOUNTS+=("$dir/n$n/bpf")
-  ip netns exec "${pfx}n$n" "$SLUICE_AGENT_BIN" --config "$dir/n$n/node.json" \
+  NO_COLOR=1 ip netns exec "${pfx}n$n" "$SLUICE_AGENT_BIN" --config "$dir/n$n/node.json" \
     </dev/null >"$dir/n$n/agent.log" 2>&1 &
   SLUICE_AGENT_PIDS+=("$!")
   for i in $(seq 100); do
