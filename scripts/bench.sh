@@ -270,6 +270,8 @@ sluice_setup() {
   for f in "$SLUICE_AGENT_BIN" "$SLUICE_CNI_BIN"; do
     [ -x "$f" ] || { echo "bench.sh: $f missing: cargo build --release -p sluice-dataplane --bin sluice-agent -p sluice-cni --bin sluice-cni" >&2; exit 1; }
   done
+  # A fresh state (pod registry, IPAM records) for each Sluice setup of the run.
+  rm -rf "$SLDIR/n1" "$SLDIR/n2"
   # The server's address is the CNI's first allocation on node 2 (.2; .0 and .1 are reserved).
   write_service "$SLDIR/services.yaml" "$SLDIR/endpointslices.yaml" "${POD_NET}.2.2"
   write_policies 0
