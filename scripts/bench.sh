@@ -180,7 +180,7 @@ profile() {
     {
       echo "# perf record -e cpu-clock -a -g during iperf3 $kind ($name, MTU $MTU); client CPU $CLIENT_CPU, server CPU $SERVER_CPU"
       echo "# share of all samples (both CPUs) by CPU and command:"
-      perf report -i "$data" --stdio --no-children --sort cpu,comm 2>/dev/null | grep -E '^ +[0-9]' | head -16 || true
+      perf report -i "$data" --stdio --no-children -g none --sort cpu,comm 2>/dev/null | grep -E '^ +[0-9]' | head -16 || true
       echo "# hottest symbols of the data path (iperf3, sluice workers, softirq threads), share of all samples:"
       perf report -i "$data" --stdio --no-children -g none --comms "$(perf report -i "$data" --stdio --no-children --sort comm 2>/dev/null |
         awk '/^ +[0-9]/ && $2 ~ /^(iperf3|sluice-worker|ksoftirqd)/ {printf "%s%s", s, $2; s=","}')" \
