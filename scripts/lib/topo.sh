@@ -5,6 +5,7 @@
 #   ${PFX}sw      underlay switch: a bridge "br0"
 #   ${PFX}n1/n2   nodes: uplink "up0" (veth to the switch), underlay 192.168.77.1x/24
 #   ${PFX}p1/p2   one pod per node: "eth0", 10.244.N.10
+#   ${PFX}p3      a second pod on node 1 (same-node figures): 10.244.1.11
 # Addresses live only inside these namespaces.
 
 UNDERLAY_NET=192.168.77
@@ -41,32 +42,35 @@ topo_underlay() {
   done
 }
 
-# topo_pod_veth PFX N MTU GWMODE: pod pN in node nN with a veth "v" -> "eth0".
+# topo_pod_veth PFX N MTU GWMODE [POD [IP]]: pod ${PFX}p<POD> (default POD=N) in node nN with a veth
+# "vp<POD>" -> "eth0", address IP (default 10.244.N.10).
 #   GWMODE=linklocal: Sluice/Calico style (/32, default via 169.254.1.1 onlink, static neighbor)
-#   GWMODE=bridge:    Flannel style (host end in bridge cni0 with 10.244.N.1/24)
+#   GWMODE=bridge:    Flannel style (host end in bridge cni0 with 10.244.N.1/24, made by the first pod)
 topo_pod_veth() {
-  local pfx=$1 n=$2 mtu=$3 mode=$4 ip="${POD_NET}.$2.10"
-  ip netns add "${pfx}p$n"
-  nsx "${pfx}p$n" ip link set lo up
-  ip link add "vp$n" netns "${pfx}n$n" mtu "$mtu" type veth peer name eth0 netns "${pfx}p$n" mtu "$mtu"
-  nsx "${pfx}p$n" ip link set eth0 up
-  nsx "${pfx}n$n" ip link set "vp$n" up
+  local pfx=$1 n=$2 mtu=$3 mode=$4 j=${5:-$2} ip=${6:-"${POD_NET}.$2.10"}
+  ip netns add "${pfx}p$j"
+  nsx "${pfx}p$j" ip link set lo up
+  ip link add "vp$j" netns "${pfx}n$n" mtu "$mtu" type veth peer name eth0 netns "${pfx}p$j" mtu "$mtu"
+  nsx "${pfx}p$j" ip link set eth0 up
+  nsx "${pfx}n$n" ip link set "vp$j" up
   if [ "$mode" = bridge ]; then
-    nsx "${pfx}n$n" ip link add cni0 mtu "$mtu" type bridge
-    nsx "${pfx}n$n" ip addr add "${POD_NET}.$n.1/24" dev cni0
-    nsx "${pfx}n$n" ip link set cni0 up
-    nsx "${pfx}n$n" ip link set "vp$n" master cni0
-    nsx "${pfx}p$n" ip addr add "$ip/24" dev eth0
-    nsx "${pfx}p$n" ip route add default via "${POD_NET}.$n.1"
+    if ! nsx "${pfx}n$n" ip link show cni0 >/dev/null 2>&1; then
+      nsx "${pfx}n$n" ip link add cni0 mtu "$mtu" type bridge
+      nsx "${pfx}n$n" ip addr add "${POD_NET}.$n.1/24" dev cni0
+      nsx "${pfx}n$n" ip link set cni0 up
+    fi
+    nsx "${pfx}n$n" ip link set "vp$j" master cni0
+    nsx "${pfx}p$j" ip addr add "$ip/24" dev eth0
+    nsx "${pfx}p$j" ip route add default via "${POD_NET}.$n.1"
   else
     local hmac
-    hmac=$(nsx "${pfx}n$n" cat "/sys/class/net/vp$n/address")
-    nsx "${pfx}p$n" ip addr add "$ip/32" dev eth0
-    nsx "${pfx}p$n" ip route add 169.254.1.1 dev eth0 scope link
-    nsx "${pfx}p$n" ip route add default via 169.254.1.1 dev eth0 onlink
-    nsx "${pfx}p$n" ip neigh replace 169.254.1.1 lladdr "$hmac" dev eth0 nud permanent
-    nsx "${pfx}n$n" ip route add "$ip/32" dev "vp$n"
-    nsx "${pfx}n$n" sysctl -qw "net.ipv4.conf.vp$n.proxy_arp=1"
+    hmac=$(nsx "${pfx}n$n" cat "/sys/class/net/vp$j/address")
+    nsx "${pfx}p$j" ip addr add "$ip/32" dev eth0
+    nsx "${pfx}p$j" ip route add 169.254.1.1 dev eth0 scope link
+    nsx "${pfx}p$j" ip route add default via 169.254.1.1 dev eth0 onlink
+    nsx "${pfx}p$j" ip neigh replace 169.254.1.1 lladdr "$hmac" dev eth0 nud permanent
+    nsx "${pfx}n$n" ip route add "$ip/32" dev "vp$j"
+    nsx "${pfx}n$n" sysctl -qw "net.ipv4.conf.vp$j.proxy_arp=1"
   fi
 }
 
@@ -97,4 +101,137 @@ topo_routed() {
     m=$(( 3 - n ))
     nsx "${pfx}n$n" ip route add "${POD_NET}.$m.0/24" via "${UNDERLAY_NET}.1$m" dev up0
   done
+}
+
+# ---- Sluice nodes ---------------------------------------------------------------------------------
+# A Sluice node is a node namespace (topo_underlay) running `sluice-agent` in standalone mode from a
+# JSON node config, with its own bpffs instance mounted at DIR/nN/bpf (outside /sys, which
+# `ip netns exec` remounts, so the agent's pins live there), its socket and state in DIR/nN. Pods are
+# wired by the real CNI binary, run inside the node namespace the way a runtime runs it (CNI_* env,
+# network config on stdin). Peer underlay MACs, VTEP MACs 0e:5c:02:00:00:0N.
+#
+#   SLUICE_AGENT_BIN / SLUICE_CNI_BIN   binaries (default target/release/sluice-agent, sluice-cni)
+#   SLUICE_POD_MTU                      pod interface MTU (default 3500: the agent forwards frames
+#                                       that fit one 4 KiB UMEM chunk; see its xsk_io)
+SLUICE_AGENT_BIN=${SLUICE_AGENT_BIN:-target/release/sluice-agent}
+SLUICE_CNI_BIN=${SLUICE_CNI_BIN:-target/release/sluice-cni}
+SLUICE_POD_MTU=${SLUICE_POD_MTU:-3500}
+SLUICE_AGENT_PIDS=()
+SLUICE_MOUNTS=()
+
+# topo_sluice_config PFX N MTU DIR CPU SERVICES SLICES POLICIES: write DIR/nN/node.json.
+# CPU: the core the node's single worker (uplink queue 0) is pinned to. Manifest args are files
+# (POLICIES: several, separated by spaces).
+topo_sluice_config() {
+  local pfx=$1 n=$2 mtu=$3 dir=$4 cpu=$5 svc=$6 eps=$7 pol=$8 m=$(( 3 - $2 )) mac pmac
+  pol=$(printf '"%s",' $pol); pol=${pol%,}
+  mac=$(nsx "${pfx}n$n" cat /sys/class/net/up0/address)
+  pmac=$(nsx "${pfx}n$m" cat /sys/class/net/up0/address)
+  mkdir -p "$dir/n$n/state" "$dir/n$n/bpf" "$dir/n$n/ipam"
+  cat >"$dir/n$n/node.json" <<JSON
+{
+  "node_name": "n$n",
+  "underlay": {"interface": "up0", "address": "${UNDERLAY_NET}.1$n", "mtu": $mtu, "mac": "$mac"},
+  "pod_cidr": "${POD_NET}.$n.0/24",
+  "pod_mtu": $SLUICE_POD_MTU,
+  "vtep": {"mac": "0e:5c:02:00:00:0$n"},
+  "peers": [{"name": "n$m", "underlay_ip": "${UNDERLAY_NET}.1$m", "underlay_mac": "$pmac",
+             "pod_cidr": "${POD_NET}.$m.0/24", "vtep_mac": "0e:5c:02:00:00:0$m"}],
+  "manifests": {"services": ["$svc"], "endpoint_slices": ["$eps"], "network_policies": [$pol]},
+  "workers": {"queues": {"0": $cpu}, "pin": true, "batch_size": ${SLUICE_BATCH:-64}, "busy_poll": ${SLUICE_BUSY_POLL:-false}},
+  "paths": {"socket": "$dir/n$n/agent.sock", "state_dir": "$dir/n$n/state", "bpffs": "$dir/n$n/bpf"}
+}
+JSON
+}
+
+# topo_sluice_agent PFX N DIR: mount the node's bpffs and start its agent (log DIR/nN/agent.log);
+# waits until the agent exports counters with its datapath up.
+topo_sluice_agent() {
+  local pfx=$1 n=$2 dir=$3 i
+  mount -t bpf bpf "$dir/n$n/bpf"
+  SLUICE_MOUNTS+=("$dir/n$n/bpf")
+  NO_COLOR=1 ip netns exec "${pfx}n$n" "$SLUICE_AGENT_BIN" --config "$dir/n$n/node.json" \
+    </dev/null >"$dir/n$n/agent.log" 2>&1 &
+  SLUICE_AGENT_PIDS+=("$!")
+  for i in $(seq 100); do
+    if grep -qs '"datapath": *true' "$dir/n$n/state/counters.json"; then
+      [ -n "${SLUICE_WORKER_RT:-}" ] && topo_sluice_rt "$!" "$SLUICE_WORKER_RT"
+      return 0
+    fi
+    if ! kill -0 "$!" 2>/dev/null; then break; fi
+    sleep 0.2
+  done
+  echo "sluice-agent of node n$n did not come up; its log:" >&2
+  cat "$dir/n$n/agent.log" >&2
+  return 1
+}
+
+# topo_sluice_rt PID PRIO: run the agent's worker threads SCHED_FIFO at PRIO (an experiment knob:
+# SLUICE_WORKER_RT=N; a worker sharing a core with a busy pod otherwise waits for its time slice).
+topo_sluice_rt() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    case "$(cat "$t/comm")" in sluice-worker*) chrt -f -p "$2" "${t##*/}" ;; esac
+  done
+}
+
+# topo_sluice_reload DIR: SIGHUP every agent (re-read manifests) and wait until each exported a
+# newer table generation.
+topo_sluice_reload() {
+  local dir=$1 n i before
+  for n in 1 2; do
+    before=$(jq -r .generation "$dir/n$n/state/counters.json")
+    kill -HUP "${SLUICE_AGENT_PIDS[$((n - 1))]}"
+    for i in $(seq 300); do
+      [ "$(jq -r .generation "$dir/n$n/state/counters.json" 2>/dev/null || echo "$before")" -gt "$before" ] && break
+      sleep 0.1
+    done
+    [ "$(jq -r .generation "$dir/n$n/state/counters.json")" -gt "$before" ] || {
+      echo "sluice-agent of node n$n did not publish new tables after SIGHUP:" >&2
+      tail -5 "$dir/n$n/agent.log" >&2
+      return 1
+    }
+  done
+}
+
+# topo_sluice_pod PFX N POD DIR MTU LABELS_JSON: create namespace ${PFX}p<POD> and wire it with
+# `sluice-cni ADD` run in node nN; prints the pod's address. The CNI's MTU mode is "routes": pod
+# interface and the own node's CIDR at SLUICE_POD_MTU, other nodes at min(MTU, POD_MTU + 50) - 50.
+topo_sluice_pod() {
+  local pfx=$1 n=$2 j=$3 dir=$4 mtu=$5 labels=$6 out i uml
+  uml=$(( mtu < SLUICE_POD_MTU + 50 ? mtu : SLUICE_POD_MTU + 50 ))
+  ip netns add "${pfx}p$j"
+  nsx "${pfx}p$j" ip link set lo up
+  for i in 1 2 3 4 5; do
+    if out=$(printf '%s' "{\"cniVersion\":\"1.0.0\",\"name\":\"sluice\",\"type\":\"sluice-cni\",
+        \"agentSocket\":\"$dir/n$n/agent.sock\",\"dataDir\":\"$dir/n$n/ipam\",
+        \"ipam\":{\"dataDir\":\"$dir/n$n/ipam\"},
+        \"mtu\":{\"mode\":\"routes\",\"podMtu\":$SLUICE_POD_MTU,\"underlayMtu\":$uml},
+        \"runtimeConfig\":{\"labels\":$labels}}" |
+      CNI_COMMAND=ADD CNI_CONTAINERID="${pfx}p$j" CNI_NETNS="/var/run/netns/${pfx}p$j" \
+      CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni CNI_ARGS="K8S_POD_NAMESPACE=default;K8S_POD_NAME=p$j" \
+      ip netns exec "${pfx}n$n" "$SLUICE_CNI_BIN"); then
+      jq -r '.ips[0].address' <<<"$out" | cut -d/ -f1
+      return 0
+    fi
+    # Code 11 is "try again later" (agent not ready yet); anything else is final.
+    [ "$(jq -r .code <<<"$out" 2>/dev/null)" = 11 ] || break
+    sleep 1
+  done
+  echo "sluice-cni ADD for pod p$j on node n$n failed: $out" >&2
+  return 1
+}
+
+# topo_sluice_stop: SIGTERM every agent (it detaches XDP, removes pins and socket), wait, then
+# SIGKILL stragglers and unmount the bpffs instances (dropping any pin left).
+topo_sluice_stop() {
+  local pid i
+  for pid in "${SLUICE_AGENT_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${SLUICE_AGENT_PIDS[@]}"; do
+    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  for i in "${SLUICE_MOUNTS[@]}"; do umount -l "$i" 2>/dev/null || true; done
+  SLUICE_AGENT_PIDS=() SLUICE_MOUNTS=()
 }
