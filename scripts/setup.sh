@@ -5,17 +5,19 @@ set -euo pipefail
 
 PACKAGES=(
   # build: BPF program (clang/llvm), libbpf-sys and libxdp-sys from source, gRPC
-  clang llvm libelf-dev zlib1g-dev pkg-config make m4 protobuf-compiler libclang-dev
+  clang llvm libelf-dev zlib1g-dev pkg-config make m4 protobuf-compiler libclang-dev libpcap-dev
   # netns clusters, XDP and traffic
   iproute2 ethtool iputils-ping tcpdump iperf3 netsniff-ng sockperf socat netcat-openbsd
   # control plane storage backend at scale
   etcd-server
   # CNI: upstream plugins for chaining, a real container runtime, a local rootfs
-  containernetworking-plugins podman busybox-static
+  containernetworking-plugins podman runc busybox-static
   # metrics validation (promtool)
   prometheus
   # inspection
   bpftool jq
+  # benchmark report: table and PNG chart (Debian python, not a virtualenv)
+  python3 python3-matplotlib
 )
 
 missing=()

@@ -9,6 +9,7 @@
 //! - `maglev/build/{10,100,1000}`: building a table of M = 65537 for 10, 100 and 1,000 backends of
 //!   equal weight (elements = tables; target < 10 ms for 1,000).
 //! - `maglev/build_weighted/1000`: the same with weights 1..=10.
+//! - `maglev/build_skewed/1000`: one backend of weight 1,000, the rest 1 (the heap schedule).
 
 use std::hint::black_box;
 
@@ -107,6 +108,11 @@ fn build(c: &mut Criterion) {
     let nm = names(1000);
     let b = backends(&nm, true);
     g.bench_with_input(BenchmarkId::new("build_weighted", 1000), &b, |bench, b| {
+        bench.iter(|| MaglevTable::build(black_box(b), MaglevTable::DEFAULT_SIZE).unwrap())
+    });
+    let mut b = backends(&nm, false);
+    b[0].weight = 1000;
+    g.bench_with_input(BenchmarkId::new("build_skewed", 1000), &b, |bench, b| {
         bench.iter(|| MaglevTable::build(black_box(b), MaglevTable::DEFAULT_SIZE).unwrap())
     });
     g.finish();

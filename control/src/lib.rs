@@ -1,9 +1,23 @@
-//! Sluice's control plane: the gRPC contracts in `proto/`, and the clients the agent, the CNI
-//! plugin and `sluicectl` use.
+//! Sluice's control plane: the gRPC contracts in `proto/`, the server (`server`), its storage
+//! (`store`), the client library the agent uses (`client`), manifest parsing for `sluicectl`
+//! (`manifest`), and the client for the agent's local socket (`agent_client`).
+//!
+//! See `control/README.md` for the authentication scheme and the commands.
 
 pub mod agent_client;
+pub mod auth;
+pub mod client;
+pub mod manifest;
+pub mod model;
+pub mod server;
+pub mod store;
 
 /// The node agent's local API (`proto/agent.proto`), served on the agent's unix socket.
 pub mod agent_api {
     tonic::include_proto!("sluice.agent.v1");
+}
+
+/// The control plane API (`proto/control.proto`).
+pub mod api {
+    tonic::include_proto!("sluice.control.v1");
 }

@@ -30,6 +30,9 @@
 
 #![forbid(unsafe_code)]
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// XXH3 seed of `h1`, the hash that picks a backend's offset (ASCII "mgl-offs").
@@ -130,33 +133,59 @@ impl MaglevTable {
                     pos: offset as u32,
                     skip: skip as u32,
                     weight: b.weight,
-                    credit: 0,
                 }
             })
             .collect();
 
-        const EMPTY: u16 = u16::MAX;
         let mut entries = vec![EMPTY; size].into_boxed_slice();
-        let mut filled = 0usize;
         let m32 = size as u32;
         // The paper's population loop. Each turn claims exactly one slot, and a permutation visits
-        // every slot, so the inner walk always ends and the loop ends after `size` turns.
-        'population: loop {
-            for (i, w) in walkers.iter_mut().enumerate() {
-                w.credit += u64::from(w.weight);
-                if w.credit < u64::from(max_weight) {
-                    continue;
+        // every slot, so a turn's walk always ends and the loop ends after `size` turns.
+        //
+        // Weighted turns: round by round, backend i adds w_i to a credit and takes a turn when the
+        // credit reaches max_weight, paying max_weight; within a round backends go in order. With
+        // equal weights every backend takes a turn every round: the unweighted loop. The rounds
+        // number about M * max_weight / sum(w), each costing O(N); when the weights are so skewed
+        // that most of that work would be idle, a heap replays the very same sequence of turns.
+        let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+        let active = backends.iter().filter(|b| b.weight > 0).count() as u64;
+        if u64::from(max_weight) * active <= 32 * total {
+            let mut credits = vec![0u64; walkers.len()];
+            let mut filled = 0usize;
+            'population: loop {
+                for (i, (w, credit)) in walkers.iter_mut().zip(&mut credits).enumerate() {
+                    *credit += u64::from(w.weight);
+                    if *credit < u64::from(max_weight) {
+                        continue;
+                    }
+                    *credit -= u64::from(max_weight);
+                    w.claim(&mut entries, i as u16, m32);
+                    filled += 1;
+                    if filled == size {
+                        break 'population;
+                    }
                 }
-                w.credit -= u64::from(max_weight);
-                while entries[w.pos as usize] != EMPTY {
-                    w.advance(m32);
-                }
-                entries[w.pos as usize] = i as u16;
-                w.advance(m32);
-                filled += 1;
-                if filled == size {
-                    break 'population;
-                }
+            }
+        } else {
+            // Backend i's k-th turn falls in round ceil(k * max_weight / w_i); a heap ordered by
+            // (round, index) replays the turns in O(M log N), whatever the weights.
+            let round = |k: u64, w: u32| (k * u64::from(max_weight)).div_ceil(u64::from(w));
+            let mut turns: BinaryHeap<Reverse<(u64, u16)>> = walkers
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.weight > 0)
+                .map(|(i, w)| Reverse((round(1, w.weight), i as u16)))
+                .collect();
+            let mut taken = vec![0u64; walkers.len()];
+            for _ in 0..size {
+                let Some(Reverse((_, i))) = turns.pop() else {
+                    break;
+                };
+                let w = &mut walkers[usize::from(i)];
+                w.claim(&mut entries, i, m32);
+                let k = &mut taken[usize::from(i)];
+                *k += 1;
+                turns.push(Reverse((round(*k + 1, w.weight), i)));
             }
         }
         Ok(Self {
@@ -196,10 +225,22 @@ struct Walker {
     pos: u32,
     skip: u32,
     weight: u32,
-    credit: u64,
 }
 
+/// The marker of an unclaimed slot while building.
+const EMPTY: u16 = u16::MAX;
+
 impl Walker {
+    /// One turn: claim the next unclaimed slot of the permutation for backend `i`.
+    #[inline]
+    fn claim(&mut self, entries: &mut [u16], i: u16, m: u32) {
+        while entries[self.pos as usize] != EMPTY {
+            self.advance(m);
+        }
+        entries[self.pos as usize] = i;
+        self.advance(m);
+    }
+
     /// `pos = (pos + skip) mod m`, with `pos, skip < m <= 2^24`.
     #[inline]
     fn advance(&mut self, m: u32) {
@@ -268,6 +309,41 @@ mod tests {
                 weight,
             })
             .collect()
+    }
+
+    /// The credit loop, round by round, as plainly as possible.
+    fn reference_build(b: &[MaglevBackend<'_>], entries: &mut [u16]) {
+        let m = entries.len() as u64;
+        let wmax = b.iter().map(|b| u64::from(b.weight)).max().unwrap();
+        let mut st: Vec<(u64, u64, u64)> = b
+            .iter()
+            .map(|b| {
+                (
+                    xxh3_64_with_seed(b.key, SEED_OFFSET) % m,
+                    xxh3_64_with_seed(b.key, SEED_SKIP) % (m - 1) + 1,
+                    0,
+                )
+            })
+            .collect();
+        let mut filled = 0;
+        loop {
+            for (i, s) in st.iter_mut().enumerate() {
+                s.2 += u64::from(b[i].weight);
+                if s.2 < wmax {
+                    continue;
+                }
+                s.2 -= wmax;
+                while entries[s.0 as usize] != u16::MAX {
+                    s.0 = (s.0 + s.1) % m;
+                }
+                entries[s.0 as usize] = i as u16;
+                s.0 = (s.0 + s.1) % m;
+                filled += 1;
+                if filled == entries.len() {
+                    return;
+                }
+            }
+        }
     }
 
     fn counts(t: &MaglevTable, n: usize) -> Vec<usize> {
@@ -368,6 +444,35 @@ mod tests {
         assert_eq!(c[1], 0);
         assert_eq!(c[0] + c[2], 1009);
         assert!(c[0].abs_diff(c[2]) <= 1);
+    }
+
+    /// Extreme weight ratios build (in O(M log N)) and still follow the weights.
+    #[test]
+    fn extreme_weights() {
+        // Both schedules give the same table (20:1 takes the round loop, 100:1 and more the heap).
+        for heavy in [20u32, 100, 1000] {
+            let n = names(50);
+            let mut b = backends(&n, 1);
+            b[7].weight = heavy;
+            let heap_or_loop = MaglevTable::build(&b, 1009).unwrap();
+            let mut reference = vec![u16::MAX; 1009];
+            reference_build(&b, &mut reference);
+            assert_eq!(heap_or_loop.entries(), &reference[..], "heavy {heavy}");
+        }
+        let n = names(1000);
+        let mut b = backends(&n, 1);
+        b[0].weight = u32::MAX;
+        let t = MaglevTable::build(&b, MaglevTable::DEFAULT_SIZE).unwrap();
+        let c = counts(&t, 1000);
+        // Backend 0 takes a turn every round; the others one in 2^32 - 1 rounds, so never.
+        assert_eq!(c[0], 65537);
+        b[0].weight = 3;
+        b[1].weight = 0;
+        let t = MaglevTable::build(&b, MaglevTable::DEFAULT_SIZE).unwrap();
+        let c = counts(&t, 1000);
+        assert_eq!(c[1], 0);
+        let want0 = 65537.0 * 3.0 / 1001.0;
+        assert!((c[0] as f64 - want0).abs() <= 2.0, "{} vs {want0}", c[0]);
     }
 
     /// The paper's worked example shape: a small table, every slot owned, lookups agree with entries.

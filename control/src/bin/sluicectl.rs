@@ -1,0 +1,561 @@
+//! `sluicectl`: the operator's command line for the Sluice control plane.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use sluice_control::api::{self, Kind, ObjectRef, object::Body};
+use sluice_control::client::{ClientConfig, ControlClient};
+use sluice_control::manifest;
+use sluice_control::model::{self, K8sObject};
+
+/// Control a Sluice cluster: apply Kubernetes manifests, inspect objects, nodes and agents.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluicectl",
+    version,
+    after_help = "Examples:\n  \
+  sluicectl --server https://10.0.0.1:7443 --ca ca.pem --token-file ~/.sluice/token apply -f examples/\n  \
+  export SLUICE_SERVER=https://10.0.0.1:7443 SLUICE_CA=ca.pem SLUICE_TOKEN=...\n  \
+  sluicectl get services -A\n  \
+  sluicectl status"
+)]
+struct Cli {
+    /// Control plane endpoint (https://host:port; http:// only for a plaintext development server).
+    #[arg(
+        long,
+        env = "SLUICE_SERVER",
+        default_value = "https://127.0.0.1:7443",
+        global = true
+    )]
+    server: String,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, env = "SLUICE_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Bearer token.
+    #[arg(long, env = "SLUICE_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(
+        long,
+        env = "SLUICE_TOKEN_FILE",
+        global = true,
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+    /// Server name expected in its certificate (default: the host in --server).
+    #[arg(long, global = true)]
+    tls_server_name: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or replace objects from Kubernetes manifests (YAML or JSON), all or nothing.
+    #[command(after_help = "Examples:\n  \
+  sluicectl apply -f service.yaml\n  \
+  sluicectl apply -f manifests/ -f policy.json\n  \
+  cat all.yaml | sluicectl apply -f -\n  \
+  sluicectl apply -f examples/ --dry-run\n\n\
+Kinds: Namespace, Service, EndpointSlice, NetworkPolicy (networking.k8s.io/v1), Pod (labels and ports).\n\
+Every document is validated before anything is sent; the server applies them in one transaction.")]
+    Apply {
+        /// File, directory (its *.yaml, *.yml, *.json) or - for stdin. Repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Validate only; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List objects of a kind, or show one.
+    #[command(after_help = "Examples:\n  \
+  sluicectl get services -n shop\n  \
+  sluicectl get svc web -n shop -o yaml\n  \
+  sluicectl get netpol -A -o json\n  \
+  sluicectl get pods -A\n\n\
+Kinds: nodes, pods, namespaces (ns), services (svc), endpointslices (eps), networkpolicies (netpol), all.")]
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// Namespace (default: "default" for namespaced kinds).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete objects by kind and name, or those in manifests.
+    #[command(after_help = "Examples:\n  \
+  sluicectl delete svc web -n shop\n  \
+  sluicectl delete netpol deny-all allow-web -n shop\n  \
+  sluicectl delete -f examples/policy.yaml\n  \
+  sluicectl delete node node-b      # also removes its pods and frees its pod CIDR")]
+    Delete {
+        kind: Option<String>,
+        names: Vec<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Delete the objects named in these manifests.
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "names"])]
+        files: Vec<String>,
+    },
+    /// List nodes: pod CIDR, underlay address, VTEP MAC, agent connection.
+    #[command(after_help = "Examples:\n  sluicectl nodes\n  sluicectl nodes -o json")]
+    Nodes {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// The control plane and each agent: connected, synced revision, last sync.
+    #[command(after_help = "Examples:\n  sluicectl status\n  sluicectl status -o json")]
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  \
+  sluicectl completion bash > /etc/bash_completion.d/sluicectl\n  \
+  sluicectl completion zsh > \"${fpath[1]}/_sluicectl\"")]
+    Completion { shell: clap_complete::Shell },
+}
+
+fn config(cli: &Cli) -> anyhow::Result<ClientConfig> {
+    let mut cfg = ClientConfig::new(cli.server.clone());
+    if let Some(ca) = &cli.ca {
+        cfg = cfg.with_ca_pem(
+            std::fs::read(ca).with_context(|| format!("reading --ca {}", ca.display()))?,
+        );
+    }
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading --token-file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    if let Some(t) = token {
+        cfg = cfg.with_token(t);
+    }
+    if let Some(d) = &cli.tls_server_name {
+        cfg = cfg.with_tls_domain(d.clone());
+    }
+    Ok(cfg)
+}
+
+fn kind_arg(s: &str) -> anyhow::Result<Kind> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(Kind::Unspecified);
+    }
+    model::parse_kind(s).with_context(|| {
+        format!("unknown kind {s:?} (nodes, pods, namespaces, services, endpointslices, networkpolicies, all)")
+    })
+}
+
+/// The object as a Kubernetes-style JSON value.
+fn object_json(o: &api::Object) -> serde_json::Value {
+    match &o.body {
+        Some(Body::K8s(k)) => serde_json::from_str(&k.json).unwrap_or(serde_json::Value::Null),
+        Some(Body::Node(n)) => serde_json::json!({
+            "kind": "Node",
+            "metadata": {"name": n.name},
+            "spec": {"podCIDR": n.pod_cidr, "underlayIP": n.underlay_ip, "vtepMAC": mac(&n.vtep_mac)},
+        }),
+        Some(Body::Pod(p)) => serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+            "spec": {"nodeName": p.node, "containers": [{"name": "main", "ports": p.ports.iter().map(|cp| serde_json::json!({
+                "name": cp.name, "containerPort": cp.port, "protocol": cp.protocol})).collect::<Vec<_>>()}]},
+            "status": {"podIP": p.ip},
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn mac(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn print_value(v: &serde_json::Value, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Yaml => print!("{}", serde_saphyr::to_string(v).context("rendering YAML")?),
+        _ => println!("{}", serde_json::to_string_pretty(v)?),
+    }
+    Ok(())
+}
+
+fn table(rows: Vec<Vec<String>>) {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("   ").trim_end());
+    }
+}
+
+fn summary(o: &api::Object) -> Vec<String> {
+    let r = model::object_ref(o).unwrap_or_default();
+    let kind = model::kind_name(r.kind()).to_string();
+    let detail = match &o.body {
+        Some(Body::Node(n)) => format!("podCIDR={} underlay={}", n.pod_cidr, n.underlay_ip),
+        Some(Body::Pod(p)) => format!("ip={} node={} labels={}", p.ip, p.node, labels(&p.labels)),
+        Some(Body::K8s(k)) => match K8sObject::from_json(k.kind(), &k.json) {
+            Ok(K8sObject::Service(s)) => {
+                let spec = s.spec.unwrap_or_default();
+                let ports: Vec<String> = spec
+                    .ports
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| match p.node_port {
+                        Some(np) => format!(
+                            "{}:{}/{}",
+                            p.port,
+                            np,
+                            p.protocol.as_deref().unwrap_or("TCP")
+                        ),
+                        None => format!("{}/{}", p.port, p.protocol.as_deref().unwrap_or("TCP")),
+                    })
+                    .collect();
+                format!(
+                    "type={} clusterIP={} ports={} affinity={}",
+                    spec.type_.unwrap_or_else(|| "ClusterIP".into()),
+                    spec.cluster_ip.unwrap_or_default(),
+                    ports.join(","),
+                    spec.session_affinity.unwrap_or_else(|| "None".into())
+                )
+            }
+            Ok(K8sObject::EndpointSlice(e)) => {
+                let svc = e
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .cloned()
+                    .unwrap_or_default();
+                let eps = e.endpoints.unwrap_or_default();
+                let ready = eps
+                    .iter()
+                    .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                    .count();
+                format!("service={svc} endpoints={} ready={ready}", eps.len())
+            }
+            Ok(K8sObject::NetworkPolicy(p)) => {
+                let spec = p.spec.unwrap_or_default();
+                let sel = spec
+                    .pod_selector
+                    .and_then(|s| s.match_labels)
+                    .map(|m| labels(&m.into_iter().collect()))
+                    .unwrap_or_default();
+                format!(
+                    "podSelector={} types={}",
+                    if sel.is_empty() { "{}".into() } else { sel },
+                    spec.policy_types.unwrap_or_default().join(",")
+                )
+            }
+            Ok(_) | Err(_) => String::new(),
+        },
+        None => String::new(),
+    };
+    vec![kind, r.namespace, r.name, o.revision.to_string(), detail]
+}
+
+fn labels(l: &std::collections::HashMap<String, String>) -> String {
+    let mut v: Vec<_> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.sort();
+    v.join(",")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "sluicectl",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Apply { files, dry_run } => {
+            let mut docs = Vec::new();
+            for f in files {
+                docs.extend(manifest::read_path(f)?);
+            }
+            if docs.is_empty() {
+                bail!("no objects in {}", files.join(", "));
+            }
+            // The server checks again with its own ranges; these are the defaults, for early errors.
+            let defaults = sluice_control::server::ServerConfig::default();
+            manifest::validate_all(&mut docs, defaults.service_cidr, defaults.node_ports)?;
+            if *dry_run {
+                for d in &docs {
+                    let p = d.object.to_proto();
+                    println!(
+                        "{} {} validated (dry run)",
+                        model::kind_name(p.kind()),
+                        qualified(&p.namespace, &p.name)
+                    );
+                }
+                return Ok(());
+            }
+            let client = ControlClient::connect(&config(&cli)?).await?;
+            let objects: Vec<K8sObject> = docs.into_iter().map(|d| d.object).collect();
+            let resp = client.apply_k8s(&objects).await?;
+            for o in &resp.objects {
+                let r = model::object_ref(o).unwrap_or_default();
+                println!(
+                    "{} {} applied",
+                    model::kind_name(r.kind()),
+                    qualified(&r.namespace, &r.name)
+                );
+            }
+            println!("revision {}", resp.revision);
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let kind = kind_arg(kind)?;
+            let ns = if *all_namespaces || !model::is_namespaced(kind) {
+                String::new()
+            } else {
+                namespace
+                    .clone()
+                    .unwrap_or_else(|| model::DEFAULT_NAMESPACE.into())
+            };
+            let client = ControlClient::connect(&config(&cli)?).await?;
+            let resp = client.list(kind, &ns).await?;
+            let objects: Vec<&api::Object> = resp
+                .objects
+                .iter()
+                .filter(|o| {
+                    name.as_ref()
+                        .is_none_or(|n| model::object_ref(o).is_some_and(|r| &r.name == n))
+                })
+                .collect();
+            if let Some(n) = name
+                && objects.is_empty()
+            {
+                bail!("{} {} not found", model::kind_name(kind), qualified(&ns, n));
+            }
+            match output {
+                Output::Table => {
+                    let mut rows = vec![vec![
+                        "KIND".into(),
+                        "NAMESPACE".into(),
+                        "NAME".into(),
+                        "REVISION".into(),
+                        "DETAILS".into(),
+                    ]];
+                    rows.extend(objects.iter().map(|o| summary(o)));
+                    table(rows);
+                }
+                _ if name.is_some() && objects.len() == 1 => {
+                    print_value(&object_json(objects[0]), *output)?
+                }
+                _ => print_value(
+                    &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects.iter().map(|o| object_json(o)).collect::<Vec<_>>()}),
+                    *output,
+                )?,
+            }
+        }
+        Command::Delete {
+            kind,
+            names,
+            namespace,
+            files,
+        } => {
+            let mut refs = Vec::new();
+            if !files.is_empty() {
+                for f in files {
+                    for mut d in manifest::read_path(f)? {
+                        let defaults = sluice_control::server::ServerConfig::default();
+                        // Fill the default namespace; other validation errors do not matter for deletion.
+                        let _ = d
+                            .object
+                            .validate(defaults.service_cidr, defaults.node_ports);
+                        let p = d.object.to_proto();
+                        refs.push(ObjectRef {
+                            kind: p.kind,
+                            namespace: p.namespace,
+                            name: p.name,
+                        });
+                    }
+                }
+            } else {
+                let Some(kind) = kind else {
+                    bail!("name a kind and names, or give -f FILE")
+                };
+                let kind = kind_arg(kind)?;
+                if kind == Kind::Unspecified || names.is_empty() {
+                    bail!("name a kind and at least one name");
+                }
+                let ns = if model::is_namespaced(kind) {
+                    namespace
+                        .clone()
+                        .unwrap_or_else(|| model::DEFAULT_NAMESPACE.into())
+                } else {
+                    String::new()
+                };
+                refs.extend(names.iter().map(|n| ObjectRef {
+                    kind: kind as i32,
+                    namespace: ns.clone(),
+                    name: n.clone(),
+                }));
+            }
+            let client = ControlClient::connect(&config(&cli)?).await?;
+            let n = client.delete(refs.clone()).await?;
+            println!("{n} of {} deleted", refs.len());
+        }
+        Command::Nodes { output } => {
+            let client = ControlClient::connect(&config(&cli)?).await?;
+            let nodes = client.list(Kind::Node, "").await?;
+            let status = client.status().await?;
+            match output {
+                Output::Table => {
+                    let mut rows = vec![vec![
+                        "NAME".into(),
+                        "POD CIDR".into(),
+                        "UNDERLAY".into(),
+                        "VTEP MAC".into(),
+                        "AGENT".into(),
+                        "SYNCED".into(),
+                    ]];
+                    for o in &nodes.objects {
+                        if let Some(Body::Node(n)) = &o.body {
+                            let a = status.agents.iter().find(|a| a.node == n.name);
+                            rows.push(vec![
+                                n.name.clone(),
+                                n.pod_cidr.clone(),
+                                n.underlay_ip.clone(),
+                                mac(&n.vtep_mac),
+                                if a.is_some_and(|a| a.connected) {
+                                    "connected"
+                                } else {
+                                    "disconnected"
+                                }
+                                .into(),
+                                a.map_or(0, |a| a.synced_revision).to_string(),
+                            ]);
+                        }
+                    }
+                    table(rows);
+                }
+                _ => print_value(
+                    &serde_json::Value::Array(nodes.objects.iter().map(object_json).collect()),
+                    *output,
+                )?,
+            }
+        }
+        Command::Status { output } => {
+            let client = ControlClient::connect(&config(&cli)?).await?;
+            let s = client.status().await?;
+            let agents: Vec<serde_json::Value> = s
+                .agents
+                .iter()
+                .map(|a| {
+                    serde_json::json!({"node": a.node, "connected": a.connected, "syncedRevision": a.synced_revision,
+                    "lastSyncUnixMs": a.last_sync_unix_ms})
+                })
+                .collect();
+            match output {
+                Output::Table => {
+                    println!(
+                        "control plane {}: revision {}, store {}, {} objects, cluster CIDR {}, service CIDR {}",
+                        cli.server, s.revision, s.store, s.objects, s.cluster_cidr, s.service_cidr
+                    );
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0);
+                    let mut rows = vec![vec![
+                        "AGENT".into(),
+                        "CONNECTED".into(),
+                        "REVISION".into(),
+                        "LAST SYNC".into(),
+                    ]];
+                    for a in &s.agents {
+                        rows.push(vec![
+                            a.node.clone(),
+                            a.connected.to_string(),
+                            a.synced_revision.to_string(),
+                            if a.last_sync_unix_ms == 0 {
+                                "never".into()
+                            } else {
+                                format!("{:.1}s ago", (now - a.last_sync_unix_ms) as f64 / 1000.0)
+                            },
+                        ]);
+                    }
+                    table(rows);
+                }
+                _ => print_value(
+                    &serde_json::json!({"server": cli.server, "revision": s.revision, "store": s.store, "objects": s.objects,
+                        "clusterCIDR": s.cluster_cidr, "serviceCIDR": s.service_cidr, "agents": agents}),
+                    *output,
+                )?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn qualified(ns: &str, name: &str) -> String {
+    if ns.is_empty() {
+        name.to_string()
+    } else {
+        format!("{ns}/{name}")
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
