@@ -23,7 +23,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::conntrack::{ConnTrack, CtConfig, CtError, CtState, FlowDir, FlowKey};
+use crate::conntrack::{ConnTrack, CtConfig, CtError, CtHandle, CtState, FlowDir, FlowKey};
 use crate::frame::Frame;
 use crate::nat::{self, Tuple};
 use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
@@ -71,6 +71,8 @@ pub struct WorkerState {
     pub affinity: AffinityTable,
     pub counters: Counters,
     ip_id: u16,
+    /// Bumped by every conntrack insert or removal of the pipeline (batch lookups compare it).
+    ct_epoch: u64,
 }
 
 impl WorkerState {
@@ -80,6 +82,7 @@ impl WorkerState {
             affinity: AffinityTable::new(config.affinity_capacity),
             counters: Counters::default(),
             ip_id: 0,
+            ct_epoch: 0,
         }
     }
 
@@ -104,8 +107,13 @@ pub fn process(
     v
 }
 
+/// Frames [`process_batch`] takes through each stage together (its conntrack lookups are issued
+/// as one [`ConnTrack::lookup_batch`] so their cache misses overlap).
+pub const BATCH: usize = 64;
+
 /// [`process`] over a batch of frames from one port, writing one verdict per frame into
-/// `verdicts` (frames beyond `verdicts.len()` are left unprocessed).
+/// `verdicts` (frames beyond `verdicts.len()` are left unprocessed). Same verdicts and rewrites as
+/// calling [`process`] on each frame in order.
 pub fn process_batch(
     tables: &Tables,
     state: &mut WorkerState,
@@ -114,8 +122,44 @@ pub fn process_batch(
     frames: &mut [Frame<'_>],
     verdicts: &mut [Verdict],
 ) {
-    for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
-        *v = process(tables, state, now_ns, ingress, f);
+    let n = frames.len().min(verdicts.len());
+    for (frames, verdicts) in frames[..n]
+        .chunks_mut(BATCH)
+        .zip(verdicts[..n].chunks_mut(BATCH))
+    {
+        let mut preps: [Option<Prepared>; BATCH] = [None; BATCH];
+        let mut keys = [FlowKey::default(); BATCH];
+        let mut found = [None; BATCH];
+        let mut nkeys = 0;
+        for (i, f) in frames.iter_mut().enumerate() {
+            match prepare(tables, ingress, f) {
+                Ok(p) => {
+                    if p.tracked_key {
+                        keys[nkeys] = FlowKey::from(Tuple::of(&p.parsed));
+                        nkeys += 1;
+                    }
+                    preps[i] = Some(p);
+                }
+                Err(v) => verdicts[i] = v,
+            }
+        }
+        state
+            .conntrack
+            .lookup_batch(&keys[..nkeys], now_ns, &mut found[..nkeys]);
+        let epoch = state.ct_epoch;
+        let mut k = 0;
+        for (i, f) in frames.iter_mut().enumerate() {
+            if let Some(p) = preps[i] {
+                let hint = if p.tracked_key {
+                    k += 1;
+                    found[k - 1]
+                } else {
+                    None
+                };
+                verdicts[i] = finish(tables, state, now_ns, f, p, Some((hint, epoch)));
+            }
+            state.counters.count(verdicts[i]);
+        }
     }
 }
 
@@ -143,6 +187,16 @@ impl From<FlowKey> for Tuple {
     }
 }
 
+/// A frame that passed decap, parse and the source check, on its way to conntrack.
+#[derive(Clone, Copy, Debug)]
+struct Prepared {
+    parsed: Parsed,
+    /// Arrived on the uplink from outside the cluster (not VXLAN).
+    external: bool,
+    /// Looked up in conntrack by its own tuple (all but ICMP errors).
+    tracked_key: bool,
+}
+
 fn process_one(
     t: &Tables,
     s: &mut WorkerState,
@@ -150,33 +204,71 @@ fn process_one(
     ingress: PortId,
     frame: &mut Frame<'_>,
 ) -> Verdict {
+    match prepare(t, ingress, frame) {
+        Ok(p) => finish(t, s, now, frame, p, None),
+        Err(v) => v,
+    }
+}
+
+/// Decap, parse, source check and partial checksum completion: everything before conntrack.
+fn prepare(t: &Tables, ingress: PortId, frame: &mut Frame<'_>) -> Result<Prepared, Verdict> {
     let uplink = ingress == t.node.uplink;
     let mut tunneled = false;
     if uplink && vxlan::is_vxlan_to(frame.head(), t.node.underlay_ip.octets(), t.node.vxlan_port) {
         if let Err(e) = vxlan::decap(frame, t.node.vni) {
-            return Verdict::Drop(match e {
+            return Err(Verdict::Drop(match e {
                 VxlanError::BadChecksum => DropReason::VxlanBadChecksum,
                 VxlanError::WrongVni => DropReason::VxlanWrongVni,
                 VxlanError::Malformed | VxlanError::NoHeadroom => DropReason::VxlanMalformed,
-            });
+            }));
         }
         tunneled = true;
     }
-    let mut p = match parse::parse(t, frame) {
+    let p = match parse::parse(t, frame) {
         ParseOutcome::Ipv4(p) => p,
-        ParseOutcome::Done(v) => return v,
+        ParseOutcome::Done(v) => return Err(v),
     };
-    let external = uplink && !tunneled;
     if !uplink && t.local_pod(p.src).is_none_or(|pod| pod.port != ingress) {
-        return Verdict::Drop(DropReason::SpoofedSource);
+        return Err(Verdict::Drop(DropReason::SpoofedSource));
     }
-    if let IcmpKind::Error { .. } = p.icmp {
+    let icmp_error = matches!(p.icmp, IcmpKind::Error { .. });
+    if !icmp_error {
+        nat::complete_partial_checksum(frame, &p);
+    }
+    Ok(Prepared {
+        parsed: p,
+        external: uplink && !tunneled,
+        tracked_key: !icmp_error,
+    })
+}
+
+/// Conntrack onwards. `hint` is a batch lookup's answer for the frame's key with the conntrack
+/// epoch it was made at, `None` when not looked up.
+fn finish(
+    t: &Tables,
+    s: &mut WorkerState,
+    now: u64,
+    frame: &mut Frame<'_>,
+    prep: Prepared,
+    hint: Option<(Option<(CtHandle, FlowDir)>, u64)>,
+) -> Verdict {
+    let mut p = prep.parsed;
+    if !prep.tracked_key {
         return icmp_error(t, s, now, frame, &mut p);
     }
-    nat::complete_partial_checksum(frame, &p);
     let orig = Tuple::of(&p);
+    let key = FlowKey::from(orig);
+    // A batch answer stands if its entry still holds this key, or for a miss if no earlier frame
+    // of the batch inserted or removed an entry since; else look again.
+    let hit = match hint {
+        Some((Some((h, dir)), _)) if s.conntrack.get(h).is_some_and(|e| *e.key(dir) == key) => {
+            Some((h, dir))
+        }
+        Some((None, epoch)) if epoch == s.ct_epoch => None,
+        _ => s.conntrack.lookup(&key, now),
+    };
     let tcp_flags = (p.proto == proto::TCP).then_some(p.tcp_flags);
-    if let Some((h, dir)) = s.conntrack.lookup(&FlowKey::from(orig), now) {
+    if let Some((h, dir)) = hit {
         match s
             .conntrack
             .on_packet(h, dir, tcp_flags, u32::from(p.ip_len), now)
@@ -198,7 +290,7 @@ fn process_one(
         }
         return route::forward(t, frame, &p, r, s.next_ip_id());
     }
-    new_flow(t, s, now, frame, p, external, tcp_flags)
+    new_flow(t, s, now, frame, p, prep.external, tcp_flags)
 }
 
 fn new_flow(
@@ -264,6 +356,7 @@ fn new_flow(
         });
     }
     let okey = FlowKey::from(orig);
+    s.ct_epoch += 1;
     let mut inserted = s
         .conntrack
         .insert(okey, FlowKey::from(xlat).reversed(), value, now);

@@ -16,7 +16,7 @@
 use crate::frame::Frame;
 use crate::parse::{L3_OFFSET, Parsed};
 use crate::tables::{LocalPod, RemoteNode, Tables};
-use crate::verdict::{DropReason, PortId, Verdict};
+use crate::verdict::{DropReason, Verdict};
 use crate::vxlan;
 use crate::wire::{ethernet, ipv4};
 
@@ -36,13 +36,17 @@ pub enum Route {
 /// Look up the route to `dst`.
 #[inline]
 pub fn lookup(tables: &Tables, dst: [u8; 4]) -> Route {
-    if let Some(p) = tables.local_pod(dst) {
-        return Route::Local(*p);
+    if tables.in_local_cidr(dst) {
+        return match tables.local_pod(dst) {
+            Some(p) => Route::Local(*p),
+            None if dst == tables.node.vtep_ip.octets() => Route::Kernel,
+            None => Route::NoRoute,
+        };
     }
     if let Some(n) = tables.remote_node(dst) {
         return Route::Remote(*n);
     }
-    if tables.in_cluster(dst) && dst != tables.node.vtep_ip.octets() {
+    if tables.in_cluster(dst) {
         return Route::NoRoute;
     }
     Route::Kernel
@@ -136,15 +140,6 @@ pub fn forward_external(
     Verdict::Forward(tables.node.uplink)
 }
 
-/// The port a route transmits on, if any.
-pub fn port_of(tables: &Tables, route: Route) -> Option<PortId> {
-    match route {
-        Route::Local(p) => Some(p.port),
-        Route::Remote(_) => Some(tables.node.uplink),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +151,7 @@ mod tests {
         assert!(matches!(lookup(&t, [10, 244, 2, 3]), Route::Remote(_)));
         assert_eq!(lookup(&t, [10, 244, 7, 1]), Route::NoRoute);
         assert_eq!(lookup(&t, [10, 244, 1, 0]), Route::Kernel);
+        assert_eq!(lookup(&t, [10, 244, 1, 99]), Route::NoRoute);
         assert_eq!(lookup(&t, [8, 8, 8, 8]), Route::Kernel);
     }
 }

@@ -182,7 +182,10 @@ pub enum TablesError {
 #[derive(Debug)]
 pub struct Tables {
     pub node: NodeConfig,
+    /// Pods outside this node's pod CIDR (unusual), by address.
     pods: Map<u32, LocalPod>,
+    /// Pods inside this node's pod CIDR, indexed by `address - network` (a /16 or longer CIDR).
+    local_slots: Vec<Option<LocalPod>>,
     /// Remote nodes by (masked pod CIDR network, prefix length).
     nodes: Map<(u32, u8), RemoteNode>,
     /// The distinct prefix lengths of remote pod CIDRs, longest first.
@@ -193,13 +196,28 @@ pub struct Tables {
     pub policy: PolicyTable,
     /// `node.underlay_mtu - 50`, precomputed.
     pub vxlan_mtu: u16,
+    /// (network, mask) of the cluster CIDR and of this node's pod CIDR, host order.
+    cluster: (u32, u32),
+    local: (u32, u32),
+}
+
+fn net_mask(n: &Ipv4Net) -> (u32, u32) {
+    let mask = u32::from(n.netmask());
+    (u32::from(n.network()) & mask, mask)
 }
 
 impl Tables {
     /// The local pod with this address.
     #[inline]
     pub fn local_pod(&self, ip: [u8; 4]) -> Option<&LocalPod> {
-        self.pods.get(&u32::from_be_bytes(ip))
+        let a = u32::from_be_bytes(ip);
+        if a & self.local.1 == self.local.0 && !self.local_slots.is_empty() {
+            return self
+                .local_slots
+                .get((a - self.local.0) as usize)
+                .and_then(Option::as_ref);
+        }
+        self.pods.get(&a)
     }
 
     /// The remote node whose pod CIDR holds this address (longest prefix).
@@ -240,7 +258,13 @@ impl Tables {
     /// Whether an address is in the cluster CIDR.
     #[inline]
     pub fn in_cluster(&self, ip: [u8; 4]) -> bool {
-        self.node.cluster_cidr.contains(&Ipv4Addr::from(ip))
+        u32::from_be_bytes(ip) & self.cluster.1 == self.cluster.0
+    }
+
+    /// Whether an address is in this node's pod CIDR.
+    #[inline]
+    pub fn in_local_cidr(&self, ip: [u8; 4]) -> bool {
+        u32::from_be_bytes(ip) & self.local.1 == self.local.0
     }
 }
 
@@ -294,9 +318,21 @@ impl TablesBuilder {
 
     /// Build the snapshot: Maglev tables, maps, validation.
     pub fn build(self) -> Result<Tables, TablesError> {
+        let local = net_mask(&self.node.pod_cidr);
+        let mut local_slots = if self.node.pod_cidr.prefix_len() >= 16 {
+            vec![None; 1usize << (32 - self.node.pod_cidr.prefix_len())]
+        } else {
+            Vec::new()
+        };
         let mut pods = map();
         for (ip, p) in self.pods {
-            pods.insert(u32::from(ip), p);
+            let a = u32::from(ip);
+            match local_slots.get_mut(a.wrapping_sub(local.0) as usize) {
+                Some(slot) if a & local.1 == local.0 => *slot = Some(p),
+                _ => {
+                    pods.insert(a, p);
+                }
+            }
         }
         let mut nodes = map();
         let mut prefixes = Vec::new();
@@ -389,6 +425,9 @@ impl TablesBuilder {
             .underlay_mtu
             .saturating_sub(crate::vxlan::OVERHEAD as u16);
         Ok(Tables {
+            cluster: net_mask(&self.node.cluster_cidr),
+            local,
+            local_slots,
             node: self.node,
             pods,
             nodes,
@@ -419,7 +458,20 @@ pub(crate) mod tests {
     fn lookups() {
         let t = demo_tables();
         assert_eq!(t.local_pod([10, 244, 1, 2]).unwrap().port, POD_A_PORT);
+        assert!(t.local_pod([10, 244, 1, 4]).is_none());
         assert!(t.local_pod([10, 244, 2, 3]).is_none());
+        // A pod outside the node's CIDR still resolves (through the map).
+        let odd = LocalPod {
+            port: PortId(9),
+            pod_mac: [1; 6],
+            host_mac: [2; 6],
+        };
+        let t2 = crate::demo::demo_builder()
+            .pod(Ipv4Addr::new(10, 244, 9, 9), odd)
+            .build()
+            .unwrap();
+        assert_eq!(t2.local_pod([10, 244, 9, 9]), Some(&odd));
+        assert_eq!(t2.local_pod([10, 244, 1, 3]).unwrap().port, PortId(2));
         assert_eq!(
             t.remote_node([10, 244, 2, 77]).unwrap().underlay_ip,
             Ipv4Addr::new(192, 168, 50, 2)

@@ -302,6 +302,8 @@ spec:
     let want = Reach::all(true).peers(|f| !f.starts_with("x/"), |t| t.starts_with("x/"), false);
     check(&t, proto::TCP, 80, &want);
     check(&t, proto::SCTP, 81, &want);
+    // A rule without ports matches protocols without ports too.
+    check(&t, proto::ICMP, 0, &want);
 }
 
 #[test]

@@ -26,12 +26,29 @@ use sluice_control::agent_api::{AddPodRequest, DelPodRequest, StatusRequest};
 use sluice_dataplane::agent::config::{MacAddr, NodeConfig, PeerNode};
 use sluice_dataplane::agent::counters::CountersFile;
 
-/// MTU of pod veths and of the route to the own node's pod CIDR. DESIGN says 65535; until the
-/// pipeline sees the continuation chunks of multi-buffer frames (see the agent's `xsk_io`), pod
-/// frames must fit one 4 KiB UMEM chunk (4096 - 256 kernel headroom - 64 UMEM headroom).
-pub const POD_MTU: u32 = 3500;
+/// MTU of pod veths (DESIGN: large, so same-node TCP is not cut to MTU-sized frames; frames span
+/// several UMEM chunks). Override with `SLUICE_E2E_POD_MTU`.
+pub const POD_MTU: u32 = 65535;
+/// The kernel caps route MTUs at 65520.
+const MAX_ROUTE_MTU: u32 = 65520;
+
+/// The pod MTU this run uses.
+pub fn pod_mtu() -> u32 {
+    std::env::var("SLUICE_E2E_POD_MTU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(POD_MTU)
+}
 /// Underlay MTU.
 pub const UNDERLAY_MTU: u32 = 1500;
+
+/// The underlay MTU this run uses (`SLUICE_E2E_UNDERLAY_MTU`, e.g. 9000, else [`UNDERLAY_MTU`]).
+pub fn underlay_mtu() -> u32 {
+    std::env::var("SLUICE_E2E_UNDERLAY_MTU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(UNDERLAY_MTU)
+}
 
 /// A harness step failed; the message says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -381,7 +398,14 @@ impl Cluster {
             ),
         )?;
         ip(Some(&self.switch), &format!("link set n{i} master br0 up"))?;
-        ip(Some(&ns), &format!("link set eth0 mtu {UNDERLAY_MTU} up"))?;
+        ip(
+            Some(&ns),
+            &format!("link set eth0 mtu {} up", underlay_mtu()),
+        )?;
+        ip(
+            Some(&self.switch),
+            &format!("link set n{i} mtu {}", underlay_mtu()),
+        )?;
         ip(Some(&ns), &format!("addr add {underlay_ip}/24 dev eth0"))?;
         sh(&ns, "sysctl -qw net.ipv4.ip_forward=1")?;
         let dir = self._dir.path().join(format!("n{i}"));
@@ -426,9 +450,9 @@ impl Cluster {
         let n = &self.nodes[i];
         let json = serde_json::json!({
             "node_name": format!("n{i}"),
-            "underlay": {"interface": "eth0", "address": n.underlay_ip, "mtu": UNDERLAY_MTU, "mac": n.underlay_mac},
+            "underlay": {"interface": "eth0", "address": n.underlay_ip, "mtu": underlay_mtu(), "mac": n.underlay_mac},
             "pod_cidr": n.pod_cidr,
-            "pod_mtu": POD_MTU,
+            "pod_mtu": pod_mtu(),
             "vtep": {"mac": n.vtep_mac},
             "peers": self.peers_of(i),
             "workers": {"pin": false},
@@ -664,7 +688,10 @@ impl Cluster {
                 n.vtep_mac, n.underlay_ip
             ),
         )?;
-        ip(Some(&ns), "link set flannel.1 mtu 1450 up")?;
+        ip(
+            Some(&ns),
+            &format!("link set flannel.1 mtu {} up", underlay_mtu() - 50),
+        )?;
         ip(
             Some(&ns),
             &format!("addr add {}/32 dev flannel.1", n.vtep_ip()),
@@ -710,20 +737,21 @@ impl Cluster {
         let octet = i as u8 + 1;
         let pod_ip = Ipv4Addr::new(10, 244, octet, j as u8 + 2);
         let host_if = format!("vp{j}");
+        let pod_mtu = pod_mtu();
         // As many queues as the uplink, so that every worker owns a socket on the pod's veth.
         let q = self.options.uplink_queues.max(1);
         ip(
             Some(&node_ns),
             &format!(
-                "link add {host_if} mtu {POD_MTU} numtxqueues {q} numrxqueues {q} type veth peer name eth0 numtxqueues {q} numrxqueues {q} netns {ns}"
+                "link add {host_if} mtu {pod_mtu} numtxqueues {q} numrxqueues {q} type veth peer name eth0 numtxqueues {q} numrxqueues {q} netns {ns}"
             ),
         )?;
         ip(Some(&node_ns), &format!("link set {host_if} up"))?;
-        ip(Some(&ns), &format!("link set eth0 mtu {POD_MTU} up"))?;
+        ip(Some(&ns), &format!("link set eth0 mtu {pod_mtu} up"))?;
         ip(Some(&ns), &format!("addr add {pod_ip}/32 dev eth0"))?;
         let host_mac = mac_of(&node_ns, &host_if)?;
         let pod_mac = mac_of(&ns, "eth0")?;
-        let overlay_mtu = UNDERLAY_MTU - 50;
+        let overlay_mtu = underlay_mtu() - 50;
         ip(Some(&ns), "route add 169.254.1.1 dev eth0 scope link")?;
         ip(
             Some(&ns),
@@ -735,7 +763,10 @@ impl Cluster {
         )?;
         ip(
             Some(&ns),
-            &format!("route add 10.244.{octet}.0/24 via 169.254.1.1 dev eth0 onlink mtu {POD_MTU}"),
+            &format!(
+                "route add 10.244.{octet}.0/24 via 169.254.1.1 dev eth0 onlink mtu {}",
+                pod_mtu.min(MAX_ROUTE_MTU)
+            ),
         )?;
         run(in_ns(&ns, &["ethtool", "-K", "eth0", "tx", "off"]).stdout(Stdio::null()))?;
         ip(
@@ -797,7 +828,7 @@ impl Cluster {
             "cniVersion": "1.0.0", "name": "sluice", "type": "sluice-cni",
             "agentSocket": n.socket(),
             "dataDir": n.dir.join("cni"),
-            "mtu": {"mode": "routes", "podMtu": POD_MTU, "underlayMtu": UNDERLAY_MTU},
+            "mtu": {"mode": "routes", "podMtu": pod_mtu(), "underlayMtu": underlay_mtu()},
             "ipam": {"dataDir": n.dir.join("ipam")},
             "runtimeConfig": {"labels": labels},
         })
@@ -889,6 +920,25 @@ impl Cluster {
         let config = self.cni_config(pod.node, &[]);
         self.run_cni(pod.node, "DEL", &pod.ns, &pod.container_id, &config)
             .map(|_| ())
+    }
+
+    /// Send a raw AddPod to node `i`'s agent; on refusal returns the gRPC code (as its Debug name)
+    /// and message.
+    pub fn add_pod_raw(
+        &self,
+        i: usize,
+        req: AddPodRequest,
+    ) -> Result<Result<(), (String, String)>> {
+        let socket = self.nodes[i].socket();
+        self.runtime.block_on(async {
+            let mut c = sluice_control::agent_client::connect(&socket)
+                .await
+                .map_err(|e| HarnessError::Setup(e.to_string()))?;
+            Ok(c.add_pod(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| (format!("{:?}", s.code()), s.message().to_owned())))
+        })
     }
 
     /// DelPod for pod `p` on its agent; returns `existed`.

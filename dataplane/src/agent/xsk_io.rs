@@ -8,8 +8,10 @@
 //! single-queue uplink) it never happens. `PassToKernel` after a redirect cannot be honoured from
 //! userspace here either (the XDP program passes host-bound traffic itself); it is counted.
 //!
-//! Multi-buffer frames: the pipeline sees the first chunk only (headers are always there);
-//! `FrameMut` cannot lend the first chunk mutably and the continuation chunks at once yet.
+//! Multi-buffer frames: `FrameMut` cannot lend the first chunk mutably and the continuation
+//! chunks at once, so the continuation bytes are copied into a per-worker scratch buffer (sized
+//! once, never grown on the hot path) that the pipeline reads as the frame's tail (for lengths and
+//! checksums); the descriptors themselves are forwarded unchanged.
 
 use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
@@ -26,6 +28,9 @@ use super::workers::{PortSpec, WorkerError, WorkerIo};
 use crate::frame::Frame;
 use crate::pipeline::{WorkerConfig, WorkerState, process};
 use crate::verdict::{self, Verdict};
+
+/// Room for the continuation bytes of the largest frame (64 KiB IP packet plus slack).
+const SCRATCH: usize = 128 * 1024;
 
 /// One socket of this worker.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +49,8 @@ pub struct XskIo {
     loader: SharedLoader,
     state: WorkerState,
     start: Instant,
+    /// The continuation bytes of the current multi-buffer frame.
+    scratch: Vec<u8>,
     /// Ports some other worker owns (for counting handoffs rather than `no_socket`).
     peers: PortSet,
 }
@@ -64,6 +71,7 @@ impl XskIo {
             loader,
             state: WorkerState::new(WorkerConfig::default()),
             start: Instant::now(),
+            scratch: Vec::with_capacity(SCRATCH),
             peers,
         })
     }
@@ -131,6 +139,7 @@ impl WorkerIo for XskIo {
             state,
             start,
             peers,
+            scratch,
             ..
         } = self;
         let tables = &snapshot.tables;
@@ -155,8 +164,17 @@ impl WorkerIo for XskIo {
                     continue;
                 };
                 let (off, len) = (fm.offset(), fm.len());
+                scratch.clear();
+                for c in 0..fm.continuations() {
+                    let part = fm.continuation(c);
+                    if scratch.len() + part.len() <= SCRATCH {
+                        scratch.extend_from_slice(part);
+                    }
+                }
                 let (v, off, len) = {
-                    let mut frame = Frame::new(fm.chunk(), off, len);
+                    let tail: [&[u8]; 1] = [scratch.as_slice()];
+                    let tail: &[&[u8]] = if scratch.is_empty() { &[] } else { &tail };
+                    let mut frame = Frame::new(fm.chunk(), off, len).with_tail(tail);
                     let v = process(tables, state, now_ns, verdict::PortId(s.port.0), &mut frame);
                     (v, frame.offset(), frame.len())
                 };

@@ -604,3 +604,172 @@ fn kernel_made_vxlan_frames_are_delivered() {
     }
     assert!(delivered >= 4, "{delivered}");
 }
+
+#[test]
+fn tables_can_be_shared_and_state_moved_to_a_worker() {
+    fn shared<T: Send + Sync + 'static>() {}
+    fn sent<T: Send + 'static>() {}
+    shared::<Tables>();
+    sent::<WorkerState>();
+    // A snapshot published through arc-swap, as the agent does.
+    let cell = arc_swap::ArcSwap::from_pointee(demo_tables());
+    cell.store(std::sync::Arc::new(demo_tables()));
+    assert_eq!(cell.load().service_count(), 3);
+}
+
+/// A new snapshot with a changed backend set does not move established flows.
+#[test]
+fn established_flows_keep_their_backend_across_snapshots() {
+    use crate::tables::{Backend, LocalPod, ServiceSpec, TablesBuilder};
+    use std::net::Ipv4Addr;
+    let t1 = demo_tables();
+    let mut s = state();
+    let sp = sport_for(&t1, R);
+    let syn = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::SYN, b"");
+    assert_eq!(run(&t1, &mut s, 1, POD_A, &syn).0, Verdict::Forward(UPLINK));
+    let spec = FrameSpec {
+        src_mac: [0; 6],
+        dst_mac: [0; 6],
+        src: R,
+        dst: A,
+        src_port: 8080,
+        dst_port: sp,
+    };
+    let synack = demo::tcp_frame(&spec, tcp::flags::SYN | tcp::flags::ACK, b"");
+    assert_eq!(
+        run(&t1, &mut s, 2, UPLINK, &from_remote(&synack)).0,
+        Verdict::Forward(POD_A)
+    );
+    // The next snapshot: web's remote backend is gone, a new local one came.
+    let pod = |n| LocalPod {
+        port: PortId(u32::from(n) - 1),
+        pod_mac: pod_mac(n),
+        host_mac: host_mac(n),
+    };
+    let t2 = TablesBuilder::new(t1.node.clone())
+        .pod(Ipv4Addr::new(10, 244, 1, 2), pod(2))
+        .pod(Ipv4Addr::new(10, 244, 1, 3), pod(3))
+        .remote_node(*t1.remote_node(R).unwrap())
+        .service(ServiceSpec {
+            name: "default/web:80".into(),
+            cluster_ip: Ipv4Addr::from(VIP),
+            port: 80,
+            proto: 6,
+            node_port: None,
+            backends: vec![Backend {
+                ip: Ipv4Addr::from(B),
+                port: 8080,
+                weight: 1,
+            }],
+            affinity_timeout_s: None,
+        })
+        .build()
+        .unwrap();
+    let ack = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::ACK, b"x");
+    let (v, out) = run(&t2, &mut s, 3, POD_A, &ack);
+    assert_eq!(v, Verdict::Forward(UPLINK));
+    assert_eq!(tuple(&decapped(&out)).dst, R);
+    // A new flow goes to the new backend set.
+    let syn = demo::tcp_frame(
+        &FrameSpec::from_pod(2, VIP, sp + 1, 80),
+        tcp::flags::SYN,
+        b"",
+    );
+    assert_eq!(run(&t2, &mut s, 4, POD_A, &syn).0, Verdict::Forward(POD_B));
+}
+
+fn flow_pool() -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    for sp in [1000u16, 1001, 1002, 1003] {
+        v.push(demo::tcp_frame(
+            &FrameSpec::from_pod(2, VIP, sp, 80),
+            tcp::flags::SYN,
+            b"",
+        ));
+        v.push(demo::tcp_frame(
+            &FrameSpec::from_pod(2, VIP, sp, 80),
+            tcp::flags::ACK,
+            b"data",
+        ));
+        let spec = FrameSpec {
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
+            src: R,
+            dst: A,
+            src_port: 8080,
+            dst_port: sp,
+        };
+        v.push(from_remote(&demo::tcp_frame(
+            &spec,
+            tcp::flags::SYN | tcp::flags::ACK,
+            b"",
+        )));
+        v.push(demo::udp_frame(
+            &FrameSpec::from_pod(2, [10, 96, 0, 53], sp, 53),
+            b"q",
+        ));
+        v.push(demo::icmp_echo_frame(
+            &FrameSpec::from_pod(2, R, sp, sp),
+            false,
+            1,
+        ));
+    }
+    v.push(vec![0u8; 20]);
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// `process_batch` gives the same verdicts and bytes as `process` frame by frame, including
+    /// batches holding several packets of one new flow and their replies.
+    #[test]
+    fn batch_equals_one_by_one(picks in proptest::collection::vec((0usize..64, any::<bool>()), 1..150)) {
+        let t = shared_tables();
+        let pool = flow_pool();
+        let seq: Vec<(Vec<u8>, PortId)> = picks
+            .iter()
+            .map(|&(i, _)| {
+                let f = pool[i % pool.len()].clone();
+                let port = if f.len() > 50 && f[30..34] == [192, 168, 50, 1] { UPLINK } else { POD_A };
+                (f, port)
+            })
+            .collect();
+        let mut one = state();
+        let single: Vec<(Verdict, Vec<u8>)> =
+            seq.iter().map(|(f, port)| run(t, &mut one, 5, *port, f)).collect();
+        let mut many = state();
+        // Batches of consecutive frames with the same ingress port, cut where a pick says so.
+        let mut i = 0;
+        while i < seq.len() {
+            let port = seq[i].1;
+            let mut j = i + 1;
+            while j < seq.len() && seq[j].1 == port && !picks[j].1 {
+                j += 1;
+            }
+            let mut bufs: Vec<Vec<u8>> = seq[i..j]
+                .iter()
+                .map(|(f, _)| {
+                    let mut b = vec![0u8; HEADROOM + f.len()];
+                    b[HEADROOM..].copy_from_slice(f);
+                    b
+                })
+                .collect();
+            let mut frames: Vec<Frame<'_>> = bufs
+                .iter_mut()
+                .map(|b| {
+                    let n = b.len() - HEADROOM;
+                    Frame::new(b, HEADROOM, n)
+                })
+                .collect();
+            let mut verdicts = vec![Verdict::PassToKernel; j - i];
+            process_batch(t, &mut many, 5, port, &mut frames, &mut verdicts);
+            for (k, (f, v)) in frames.iter().zip(&verdicts).enumerate() {
+                prop_assert_eq!(*v, single[i + k].0, "frame {}", i + k);
+                prop_assert_eq!(f.head(), &single[i + k].1[..], "frame {}", i + k);
+            }
+            i = j;
+        }
+        prop_assert_eq!(one.counters, many.counters);
+    }
+}

@@ -58,6 +58,12 @@ impl Bitset {
         was != on
     }
 
+    /// The words, 64 members each, least significant bit first.
+    #[inline]
+    pub(crate) fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.words.iter().all(|w| *w == 0)
     }

@@ -12,7 +12,7 @@ use super::selector::{LabelIndex, Labels};
 use super::spec::{self, CheckedPolicy, EGRESS, INGRESS, NsMatch, Peer, PortMatch};
 use super::{
     Class, ContainerPort, DirPolicy, NO_CLASS, Namespace, NetworkPolicy, OTHER_SLOT, PeerSet,
-    PodInfo, PodPolicy, PolicyInputs, PolicyTable, PortMap, Protocol,
+    PodEntry, PodInfo, PodPolicy, PolicyInputs, PolicyTable, Protocol,
 };
 use ahash::{AHashMap, AHashSet};
 use std::collections::BTreeMap;
@@ -69,8 +69,9 @@ pub struct PolicyBuilder {
     selected_by: Vec<[Vec<u32>; 2]>,
     compiled: Vec<PodPolicy>,
     cache: AHashMap<SigKey, Arc<DirPolicy>>,
-    /// Label key -> policies with a peer pod selector looking at that key.
-    by_key: AHashMap<String, Vec<u32>>,
+    /// Label change trigger (see `Selector::triggers`) -> policies with a peer pod selector
+    /// that it may affect.
+    by_key: AHashMap<(String, Option<String>), Vec<u32>>,
     /// Policies with an `ipBlock` peer (their peer sets depend on pod IPs).
     with_cidrs: Vec<u32>,
 }
@@ -125,8 +126,14 @@ impl PolicyBuilder {
     /// A snapshot to publish. Cheap: shares the compiled direction policies.
     pub fn table(&self) -> PolicyTable {
         PolicyTable {
-            pod_by_ip: self.pod_by_ip.clone(),
-            pods: self.compiled.clone(),
+            pods: self
+                .pod_by_ip
+                .iter()
+                .map(|(&ip, &slot)| {
+                    let policy = self.compiled[slot as usize].clone();
+                    (ip, PodEntry { slot, policy })
+                })
+                .collect(),
             node_addrs: self.node_addrs.clone(),
             policy_names: self.policy_names.clone(),
         }
@@ -151,15 +158,26 @@ impl PolicyBuilder {
         let labels_changed = old.labels != pod.labels;
         let ip_changed = old.ip != pod.ip;
         let ports_changed = old.ports != pod.ports;
-        let mut changed_keys: Vec<String> = Vec::new();
+        // (key, Some(value)) for each value a key gained or lost, (key, None) when the key
+        // itself appeared or disappeared.
+        let mut changed_keys: Vec<(String, Option<String>)> = Vec::new();
         for (k, v) in &old.labels {
-            if pod.labels.get(k) != Some(v) {
-                changed_keys.push(k.clone());
+            match pod.labels.get(k) {
+                Some(nv) if nv == v => {}
+                Some(nv) => {
+                    changed_keys.push((k.clone(), Some(v.clone())));
+                    changed_keys.push((k.clone(), Some(nv.clone())));
+                }
+                None => {
+                    changed_keys.push((k.clone(), Some(v.clone())));
+                    changed_keys.push((k.clone(), None));
+                }
             }
         }
-        for k in pod.labels.keys() {
+        for (k, v) in &pod.labels {
             if !old.labels.contains_key(k) {
-                changed_keys.push(k.clone());
+                changed_keys.push((k.clone(), Some(v.clone())));
+                changed_keys.push((k.clone(), None));
             }
         }
         if labels_changed {
@@ -378,20 +396,23 @@ impl PolicyBuilder {
         let Some(st) = &self.policies[p as usize] else {
             return;
         };
-        let mut keys: Vec<&str> = Vec::new();
+        let mut keys: Vec<(&str, Option<&str>)> = Vec::new();
         let mut cidrs = false;
         for rule in st.pol.rules.iter().flatten() {
             for peer in rule.peers.iter().flatten() {
                 match peer {
                     Peer::Block(_) => cidrs = true,
-                    Peer::Pods { pods, .. } => keys.extend(pods.keys()),
+                    Peer::Pods { pods, .. } => keys.extend(pods.triggers()),
                 }
             }
         }
         keys.sort_unstable();
         keys.dedup();
-        for k in keys {
-            self.by_key.entry(k.to_owned()).or_default().push(p);
+        for (k, v) in keys {
+            self.by_key
+                .entry((k.to_owned(), v.map(str::to_owned)))
+                .or_default()
+                .push(p);
         }
         if cidrs {
             self.with_cidrs.push(p);
@@ -510,12 +531,12 @@ impl PolicyBuilder {
 
     /// Pod `slot` was added (`changed_keys` None) or changed (labels under `changed_keys`, IP,
     /// ports): update the selections it is in and recompile what depends on it. Only policies
-    /// whose peer selectors look at a changed key (or that have ipBlocks, when the IP changed)
-    /// are re-evaluated.
+    /// with a peer selector requirement on a changed label value (or key presence), or with
+    /// ipBlocks when the IP changed, are re-evaluated.
     fn pod_changed(
         &mut self,
         slot: u32,
-        changed_keys: Option<&[String]>,
+        changed_keys: Option<&[(String, Option<String>)]>,
         ip_changed: bool,
         structural: bool,
     ) {
@@ -793,7 +814,9 @@ impl PolicyBuilder {
 
         let mut classes: Vec<Class> = Vec::new();
         let mut class_ids: AHashMap<Vec<usize>, u32> = AHashMap::new();
-        let ports = std::array::from_fn(|slot| {
+        let mut segs: Vec<(u16, u32)> = Vec::new();
+        let mut ranges = [(0u32, 0u32); 4];
+        for (slot, range) in ranges.iter_mut().enumerate() {
             let gs: Vec<usize> = (0..grants.len())
                 .filter(|&g| grants[g].slot == slot)
                 .collect();
@@ -806,8 +829,7 @@ impl PolicyBuilder {
             }
             bounds.sort_unstable();
             bounds.dedup();
-            let mut starts = Vec::new();
-            let mut cls = Vec::new();
+            let first = segs.len();
             for b in bounds {
                 let cover: Vec<usize> = gs
                     .iter()
@@ -819,41 +841,26 @@ impl PolicyBuilder {
                 } else if let Some(&c) = class_ids.get(&cover) {
                     c
                 } else {
-                    let members: Box<[(u32, Arc<PeerSet>)]> = cover
+                    // `cover` is in grant order, which is increasing policy order.
+                    let members: Vec<(u32, &PeerSet)> = cover
                         .iter()
-                        .map(|&g| (grants[g].by, grants[g].set.clone()))
+                        .map(|&g| (grants[g].by, &*grants[g].set))
                         .collect();
-                    let union = if members.len() == 1 {
-                        members[0].1.clone()
-                    } else {
-                        let mut u = PeerSet::default();
-                        for (_, s) in members.iter() {
-                            u.union_with(s);
-                        }
-                        u.pods.shrink();
-                        Arc::new(u)
-                    };
-                    classes.push(Class {
-                        union,
-                        grants: members,
-                    });
+                    classes.push(Class::build(&members));
                     let c = (classes.len() - 1) as u32;
                     class_ids.insert(cover, c);
                     c
                 };
-                if cls.last() == Some(&c) {
+                if segs.len() > first && segs.last().map(|s| s.1) == Some(c) {
                     continue;
                 }
-                starts.push(b as u16);
-                cls.push(c);
+                segs.push((b as u16, c));
             }
-            PortMap {
-                starts: starts.into_boxed_slice(),
-                class: cls.into_boxed_slice(),
-            }
-        });
+            *range = (first as u32, segs.len() as u32);
+        }
         DirPolicy {
-            ports,
+            ranges,
+            segs: segs.into_boxed_slice(),
             classes: classes.into_boxed_slice(),
         }
     }
@@ -865,4 +872,114 @@ fn resolve(ports: &[ContainerPort], name: &str, protocol: Protocol) -> Option<u1
         .iter()
         .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
         .map(|p| p.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Direction, PolicyId, PolicyQuery, PolicyVerdict, proto};
+
+    fn pod(name: &str, app: &str, ip: [u8; 4], http: u16) -> PodInfo {
+        PodInfo {
+            namespace: "ns".into(),
+            name: name.into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ip: Ipv4Addr::from(ip),
+            ports: vec![ContainerPort {
+                name: Some("http".into()),
+                port: http,
+                protocol: Protocol::Tcp,
+            }],
+            local: true,
+        }
+    }
+
+    fn policy(name: &str, json: serde_json::Value) -> NetworkPolicy {
+        let mut np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": json,
+        }))
+        .unwrap();
+        np.metadata.namespace = Some("ns".into());
+        np
+    }
+
+    fn q(src: [u8; 4], dst: [u8; 4], port: u16) -> PolicyQuery {
+        PolicyQuery {
+            src: Ipv4Addr::from(src),
+            dst: Ipv4Addr::from(dst),
+            proto: proto::TCP,
+            dst_port: port,
+        }
+    }
+
+    #[test]
+    fn overlapping_port_ranges_split_into_segments_with_attribution() {
+        let inputs = PolicyInputs {
+            pods: vec![
+                pod("server", "server", [10, 0, 0, 1], 8080),
+                pod("web", "web", [10, 0, 0, 2], 8080),
+                pod("db", "db", [10, 0, 0, 3], 8080),
+            ],
+            policies: vec![
+                policy(
+                    "from-web",
+                    serde_json::json!({
+                        "podSelector": {"matchLabels": {"app": "server"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                     "ports": [{"port": 80, "endPort": 90}]}],
+                    }),
+                ),
+                policy(
+                    "from-db",
+                    serde_json::json!({
+                        "podSelector": {"matchLabels": {"app": "server"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "db"}}}],
+                                     "ports": [{"port": 85, "endPort": 100}, {"port": "http"}]}],
+                    }),
+                ),
+            ],
+            ..Default::default()
+        };
+        let b = PolicyBuilder::new(&inputs).unwrap();
+        let t = b.table();
+        let (web, db, server) = ([10, 0, 0, 2], [10, 0, 0, 3], [10, 0, 0, 1]);
+        let deny = PolicyVerdict::Deny {
+            direction: Direction::Ingress,
+        };
+        let by = |p: u32| PolicyVerdict::Allow {
+            by: Some(PolicyId(p)),
+        };
+        assert_eq!(t.decide(&q(web, server, 79)), deny);
+        assert_eq!(t.decide(&q(web, server, 80)), by(0));
+        assert_eq!(t.decide(&q(web, server, 90)), by(0));
+        assert_eq!(t.decide(&q(web, server, 91)), deny);
+        assert_eq!(t.decide(&q(db, server, 84)), deny);
+        assert_eq!(t.decide(&q(db, server, 85)), by(1));
+        assert_eq!(t.decide(&q(db, server, 100)), by(1));
+        assert_eq!(t.decide(&q(db, server, 8080)), by(1));
+        assert_eq!(t.decide(&q(web, server, 8080)), deny);
+        // Both policies select only `server`: one compiled ingress policy, none for the others.
+        assert_eq!(b.cache.len(), 1);
+        assert!(t.policy_name(PolicyId(1)) == Some("ns/from-db"));
+    }
+
+    #[test]
+    fn pods_with_the_same_selecting_policies_share_compiled_policy() {
+        let inputs = PolicyInputs {
+            pods: (0..10)
+                .map(|i| pod(&format!("p{i}"), "web", [10, 0, 0, i as u8 + 1], 8080))
+                .collect(),
+            policies: vec![policy("deny", serde_json::json!({"podSelector": {}}))],
+            ..Default::default()
+        };
+        let b = PolicyBuilder::new(&inputs).unwrap();
+        assert_eq!(b.cache.len(), 1);
+        let first = b.compiled[0].dirs[INGRESS].as_ref().unwrap();
+        assert!(
+            b.compiled
+                .iter()
+                .all(|p| Arc::ptr_eq(p.dirs[INGRESS].as_ref().unwrap(), first))
+        );
+    }
 }

@@ -88,22 +88,9 @@ impl CidrSet {
         }
         let mut by_len: Vec<AHashSet<u32>> = vec![AHashSet::new(); 33];
         for &(lo, hi) in &merged {
-            let mut cur = u64::from(lo);
-            let end = u64::from(hi);
-            while cur <= end {
-                // Largest aligned block starting at cur that fits in [cur, end].
-                let align = if cur == 0 {
-                    32
-                } else {
-                    cur.trailing_zeros().min(32)
-                };
-                let mut size_log = align;
-                while size_log > 0 && cur + (1u64 << size_log) - 1 > end {
-                    size_log -= 1;
-                }
-                by_len[32 - size_log as usize].insert(cur as u32);
-                cur += 1u64 << size_log;
-            }
+            prefixes(lo, hi, |net, len| {
+                by_len[len as usize].insert(net);
+            });
         }
         let lpm = by_len
             .into_iter()
@@ -122,6 +109,87 @@ impl CidrSet {
     #[inline]
     pub(crate) fn contains(&self, ip: u32) -> bool {
         self.lpm.iter().any(|(m, nets)| nets.contains(&(ip & m)))
+    }
+}
+
+/// Calls `f(network, prefix_len)` for the minimal disjoint prefixes covering `[lo, hi]`.
+fn prefixes(lo: u32, hi: u32, mut f: impl FnMut(u32, u8)) {
+    let mut cur = u64::from(lo);
+    let end = u64::from(hi);
+    while cur <= end {
+        // Largest aligned block starting at cur that fits in [cur, end].
+        let mut size_log = if cur == 0 {
+            32
+        } else {
+            cur.trailing_zeros().min(32)
+        };
+        while size_log > 0 && cur + (1u64 << size_log) - 1 > end {
+            size_log -= 1;
+        }
+        f(cur as u32, (32 - size_log) as u8);
+        cur += 1u64 << size_log;
+    }
+}
+
+/// A map from IPv4 addresses to the first of several [`CidrSet`]s (in the order given) that
+/// contains them, with the value given for that set: the attribution of `ipBlock` grants.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CidrMap {
+    /// Per prefix length present, longest first: (mask, network -> value).
+    lpm: Vec<(u32, ahash::AHashMap<u32, u32>)>,
+}
+
+impl CidrMap {
+    pub(crate) fn build(sets: &[(&CidrSet, u32)]) -> Self {
+        let mut bounds: Vec<u64> = Vec::new();
+        for (set, _) in sets {
+            for &(lo, hi) in &set.intervals {
+                bounds.push(u64::from(lo));
+                bounds.push(u64::from(hi) + 1);
+            }
+        }
+        bounds.sort_unstable();
+        bounds.dedup();
+        // Elementary segments between boundaries, each valued by the first set containing it.
+        let mut segs: Vec<(u32, u32, u32)> = Vec::new();
+        for w in bounds.windows(2) {
+            let (lo, hi) = (w[0] as u32, (w[1] - 1) as u32);
+            let value = sets.iter().find_map(|(set, v)| {
+                let i = set.intervals.partition_point(|&(_, h)| h < lo);
+                set.intervals
+                    .get(i)
+                    .is_some_and(|&(l, _)| l <= lo)
+                    .then_some(*v)
+            });
+            let Some(v) = value else { continue };
+            match segs.last_mut() {
+                Some(last) if last.2 == v && u64::from(last.1) + 1 == u64::from(lo) => last.1 = hi,
+                _ => segs.push((lo, hi, v)),
+            }
+        }
+        let mut by_len: Vec<ahash::AHashMap<u32, u32>> = vec![ahash::AHashMap::new(); 33];
+        for (lo, hi, v) in segs {
+            prefixes(lo, hi, |net, len| {
+                by_len[len as usize].insert(net, v);
+            });
+        }
+        Self {
+            lpm: by_len
+                .into_iter()
+                .enumerate()
+                .rev()
+                .filter(|(_, m)| !m.is_empty())
+                .map(|(len, m)| (mask(len as u8), m))
+                .collect(),
+        }
+    }
+
+    /// The value of the first set containing `ip`.
+    #[inline]
+    pub(crate) fn get(&self, ip: u32) -> Option<u32> {
+        self.lpm
+            .iter()
+            .find_map(|(m, nets)| nets.get(&(ip & m)).copied())
     }
 }
 
@@ -159,6 +227,18 @@ mod tests {
         assert!(s.contains(ip("10.2.3.5")));
         assert!(s.contains(ip("10.255.255.255")));
         assert!(!s.contains(ip("11.0.0.0")));
+    }
+
+    #[test]
+    fn map_gives_the_first_set_containing() {
+        let a = CidrSet::block(ip("10.0.0.0"), 8, &[(ip("10.1.0.0"), 16)]);
+        let b = CidrSet::block(ip("10.0.0.0"), 7, &[]);
+        let m = CidrMap::build(&[(&a, 1), (&b, 2)]);
+        assert_eq!(m.get(ip("10.0.0.1")), Some(1));
+        assert_eq!(m.get(ip("10.1.2.3")), Some(2));
+        assert_eq!(m.get(ip("11.255.0.1")), Some(2));
+        assert_eq!(m.get(ip("12.0.0.1")), None);
+        assert_eq!(CidrMap::build(&[]).get(0), None);
     }
 
     #[test]

@@ -53,6 +53,6 @@ pub enum InvalidReason {
     IpBlockWithSelector,
     #[error("unsupported policy type {0:?} (Ingress, Egress)")]
     BadPolicyType(String),
-    #[error("at most two policy types, each at most once")]
+    #[error("at most two policy types")]
     TooManyPolicyTypes,
 }

@@ -44,11 +44,22 @@
 //!
 //! # Cost
 //! Each pod has a slot. Per pod and direction, the policies that select it are compiled into a
-//! [`DirPolicy`]: per protocol a sorted array of port segments (shared by pods with the same
-//! selecting policies), each naming a class whose peer set is a bitset of pod slots plus an
-//! `ipBlock` prefix set. [`PolicyTable::decide`] is two hash lookups (addresses to slots), a
-//! binary search over the few port boundaries of the pod's own policies, a bit test and a few
-//! prefix-length probes: independent of the number of policies and pods in the cluster.
+//! direction policy (shared by all pods selected by the same policies): per protocol a sorted
+//! array of port segments, each naming a class whose peer set is a bitset of pod slots (pods
+//! inside an `ipBlock` included) plus an `ipBlock` prefix map for addresses that are not pods;
+//! the allowing policy of a pod peer is found by its rank among the bitset's members, so
+//! attribution is O(1) too.
+//! [`PolicyTable::decide`] is one hash lookup per address, a binary search over the few port
+//! boundaries of the pod's own policies, and a bit test (or a few prefix-length probes for a
+//! non-pod address): independent of the number of policies and pods in the cluster.
+//!
+//! # Publishing
+//! The agent keeps one [`PolicyBuilder`], applies watch events to it (`set_pod`, `remove_pod`,
+//! `set_namespace`, `set_policy`, `remove_policy`) and stores `builder.table()` into an
+//! `ArcSwap<PolicyTable>`; workers load it between batches. A pod change re-evaluates only the
+//! policies with a selector requirement on a label value that changed and recompiles only the
+//! direction policies that used them; namespace label changes re-evaluate every selector.
+//! IPv6 `ipBlock`s are accepted and match no (IPv4) address.
 
 #![forbid(unsafe_code)]
 
@@ -68,7 +79,7 @@ pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use ahash::{AHashMap, AHashSet};
 use bitset::Bitset;
-use cidr::CidrSet;
+use cidr::{CidrMap, CidrSet};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -110,8 +121,9 @@ pub struct PolicyId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PolicyVerdict {
     /// Allowed; `by` names a policy that allowed it when a pod was isolated (the destination's
-    /// ingress policy when it is isolated for ingress, else the source's egress policy), `None`
-    /// when no policy isolates the pods in the directions concerned.
+    /// ingress policy when it is isolated for ingress, else the source's egress policy; when
+    /// several policies allow the flow, the lowest-numbered), `None` when no policy isolates the
+    /// pods in the directions concerned.
     Allow { by: Option<PolicyId> },
     /// Denied by the isolation of `direction` (no rule of any selecting policy allowed it).
     Deny { direction: Direction },
@@ -188,36 +200,106 @@ impl PeerSet {
                 None => self.cidrs.contains(ip),
             }
     }
-
-    fn union_with(&mut self, other: &PeerSet) {
-        self.any |= other.any;
-        self.pods.union_with(&other.pods);
-        self.cidrs.union_with(&other.cidrs);
-    }
 }
 
-/// Peers allowed on one port segment, with the grants that make it up (for attribution).
+/// Peers allowed on one port segment, each attributed to the lowest-numbered policy allowing
+/// it, all in O(1): a pod's attribution is found by its rank among the members of `pods`.
 #[derive(Debug)]
 pub(crate) struct Class {
-    union: Arc<PeerSet>,
-    grants: Box<[(u32, Arc<PeerSet>)]>,
+    /// The lowest-numbered policy allowing every peer here, if any.
+    any: Option<u32>,
+    /// The pods allowed by lower-numbered policies than `any` (all of them if no `any`).
+    pods: Bitset,
+    /// Per word of `pods`: the number of members in the words before it.
+    rank: Box<[u32]>,
+    /// Per member of `pods`, in slot order: the policy allowing it.
+    by_pod: Box<[u32]>,
+    /// Addresses that are not pods.
+    cidrs: CidrMap,
+}
+
+impl Class {
+    /// `grants` in increasing policy order.
+    fn build(grants: &[(u32, &PeerSet)]) -> Self {
+        let any_at = grants.iter().position(|(_, s)| s.any);
+        let any = any_at.map(|i| grants[i].0);
+        let specific = &grants[..any_at.unwrap_or(grants.len())];
+        let mut pods = Bitset::default();
+        for (_, s) in specific {
+            pods.union_with(&s.pods);
+        }
+        pods.shrink();
+        let words = pods.words();
+        let mut rank = Vec::with_capacity(words.len());
+        let mut members = 0u32;
+        for w in words {
+            rank.push(members);
+            members += w.count_ones();
+        }
+        let mut by_pod = vec![u32::MAX; members as usize];
+        for (wi, &uw) in words.iter().enumerate() {
+            let mut remaining = uw;
+            for (p, s) in specific {
+                if remaining == 0 {
+                    break;
+                }
+                let mut m = s.pods.words().get(wi).copied().unwrap_or(0) & remaining;
+                remaining &= !m;
+                while m != 0 {
+                    let bit = 1u64 << m.trailing_zeros();
+                    let r = rank[wi] + (uw & (bit - 1)).count_ones();
+                    by_pod[r as usize] = *p;
+                    m &= m - 1;
+                }
+            }
+        }
+        let cidr_sets: Vec<(&CidrSet, u32)> = specific
+            .iter()
+            .filter(|(_, s)| !s.cidrs.is_empty())
+            .map(|(p, s)| (&s.cidrs, *p))
+            .collect();
+        Self {
+            any,
+            pods,
+            rank: rank.into_boxed_slice(),
+            by_pod: by_pod.into_boxed_slice(),
+            cidrs: CidrMap::build(&cidr_sets),
+        }
+    }
+
+    #[inline]
+    fn allowed_by(&self, peer: Option<u32>, ip: u32) -> Option<PolicyId> {
+        let specific = match peer {
+            None => self.cidrs.get(ip),
+            Some(slot) => self.pod_policy(slot),
+        };
+        specific.or(self.any).map(PolicyId)
+    }
+
+    #[inline]
+    fn pod_policy(&self, slot: u32) -> Option<u32> {
+        let w = (slot >> 6) as usize;
+        let word = *self.pods.words().get(w)?;
+        let bit = 1u64 << (slot & 63);
+        if word & bit == 0 {
+            return None;
+        }
+        let r = *self.rank.get(w)? + (word & (bit - 1)).count_ones();
+        self.by_pod.get(r as usize).copied()
+    }
 }
 
 const NO_CLASS: u32 = u32::MAX;
 
-/// Port segments of one protocol: segment `i` covers `starts[i]..starts[i+1]` and maps to
-/// `class[i]` (or [`NO_CLASS`]). `starts[0]` is 0.
-#[derive(Debug)]
-pub(crate) struct PortMap {
-    starts: Box<[u16]>,
-    class: Box<[u32]>,
-}
-
 /// The compiled policy of one pod in one direction (shared by pods selected by the same
-/// policies).
+/// policies). Kept in three flat allocations so a lookup touches few cache lines.
 #[derive(Debug)]
 pub(crate) struct DirPolicy {
-    ports: [PortMap; 4],
+    /// Per protocol slot, the range of `segs` holding its port segments.
+    ranges: [(u32, u32); 4],
+    /// Port segments `(start, class)`: a segment covers from its start to the next one's (or
+    /// 65535) and maps to a class or [`NO_CLASS`]. Each protocol's first segment starts at 0.
+    segs: Box<[(u16, u32)]>,
     classes: Box<[Class]>,
 }
 
@@ -225,33 +307,33 @@ impl DirPolicy {
     /// The policy allowing `peer`/`ip` on (`slot`, `port`), if any.
     #[inline]
     fn check(&self, slot: usize, port: u16, peer: Option<u32>, ip: u32) -> Option<PolicyId> {
-        let pm = &self.ports[slot];
-        let i = pm.starts.partition_point(|&s| s <= port).checked_sub(1)?;
-        let c = *pm.class.get(i)?;
-        let class = self.classes.get(c as usize)?;
-        if !class.union.allows(peer, ip) {
-            return None;
-        }
-        class
-            .grants
-            .iter()
-            .find(|(_, set)| set.allows(peer, ip))
-            .map(|(p, _)| PolicyId(*p))
+        let (a, b) = *self.ranges.get(slot)?;
+        let segs = self.segs.get(a as usize..b as usize)?;
+        let i = segs.partition_point(|&(s, _)| s <= port).checked_sub(1)?;
+        let c = segs.get(i)?.1;
+        self.classes.get(c as usize)?.allowed_by(peer, ip)
     }
 }
 
-/// Per pod slot: its compiled policy per direction (`None`: not isolated).
+/// Per pod: its compiled policy per direction (`None`: not isolated).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct PodPolicy {
     dirs: [Option<Arc<DirPolicy>>; 2],
     local: bool,
 }
 
+/// A pod as the table sees it: its slot (bit index in peer sets) and policies.
+#[derive(Clone, Debug)]
+struct PodEntry {
+    slot: u32,
+    policy: PodPolicy,
+}
+
 /// Compiled NetworkPolicy for the whole cluster, as the workers see it. Immutable, `Send + Sync`.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyTable {
-    pod_by_ip: AHashMap<u32, u32>,
-    pods: Vec<PodPolicy>,
+    /// Pod IP -> pod (one hash lookup per side of a flow).
+    pods: AHashMap<u32, PodEntry>,
     node_addrs: AHashSet<u32>,
     policy_names: Arc<Vec<String>>,
 }
@@ -280,9 +362,11 @@ impl PolicyTable {
     pub fn decide(&self, query: &PolicyQuery) -> PolicyVerdict {
         let src = u32::from(query.src);
         let dst = u32::from(query.dst);
-        let src_pod = self.pod_by_ip.get(&src).copied();
-        let dst_pod = self.pod_by_ip.get(&dst).copied();
-        if src_pod.is_some() && src_pod == dst_pod {
+        let src_pod = self.pods.get(&src);
+        let dst_pod = self.pods.get(&dst);
+        if let (Some(a), Some(b)) = (src_pod, dst_pod)
+            && a.slot == b.slot
+        {
             return PolicyVerdict::Allow { by: None };
         }
         let (slot, port) = match query.proto {
@@ -293,9 +377,9 @@ impl PolicyTable {
         };
         let mut by = None;
         if let Some(s) = src_pod
-            && let Some(eg) = self.pods.get(s as usize).and_then(|p| p.dirs[1].as_deref())
+            && let Some(eg) = s.policy.dirs[1].as_deref()
         {
-            match eg.check(slot, port, dst_pod, dst) {
+            match eg.check(slot, port, dst_pod.map(|p| p.slot), dst) {
                 Some(p) => by = Some(p),
                 None => {
                     return PolicyVerdict::Deny {
@@ -305,11 +389,10 @@ impl PolicyTable {
             }
         }
         if let Some(d) = dst_pod
-            && let Some(pod) = self.pods.get(d as usize)
-            && let Some(ing) = pod.dirs[0].as_deref()
-            && !(pod.local && self.node_addrs.contains(&src))
+            && let Some(ing) = d.policy.dirs[0].as_deref()
+            && !(d.policy.local && self.node_addrs.contains(&src))
         {
-            match ing.check(slot, port, src_pod, src) {
+            match ing.check(slot, port, src_pod.map(|p| p.slot), src) {
                 Some(p) => by = Some(p),
                 None => {
                     return PolicyVerdict::Deny {

@@ -93,9 +93,18 @@ impl Selector {
         self.reqs.is_empty()
     }
 
-    /// The label keys the selector looks at.
-    pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
-        self.reqs.iter().map(|r| r.key.as_str())
+    /// What a label change must touch to possibly change this selector's result: `(key,
+    /// Some(value))` for each value an `In`/`NotIn` requirement lists (the result can change only
+    /// when a pod's value for `key` becomes or stops being `value`), `(key, None)` for
+    /// `Exists`/`DoesNotExist` (only when the key appears or disappears).
+    pub(crate) fn triggers(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.reqs.iter().flat_map(|r| {
+            let vals: Vec<Option<&str>> = match &r.op {
+                Op::In(v) | Op::NotIn(v) => v.iter().map(|s| Some(s.as_str())).collect(),
+                Op::Exists | Op::DoesNotExist => vec![None],
+            };
+            vals.into_iter().map(move |v| (r.key.as_str(), v))
+        })
     }
 
     pub(crate) fn matches(&self, labels: &Labels) -> bool {

@@ -129,12 +129,6 @@ pub(crate) fn check(np: &NetworkPolicy) -> Result<CheckedPolicy, PolicyError> {
                         ));
                     }
                 };
-                if iso[d] {
-                    return Err(err(
-                        "spec.policyTypes".into(),
-                        InvalidReason::TooManyPolicyTypes,
-                    ));
-                }
                 iso[d] = true;
             }
             iso
