@@ -5,11 +5,17 @@
 //! See `control/README.md` for the authentication scheme and the commands.
 
 pub mod agent_client;
+#[cfg(feature = "control-plane")]
 pub mod auth;
+#[cfg(feature = "control-plane")]
 pub mod client;
+#[cfg(feature = "control-plane")]
 pub mod manifest;
+#[cfg(feature = "control-plane")]
 pub mod model;
+#[cfg(feature = "control-plane")]
 pub mod server;
+#[cfg(feature = "control-plane")]
 pub mod store;
 
 /// The node agent's local API (`proto/agent.proto`), served on the agent's unix socket.
@@ -18,6 +24,7 @@ pub mod agent_api {
 }
 
 /// The control plane API (`proto/control.proto`).
+#[cfg(feature = "control-plane")]
 pub mod api {
     tonic::include_proto!("sluice.control.v1");
 }

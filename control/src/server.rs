@@ -356,21 +356,38 @@ impl<S: Store> ControlService<S> {
             return self.plan_remove_node(plan, &r.name).await;
         }
         let key = object_key(r);
+        if plan.touched.contains(&key) {
+            return Ok(false);
+        }
         let Some((o, rev)) = self.get_object(r).await? else {
             return Ok(false);
         };
-        plan.compare(&key, rev);
-        plan.delete(key);
-        if let Some(Body::K8s(k)) = &o.body
-            && k.kind() == Kind::Service
-            && let Ok(K8sObject::Service(s)) = K8sObject::from_json(Kind::Service, &k.json)
-        {
-            let (ip, ports) = service_allocations(&s);
-            if let Some(ip) = ip {
-                plan.delete(alloc_key("clusterip", &ip));
-            }
-            for p in ports {
-                plan.delete(alloc_key("nodeport", &p));
+        plan_delete_object(plan, key, &o, rev);
+        if r.kind() == Kind::Namespace {
+            // Like Kubernetes, a namespace takes its objects with it. Pods an agent reported stay
+            // until their node removes them (they still run there).
+            let (_, kvs) = self
+                .store
+                .list(model::OBJECT_PREFIX)
+                .await
+                .map_err(store_err)?;
+            for kv in kvs {
+                let Some(inner) = model::parse_object_key(&kv.key) else {
+                    continue;
+                };
+                if inner.namespace != r.name
+                    || !model::is_namespaced(inner.kind())
+                    || plan.touched.contains(&kv.key)
+                {
+                    continue;
+                }
+                let Ok(o) = model::decode_object(&kv.value, kv.mod_revision) else {
+                    continue;
+                };
+                if matches!(&o.body, Some(Body::Pod(p)) if !p.node.is_empty()) {
+                    continue;
+                }
+                plan_delete_object(plan, kv.key, &o, kv.mod_revision);
             }
         }
         Ok(true)
@@ -397,6 +414,24 @@ impl<S: Store> ControlService<S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Delete one stored object (read at `rev`) and release what it holds.
+fn plan_delete_object(plan: &mut Plan, key: String, o: &api::Object, rev: u64) {
+    plan.compare(&key, rev);
+    plan.delete(key);
+    if let Some(Body::K8s(k)) = &o.body
+        && k.kind() == Kind::Service
+        && let Ok(K8sObject::Service(s)) = K8sObject::from_json(Kind::Service, &k.json)
+    {
+        let (ip, ports) = service_allocations(&s);
+        if let Some(ip) = ip {
+            plan.delete(alloc_key("clusterip", &ip));
+        }
+        for p in ports {
+            plan.delete(alloc_key("nodeport", &p));
+        }
     }
 }
 

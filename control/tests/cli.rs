@@ -199,6 +199,20 @@ fn apply_get_delete_status() {
         ctl.ok(&["get", "svc", "-n", "demo"])
             .contains("clusterIP=10.96.0.1")
     );
+    // Deleting the namespace takes its objects and frees the ClusterIP.
+    assert!(ctl.ok(&["delete", "ns", "demo"]).contains("1 of 1 deleted"));
+    assert!(!ctl.ok(&["get", "all", "-A"]).contains("demo"));
+    ctl.ok(&[
+        "apply",
+        "-f",
+        &format!("{EXAMPLES}/00-namespace.yaml"),
+        "-f",
+        &format!("{EXAMPLES}/10-service.yaml"),
+    ]);
+    assert!(
+        ctl.ok(&["get", "svc", "-n", "demo"])
+            .contains("clusterIP=10.96.0.1")
+    );
     assert!(
         ctl.ok(&["delete", "node", "node-a"])
             .contains("1 of 1 deleted")
