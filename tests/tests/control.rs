@@ -521,6 +521,14 @@ fn control_plane_drives_two_nodes() {
         assert_eq!(served.keys().cloned().collect::<BTreeSet<_>>(), want);
         assert!(!connects(&ons), "role=other passed the policy");
 
+        // CNI DEL: the agent removes the pod from the control plane.
+        let gone = s.c.pods[other].ip;
+        s.c.del_pod_cni(other)?;
+        until("the deleted pod leaves the control plane", || {
+            s.ctl(&["get", "pods", "-o", "json"])
+                .is_ok_and(|j| !j.contains(&format!("\"{gone}\"")))
+        })?;
+
         // Several more applies (a policy selecting nothing, changed each time) for the figures.
         for i in 0..10 {
             let yaml = format!(
@@ -594,6 +602,50 @@ fn control_plane_drives_two_nodes() {
                     .is_ok_and(|(ready, note)| ready && note.is_empty())
             })
         })?;
+        Ok(())
+    })());
+}
+
+/// An agent (re)started while the control plane is down serves with its cached lease and pods,
+/// says it is not synced, and converges once the control plane is back: it learns the other node
+/// from it and cross-node traffic flows.
+#[test]
+fn agent_starts_while_the_control_plane_is_down() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut s = Setup::new()?;
+        let a = s.c.add_pod_cni(0, &[])?;
+        let b = s.c.add_pod_cni(1, &[])?;
+        let b_ip = s.c.pods[b].ip;
+        s.c.ping(a, b_ip, 2)?;
+
+        s.c.stop_agent(1, nix::sys::signal::Signal::SIGTERM)?;
+        s.server.kill();
+        s.c.start_agent(1)?;
+        let (ready, note) = s.c.agent_status(1)?;
+        println!("agent 1 started without the control plane: ready {ready}, {note:?}");
+        assert!(ready, "{note}");
+        assert!(note.contains("not synced"), "{note}");
+        // Node 0 still has its tables; node 1 has its pod but no peers yet.
+        assert!(s.c.ping(a, b_ip, 1).is_err(), "node 1 routed without peers");
+
+        let t = Instant::now();
+        s.server.restart()?;
+        let st: serde_json::Value =
+            serde_json::from_str(&s.ctl(&["status", "-o", "json"])?).map_err(setup)?;
+        let rev = st["revision"].as_u64().unwrap_or(0);
+        let synced = s.watcher.synced(rev)?;
+        println!(
+            "both agents synced revision {rev} {:.1} ms after the control plane restart began",
+            ms(synced.saturating_duration_since(t))
+        );
+        until("agent 1 notes it is synced", || {
+            s.c.agent_status(1)
+                .is_ok_and(|(ready, note)| ready && note.is_empty())
+        })?;
+        println!("{}", s.c.ping(a, b_ip, 3)?);
         Ok(())
     })());
 }
