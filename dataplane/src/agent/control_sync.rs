@@ -11,6 +11,17 @@
 //!   and reports the revision with `ReportSync`; and that keeps the control plane's pods of this
 //!   node equal to the pod registry (`ReportPod`/`RemovePod`, retried until they hold).
 //!
+//! The node config's section (`pod_cidr` and `peers` may then be left out; configured peers and
+//! `underlay.next_hops` still win):
+//!
+//! ```yaml
+//! control:
+//!   endpoint: https://192.168.77.254:7443   # sluice-control's TLS endpoint
+//!   ca_file: /etc/sluice/ca.pem             # CA that signed the server certificate
+//!   token_file: /etc/sluice/n1.token        # this node's bearer token
+//!   tls_domain: sluice-control              # optional: name to verify in the certificate
+//! ```
+//!
 //! Nothing here is on the data path's way: AddPod/DelPod only poke the task, and when the control
 //! plane is unreachable the agent keeps the tables it has (its Status message says so).
 
@@ -266,13 +277,21 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
     let mut done: HashMap<(String, String), (Done, u64)> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut state = ClusterState::default();
     loop {
+        let mut changed = false;
         tokio::select! {
-            r = rx.changed() => if r.is_err() { return },
+            r = rx.changed() => match r {
+                Ok(()) => changed = true,
+                Err(_) => return,
+            },
             () = agent.control.pods.notified() => {},
             _ = tick.tick() => {},
         }
-        let state = rx.borrow_and_update().clone();
+        // Copy the state only when it changed (it holds every object of the cluster).
+        if changed {
+            state = rx.borrow_and_update().clone();
+        }
         let connected = watch.is_connected();
         if client.is_none() {
             client = ControlClient::connect(&cfg).await.ok();

@@ -5,6 +5,11 @@
 //! unix socket until SIGTERM or SIGINT, then shuts down cleanly (workers stopped, XDP detached,
 //! pins and socket removed). SIGHUP re-reads the manifests. Counters are written to
 //! `<state>/counters.json` every second.
+//!
+//! Control-plane mode (the config has a `control` section, see `agent::control_sync`): the agent
+//! registers with `sluice-control` (the lease is its pod CIDR), follows its watch into the tables
+//! on top of any manifests, reports its pods and the revision it runs; it keeps serving with what
+//! it has while the control plane is unreachable.
 
 use std::path::PathBuf;
 use std::sync::Arc;
