@@ -365,9 +365,12 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
             }
             (true, _) => Some("not synced with the control plane yet".into()),
             (false, _) => Some(format!(
-                "not synced: the control plane at {} is unreachable; serving revision {}",
+                "not synced: the control plane at {} is unreachable; serving {}",
                 cfg.endpoint,
-                programmed.unwrap_or(0)
+                programmed.map_or_else(
+                    || "the cached lease and pods, no control-plane objects yet".to_owned(),
+                    |r| format!("revision {r}")
+                )
             )),
         });
     }
@@ -531,12 +534,19 @@ fn peer_of(n: &api::Node, me: &str) -> Option<(String, Ipv4Addr, Ipv4Net, MacAdd
 
 /// Resolves peers' underlay next-hop MACs through the kernel (route lookup, then the neighbor
 /// table; a UDP datagram to the peer's discard port makes the kernel resolve a missing entry).
-/// Resolved MACs are cached; unresolved peers are left out and tried again next round.
+/// Resolved MACs are cached and looked up again every [`REFRESH`] (a failed refresh keeps the
+/// old MAC); unresolved peers are left out and tried again next round.
 struct Resolver {
     handle: Option<rtnetlink::Handle>,
     cache: HashMap<Ipv4Addr, MacAddr>,
+    /// The cache before the last refresh: the fallback when a refresh cannot resolve.
+    previous: HashMap<Ipv4Addr, MacAddr>,
+    refreshed: std::time::Instant,
     uplink: String,
 }
+
+/// How often cached next-hop MACs are looked up again (a peer's MAC may change).
+const REFRESH: Duration = Duration::from_secs(30);
 
 impl Resolver {
     fn new(config: &NodeConfig) -> Self {
@@ -553,11 +563,17 @@ impl Resolver {
         Self {
             handle,
             cache: HashMap::new(),
+            previous: HashMap::new(),
+            refreshed: std::time::Instant::now(),
             uplink: config.underlay.interface.clone(),
         }
     }
 
     async fn peers(&mut self, state: &ClusterState, config: &NodeConfig) -> Vec<PeerNode> {
+        if self.refreshed.elapsed() > REFRESH {
+            self.previous = std::mem::take(&mut self.cache);
+            self.refreshed = std::time::Instant::now();
+        }
         let mut out = Vec::new();
         for n in state.nodes.values() {
             let Some((name, underlay_ip, pod_cidr, vtep_mac)) = peer_of(n, &config.node_name)
@@ -583,12 +599,21 @@ impl Resolver {
         if let Some(m) = self.cache.get(&dst) {
             return Some(*m);
         }
+        let mac = self
+            .resolve(dst, config)
+            .await
+            .or_else(|| self.previous.get(&dst).copied())?;
+        self.cache.insert(dst, mac);
+        Some(mac)
+    }
+
+    async fn resolve(&self, dst: Ipv4Addr, config: &NodeConfig) -> Option<MacAddr> {
         let handle = self.handle.clone();
         let hop = match &handle {
             Some(h) => gateway(h, dst).await.unwrap_or(dst),
             None => dst,
         };
-        let mac = match config.underlay.next_hops.iter().find(|n| n.address == hop) {
+        match config.underlay.next_hops.iter().find(|n| n.address == hop) {
             Some(n) => Some(n.mac),
             None => {
                 let h = handle?;
@@ -609,9 +634,7 @@ impl Resolver {
                 }
                 found
             }
-        }?;
-        self.cache.insert(dst, mac);
-        Some(mac)
+        }
     }
 }
 
