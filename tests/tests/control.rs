@@ -521,6 +521,20 @@ fn control_plane_drives_two_nodes() {
         assert_eq!(served.keys().cloned().collect::<BTreeSet<_>>(), want);
         assert!(!connects(&ons), "role=other passed the policy");
 
+        // A Pod manifest relabels the other pod role=client: the control plane's labels win
+        // over the ones the CNI reported, and the policy lets it through.
+        let relabel = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{role: client}}}}\n",
+            s.c.pods[other].container_id
+        );
+        let (rev, t) = s.apply("relabel.yaml", &relabel)?;
+        let first_ok = until("the relabelled pod connects", || connects(&ons))?;
+        delays.push(ms(s.watcher.synced(rev)?.saturating_duration_since(t)));
+        println!(
+            "relabel: revision {rev}, apply -> first allowed connection {:.1} ms",
+            ms(first_ok.saturating_duration_since(t))
+        );
+
         // CNI DEL: the agent removes the pod from the control plane.
         let gone = s.c.pods[other].ip;
         s.c.del_pod_cni(other)?;
