@@ -145,11 +145,14 @@ impl AgentService for AgentApi {
         Ok(Response::new(match self.agent.status() {
             Ok(()) => StatusResponse {
                 ready: true,
-                message: String::new(),
+                message: self.agent.control_note().unwrap_or_default(),
             },
             Err(message) => StatusResponse {
                 ready: false,
-                message,
+                message: match self.agent.control_note() {
+                    Some(note) => format!("{message}; {note}"),
+                    None => message,
+                },
             },
         }))
     }

@@ -98,7 +98,9 @@ pub struct NodeConfig {
     /// This node's name (as the Kubernetes Node object would have it).
     pub node_name: String,
     pub underlay: Underlay,
-    /// This node's pod CIDR, e.g. `10.244.1.0/24`.
+    /// This node's pod CIDR, e.g. `10.244.1.0/24`. May be omitted with a `control` section: the
+    /// control plane leases it at registration (until then it reads [`UNLEASED_POD_CIDR`]).
+    #[serde(default = "unleased_pod_cidr")]
     pub pod_cidr: Ipv4Net,
     #[serde(default = "default_cluster_cidr")]
     pub cluster_cidr: Ipv4Net,
@@ -119,6 +121,33 @@ pub struct NodeConfig {
     pub workers: WorkerConfig,
     #[serde(default)]
     pub paths: Paths,
+    /// The control plane to follow (absent: standalone, manifests only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlConfig>,
+}
+
+/// `pod_cidr` of a config that leaves it to the control plane (`0.0.0.0/32`, never a real one).
+pub const UNLEASED_POD_CIDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 32);
+
+fn unleased_pod_cidr() -> Ipv4Net {
+    UNLEASED_POD_CIDR
+}
+
+/// How to reach `sluice-control` (see `control/README.md`, "The agent's side").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// `https://host:port` of the control plane's TLS endpoint.
+    pub endpoint: String,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// File holding this node's bearer token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Name to verify in the server's certificate (default: the endpoint's host).
+    #[serde(default)]
+    pub tls_domain: Option<String>,
 }
 
 /// This node's underlay (uplink) interface.
@@ -337,7 +366,11 @@ impl NodeConfig {
                 self.node_name
             ));
         }
-        if !self.cluster_cidr.contains(&self.pod_cidr) {
+        if self.pod_cidr == UNLEASED_POD_CIDR {
+            if self.control.is_none() {
+                return bad("pod_cidr is required without a control section".into());
+            }
+        } else if !self.cluster_cidr.contains(&self.pod_cidr) {
             return bad(format!(
                 "pod_cidr {} is outside cluster_cidr {}",
                 self.pod_cidr, self.cluster_cidr

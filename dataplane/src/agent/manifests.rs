@@ -35,6 +35,11 @@ pub struct ClusterObjects {
     pub endpoint_slices: Vec<EndpointSlice>,
     pub network_policies: Vec<NetworkPolicy>,
     pub namespaces: Vec<Namespace>,
+    /// Other nodes learned from the control plane (the config's `peers` win by name).
+    pub peers: Vec<super::config::PeerNode>,
+    /// Pods learned from the control plane: other nodes' pods for policy selectors, and the
+    /// labels and ports of this node's pods (they replace the registry's, matched by IP).
+    pub pods: Vec<crate::policy::PodInfo>,
 }
 
 impl ClusterObjects {
@@ -45,6 +50,7 @@ impl ClusterObjects {
             endpoint_slices: load_all(&m.endpoint_slices, "EndpointSlice")?,
             network_policies: load_all(&m.network_policies, "NetworkPolicy")?,
             namespaces: load_all(&m.namespaces, "Namespace")?,
+            ..Default::default()
         })
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod config;
+pub mod control_sync;
 pub mod counters;
 pub mod datapath;
 pub mod manifests;
@@ -72,6 +73,8 @@ pub struct Agent {
     uplink_ifindex: u32,
     links: NodeLinks,
     ports: PortSet,
+    /// Control-plane mode: objects from the watch, pod reports, sync state.
+    control: control_sync::ControlSlot,
 }
 
 /// Every port some worker has a socket on (read by workers only on the rare path of a frame for a
@@ -169,6 +172,7 @@ impl Agent {
             uplink_ifindex,
             links,
             ports,
+            control: Default::default(),
         };
         if let Ok(mut p) = agent.ports.write() {
             p.push(PortId(uplink_ifindex));
@@ -251,6 +255,7 @@ impl Agent {
         self.attach_pod(&pod).await?;
         registry.insert(pod)?;
         drop(registry);
+        self.control.pods_changed();
         self.republish().await?;
         Ok(())
     }
@@ -278,6 +283,7 @@ impl Agent {
         };
         // Withdraw from the tables first so no worker routes to a socket being closed.
         registry.remove(key)?;
+        self.control.pods_changed();
         let snapshot = self.next_snapshot(&registry);
         drop(registry);
         self.publisher.publish(snapshot?);
@@ -287,6 +293,7 @@ impl Agent {
 
     fn next_snapshot(&self, registry: &PodRegistry) -> Result<Snapshot, SnapshotError> {
         let objects = self.objects.read().map(|o| o.clone()).unwrap_or_default();
+        let objects = self.control.merged(objects);
         Snapshot::build(
             self.publisher.generation() + 1,
             &self.config,

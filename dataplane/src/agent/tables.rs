@@ -186,6 +186,12 @@ impl Snapshot {
         let remotes: Vec<RemoteNode> = config
             .peers
             .iter()
+            .chain(
+                objects
+                    .peers
+                    .iter()
+                    .filter(|p| !config.peers.iter().any(|c| c.name == p.name)),
+            )
             .map(|p| RemoteNode {
                 name: p.name.clone(),
                 pod_cidr: p.pod_cidr,
@@ -276,6 +282,25 @@ impl Snapshot {
                         .collect(),
                     local: true,
                 })
+                .map(
+                    |local| match objects.pods.iter().find(|o| o.ip == local.ip) {
+                        Some(o) => PodInfo {
+                            local: true,
+                            ..o.clone()
+                        },
+                        None => local,
+                    },
+                )
+                .chain(
+                    objects
+                        .pods
+                        .iter()
+                        .filter(|o| !records.iter().any(|r| r.ip == o.ip))
+                        .map(|o| PodInfo {
+                            local: false,
+                            ..o.clone()
+                        }),
+                )
                 .collect(),
             policies: objects.network_policies.clone(),
             node_addrs: vec![config.underlay.address, node.vtep_ip],

@@ -5,6 +5,11 @@
 //! unix socket until SIGTERM or SIGINT, then shuts down cleanly (workers stopped, XDP detached,
 //! pins and socket removed). SIGHUP re-reads the manifests. Counters are written to
 //! `<state>/counters.json` every second.
+//!
+//! Control-plane mode (the config has a `control` section, see `agent::control_sync`): the agent
+//! registers with `sluice-control` (the lease is its pod CIDR), follows its watch into the tables
+//! on top of any manifests, reports its pods and the revision it runs; it keeps serving with what
+//! it has while the control plane is unreachable.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +22,7 @@ use sluice_dataplane::agent::config::NodeConfig;
 use sluice_dataplane::agent::datapath::{ControlOnly, Datapath, XdpDatapath};
 use sluice_dataplane::agent::workers::{NoIo, WorkerError, WorkerIo};
 use sluice_dataplane::agent::xsk_io::XskIo;
-use sluice_dataplane::agent::{Agent, PortSet, api};
+use sluice_dataplane::agent::{Agent, PortSet, api, control_sync};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -75,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(config, args.no_datapath, args.generic_xdp))
 }
 
-async fn run(config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow::Result<()> {
+async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -115,7 +120,10 @@ async fn run(config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow
         };
     let socket = config.paths.socket.clone();
     let listener = api::bind(&socket)?;
+    // Control-plane mode: register (the lease fills in the pod CIDR) before starting.
+    let registered = control_sync::register(&mut config).await?;
     let agent = Arc::new(Agent::start(config, datapath, &*io, ports).await?);
+    let control = control_sync::spawn(agent.clone(), registered);
     match agent.status() {
         Ok(()) => {
             tracing::info!(node = %agent.config.node_name, socket = %socket.display(), "ready")
@@ -142,6 +150,9 @@ async fn run(config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow
         }
     }
     tracing::info!("shutting down");
+    if let Some(c) = &control {
+        c.abort();
+    }
     let _ = stop_tx.send(());
     // Give open connections a moment to finish, then stop serving regardless.
     match tokio::time::timeout(Duration::from_secs(2), server).await {
