@@ -5,6 +5,8 @@
 //! lock and allocate nothing per packet; all I/O (AF_XDP rings, netlink, gRPC) lives in the agent
 //! and in `sluice-xdp`.
 
+#[cfg(feature = "agent")]
+pub mod agent;
 pub mod checksum;
 pub mod conntrack;
 pub mod demo;

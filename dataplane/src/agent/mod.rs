@@ -1,0 +1,391 @@
+//! The node agent behind `sluice-agent` (the `agent` feature).
+//!
+//! Owns: the node config ([`config`]), the cluster objects read from manifests ([`manifests`]), the
+//! persisted pod registry ([`registry`]), building and publishing table snapshots ([`tables`]), the
+//! worker threads ([`workers`]) and their counters ([`counters`]), the XDP attachment
+//! ([`datapath`]) and the local gRPC API on the unix socket ([`api`]).
+//!
+//! Threads: the tokio runtime serves the API and does all control work; each worker is a plain
+//! thread pinned to its core. They meet only at the table [`tables::Publisher`] (read-copy-update),
+//! the workers' command channels and the counters (relaxed atomics). No lock is taken per packet.
+
+pub mod api;
+pub mod config;
+pub mod counters;
+pub mod datapath;
+pub mod manifests;
+pub mod registry;
+pub mod tables;
+pub mod workers;
+pub mod xsk_io;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+
+use config::NodeConfig;
+use counters::CountersFile;
+use datapath::{Datapath, DatapathError};
+use manifests::ClusterObjects;
+use registry::{PodKey, PodRecord, PodRegistry, RegistryError};
+use tables::{NodeLinks, PortId, Publisher, Snapshot, SnapshotError};
+use workers::{PortSpec, Worker, WorkerError, WorkerIo, WorkerParams};
+
+/// Starting or running the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Manifest(#[from] manifests::ManifestError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid pod: {0}")]
+    InvalidPod(String),
+    #[error("cannot build the tables: {0}")]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// The running agent: everything the API handlers and the shutdown path need.
+#[derive(Debug)]
+pub struct Agent {
+    pub config: NodeConfig,
+    objects: std::sync::RwLock<Arc<ClusterObjects>>,
+    registry: Mutex<PodRegistry>,
+    publisher: Publisher,
+    workers: Vec<Worker>,
+    datapath: Arc<dyn Datapath>,
+    /// Which worker owns the uplink socket of each uplink queue.
+    uplink_queues: Vec<(u32, usize)>,
+    uplink_ifindex: u32,
+    links: NodeLinks,
+    ports: PortSet,
+}
+
+/// Every port some worker has a socket on (read by workers only on the rare path of a frame for a
+/// port they do not own, to count handoffs).
+pub type PortSet = Arc<std::sync::RwLock<Vec<PortId>>>;
+
+/// Builds the frame I/O of worker `id` (AF_XDP on sluice-xdp, or [`workers::NoIo`]).
+pub type IoFactory = dyn Fn(usize) -> Result<Box<dyn WorkerIo>, WorkerError>;
+
+impl Agent {
+    /// Start the agent: read manifests and the registry, start the workers, attach the uplink,
+    /// re-attach every pod found in the registry (after a restart) and publish the first tables.
+    pub async fn start(
+        config: NodeConfig,
+        datapath: Arc<dyn Datapath>,
+        io: &IoFactory,
+        ports: PortSet,
+    ) -> Result<Self, AgentError> {
+        let objects = ClusterObjects::load(&config.manifests)?;
+        let state = &config.paths.state_dir;
+        std::fs::create_dir_all(state).map_err(|source| AgentError::Io {
+            what: "create state dir",
+            path: state.clone(),
+            source,
+        })?;
+        let registry = PodRegistry::open(&config.registry_path())?;
+        let uplink = &config.underlay.interface;
+        let links = NodeLinks {
+            uplink: PortId(datapath::ifindex(uplink)?),
+            uplink_mac: match config.underlay.mac {
+                Some(m) => m,
+                None => datapath::mac_of(uplink)?,
+            },
+        };
+        let publisher = Publisher::new(Snapshot::build(
+            1,
+            &config,
+            links,
+            &objects,
+            registry.pods(),
+        )?);
+
+        // Workers: one per configured queue -> core entry, default one per uplink queue.
+        let mut queues: Vec<(u32, usize)> = config
+            .workers
+            .queues
+            .iter()
+            .map(|(q, c)| (*q, *c))
+            .collect();
+        if queues.is_empty() {
+            let n = datapath.uplink_queues(&config.underlay.interface).max(1);
+            queues = (0..n).map(|q| (q, q as usize)).collect();
+        }
+        let mut workers = Vec::new();
+        let mut uplink_queues = Vec::new();
+        for (id, (queue, core)) in queues.iter().enumerate() {
+            let w = Worker::spawn(
+                WorkerParams {
+                    id,
+                    core: config.workers.pin.then_some(*core),
+                    busy_poll: config.workers.busy_poll,
+                },
+                io(id)?,
+                publisher.clone(),
+            )
+            .map_err(|source| AgentError::Io {
+                what: "spawn worker",
+                path: PathBuf::new(),
+                source,
+            })?;
+            workers.push(w);
+            uplink_queues.push((*queue, id));
+        }
+
+        datapath.load(&config)?;
+        let uplink_ifindex = datapath.attach(&config.underlay.interface, datapath::Role::Uplink)?;
+        for (queue, worker) in &uplink_queues {
+            workers[*worker]
+                .open_port(PortSpec {
+                    port: PortId(uplink_ifindex),
+                    ifname: config.underlay.interface.clone(),
+                    queue: *queue,
+                })
+                .await?;
+        }
+
+        let agent = Self {
+            config,
+            objects: std::sync::RwLock::new(Arc::new(objects)),
+            registry: Mutex::new(registry),
+            publisher,
+            workers,
+            datapath,
+            uplink_queues,
+            uplink_ifindex,
+            links,
+            ports,
+        };
+        if let Ok(mut p) = agent.ports.write() {
+            p.push(PortId(uplink_ifindex));
+        }
+        // Pods wired before a restart: attach them again (their veths still exist).
+        let pods: Vec<PodRecord> = agent.registry.lock().await.pods().cloned().collect();
+        for pod in pods {
+            if let Err(e) = agent.attach_pod(&pod).await {
+                tracing::warn!(pod = %pod.container_id, "cannot re-attach pod after restart: {e}");
+            }
+        }
+        agent.republish().await?;
+        Ok(agent)
+    }
+
+    /// Uplink rx queue -> index of the worker owning its socket.
+    pub fn uplink_queues(&self) -> &[(u32, usize)] {
+        &self.uplink_queues
+    }
+
+    /// The (worker, queue) pairs that get a socket on a pod's host veth: with at least as many
+    /// queues as workers, worker `q` takes queue `q` (every worker can then transmit to the pod
+    /// from its own UMEM, no handoff); otherwise queue 0 goes to one worker chosen by ifindex.
+    fn pod_sockets(&self, port: PortId, ifname: &str) -> Vec<(usize, u32)> {
+        let n = self.workers.len();
+        if datapath::rx_queue_count(ifname) as usize >= n {
+            (0..n).map(|w| (w, w as u32)).collect()
+        } else {
+            vec![(port.0 as usize % n, 0)]
+        }
+    }
+
+    async fn attach_pod(&self, pod: &PodRecord) -> Result<(), AgentError> {
+        let ifindex = self
+            .datapath
+            .attach(&pod.host_ifname, datapath::Role::Pod)?;
+        if ifindex != pod.host_ifindex {
+            return Err(AgentError::InvalidPod(format!(
+                "host veth {} has ifindex {ifindex}, the request said {}",
+                pod.host_ifname, pod.host_ifindex
+            )));
+        }
+        for (worker, queue) in self.pod_sockets(PortId(ifindex), &pod.host_ifname) {
+            self.workers[worker]
+                .open_port(PortSpec {
+                    port: PortId(ifindex),
+                    ifname: pod.host_ifname.clone(),
+                    queue,
+                })
+                .await?;
+        }
+        if let Ok(mut p) = self.ports.write() {
+            p.push(PortId(ifindex));
+        }
+        Ok(())
+    }
+
+    /// Wire a pod: attach XDP to its host veth, open its socket on the owning worker, persist it
+    /// and publish tables holding it. Re-adding the same pod replaces it.
+    pub async fn add_pod(&self, pod: PodRecord) -> Result<(), AgentError> {
+        if !self.config.pod_cidr.contains(&pod.ip) || pod.ip == self.config.pod_cidr.network() {
+            return Err(AgentError::InvalidPod(format!(
+                "ip {} is not a pod address of this node's pod CIDR {}",
+                pod.ip, self.config.pod_cidr
+            )));
+        }
+        let mut registry = self.registry.lock().await;
+        if let Some(other) = registry.by_ip(pod.ip)
+            && (other.container_id != pod.container_id || other.ifname != pod.ifname)
+        {
+            return Err(AgentError::InvalidPod(format!(
+                "ip {} already belongs to container {}",
+                pod.ip, other.container_id
+            )));
+        }
+        let key = (pod.container_id.clone(), pod.ifname.clone());
+        if let Some(old) = registry.get(&key).cloned() {
+            self.detach_pod(&old).await;
+        }
+        self.attach_pod(&pod).await?;
+        registry.insert(pod)?;
+        drop(registry);
+        self.republish().await?;
+        Ok(())
+    }
+
+    async fn detach_pod(&self, pod: &PodRecord) {
+        let port = PortId(pod.host_ifindex);
+        if let Ok(mut p) = self.ports.write() {
+            p.retain(|x| *x != port);
+        }
+        for w in &self.workers {
+            if let Err(e) = w.close_port(port).await {
+                tracing::warn!("closing socket of {}: {e}", pod.host_ifname);
+            }
+        }
+        if let Err(e) = self.datapath.detach(&pod.host_ifname, pod.host_ifindex) {
+            tracing::warn!("detaching XDP from {}: {e}", pod.host_ifname);
+        }
+    }
+
+    /// Unwire a pod. Returns whether it was known.
+    pub async fn del_pod(&self, key: &PodKey) -> Result<bool, AgentError> {
+        let mut registry = self.registry.lock().await;
+        let Some(pod) = registry.get(key).cloned() else {
+            return Ok(false);
+        };
+        // Withdraw from the tables first so no worker routes to a socket being closed.
+        registry.remove(key)?;
+        let snapshot = self.next_snapshot(&registry);
+        drop(registry);
+        self.publisher.publish(snapshot?);
+        self.detach_pod(&pod).await;
+        Ok(true)
+    }
+
+    fn next_snapshot(&self, registry: &PodRegistry) -> Result<Snapshot, SnapshotError> {
+        let objects = self.objects.read().map(|o| o.clone()).unwrap_or_default();
+        Snapshot::build(
+            self.publisher.generation() + 1,
+            &self.config,
+            self.links,
+            &objects,
+            registry.pods(),
+        )
+    }
+
+    /// Re-read the manifests (SIGHUP in standalone mode) and publish tables built from them. On
+    /// any error the current objects and tables stay.
+    pub async fn reload_manifests(&self) -> Result<(), AgentError> {
+        let fresh = Arc::new(ClusterObjects::load(&self.config.manifests)?);
+        let registry = self.registry.lock().await;
+        let old = match self.objects.write() {
+            Ok(mut o) => std::mem::replace(&mut *o, fresh),
+            Err(_) => return Ok(()),
+        };
+        let s = self.next_snapshot(&registry);
+        drop(registry);
+        match s {
+            Ok(s) => {
+                self.publisher.publish(s);
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(mut o) = self.objects.write() {
+                    *o = old;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Build and publish a snapshot of the current state; on error the old one stays.
+    async fn republish(&self) -> Result<(), SnapshotError> {
+        let registry = self.registry.lock().await;
+        let s = self.next_snapshot(&registry);
+        drop(registry);
+        self.publisher.publish(s?);
+        Ok(())
+    }
+
+    /// Ready when the XDP program is loaded and every worker runs; otherwise why not.
+    pub fn status(&self) -> Result<(), String> {
+        self.datapath.ready()?;
+        if let Some(w) = self.workers.iter().find(|w| !w.is_running()) {
+            return Err(format!("worker {} has stopped", w.id));
+        }
+        Ok(())
+    }
+
+    /// The current counters, as exported.
+    pub async fn counters(&self) -> CountersFile {
+        let pods = self.registry.lock().await.len();
+        CountersFile {
+            node: self.config.node_name.clone(),
+            generation: self.publisher.generation(),
+            pods,
+            datapath: self.datapath.ready().is_ok(),
+            workers: self
+                .workers
+                .iter()
+                .map(|w| {
+                    w.counters
+                        .snapshot(w.id, w.core, datapath::drop_reason_name)
+                })
+                .collect(),
+            xdp: self.datapath.classifier_counters(),
+        }
+    }
+
+    /// Write the counters file.
+    pub async fn export_counters(&self) {
+        let c = self.counters().await;
+        if let Err(e) = c.write(&self.config.counters_path()) {
+            tracing::warn!("cannot write counters: {e}");
+        }
+    }
+
+    /// Clean shutdown: stop workers (closing their sockets), detach XDP from every interface,
+    /// remove the pinned objects. The pod registry stays so a new agent re-attaches the pods.
+    pub async fn shutdown(&self) {
+        self.export_counters().await;
+        for w in &self.workers {
+            w.stop();
+        }
+        let pods: Vec<PodRecord> = self.registry.lock().await.pods().cloned().collect();
+        for pod in &pods {
+            if let Err(e) = self.datapath.detach(&pod.host_ifname, pod.host_ifindex) {
+                tracing::warn!("detaching XDP from {}: {e}", pod.host_ifname);
+            }
+        }
+        if let Err(e) = self
+            .datapath
+            .detach(&self.config.underlay.interface, self.uplink_ifindex)
+        {
+            tracing::warn!("detaching XDP from the uplink: {e}");
+        }
+        self.datapath.unload(&self.config);
+    }
+}

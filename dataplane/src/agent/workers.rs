@@ -1,0 +1,311 @@
+//! Worker threads: each pinned to one core, owning its UMEM and the sockets of the ports assigned to
+//! it, running rx batch -> pipeline -> tx batch, and waiting on its socket fds through mio when idle
+//! (no spinning unless busy polling is configured).
+//!
+//! The agent thread talks to a worker only through its command channel (crossbeam) plus a mio
+//! `Waker`, so a worker never shares a socket and never takes a lock per packet: attaching a port
+//! means asking the owning worker to open the socket on its own UMEM and waiting for its answer.
+//! Tables arrive through [`Publisher::load`] between batches.
+//!
+//! Cross-worker handoff (a frame received by worker A whose verdict names a port owned by worker B)
+//! goes through B's handoff channel as a copy and is counted in `handoffs`; B writes it into its own
+//! UMEM. The I/O itself sits behind [`WorkerIo`], implemented over `sluice-xdp`.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use tokio::sync::oneshot;
+
+use super::counters::WorkerCounters;
+use super::tables::{PortId, Publisher, Snapshot};
+
+/// What a worker must open a socket on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub port: PortId,
+    pub ifname: String,
+    /// Rx queue of the interface this socket binds to.
+    pub queue: u32,
+}
+
+/// A worker could not do what it was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot open an AF_XDP socket on {ifname} queue {queue}: {message}")]
+    Open {
+        ifname: String,
+        queue: u32,
+        message: String,
+    },
+    #[error("worker {0} has stopped")]
+    Stopped(usize),
+}
+
+/// The frame I/O a worker drives (AF_XDP over sluice-xdp in production).
+pub trait WorkerIo: Send {
+    /// Open a socket for `spec` on this worker's UMEM; returns its fd to wait on.
+    fn open_port(&mut self, spec: &PortSpec) -> Result<RawFd, WorkerError>;
+    /// Close the socket of `port` (unknown ports are ignored).
+    fn close_port(&mut self, port: PortId);
+    /// One round: receive up to a batch per port, run the pipeline, transmit. Returns the number
+    /// of frames handled (0 means idle).
+    fn poll_once(&mut self, tables: &Snapshot, counters: &WorkerCounters) -> usize;
+}
+
+/// Frame I/O that opens nothing: the agent runs its control path (API, registry, tables) without a
+/// datapath, e.g. before `sluice-xdp` is available or in control-path tests.
+#[derive(Debug, Default)]
+pub struct NoIo {
+    pub ports: Vec<PortSpec>,
+}
+
+impl WorkerIo for NoIo {
+    fn open_port(&mut self, spec: &PortSpec) -> Result<RawFd, WorkerError> {
+        self.ports.push(spec.clone());
+        Ok(-1)
+    }
+    fn close_port(&mut self, port: PortId) {
+        self.ports.retain(|p| p.port != port);
+    }
+    fn poll_once(&mut self, _: &Snapshot, _: &WorkerCounters) -> usize {
+        0
+    }
+}
+
+enum Command {
+    Open(PortSpec, oneshot::Sender<Result<(), WorkerError>>),
+    Close(PortId, oneshot::Sender<()>),
+    Stop,
+}
+
+/// The agent's handle on one worker.
+#[derive(Debug)]
+pub struct Worker {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub counters: Arc<WorkerCounters>,
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+    join: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Open(s, _) => write!(f, "Open({s:?})"),
+            Self::Close(p, _) => write!(f, "Close({p:?})"),
+            Self::Stop => write!(f, "Stop"),
+        }
+    }
+}
+
+const WAKER: Token = Token(usize::MAX);
+
+/// How a worker runs.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerParams {
+    pub id: usize,
+    /// Core to pin to (`None`: not pinned).
+    pub core: Option<usize>,
+    pub busy_poll: bool,
+}
+
+impl Worker {
+    /// Start a worker thread driving `io`.
+    pub fn spawn(
+        params: WorkerParams,
+        io: Box<dyn WorkerIo>,
+        tables: Publisher,
+    ) -> std::io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let counters = Arc::new(WorkerCounters::default());
+        let c = counters.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("sluice-worker-{}", params.id))
+            .spawn(move || run(params, io, tables, rx, poll, c))?;
+        Ok(Self {
+            id: params.id,
+            core: params.core,
+            counters,
+            tx,
+            waker,
+            join: std::sync::Mutex::new(Some(join)),
+        })
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), WorkerError> {
+        self.tx
+            .send(cmd)
+            .map_err(|_| WorkerError::Stopped(self.id))?;
+        self.waker.wake().map_err(|_| WorkerError::Stopped(self.id))
+    }
+
+    /// Ask the worker to open a socket for `spec`, and wait for its answer.
+    pub async fn open_port(&self, spec: PortSpec) -> Result<(), WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Open(spec, tx))?;
+        rx.await.map_err(|_| WorkerError::Stopped(self.id))?
+    }
+
+    /// Ask the worker to close the socket of `port`, and wait until it has.
+    pub async fn close_port(&self, port: PortId) -> Result<(), WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Close(port, tx))?;
+        rx.await.map_err(|_| WorkerError::Stopped(self.id))
+    }
+
+    /// Whether the thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.join
+            .lock()
+            .map(|j| j.as_ref().is_some_and(|j| !j.is_finished()))
+            .unwrap_or(false)
+    }
+
+    /// Stop the worker and wait for it (it closes its sockets on the way out).
+    pub fn stop(&self) {
+        let _ = self.send(Command::Stop);
+        let join = self.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(j) = join {
+            let _ = j.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn pin_to(core: usize) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(core)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+}
+
+fn run(
+    params: WorkerParams,
+    mut io: Box<dyn WorkerIo>,
+    tables: Publisher,
+    rx: Receiver<Command>,
+    mut poll: Poll,
+    counters: Arc<WorkerCounters>,
+) {
+    if let Some(core) = params.core
+        && let Err(e) = pin_to(core)
+    {
+        tracing::warn!(worker = params.id, core, "cannot pin worker: {e}");
+    }
+    let mut events = Events::with_capacity(64);
+    let mut fds: Vec<(PortId, RawFd)> = Vec::new();
+    loop {
+        // Commands first: they are rare and a port change must not wait behind traffic.
+        while let Ok(cmd) = rx.try_recv() {
+            match cmd {
+                Command::Open(spec, reply) => {
+                    let r = io.open_port(&spec).map(|fd| {
+                        if fd >= 0 {
+                            let token = Token(spec.port.0 as usize);
+                            if let Err(e) = poll.registry().register(
+                                &mut SourceFd(&fd),
+                                token,
+                                Interest::READABLE,
+                            ) {
+                                tracing::warn!(port = spec.port.0, "cannot wait on socket: {e}");
+                            }
+                            fds.push((spec.port, fd));
+                        }
+                    });
+                    let _ = reply.send(r);
+                }
+                Command::Close(port, reply) => {
+                    if let Some(i) = fds.iter().position(|(p, _)| *p == port) {
+                        let (_, fd) = fds.swap_remove(i);
+                        let _ = poll.registry().deregister(&mut SourceFd(&fd));
+                    }
+                    io.close_port(port);
+                    let _ = reply.send(());
+                }
+                Command::Stop => {
+                    for (port, fd) in fds.drain(..) {
+                        let _ = poll.registry().deregister(&mut SourceFd(&fd));
+                        io.close_port(port);
+                    }
+                    return;
+                }
+            }
+        }
+        let snapshot = tables.load();
+        let handled = io.poll_once(&snapshot, &counters);
+        if handled == 0 && !params.busy_poll {
+            // Idle: sleep until a socket is readable or a command arrives. The timeout bounds how
+            // long TX completions and fill refills can wait when nothing else happens.
+            let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::config::NodeConfig;
+    use crate::agent::manifests::ClusterObjects;
+
+    fn publisher() -> Publisher {
+        let config: NodeConfig = serde_saphyr::from_str(
+            "node_name: a\nunderlay: {interface: up0, address: 192.168.1.1}\npod_cidr: 10.244.1.0/24\nvtep: {mac: \"0e:00:00:00:01:00\"}\n",
+        )
+        .unwrap();
+        Publisher::new(
+            Snapshot::build(
+                1,
+                &config,
+                crate::agent::tables::tests::LINKS,
+                &ClusterObjects::default(),
+                [],
+            )
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn commands_reach_the_worker_and_stop_joins() {
+        let w = Worker::spawn(
+            WorkerParams {
+                id: 0,
+                core: None,
+                busy_poll: false,
+            },
+            Box::new(NoIo::default()),
+            publisher(),
+        )
+        .unwrap();
+        assert!(w.is_running());
+        let spec = PortSpec {
+            port: PortId(9),
+            ifname: "veth9".into(),
+            queue: 0,
+        };
+        w.open_port(spec).await.unwrap();
+        w.close_port(PortId(9)).await.unwrap();
+        w.stop();
+        assert!(!w.is_running());
+        assert!(matches!(
+            w.open_port(PortSpec {
+                port: PortId(1),
+                ifname: "x".into(),
+                queue: 0
+            })
+            .await,
+            Err(WorkerError::Stopped(0))
+        ));
+    }
+}

@@ -1,0 +1,154 @@
+//! `sluice-agent`: the Sluice node agent.
+//!
+//! Standalone mode: reads the node config (and the manifests it names), starts the workers,
+//! attaches the datapath, re-attaches the pods of its registry, and serves the local API on its
+//! unix socket until SIGTERM or SIGINT, then shuts down cleanly (workers stopped, XDP detached,
+//! pins and socket removed). SIGHUP re-reads the manifests. Counters are written to
+//! `<state>/counters.json` every second.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_dataplane::agent::config::BindMode;
+use sluice_dataplane::agent::config::NodeConfig;
+use sluice_dataplane::agent::datapath::{ControlOnly, Datapath, XdpDatapath};
+use sluice_dataplane::agent::workers::{NoIo, WorkerError, WorkerIo};
+use sluice_dataplane::agent::xsk_io::XskIo;
+use sluice_dataplane::agent::{Agent, PortSet, api};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice-agent", version, about = "The Sluice node agent")]
+struct Args {
+    /// Node config file (YAML, or JSON when it ends in .json).
+    #[arg(long, short, env = "SLUICE_AGENT_CONFIG")]
+    config: PathBuf,
+    /// Override the agent socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Override the state directory.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Override the bpffs mount point (objects are pinned in <bpffs>/sluice/<node name>).
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+    /// Do not pin workers to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Run the control path only (API, registry, tables): attach nothing. Status stays not ready.
+    #[arg(long)]
+    no_datapath: bool,
+    /// Attach XDP in generic (SKB) mode instead of native (the explicit fallback).
+    #[arg(long)]
+    generic_xdp: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = NodeConfig::load(&args.config)?;
+    if let Some(s) = args.socket {
+        config.paths.socket = s;
+    }
+    if let Some(s) = args.state_dir {
+        config.paths.state_dir = s;
+    }
+    if let Some(s) = args.bpffs {
+        config.paths.bpffs = s;
+    }
+    if args.no_pin {
+        config.workers.pin = false;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(run(config, args.no_datapath, args.generic_xdp))
+}
+
+async fn run(config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let ports = PortSet::default();
+    let xsk_config = sluice_xdp::XskConfig {
+        batch_size: config.workers.batch_size as usize,
+        bind_mode: match config.workers.bind_mode {
+            BindMode::Copy => sluice_xdp::BindMode::Copy,
+            BindMode::ZeroCopy => sluice_xdp::BindMode::ZeroCopy,
+        },
+        busy_poll: config.workers.busy_poll.then_some(sluice_xdp::BusyPoll {
+            usecs: 20,
+            budget: config.workers.batch_size,
+        }),
+        ..Default::default()
+    };
+    let (datapath, io): (Arc<dyn Datapath>, Box<sluice_dataplane::agent::IoFactory>) =
+        if no_datapath {
+            (
+                Arc::new(ControlOnly),
+                Box::new(|_| Ok(Box::new(NoIo::default()) as Box<dyn WorkerIo>)),
+            )
+        } else {
+            let xdp = XdpDatapath::new(generic_xdp);
+            let loader = xdp.loader();
+            let ports = ports.clone();
+            (
+                Arc::new(xdp),
+                Box::new(move |_| -> Result<Box<dyn WorkerIo>, WorkerError> {
+                    Ok(Box::new(XskIo::new(
+                        &xsk_config,
+                        loader.clone(),
+                        ports.clone(),
+                    )?))
+                }),
+            )
+        };
+    let socket = config.paths.socket.clone();
+    let listener = api::bind(&socket)?;
+    let agent = Arc::new(Agent::start(config, datapath, &*io, ports).await?);
+    match agent.status() {
+        Ok(()) => {
+            tracing::info!(node = %agent.config.node_name, socket = %socket.display(), "ready")
+        }
+        Err(why) => {
+            tracing::warn!(node = %agent.config.node_name, socket = %socket.display(), "serving, not ready: {why}")
+        }
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(agent.clone(), listener, socket, async {
+        let _ = stop_rx.await;
+    }));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = tick.tick() => agent.export_counters().await,
+            _ = sighup.recv() => match agent.reload_manifests().await {
+                Ok(()) => tracing::info!("manifests reloaded"),
+                Err(e) => tracing::warn!("manifests not reloaded, keeping the current ones: {e}"),
+            },
+        }
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(());
+    // Give open connections a moment to finish, then stop serving regardless.
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
+        Ok(r) => r??,
+        Err(_) => tracing::warn!("clients still connected at shutdown; closing"),
+    }
+    let _ = std::fs::remove_file(&agent.config.paths.socket);
+    agent.shutdown().await;
+    Ok(())
+}
