@@ -5,6 +5,7 @@
 //! See `control/README.md` for the authentication scheme and the commands.
 
 pub mod agent_client;
+pub mod observe;
 #[cfg(feature = "control-plane")]
 pub mod auth;
 #[cfg(feature = "control-plane")]

@@ -119,6 +119,9 @@ pub struct NodeConfig {
     pub workers: WorkerConfig,
     #[serde(default)]
     pub paths: Paths,
+    /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9090`; none if unset.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// This node's underlay (uplink) interface.

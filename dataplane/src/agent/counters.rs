@@ -25,6 +25,8 @@ pub struct WorkerCounters {
     /// Frames passed to the kernel (the pipeline said so).
     pub to_kernel: AtomicU64,
     pub drops: [AtomicU64; MAX_DROP_REASONS],
+    /// The worker's flow event ring.
+    pub events: super::events::WorkerRing,
 }
 
 impl Default for WorkerCounters {
@@ -37,6 +39,7 @@ impl Default for WorkerCounters {
             handoffs: AtomicU64::new(0),
             to_kernel: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            events: Default::default(),
         }
     }
 }

@@ -13,7 +13,9 @@ pub mod api;
 pub mod config;
 pub mod counters;
 pub mod datapath;
+pub mod events;
 pub mod manifests;
+pub mod metrics;
 pub mod registry;
 pub mod tables;
 pub mod workers;
@@ -72,6 +74,8 @@ pub struct Agent {
     uplink_ifindex: u32,
     links: NodeLinks,
     ports: PortSet,
+    /// Recent flow events (see [`events`]).
+    events: events::EventHub,
 }
 
 /// Every port some worker has a socket on (read by workers only on the rare path of a frame for a
@@ -169,6 +173,7 @@ impl Agent {
             uplink_ifindex,
             links,
             ports,
+            events: Default::default(),
         };
         if let Ok(mut p) = agent.ports.write() {
             p.push(PortId(uplink_ifindex));

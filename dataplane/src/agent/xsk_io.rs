@@ -142,6 +142,9 @@ impl WorkerIo for XskIo {
             scratch,
             ..
         } = self;
+        if state.events.is_none() {
+            state.events = counters.events.take_producer(*start);
+        }
         let tables = &snapshot.tables;
         let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let mut handled = 0;
