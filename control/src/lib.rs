@@ -5,7 +5,6 @@
 //! See `control/README.md` for the authentication scheme and the commands.
 
 pub mod agent_client;
-pub mod observe;
 #[cfg(feature = "control-plane")]
 pub mod auth;
 #[cfg(feature = "control-plane")]
@@ -14,6 +13,7 @@ pub mod client;
 pub mod manifest;
 #[cfg(feature = "control-plane")]
 pub mod model;
+pub mod observe;
 #[cfg(feature = "control-plane")]
 pub mod server;
 #[cfg(feature = "control-plane")]

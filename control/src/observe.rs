@@ -192,7 +192,8 @@ fn endpoint(pod: &str, ip: &str, port: u32) -> String {
 }
 
 /// The header of the table form.
-pub const TABLE_HEADER: &str = "TIME                     NODE      VERDICT    PROTO  SOURCE -> DESTINATION  REASON";
+pub const TABLE_HEADER: &str =
+    "TIME                     NODE      VERDICT    PROTO  SOURCE -> DESTINATION  REASON";
 
 /// One event as a table line.
 pub fn to_table_row(ev: &FlowEvent) -> String {

@@ -176,7 +176,7 @@ fn denied_connection_service_backend_and_exact_counters() {
         assert_eq!(s(&e, "backend_ip"), "10.244.1.4");
         assert_eq!(s(&e, "backend_pod"), "default/n0p2");
         assert_eq!(e["backend_port"], 8080);
-        assert_eq!(s(&e, "service"), "default/web:80");
+        assert_eq!(s(&e, "service"), "default/web:http");
 
         // 3. Exact counters: N pings to an address with no pod are N no_route drops.
         let scrape = |what: &str| -> Result<String> {

@@ -630,7 +630,11 @@ fn qualified(ns: &str, name: &str) -> String {
 }
 
 /// Print one event in the chosen form.
-fn print_event(out: &mut impl Write, ev: &sluice_control::agent_api::FlowEvent, o: Output) -> std::io::Result<()> {
+fn print_event(
+    out: &mut impl Write,
+    ev: &sluice_control::agent_api::FlowEvent,
+    o: Output,
+) -> std::io::Result<()> {
     match o {
         Output::Json | Output::Yaml => writeln!(out, "{}", sluice_control::observe::to_json(ev)),
         Output::Table => writeln!(out, "{}", sluice_control::observe::to_table_row(ev)),

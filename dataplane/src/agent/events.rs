@@ -162,12 +162,7 @@ pub fn to_message(
     names: &HashMap<Ipv4Addr, String>,
     tables: &Tables,
 ) -> EventMsg {
-    let name = |ip: [u8; 4]| {
-        names
-            .get(&Ipv4Addr::from(ip))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let name = |ip: [u8; 4]| names.get(&Ipv4Addr::from(ip)).cloned().unwrap_or_default();
     let mut m = EventMsg {
         time_unix_ns: unix_ns,
         node: node.to_owned(),

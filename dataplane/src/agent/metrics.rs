@@ -119,7 +119,10 @@ pub async fn render(agent: &Agent) -> String {
         }
         for (reason, n) in d {
             drops
-                .get_or_create(&vec![("worker", worker.clone()), ("reason", reason.clone())])
+                .get_or_create(&vec![
+                    ("worker", worker.clone()),
+                    ("reason", reason.clone()),
+                ])
                 .inc_by(*n);
         }
         let wl = vec![("worker", worker.clone())];
@@ -181,7 +184,41 @@ pub async fn render(agent: &Agent) -> String {
     out
 }
 
-/// Serve `GET /metrics` on `addr` until the task is dropped.
+/// OpenMetrics text (as prometheus-client writes it) in the Prometheus text format 0.0.4, for
+/// clients that do not ask for OpenMetrics (`promtool check metrics`, curl): counter families are
+/// named with their `_total` suffix, `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for l in open_metrics.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, l.strip_prefix(p)?)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    let _ = writeln!(out, "{p}{name}_total {tail}");
+                } else {
+                    let _ = writeln!(out, "{l}");
+                }
+            }
+            None => {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+    }
+    out
+}
+
+/// Serve `GET /metrics` on `addr` until the task is dropped: OpenMetrics when the scraper accepts
+/// it (Prometheus does), else the Prometheus text format.
 pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics");
@@ -202,7 +239,16 @@ pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
                 }
             }
             let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, ctype, body) = if head.starts_with("GET /metrics ") {
+            let open_metrics = head
+                .to_ascii_lowercase()
+                .contains("application/openmetrics-text");
+            let (status, ctype, body) = if !head.starts_with("GET /metrics ") {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "only GET /metrics here\n".to_owned(),
+                )
+            } else if open_metrics {
                 (
                     "200 OK",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -210,9 +256,9 @@ pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
                 )
             } else {
                 (
-                    "404 Not Found",
-                    "text/plain",
-                    "only GET /metrics here\n".to_owned(),
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    to_prometheus_text(&render(&agent).await),
                 )
             };
             let resp = format!(
@@ -222,5 +268,39 @@ pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
             let _ = conn.write_all(resp.as_bytes()).await;
             let _ = conn.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counter_families_with_total() {
+        let mut r = Registry::default();
+        let c = counter_family(&mut r, "sluice_agent_drops", "Frames dropped");
+        c.get_or_create(&vec![("reason", "no_route".into())])
+            .inc_by(5);
+        gauge(&mut r, "sluice_agent_pods", "Pods", 2);
+        let mut om = String::new();
+        encode(&mut om, &r).unwrap();
+        let text = to_prometheus_text(&om);
+        assert!(
+            text.contains("# HELP sluice_agent_drops_total Frames dropped\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE sluice_agent_drops_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_agent_drops_total{reason=\"no_route\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE sluice_agent_pods gauge\nsluice_agent_pods 2\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
     }
 }
