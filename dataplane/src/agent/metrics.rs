@@ -286,7 +286,7 @@ mod tests {
         encode(&mut om, &r).unwrap();
         let text = to_prometheus_text(&om);
         assert!(
-            text.contains("# HELP sluice_agent_drops_total Frames dropped\n"),
+            text.contains("# HELP sluice_agent_drops_total Frames dropped.\n"),
             "{text}"
         );
         assert!(
