@@ -42,6 +42,14 @@ pub fn pod_mtu() -> u32 {
 /// Underlay MTU.
 pub const UNDERLAY_MTU: u32 = 1500;
 
+/// The underlay MTU this run uses (`SLUICE_E2E_UNDERLAY_MTU`, e.g. 9000, else [`UNDERLAY_MTU`]).
+pub fn underlay_mtu() -> u32 {
+    std::env::var("SLUICE_E2E_UNDERLAY_MTU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(UNDERLAY_MTU)
+}
+
 /// A harness step failed; the message says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
@@ -390,7 +398,14 @@ impl Cluster {
             ),
         )?;
         ip(Some(&self.switch), &format!("link set n{i} master br0 up"))?;
-        ip(Some(&ns), &format!("link set eth0 mtu {UNDERLAY_MTU} up"))?;
+        ip(
+            Some(&ns),
+            &format!("link set eth0 mtu {} up", underlay_mtu()),
+        )?;
+        ip(
+            Some(&self.switch),
+            &format!("link set n{i} mtu {}", underlay_mtu()),
+        )?;
         ip(Some(&ns), &format!("addr add {underlay_ip}/24 dev eth0"))?;
         sh(&ns, "sysctl -qw net.ipv4.ip_forward=1")?;
         let dir = self._dir.path().join(format!("n{i}"));
@@ -435,7 +450,7 @@ impl Cluster {
         let n = &self.nodes[i];
         let json = serde_json::json!({
             "node_name": format!("n{i}"),
-            "underlay": {"interface": "eth0", "address": n.underlay_ip, "mtu": UNDERLAY_MTU, "mac": n.underlay_mac},
+            "underlay": {"interface": "eth0", "address": n.underlay_ip, "mtu": underlay_mtu(), "mac": n.underlay_mac},
             "pod_cidr": n.pod_cidr,
             "pod_mtu": pod_mtu(),
             "vtep": {"mac": n.vtep_mac},
@@ -673,7 +688,10 @@ impl Cluster {
                 n.vtep_mac, n.underlay_ip
             ),
         )?;
-        ip(Some(&ns), "link set flannel.1 mtu 1450 up")?;
+        ip(
+            Some(&ns),
+            &format!("link set flannel.1 mtu {} up", underlay_mtu() - 50),
+        )?;
         ip(
             Some(&ns),
             &format!("addr add {}/32 dev flannel.1", n.vtep_ip()),
@@ -733,7 +751,7 @@ impl Cluster {
         ip(Some(&ns), &format!("addr add {pod_ip}/32 dev eth0"))?;
         let host_mac = mac_of(&node_ns, &host_if)?;
         let pod_mac = mac_of(&ns, "eth0")?;
-        let overlay_mtu = UNDERLAY_MTU - 50;
+        let overlay_mtu = underlay_mtu() - 50;
         ip(Some(&ns), "route add 169.254.1.1 dev eth0 scope link")?;
         ip(
             Some(&ns),
@@ -810,7 +828,7 @@ impl Cluster {
             "cniVersion": "1.0.0", "name": "sluice", "type": "sluice-cni",
             "agentSocket": n.socket(),
             "dataDir": n.dir.join("cni"),
-            "mtu": {"mode": "routes", "podMtu": pod_mtu(), "underlayMtu": UNDERLAY_MTU},
+            "mtu": {"mode": "routes", "podMtu": pod_mtu(), "underlayMtu": underlay_mtu()},
             "ipam": {"dataDir": n.dir.join("ipam")},
             "runtimeConfig": {"labels": labels},
         })
@@ -902,6 +920,25 @@ impl Cluster {
         let config = self.cni_config(pod.node, &[]);
         self.run_cni(pod.node, "DEL", &pod.ns, &pod.container_id, &config)
             .map(|_| ())
+    }
+
+    /// Send a raw AddPod to node `i`'s agent; on refusal returns the gRPC code (as its Debug name)
+    /// and message.
+    pub fn add_pod_raw(
+        &self,
+        i: usize,
+        req: AddPodRequest,
+    ) -> Result<Result<(), (String, String)>> {
+        let socket = self.nodes[i].socket();
+        self.runtime.block_on(async {
+            let mut c = sluice_control::agent_client::connect(&socket)
+                .await
+                .map_err(|e| HarnessError::Setup(e.to_string()))?;
+            Ok(c.add_pod(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| (format!("{:?}", s.code()), s.message().to_owned())))
+        })
     }
 
     /// DelPod for pod `p` on its agent; returns `existed`.

@@ -173,6 +173,42 @@ fn agent_control_path_survives_sigkill() {
         assert!(!ready);
         assert!(why.contains("without a datapath"), "{why}");
         let p = c.add_pod(0, &[("app", "web")])?;
+        // Bad requests are refused with InvalidArgument and a reason, and change nothing.
+        let good = sluice_control::agent_api::AddPodRequest {
+            container_id: "bad".into(),
+            host_ifname: c.pods[p].host_ifname.clone(),
+            host_ifindex: 1,
+            ip: "10.244.9.9".into(),
+            pod_mac: vec![2, 0, 0, 0, 0, 1],
+            host_mac: vec![2, 0, 0, 0, 0, 2],
+            ..Default::default()
+        };
+        let (code, why) = c
+            .add_pod_raw(0, good.clone())?
+            .expect_err("foreign pod CIDR");
+        assert_eq!(code, "InvalidArgument");
+        assert!(why.contains("10.244.1.0/24"), "{why}");
+        let (code, _) = c
+            .add_pod_raw(
+                0,
+                sluice_control::agent_api::AddPodRequest {
+                    pod_mac: vec![1, 2, 3],
+                    ..good.clone()
+                },
+            )?
+            .expect_err("short MAC");
+        assert_eq!(code, "InvalidArgument");
+        let (code, why) = c
+            .add_pod_raw(
+                0,
+                sluice_control::agent_api::AddPodRequest {
+                    ip: c.pods[p].ip.to_string(),
+                    ..good
+                },
+            )?
+            .expect_err("address in use");
+        assert_eq!(code, "InvalidArgument");
+        assert!(why.contains("already belongs"), "{why}");
         let registry = std::fs::read_to_string(c.nodes[0].state_dir().join("pods.json"))
             .map_err(|e| sluice_e2e::HarnessError::Setup(e.to_string()))?;
         assert!(registry.contains(&c.pods[p].container_id));
@@ -469,7 +505,20 @@ fn throughput_report() {
         let b = s.add_pod(0, &[])?;
         let r = s.add_pod(1, &[])?;
         let (_, same) = s.iperf3(a, b, 3)?;
+        // SLUICE_E2E_PERF=<file>: profile node 0's agent during the cross-node transfer.
+        let perf = std::env::var("SLUICE_E2E_PERF").ok().and_then(|out| {
+            let pid = s.nodes[0].agent.as_ref()?.id().to_string();
+            std::process::Command::new("perf")
+                .args(["record", "-g", "-o", &out, "-p", &pid, "--", "sleep", "2"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()
+        });
         let (_, cross) = s.iperf3(a, r, 3)?;
+        if let Some(mut p) = perf {
+            let _ = p.wait();
+        }
         let (_, cross_udp) = s.iperf3_udp64(a, r, 3)?;
         drop(s);
         let mut k = Cluster::new(&[NodeKind::Flannel; 2], AgentOptions::default())?;

@@ -7,9 +7,12 @@
 //! means asking the owning worker to open the socket on its own UMEM and waiting for its answer.
 //! Tables arrive through [`Publisher::load`] between batches.
 //!
-//! Cross-worker handoff (a frame received by worker A whose verdict names a port owned by worker B)
-//! goes through B's handoff channel as a copy and is counted in `handoffs`; B writes it into its own
-//! UMEM. The I/O itself sits behind [`WorkerIo`], implemented over `sluice-xdp`.
+//! Cross-worker handoff (a frame received by worker A whose verdict names a port only worker B has
+//! a socket on) is avoided by layout: on an interface with at least as many queues as workers,
+//! worker `q` owns the socket of queue `q`, so every worker can transmit on every port from its
+//! own UMEM. Otherwise the frame is dropped and counted (`handoffs`, drop `handoff_unsupported`):
+//! copying it into B's UMEM needs a "transmit these bytes" call in `sluice-xdp` that does not exist
+//! yet. The I/O itself sits behind [`WorkerIo`], implemented over `sluice-xdp` in `xsk_io`.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
