@@ -214,6 +214,22 @@ fn denied_connection_service_backend_and_exact_counters() {
         let ev = observe(&c, 0, &["--verdict", "DROPPED", "--to", "10.244.1.200"])?;
         assert_eq!(ev.len() as u64, N, "one drop event per ping: {ev:?}");
 
+        // Conntrack holds the service flow; XDP is attached to the uplink and the pods.
+        let value = |prefix: &str| -> Option<u64> {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        };
+        assert!(
+            value("sluice_agent_conntrack_entries{worker=\"0\"}").is_some_and(|n| n >= 1),
+            "{text}"
+        );
+        let attached = text
+            .lines()
+            .filter(|l| l.starts_with("sluice_agent_xdp_attached{") && l.ends_with(" 1"))
+            .count();
+        assert_eq!(attached, 4, "uplink and three pods: {text}");
+
         // The scrape is valid exposition text.
         let mut promtool = Command::new("promtool")
             .args(["check", "metrics"])

@@ -27,6 +27,10 @@ pub struct WorkerCounters {
     pub drops: [AtomicU64; MAX_DROP_REASONS],
     /// The worker's flow event ring.
     pub events: super::events::WorkerRing,
+    /// The worker's conntrack: live entries, evictions, expired removals (stored after busy rounds).
+    pub ct_entries: AtomicU64,
+    pub ct_evictions: AtomicU64,
+    pub ct_expired: AtomicU64,
 }
 
 impl Default for WorkerCounters {
@@ -40,6 +44,9 @@ impl Default for WorkerCounters {
             to_kernel: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             events: Default::default(),
+            ct_entries: AtomicU64::new(0),
+            ct_evictions: AtomicU64::new(0),
+            ct_expired: AtomicU64::new(0),
         }
     }
 }

@@ -17,6 +17,9 @@
 //! | `sluice_agent_table_generation` | gauge | | generation of the published tables |
 //! | `sluice_agent_pods` | gauge | | pods in the registry |
 //! | `sluice_agent_worker_up` | gauge | `worker` | 1 while the worker thread runs |
+//! | `sluice_agent_conntrack_entries` | gauge | `worker` | live conntrack entries (as of the worker's last busy round) |
+//! | `sluice_agent_conntrack_evictions_total` | counter | `worker` | live entries evicted to make room |
+//! | `sluice_agent_conntrack_expired_total` | counter | `worker` | expired entries removed |
 //! | `sluice_agent_xdp_attached` | gauge | `interface`, `role` (`uplink`, `pod`) | 1 when the XDP program is loaded and the agent attached it there |
 //! | `sluice_agent_xdp_classifier_total` | counter | `counter` | the XDP classifier's own counters |
 
@@ -95,6 +98,21 @@ pub async fn render(agent: &Agent) -> String {
         "sluice_agent_events_lost",
         "Flow events lost because the ring was full",
     );
+    let ct_entries = gauge_family(
+        &mut r,
+        "sluice_agent_conntrack_entries",
+        "Live conntrack entries of the worker",
+    );
+    let ct_evictions = counter_family(
+        &mut r,
+        "sluice_agent_conntrack_evictions",
+        "Live conntrack entries evicted to make room",
+    );
+    let ct_expired = counter_family(
+        &mut r,
+        "sluice_agent_conntrack_expired",
+        "Expired conntrack entries removed",
+    );
     let up = gauge_family(
         &mut r,
         "sluice_agent_worker_up",
@@ -134,6 +152,16 @@ pub async fn render(agent: &Agent) -> String {
         capacity.get_or_create(&wl).set(i(cap));
         lost.get_or_create(&wl).inc_by(l);
         up.get_or_create(&wl).set(i64::from(w.is_running()));
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        ct_entries
+            .get_or_create(&wl)
+            .set(i(get(&w.counters.ct_entries)));
+        ct_evictions
+            .get_or_create(&wl)
+            .inc_by(get(&w.counters.ct_evictions));
+        ct_expired
+            .get_or_create(&wl)
+            .inc_by(get(&w.counters.ct_expired));
     }
     gauge(
         &mut r,

@@ -226,6 +226,10 @@ impl WorkerIo for XskIo {
                 .map(|st| st.tx_queue_full)
                 .sum();
             counters.ring_full.store(full, Ordering::Relaxed);
+            let ct = state.conntrack.stats();
+            counters.ct_entries.store(ct.entries, Ordering::Relaxed);
+            counters.ct_evictions.store(ct.evictions, Ordering::Relaxed);
+            counters.ct_expired.store(ct.expired, Ordering::Relaxed);
             let c = &state.counters;
             counters.rx.store(c.rx, Ordering::Relaxed);
             counters.tx.store(c.tx, Ordering::Relaxed);
