@@ -140,7 +140,12 @@ fn denied_connection_service_backend_and_exact_counters() {
         let db_ip = c.pods[db].ip;
 
         // 1. A denied connection: both pods, the port and the reason, within a second.
-        let _ = Cluster::tcp_lines(&c.pods[client].ns, db_ip, 8080, &["x"]);
+        // The connection attempt runs meanwhile: the event must be visible within a second of
+        // the first SYN (the attempt itself retries for longer).
+        let ns = c.pods[client].ns.clone();
+        let attempt = std::thread::spawn(move || {
+            let _ = Cluster::tcp_lines(&ns, db_ip, 8080, &["x"]);
+        });
         let e = wait_event(
             &c,
             0,
@@ -149,6 +154,7 @@ fn denied_connection_service_backend_and_exact_counters() {
             |e| s(e, "dst_ip") == db_ip.to_string(),
         )?;
         println!("denied: {e}");
+        let _ = attempt.join();
         assert_eq!(s(&e, "src_pod"), "default/n0p0");
         assert_eq!(s(&e, "dst_pod"), "default/n0p1");
         assert_eq!(e["dst_port"], 8080);
@@ -156,6 +162,24 @@ fn denied_connection_service_backend_and_exact_counters() {
         assert_eq!(s(&e, "drop_reason"), "policy_denied_ingress");
         assert_eq!(s(&e, "policy"), "default-deny");
         assert_eq!(s(&e, "policy_direction"), "ingress");
+
+        // The same in the table form (printed for the record; the JSON above is asserted).
+        let table = Command::new(sluicectl()?)
+            .arg("observe")
+            .arg("--agent-socket")
+            .arg(c.nodes[0].socket())
+            .args([
+                "--verdict",
+                "DROPPED",
+                "--pod",
+                "default/n0p0",
+                "--last",
+                "5",
+            ])
+            .output()
+            .map_err(setup)?;
+        println!("{}", String::from_utf8_lossy(&table.stdout));
+        assert!(String::from_utf8_lossy(&table.stdout).contains("policy_denied_ingress"));
 
         // 2. A service connection names the chosen backend.
         let reply = Cluster::tcp_lines(
@@ -173,6 +197,14 @@ fn denied_connection_service_backend_and_exact_counters() {
             |e| s(e, "kind") == "new_connection",
         )?;
         println!("service: {e}");
+        let table = Command::new(sluicectl()?)
+            .arg("observe")
+            .arg("--agent-socket")
+            .arg(c.nodes[0].socket())
+            .args(["--to", "10.96.0.10"])
+            .output()
+            .map_err(setup)?;
+        println!("{}", String::from_utf8_lossy(&table.stdout));
         assert_eq!(s(&e, "backend_ip"), "10.244.1.4");
         assert_eq!(s(&e, "backend_pod"), "default/n0p2");
         assert_eq!(e["backend_port"], 8080);
