@@ -283,5 +283,37 @@ fn new_flow(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, established, new_flow);
+/// The cost of one flow event alone: a batch of pushes into a worker's ring and the drain.
+fn event_ring(c: &mut Criterion) {
+    use sluice_dataplane::events::{EventKind, FlowEvent, ring};
+    let mut g = c.benchmark_group("events");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let (mut p, mut cons) = ring(4096);
+    let ev = FlowEvent {
+        tuple: Some(sluice_dataplane::nat::Tuple {
+            src: [10, 244, 1, 2],
+            dst: [10, 96, 0, 10],
+            src_port: 1234,
+            dst_port: 80,
+            proto: 6,
+        }),
+        ..FlowEvent::new(EventKind::NewConnection, 1, PortId(1))
+    };
+    g.bench_function("push_64_then_drain", |b| {
+        b.iter(|| {
+            for i in 0..BATCH as u64 {
+                p.push(FlowEvent {
+                    ts_ns: i,
+                    ..black_box(ev)
+                });
+            }
+            while let Some(e) = cons.pop() {
+                black_box(e);
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, established, new_flow, event_ring);
 criterion_main!(benches);
