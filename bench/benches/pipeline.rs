@@ -183,20 +183,35 @@ fn established(c: &mut Criterion) {
             mix.push(p);
         }
     }
-    let mut i = 0usize;
-    g.bench_function("mix", |b| {
-        b.iter(|| {
-            let start = i % (mix.len() - BATCH);
-            i += BATCH;
-            black_box(run_batch(
-                &t,
-                &mut s,
-                2,
-                &mix[start..start + BATCH],
-                &mut bufs,
-            ))
-        })
-    });
+    for events in [false, true] {
+        // With events: the worker's ring, drained after every batch as the agent would.
+        let mut consumer = None;
+        if events {
+            let (p, c) = sluice_dataplane::events::ring(4096);
+            s.events = Some(p);
+            consumer = Some(c);
+        }
+        let mut i = 0usize;
+        let name = if events { "mix_events" } else { "mix" };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let start = i % (mix.len() - BATCH);
+                i += BATCH;
+                black_box(run_batch(
+                    &t,
+                    &mut s,
+                    2,
+                    &mix[start..start + BATCH],
+                    &mut bufs,
+                ));
+                if let Some(c) = consumer.as_mut() {
+                    while let Some(e) = c.pop() {
+                        black_box(e);
+                    }
+                }
+            })
+        });
+    }
     g.finish();
 }
 
@@ -204,50 +219,101 @@ fn new_flow(c: &mut Criterion) {
     let t = tables();
     let mut g = c.benchmark_group("new_flow");
     g.throughput(Throughput::Elements(BATCH as u64));
-    let mut s = state(1 << 16);
-    let template = demo::tcp_frame(&FrameSpec::from_pod(10, VIP, 1, 80), 0x02, b"");
-    let mut bufs = vec![vec![0u8; HEADROOM + 200]; BATCH];
-    let mut verdicts = [Verdict::PassToKernel; BATCH];
-    let mut k = 0u64;
-    g.bench_function("clusterip_syn", |b| {
+    for events in [false, true] {
+        let mut s = state(1 << 16);
+        // With events: the worker's ring, drained after every batch as the agent would.
+        let mut consumer = None;
+        if events {
+            let (p, c) = sluice_dataplane::events::ring(4096);
+            s.events = Some(p);
+            consumer = Some(c);
+        }
+        let template = demo::tcp_frame(&FrameSpec::from_pod(10, VIP, 1, 80), 0x02, b"");
+        let mut bufs = vec![vec![0u8; HEADROOM + 200]; BATCH];
+        let mut verdicts = [Verdict::PassToKernel; BATCH];
+        let mut k = 0u64;
+        let name = if events {
+            "clusterip_syn_events"
+        } else {
+            "clusterip_syn"
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut frames: Vec<Frame<'_>> = Vec::with_capacity(BATCH);
+                for buf in bufs.iter_mut() {
+                    k += 1;
+                    let pod = 10 + (k % 200) as u8;
+                    let sp = 1024 + ((k / 200) % 60000) as u16;
+                    let bytes = &mut buf[HEADROOM..HEADROOM + template.len()];
+                    bytes.copy_from_slice(&template);
+                    // Make the tuple unique: rewrite source address and port in place (incremental
+                    // checksums). This set-up (a parse and a rewrite) is included in the figure.
+                    let mut f = Frame::new(buf, HEADROOM, template.len());
+                    let mut p = match sluice_dataplane::parse::parse(&t, &f) {
+                        sluice_dataplane::parse::ParseOutcome::Ipv4(p) => p,
+                        _ => unreachable!(),
+                    };
+                    let mut to = sluice_dataplane::nat::Tuple::of(&p);
+                    to.src = [10, 244, 1, pod];
+                    to.src_port = sp;
+                    sluice_dataplane::nat::rewrite(&mut f, &mut p, &to);
+                    frames.push(f);
+                }
+                // Each frame comes from its own pod's port: process_batch of one per frame.
+                for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+                    let src = f.head()[14 + 15];
+                    process_batch(
+                        &t,
+                        &mut s,
+                        k,
+                        PortId(u32::from(src)),
+                        std::slice::from_mut(f),
+                        std::slice::from_mut(v),
+                    );
+                }
+                black_box(&verdicts);
+                if let Some(c) = consumer.as_mut() {
+                    while let Some(e) = c.pop() {
+                        black_box(e);
+                    }
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The cost of one flow event alone: a batch of pushes into a worker's ring and the drain.
+fn event_ring(c: &mut Criterion) {
+    use sluice_dataplane::events::{EventKind, FlowEvent, ring};
+    let mut g = c.benchmark_group("events");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let (mut p, mut cons) = ring(4096);
+    let ev = FlowEvent {
+        tuple: Some(sluice_dataplane::nat::Tuple {
+            src: [10, 244, 1, 2],
+            dst: [10, 96, 0, 10],
+            src_port: 1234,
+            dst_port: 80,
+            proto: 6,
+        }),
+        ..FlowEvent::new(EventKind::NewConnection, 1, PortId(1))
+    };
+    g.bench_function("push_64_then_drain", |b| {
         b.iter(|| {
-            let mut frames: Vec<Frame<'_>> = Vec::with_capacity(BATCH);
-            for buf in bufs.iter_mut() {
-                k += 1;
-                let pod = 10 + (k % 200) as u8;
-                let sp = 1024 + ((k / 200) % 60000) as u16;
-                let bytes = &mut buf[HEADROOM..HEADROOM + template.len()];
-                bytes.copy_from_slice(&template);
-                // Make the tuple unique: rewrite source address and port in place (incremental
-                // checksums). This set-up (a parse and a rewrite) is included in the figure.
-                let mut f = Frame::new(buf, HEADROOM, template.len());
-                let mut p = match sluice_dataplane::parse::parse(&t, &f) {
-                    sluice_dataplane::parse::ParseOutcome::Ipv4(p) => p,
-                    _ => unreachable!(),
-                };
-                let mut to = sluice_dataplane::nat::Tuple::of(&p);
-                to.src = [10, 244, 1, pod];
-                to.src_port = sp;
-                sluice_dataplane::nat::rewrite(&mut f, &mut p, &to);
-                frames.push(f);
+            for i in 0..BATCH as u64 {
+                p.push(FlowEvent {
+                    ts_ns: i,
+                    ..black_box(ev)
+                });
             }
-            // Each frame comes from its own pod's port: process_batch of one per frame.
-            for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
-                let src = f.head()[14 + 15];
-                process_batch(
-                    &t,
-                    &mut s,
-                    k,
-                    PortId(u32::from(src)),
-                    std::slice::from_mut(f),
-                    std::slice::from_mut(v),
-                );
+            while let Some(e) = cons.pop() {
+                black_box(e);
             }
-            black_box(&verdicts);
         })
     });
     g.finish();
 }
 
-criterion_group!(benches, established, new_flow);
+criterion_group!(benches, established, new_flow, event_ring);
 criterion_main!(benches);

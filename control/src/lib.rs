@@ -12,7 +12,10 @@ pub mod client;
 #[cfg(feature = "control-plane")]
 pub mod manifest;
 #[cfg(feature = "control-plane")]
+pub mod metrics;
+#[cfg(feature = "control-plane")]
 pub mod model;
+pub mod observe;
 #[cfg(feature = "control-plane")]
 pub mod server;
 #[cfg(feature = "control-plane")]

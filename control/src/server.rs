@@ -1128,6 +1128,18 @@ pub async fn serve<S: Store>(
     tls: Option<ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_counted(listener, service, auth, tls, shutdown, Arc::default()).await
+}
+
+/// [`serve`], counting every request by method and gRPC status in `counts` (for metrics).
+pub async fn serve_counted<S: Store>(
+    listener: tokio::net::TcpListener,
+    service: ControlService<S>,
+    auth: Authenticator,
+    tls: Option<ServerTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    counts: Arc<crate::metrics::RequestCounts>,
+) -> Result<(), ServeError> {
     let local = listener.local_addr()?;
     let mut builder = tonic::transport::Server::builder();
     match tls {
@@ -1144,6 +1156,7 @@ pub async fn serve<S: Store>(
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(30)));
     builder
+        .layer(crate::metrics::CountLayer(counts))
         .add_service(service.into_server(auth))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -1154,4 +1167,32 @@ pub async fn serve<S: Store>(
 pub fn with_identity<T>(mut req: Request<T>, id: Identity) -> Request<T> {
     req.extensions_mut().insert(id);
     req
+}
+
+/// What the control plane's metrics report, read at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct ControlMetrics {
+    pub revision: u64,
+    pub objects: usize,
+    /// Per node: open watches, last revision the agent reported synced.
+    pub agents: Vec<(String, u32, u64)>,
+}
+
+impl<S: Store> ControlService<S> {
+    /// The current revision, object count and agents' watch state.
+    pub async fn metrics_snapshot(&self) -> Result<ControlMetrics, StoreError> {
+        let (revision, kvs) = self.store.list(model::OBJECT_PREFIX).await?;
+        let agents = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, a)| (n.clone(), a.watches, a.synced_revision))
+            .collect();
+        Ok(ControlMetrics {
+            revision,
+            objects: kvs.len(),
+            agents,
+        })
+    }
 }

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod checksum;
 pub mod conntrack;
 pub mod demo;
+pub mod events;
 pub mod frame;
 pub mod maglev;
 pub mod nat;

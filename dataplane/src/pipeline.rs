@@ -18,12 +18,18 @@
 //! Every frame is counted once in [`WorkerState::counters`] (rx, and tx, passed or drops by
 //! reason).
 //!
+//! With [`WorkerState::events`] set, flow events go into that ring (see [`crate::events`]): a new
+//! connection (service and backend after DNAT, egress port, policy verdict), a policy denial, every
+//! other drop with its reason, and TCP connection end with its counts. Without it nothing is
+//! emitted and the only cost is one `is_some` test per drop, new flow and TCP packet.
+//!
 //! Conntrack is per worker: both directions of a flow must reach the same worker (the agent's
 //! queue/worker mapping has to be symmetric), or replies miss their entry.
 
 #![forbid(unsafe_code)]
 
 use crate::conntrack::{ConnTrack, CtConfig, CtError, CtHandle, CtState, FlowDir, FlowKey};
+use crate::events::{EventKind, EventProducer, FlowCounts, FlowEvent};
 use crate::frame::Frame;
 use crate::nat::{self, Tuple};
 use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
@@ -70,6 +76,8 @@ pub struct WorkerState {
     pub conntrack: ConnTrack<FlowNat>,
     pub affinity: AffinityTable,
     pub counters: Counters,
+    /// Where flow events go; `None`: no events.
+    pub events: Option<EventProducer>,
     ip_id: u16,
     /// Bumped by every conntrack insert or removal of the pipeline (batch lookups compare it).
     ct_epoch: u64,
@@ -81,8 +89,29 @@ impl WorkerState {
             conntrack: ConnTrack::new(config.conntrack),
             affinity: AffinityTable::new(config.affinity_capacity),
             counters: Counters::default(),
+            events: None,
             ip_id: 0,
             ct_epoch: 0,
+        }
+    }
+
+    /// Emit an event when events are on.
+    #[inline]
+    fn emit(&mut self, ev: impl FnOnce() -> FlowEvent) {
+        if let Some(p) = self.events.as_mut() {
+            p.push(ev());
+        }
+    }
+
+    /// A drop event for a frame that did not reach conntrack.
+    #[inline]
+    fn emit_early_drop(&mut self, now: u64, ingress: PortId, v: Verdict, tuple: Option<Tuple>) {
+        if let Verdict::Drop(r) = v {
+            self.emit(|| FlowEvent {
+                tuple,
+                drop: Some(r),
+                ..FlowEvent::new(EventKind::Drop, now, ingress)
+            });
         }
     }
 
@@ -140,7 +169,10 @@ pub fn process_batch(
                     }
                     preps[i] = Some(p);
                 }
-                Err(v) => verdicts[i] = v,
+                Err((v, tuple)) => {
+                    state.emit_early_drop(now_ns, ingress, v, tuple);
+                    verdicts[i] = v;
+                }
             }
         }
         state
@@ -156,7 +188,7 @@ pub fn process_batch(
                 } else {
                     None
                 };
-                verdicts[i] = finish(tables, state, now_ns, f, p, Some((hint, epoch)));
+                verdicts[i] = finish(tables, state, now_ns, ingress, f, p, Some((hint, epoch)));
             }
             state.counters.count(verdicts[i]);
         }
@@ -205,31 +237,45 @@ fn process_one(
     frame: &mut Frame<'_>,
 ) -> Verdict {
     match prepare(t, ingress, frame) {
-        Ok(p) => finish(t, s, now, frame, p, None),
-        Err(v) => v,
+        Ok(p) => finish(t, s, now, ingress, frame, p, None),
+        Err((v, tuple)) => {
+            s.emit_early_drop(now, ingress, v, tuple);
+            v
+        }
     }
 }
 
-/// Decap, parse, source check and partial checksum completion: everything before conntrack.
-fn prepare(t: &Tables, ingress: PortId, frame: &mut Frame<'_>) -> Result<Prepared, Verdict> {
+/// Decap, parse, source check and partial checksum completion: everything before conntrack. On
+/// failure, the verdict and the tuple if the frame parsed.
+fn prepare(
+    t: &Tables,
+    ingress: PortId,
+    frame: &mut Frame<'_>,
+) -> Result<Prepared, (Verdict, Option<Tuple>)> {
     let uplink = ingress == t.node.uplink;
     let mut tunneled = false;
     if uplink && vxlan::is_vxlan_to(frame.head(), t.node.underlay_ip.octets(), t.node.vxlan_port) {
         if let Err(e) = vxlan::decap(frame, t.node.vni) {
-            return Err(Verdict::Drop(match e {
-                VxlanError::BadChecksum => DropReason::VxlanBadChecksum,
-                VxlanError::WrongVni => DropReason::VxlanWrongVni,
-                VxlanError::Malformed | VxlanError::NoHeadroom => DropReason::VxlanMalformed,
-            }));
+            return Err((
+                Verdict::Drop(match e {
+                    VxlanError::BadChecksum => DropReason::VxlanBadChecksum,
+                    VxlanError::WrongVni => DropReason::VxlanWrongVni,
+                    VxlanError::Malformed | VxlanError::NoHeadroom => DropReason::VxlanMalformed,
+                }),
+                None,
+            ));
         }
         tunneled = true;
     }
     let p = match parse::parse(t, frame) {
         ParseOutcome::Ipv4(p) => p,
-        ParseOutcome::Done(v) => return Err(v),
+        ParseOutcome::Done(v) => return Err((v, None)),
     };
     if !uplink && t.local_pod(p.src).is_none_or(|pod| pod.port != ingress) {
-        return Err(Verdict::Drop(DropReason::SpoofedSource));
+        return Err((
+            Verdict::Drop(DropReason::SpoofedSource),
+            Some(Tuple::of(&p)),
+        ));
     }
     let icmp_error = matches!(p.icmp, IcmpKind::Error { .. });
     if !icmp_error {
@@ -248,6 +294,33 @@ fn finish(
     t: &Tables,
     s: &mut WorkerState,
     now: u64,
+    ingress: PortId,
+    frame: &mut Frame<'_>,
+    prep: Prepared,
+    hint: Option<(Option<(CtHandle, FlowDir)>, u64)>,
+) -> Verdict {
+    let v = finish_inner(t, s, now, ingress, frame, prep, hint);
+    // Policy denials were emitted by `new_flow` with their verdict.
+    if let Verdict::Drop(r) = v
+        && !matches!(
+            r,
+            DropReason::PolicyDeniedEgress | DropReason::PolicyDeniedIngress
+        )
+    {
+        s.emit(|| FlowEvent {
+            tuple: Some(Tuple::of(&prep.parsed)),
+            drop: Some(r),
+            ..FlowEvent::new(EventKind::Drop, now, ingress)
+        });
+    }
+    v
+}
+
+fn finish_inner(
+    t: &Tables,
+    s: &mut WorkerState,
+    now: u64,
+    ingress: PortId,
     frame: &mut Frame<'_>,
     prep: Prepared,
     hint: Option<(Option<(CtHandle, FlowDir)>, u64)>,
@@ -269,12 +342,23 @@ fn finish(
     };
     let tcp_flags = (p.proto == proto::TCP).then_some(p.tcp_flags);
     if let Some((h, dir)) = hit {
+        let before = match (&s.events, tcp_flags) {
+            (Some(_), Some(_)) => s.conntrack.get(h).map(|e| e.state()),
+            _ => None,
+        };
         match s
             .conntrack
             .on_packet(h, dir, tcp_flags, u32::from(p.ip_len), now)
         {
             None | Some(CtState::Invalid) => return Verdict::Drop(DropReason::ConntrackInvalid),
-            Some(_) => {}
+            Some(after) => {
+                if let Some(before) = before
+                    && before != after
+                    && matches!(after, CtState::TcpClose | CtState::TcpTimeWait)
+                {
+                    emit_end(s, now, ingress, h);
+                }
+            }
         }
         let Some(e) = s.conntrack.get(h) else {
             return Verdict::Drop(DropReason::ConntrackInvalid);
@@ -290,13 +374,33 @@ fn finish(
         }
         return route::forward(t, frame, &p, r, s.next_ip_id());
     }
-    new_flow(t, s, now, frame, p, prep.external, tcp_flags)
+    new_flow(t, s, now, ingress, frame, p, prep.external, tcp_flags)
 }
 
+/// A TCP flow closed: its end event with counts.
+fn emit_end(s: &mut WorkerState, now: u64, ingress: PortId, h: CtHandle) {
+    let Some(e) = s.conntrack.get(h) else {
+        return;
+    };
+    let ev = FlowEvent {
+        tuple: Some(Tuple::from(*e.key(FlowDir::Original))),
+        translated: Some(Tuple::from(*e.key(FlowDir::Reply)).reversed()),
+        service: e.value().service,
+        counts: FlowCounts {
+            packets: [e.packets(FlowDir::Original), e.packets(FlowDir::Reply)],
+            bytes: [e.bytes(FlowDir::Original), e.bytes(FlowDir::Reply)],
+        },
+        ..FlowEvent::new(EventKind::ConnectionEnd, now, ingress)
+    };
+    s.emit(|| ev);
+}
+
+#[allow(clippy::too_many_arguments)]
 fn new_flow(
     t: &Tables,
     s: &mut WorkerState,
     now: u64,
+    ingress: PortId,
     frame: &mut Frame<'_>,
     mut p: Parsed,
     external: bool,
@@ -349,11 +453,21 @@ fn new_flow(
             xlat.dst_port
         },
     };
-    if let PolicyVerdict::Deny { direction } = t.policy.decide(&q) {
-        return Verdict::Drop(match direction {
+    let decision = t.policy.decide(&q);
+    if let PolicyVerdict::Deny { direction } = decision {
+        let r = match direction {
             Direction::Egress => DropReason::PolicyDeniedEgress,
             Direction::Ingress => DropReason::PolicyDeniedIngress,
+        };
+        s.emit(|| FlowEvent {
+            tuple: Some(orig),
+            translated: Some(xlat),
+            service: value.service,
+            policy: Some(decision),
+            drop: Some(r),
+            ..FlowEvent::new(EventKind::PolicyVerdict, now, ingress)
         });
+        return Verdict::Drop(r);
     }
     let okey = FlowKey::from(orig);
     s.ct_epoch += 1;
@@ -395,7 +509,18 @@ fn new_flow(
     if xlat != orig {
         nat::rewrite(frame, &mut p, &xlat);
     }
-    route::forward(t, frame, &p, r, s.next_ip_id())
+    let v = route::forward(t, frame, &p, r, s.next_ip_id());
+    if let Verdict::Forward(port) = v {
+        s.emit(|| FlowEvent {
+            tuple: Some(orig),
+            translated: Some(xlat),
+            service: value.service,
+            egress: Some(port),
+            policy: Some(decision),
+            ..FlowEvent::new(EventKind::NewConnection, now, ingress)
+        });
+    }
+    v
 }
 
 /// An ICMP error: find the flow of the datagram it carries (that datagram went the other way, so

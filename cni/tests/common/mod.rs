@@ -289,6 +289,18 @@ struct Recorder {
 
 #[tonic::async_trait]
 impl Agent for Recorder {
+    /// The recorder has no data path, so it has no flow events to stream.
+    type ObserveStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<FlowEvent, tonic::Status>> + Send + 'static>,
+    >;
+    async fn observe(
+        &self,
+        _: tonic::Request<ObserveRequest>,
+    ) -> Result<tonic::Response<Self::ObserveStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the recording agent has no flow events",
+        ))
+    }
     async fn node_info(
         &self,
         _: tonic::Request<NodeInfoRequest>,

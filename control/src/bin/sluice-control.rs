@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use sluice_control::auth::{Authenticator, TokenTable};
-use sluice_control::server::{ControlService, ServerConfig, ServerTls, serve};
+use sluice_control::server::{ControlService, ServerConfig, ServerTls, serve_counted};
 use sluice_control::store::{AnyStore, EtcdStore, RedbStore};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -64,6 +64,9 @@ struct Args {
     /// Revisions of history kept by the embedded store for watchers that fall behind.
     #[arg(long, default_value_t = sluice_control::store::redb_history_default())]
     history: u64,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9479.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -136,13 +139,24 @@ async fn main() -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
     };
-    serve(
-        listener,
-        ControlService::new(store, cfg),
-        auth,
-        tls,
-        shutdown,
-    )
-    .await?;
+    let service = ControlService::new(store, cfg);
+    let counts = std::sync::Arc::new(sluice_control::metrics::RequestCounts::default());
+    if let Some(maddr) = args.metrics_listen {
+        let (svc, c) = (service.clone(), counts.clone());
+        let render = move || {
+            let (svc, c) = (svc.clone(), c.clone());
+            async move {
+                let m = svc.metrics_snapshot().await.unwrap_or_default();
+                sluice_control::metrics::render(&m, &c)
+            }
+        };
+        tracing::info!(addr = %maddr, "metrics");
+        tokio::spawn(async move {
+            if let Err(e) = sluice_control::metrics::serve_http(maddr, render).await {
+                tracing::warn!("metrics server on {maddr} stopped: {e}");
+            }
+        });
+    }
+    serve_counted(listener, service, auth, tls, shutdown, counts).await?;
     Ok(())
 }

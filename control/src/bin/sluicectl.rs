@@ -123,6 +123,55 @@ Kinds: nodes, pods, namespaces (ns), services (svc), endpointslices (eps), netwo
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Flow events of a node's agent: what was forwarded or dropped, and why.
+    #[command(after_help = "Examples:\n  \
+  sluicectl observe --verdict DROPPED --last 20\n  \
+  sluicectl observe --pod shop/web --follow -o json\n  \
+  sluicectl observe --from default/client --to 10.96.0.10 --port 80 --protocol TCP --since 5m\n  \
+  sluicectl observe --agent-socket /run/a/agent.sock --agent-socket /run/b/agent.sock --node b\n\n\
+Events come from each agent's unix socket (default /run/sluice/agent.sock, the local node); give\n\
+--agent-socket once per node to merge several nodes. -o json prints one object per line (fields in\n\
+control/README.md, \"Flow events\").")]
+    Observe {
+        /// FORWARDED or DROPPED.
+        #[arg(long, value_parser = ["FORWARDED", "DROPPED", "forwarded", "dropped"])]
+        verdict: Option<String>,
+        /// A pod (namespace/name) on either side.
+        #[arg(long)]
+        pod: Option<String>,
+        /// A namespace of a pod on either side.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Source: namespace/name or IP.
+        #[arg(long)]
+        from: Option<String>,
+        /// Destination: namespace/name or IP (service VIP or backend).
+        #[arg(long)]
+        to: Option<String>,
+        /// Destination port (service or backend port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// TCP, UDP, ICMP or SCTP.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Only events of this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only events of the last DURATION (e.g. 30s, 5m, 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most the N newest matching events of the history.
+        #[arg(long)]
+        last: Option<u32>,
+        /// Keep printing new events.
+        #[arg(short, long)]
+        follow: bool,
+        /// An agent's unix socket (repeatable).
+        #[arg(long = "agent-socket", default_value = sluice_control::agent_client::DEFAULT_AGENT_SOCKET)]
+        agent_sockets: Vec<PathBuf>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  \
   sluicectl completion bash > /etc/bash_completion.d/sluicectl\n  \
@@ -304,6 +353,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &mut std::io::stdout(),
             );
             return Ok(());
+        }
+        Command::Observe {
+            verdict,
+            pod,
+            namespace,
+            from,
+            to,
+            port,
+            protocol,
+            node,
+            since,
+            last,
+            follow,
+            agent_sockets,
+            output,
+        } => {
+            let since_unix_ns = match since {
+                Some(s) => {
+                    let d = sluice_control::observe::parse_duration(s)
+                        .map_err(|e| anyhow::anyhow!("--since {e}"))?;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    u64::try_from(now.saturating_sub(d).as_nanos()).unwrap_or(u64::MAX)
+                }
+                None => 0,
+            };
+            let req = sluice_control::agent_api::ObserveRequest {
+                verdict: verdict.clone().unwrap_or_default().to_ascii_uppercase(),
+                pod: pod.clone().unwrap_or_default(),
+                namespace: namespace.clone().unwrap_or_default(),
+                from: from.clone().unwrap_or_default(),
+                to: to.clone().unwrap_or_default(),
+                port: port.map(u32::from).unwrap_or(0),
+                protocol: protocol.clone().unwrap_or_default().to_ascii_uppercase(),
+                since_unix_ns,
+                last: last.unwrap_or(0),
+                follow: *follow,
+                node: node.clone().unwrap_or_default(),
+            };
+            return observe(req, agent_sockets, *output).await;
         }
         Command::Apply { files, dry_run } => {
             let mut docs = Vec::new();
@@ -537,6 +627,63 @@ fn qualified(ns: &str, name: &str) -> String {
     } else {
         format!("{ns}/{name}")
     }
+}
+
+/// Print one event in the chosen form.
+fn print_event(
+    out: &mut impl Write,
+    ev: &sluice_control::agent_api::FlowEvent,
+    o: Output,
+) -> std::io::Result<()> {
+    match o {
+        Output::Json | Output::Yaml => writeln!(out, "{}", sluice_control::observe::to_json(ev)),
+        Output::Table => writeln!(out, "{}", sluice_control::observe::to_table_row(ev)),
+    }
+}
+
+async fn observe(
+    req: sluice_control::agent_api::ObserveRequest,
+    sockets: &[PathBuf],
+    output: Output,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut streams = Vec::new();
+    for s in sockets {
+        let mut c = sluice_control::agent_client::connect(s).await?;
+        let stream = c
+            .observe(req.clone())
+            .await
+            .with_context(|| format!("observe on {}", s.display()))?
+            .into_inner();
+        streams.push(stream);
+    }
+    let mut out = std::io::stdout().lock();
+    if matches!(output, Output::Table) {
+        writeln!(out, "{}", sluice_control::observe::TABLE_HEADER)?;
+    }
+    if !req.follow {
+        // Several nodes: merge by time, then keep the newest --last.
+        let mut all = Vec::new();
+        for mut s in streams {
+            while let Some(ev) = s.next().await {
+                all.push(ev?);
+            }
+        }
+        all.sort_by_key(|e| e.time_unix_ns);
+        if req.last > 0 && all.len() > req.last as usize {
+            all.drain(..all.len() - req.last as usize);
+        }
+        for ev in &all {
+            print_event(&mut out, ev, output)?;
+        }
+        return Ok(());
+    }
+    let mut merged = futures::stream::select_all(streams);
+    while let Some(ev) = merged.next().await {
+        print_event(&mut out, &ev?, output)?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

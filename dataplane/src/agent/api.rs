@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sluice_control::agent_api::agent_server::{Agent as AgentService, AgentServer};
 use sluice_control::agent_api::{
     AddPodRequest, AddPodResponse, DelPodRequest, DelPodResponse, NodeInfoRequest,
-    NodeInfoResponse, StatusRequest, StatusResponse,
+    NodeInfoResponse, ObserveRequest, StatusRequest, StatusResponse,
 };
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -139,6 +139,18 @@ impl AgentService for AgentApi {
             .await
             .map_err(to_status)?;
         Ok(Response::new(DelPodResponse { existed }))
+    }
+
+    type ObserveStream = super::events::ObserveStream;
+
+    async fn observe(
+        &self,
+        request: Request<ObserveRequest>,
+    ) -> Result<Response<Self::ObserveStream>, Status> {
+        Ok(Response::new(super::events::observe(
+            &self.agent,
+            request.into_inner(),
+        )))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

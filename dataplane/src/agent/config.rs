@@ -124,6 +124,9 @@ pub struct NodeConfig {
     /// The control plane to follow (absent: standalone, manifests only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlConfig>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9090`; none if unset.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `pod_cidr` of a config that leaves it to the control plane (`0.0.0.0/32`, never a real one).

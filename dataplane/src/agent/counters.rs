@@ -25,6 +25,12 @@ pub struct WorkerCounters {
     /// Frames passed to the kernel (the pipeline said so).
     pub to_kernel: AtomicU64,
     pub drops: [AtomicU64; MAX_DROP_REASONS],
+    /// The worker's flow event ring.
+    pub events: super::events::WorkerRing,
+    /// The worker's conntrack: live entries, evictions, expired removals (stored after busy rounds).
+    pub ct_entries: AtomicU64,
+    pub ct_evictions: AtomicU64,
+    pub ct_expired: AtomicU64,
 }
 
 impl Default for WorkerCounters {
@@ -37,6 +43,10 @@ impl Default for WorkerCounters {
             handoffs: AtomicU64::new(0),
             to_kernel: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            events: Default::default(),
+            ct_entries: AtomicU64::new(0),
+            ct_evictions: AtomicU64::new(0),
+            ct_expired: AtomicU64::new(0),
         }
     }
 }

@@ -14,7 +14,9 @@ pub mod config;
 pub mod control_sync;
 pub mod counters;
 pub mod datapath;
+pub mod events;
 pub mod manifests;
+pub mod metrics;
 pub mod registry;
 pub mod tables;
 pub mod workers;
@@ -75,6 +77,8 @@ pub struct Agent {
     ports: PortSet,
     /// Control-plane mode: objects from the watch, pod reports, sync state.
     control: control_sync::ControlSlot,
+    /// Recent flow events (see [`events`]).
+    events: events::EventHub,
 }
 
 /// Every port some worker has a socket on (read by workers only on the rare path of a frame for a
@@ -173,6 +177,7 @@ impl Agent {
             links,
             ports,
             control: Default::default(),
+            events: Default::default(),
         };
         if let Ok(mut p) = agent.ports.write() {
             p.push(PortId(uplink_ifindex));

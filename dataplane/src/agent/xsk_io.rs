@@ -142,6 +142,9 @@ impl WorkerIo for XskIo {
             scratch,
             ..
         } = self;
+        if state.events.is_none() {
+            state.events = counters.events.take_producer(*start);
+        }
         let tables = &snapshot.tables;
         let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let mut handled = 0;
@@ -223,6 +226,10 @@ impl WorkerIo for XskIo {
                 .map(|st| st.tx_queue_full)
                 .sum();
             counters.ring_full.store(full, Ordering::Relaxed);
+            let ct = state.conntrack.stats();
+            counters.ct_entries.store(ct.entries, Ordering::Relaxed);
+            counters.ct_evictions.store(ct.evictions, Ordering::Relaxed);
+            counters.ct_expired.store(ct.expired, Ordering::Relaxed);
             let c = &state.counters;
             counters.rx.store(c.rx, Ordering::Relaxed);
             counters.tx.store(c.tx, Ordering::Relaxed);

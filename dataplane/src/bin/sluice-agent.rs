@@ -137,6 +137,15 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
     let server = tokio::spawn(api::serve(agent.clone(), listener, socket, async {
         let _ = stop_rx.await;
     }));
+    let drain = tokio::spawn(sluice_dataplane::agent::events::run(agent.clone()));
+    if let Some(addr) = agent.config.metrics_listen {
+        let a = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sluice_dataplane::agent::metrics::serve(a, addr).await {
+                tracing::warn!(%addr, "metrics server stopped: {e}");
+            }
+        });
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -153,6 +162,7 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
     if let Some(c) = &control {
         c.abort();
     }
+    drain.abort();
     let _ = stop_tx.send(());
     // Give open connections a moment to finish, then stop serving regardless.
     match tokio::time::timeout(Duration::from_secs(2), server).await {

@@ -1,6 +1,7 @@
 use super::*;
 use crate::checksum;
 use crate::demo::{self, FrameSpec, UPLINK, demo_tables, host_mac, pod_mac};
+use crate::events::{EventKind, FlowEvent};
 use crate::wire::{icmp, ipv4, tcp};
 use proptest::prelude::*;
 
@@ -772,4 +773,147 @@ proptest! {
         }
         prop_assert_eq!(one.counters, many.counters);
     }
+}
+
+fn with_events(s: &mut WorkerState) -> crate::events::EventConsumer {
+    let (p, c) = crate::events::ring(64);
+    s.events = Some(p);
+    c
+}
+
+fn drain(c: &mut crate::events::EventConsumer) -> Vec<FlowEvent> {
+    std::iter::from_fn(|| c.pop()).collect()
+}
+
+#[test]
+fn events_new_connection_with_backend_and_tcp_end_with_counts() {
+    let t = demo_tables();
+    let mut s = state();
+    let mut c = with_events(&mut s);
+    let sp = sport_for(&t, B);
+    let syn = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::SYN, b"");
+    run(&t, &mut s, 1, POD_A, &syn);
+    let evs = drain(&mut c);
+    assert_eq!(evs.len(), 1);
+    let e = evs[0];
+    assert_eq!(e.kind, EventKind::NewConnection);
+    assert_eq!((e.ts_ns, e.ingress, e.egress), (1, POD_A, Some(POD_B)));
+    assert_eq!(e.tuple.map(|t| (t.dst, t.dst_port)), Some((VIP, 80)));
+    assert_eq!(e.translated.map(|t| (t.dst, t.dst_port)), Some((B, 8080)));
+    assert!(e.service.is_some());
+    assert_eq!(e.policy, Some(PolicyVerdict::Allow { by: None }));
+    assert!(!e.dropped());
+    let synack = demo::tcp_frame(
+        &FrameSpec::from_pod(3, A, 8080, sp),
+        tcp::flags::SYN | tcp::flags::ACK,
+        b"",
+    );
+    run(&t, &mut s, 2, POD_B, &synack);
+    let rst = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::RST, b"");
+    run(&t, &mut s, 3, POD_A, &rst);
+    let evs = drain(&mut c);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let e = evs[0];
+    assert_eq!(e.kind, EventKind::ConnectionEnd);
+    assert_eq!(e.counts.packets, [2, 1]);
+    assert_eq!(e.counts.bytes, [80, 40]);
+    assert_eq!(e.translated.map(|t| t.dst), Some(B));
+}
+
+#[test]
+fn events_every_drop_with_its_reason_and_none_without_a_ring() {
+    let t = demo_tables();
+    let frames = [
+        demo::tcp_frame(
+            &FrameSpec::from_pod(2, [10, 244, 7, 1], 1, 80),
+            tcp::flags::SYN,
+            b"",
+        ),
+        demo::tcp_frame(
+            &FrameSpec::from_pod(2, [10, 96, 0, 99], 1, 80),
+            tcp::flags::SYN,
+            b"",
+        ),
+        vec![0u8; 5],
+    ];
+    let mut s = state();
+    let mut c = with_events(&mut s);
+    for f in &frames {
+        run(&t, &mut s, 1, POD_A, f);
+    }
+    let spoof = demo::tcp_frame(&FrameSpec::from_pod(2, B, 1, 80), tcp::flags::SYN, b"");
+    run(&t, &mut s, 1, POD_B, &spoof);
+    let evs = drain(&mut c);
+    let reasons: Vec<_> = evs.iter().map(|e| e.drop).collect();
+    assert_eq!(
+        reasons,
+        [
+            Some(DropReason::NoRoute),
+            Some(DropReason::NoBackend),
+            Some(DropReason::Truncated),
+            Some(DropReason::SpoofedSource)
+        ]
+    );
+    assert!(evs.iter().all(|e| e.kind == EventKind::Drop));
+    assert_eq!(evs[0].tuple.map(|t| t.dst), Some([10, 244, 7, 1]));
+    assert_eq!(evs[2].tuple, None);
+    assert_eq!(evs[3].tuple.map(|t| t.src), Some(A));
+    // The same frames without a ring: same verdicts, nothing emitted anywhere.
+    let mut s2 = state();
+    for f in &frames {
+        run(&t, &mut s2, 1, POD_A, f);
+    }
+    assert_eq!(s2.counters.drops, {
+        let mut d = s.counters.drops;
+        d[DropReason::SpoofedSource as usize] = 0;
+        d
+    });
+}
+
+#[test]
+fn events_policy_denial_names_direction() {
+    use crate::policy::{PodInfo, PolicyInputs, PolicyTable};
+    let pod = |name: &str, ip: [u8; 4], app: &str| PodInfo {
+        namespace: "default".into(),
+        name: name.into(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        ip: ip.into(),
+        ports: vec![],
+        local: true,
+    };
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "deny-b", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]}
+        }))
+        .unwrap();
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
+    let policy = PolicyTable::compile(&PolicyInputs {
+        namespaces: vec![ns],
+        pods: vec![pod("a", A, "a"), pod("b", B, "b")],
+        policies: vec![np],
+        node_addrs: vec![],
+    })
+    .unwrap();
+    let t = demo::demo_builder().policy(policy).build().unwrap();
+    let mut s = state();
+    let mut c = with_events(&mut s);
+    let syn = demo::tcp_frame(&FrameSpec::from_pod(2, B, 1234, 80), tcp::flags::SYN, b"");
+    let (v, _) = run(&t, &mut s, 5, POD_A, &syn);
+    assert_eq!(v, Verdict::Drop(DropReason::PolicyDeniedIngress));
+    let evs = drain(&mut c);
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].kind, EventKind::PolicyVerdict);
+    assert_eq!(evs[0].drop, Some(DropReason::PolicyDeniedIngress));
+    assert_eq!(
+        evs[0].policy,
+        Some(PolicyVerdict::Deny {
+            direction: Direction::Ingress
+        })
+    );
+    assert_eq!(
+        evs[0].tuple.map(|t| (t.src, t.dst, t.dst_port)),
+        Some((A, B, 80))
+    );
 }

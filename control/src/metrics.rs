@@ -1,0 +1,274 @@
+//! The control plane's Prometheus metrics (`sluice-control --metrics-listen ADDR`, `GET /metrics`).
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `sluice_control_revision` | gauge | | the store's current revision |
+//! | `sluice_control_objects` | gauge | | objects stored |
+//! | `sluice_control_watchers` | gauge | `node` | open watches of the node's agent |
+//! | `sluice_control_watch_lag_revisions` | gauge | `node` | current revision minus the revision the agent last reported synced |
+//! | `sluice_control_requests_total` | counter | `method`, `code` | gRPC requests by full method path and gRPC status code (`0` OK; for streams the code of the response head) |
+//!
+//! Scrapers that accept OpenMetrics get it; others get the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tonic::codegen::http;
+
+use crate::server::ControlMetrics;
+
+/// Requests by (method path, gRPC code).
+#[derive(Debug, Default)]
+pub struct RequestCounts(Mutex<BTreeMap<(String, String), u64>>);
+
+impl RequestCounts {
+    pub fn inc(&self, method: String, code: String) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((method, code)).or_default() += 1;
+    }
+    pub fn snapshot(&self) -> BTreeMap<(String, String), u64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A tower layer counting requests into [`RequestCounts`].
+#[derive(Debug, Clone)]
+pub struct CountLayer(pub Arc<RequestCounts>);
+
+impl<S> tower::Layer<S> for CountLayer {
+    type Service = Count<S>;
+    fn layer(&self, inner: S) -> Count<S> {
+        Count {
+            inner,
+            counts: self.0.clone(),
+        }
+    }
+}
+
+/// The service [`CountLayer`] wraps around the API.
+#[derive(Debug, Clone)]
+pub struct Count<S> {
+    inner: S,
+    counts: Arc<RequestCounts>,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Count<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_owned();
+        let counts = self.counts.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            let code = match &r {
+                // Errors are "trailers-only" responses: the status is in the head. A head
+                // without it is a response that started OK.
+                Ok(resp) => resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Err(_) => "transport_error".to_owned(),
+            };
+            counts.inc(method, code);
+            r
+        })
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The metrics as OpenMetrics text.
+pub fn render(m: &ControlMetrics, counts: &RequestCounts) -> String {
+    let mut r = Registry::default();
+    let g = |r: &mut Registry, name: &str, help: &str, v: u64| {
+        let x = Gauge::<i64>::default();
+        x.set(i64::try_from(v).unwrap_or(i64::MAX));
+        r.register(name, help, x);
+    };
+    g(
+        &mut r,
+        "sluice_control_revision",
+        "The store's current revision",
+        m.revision,
+    );
+    g(
+        &mut r,
+        "sluice_control_objects",
+        "Objects stored",
+        m.objects as u64,
+    );
+    let watchers = Family::<Labels, Gauge>::default();
+    r.register(
+        "sluice_control_watchers",
+        "Open watches of each node's agent",
+        watchers.clone(),
+    );
+    let lag = Family::<Labels, Gauge>::default();
+    r.register(
+        "sluice_control_watch_lag_revisions",
+        "Current revision minus the revision the node's agent last reported synced",
+        lag.clone(),
+    );
+    for (node, w, synced) in &m.agents {
+        let l = vec![("node", node.clone())];
+        watchers.get_or_create(&l).set(i64::from(*w));
+        lag.get_or_create(&l)
+            .set(i64::try_from(m.revision.saturating_sub(*synced)).unwrap_or(i64::MAX));
+    }
+    let requests = Family::<Labels, Counter>::default();
+    r.register(
+        "sluice_control_requests",
+        "gRPC requests by method and status code",
+        requests.clone(),
+    );
+    for ((method, code), n) in counts.snapshot() {
+        requests
+            .get_or_create(&vec![("method", method), ("code", code)])
+            .inc_by(n);
+    }
+    let mut out = String::new();
+    if encode(&mut out, &r).is_err() {
+        out = "# EOF\n".into();
+    }
+    out
+}
+
+/// OpenMetrics text in the Prometheus text format 0.0.4 (counter families named with `_total`,
+/// no `# UNIT`/`# EOF`), for scrapers that do not ask for OpenMetrics (`promtool check metrics`).
+pub fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for l in open_metrics.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, l.strip_prefix(p)?)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    let _ = writeln!(out, "{p}{name}_total {tail}");
+                } else {
+                    let _ = writeln!(out, "{l}");
+                }
+            }
+            None => {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+    }
+    out
+}
+
+/// Serve `GET /metrics` on `addr` with the text `render` returns (OpenMetrics) until the task is
+/// dropped.
+pub async fn serve_http<F, Fut>(addr: SocketAddr, render: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = String> + Send,
+{
+    let listener = TcpListener::bind(addr).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let render = render.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            while n < buf.len() {
+                match conn.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, ctype, body) = if !head.starts_with("GET /metrics ") {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "only GET /metrics here\n".to_owned(),
+                )
+            } else if head
+                .to_ascii_lowercase()
+                .contains("application/openmetrics-text")
+            {
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    render().await,
+                )
+            } else {
+                (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    to_prometheus_text(&render().await),
+                )
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_revision_lag_and_requests() {
+        let m = ControlMetrics {
+            revision: 10,
+            objects: 3,
+            agents: vec![("n0".into(), 1, 7)],
+        };
+        let c = RequestCounts::default();
+        c.inc("/sluice.control.v1.Control/Apply".into(), "0".into());
+        c.inc("/sluice.control.v1.Control/Apply".into(), "0".into());
+        let text = to_prometheus_text(&render(&m, &c));
+        assert!(text.contains("sluice_control_revision 10\n"), "{text}");
+        assert!(
+            text.contains("sluice_control_watch_lag_revisions{node=\"n0\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE sluice_control_requests_total counter\n"));
+        assert!(text.contains(
+            "sluice_control_requests_total{method=\"/sluice.control.v1.Control/Apply\",code=\"0\"} 2\n"
+        ));
+    }
+}

@@ -1,0 +1,371 @@
+//! Flow events on the agent side: each worker's ring ([`WorkerRing`], created with the worker's
+//! counters, its producer taken by the worker's I/O on its first round), the drain task
+//! ([`run`]) that empties the rings every [`DRAIN_INTERVAL`], resolves pod, service and policy
+//! names and keeps the last [`HISTORY`] events, and the `Observe` stream of the local API.
+//!
+//! Names: pods are resolved from this node's registry (local pods; remote pods show as bare IPs),
+//! services and policies from the current table snapshot at drain time.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sluice_control::agent_api::{FlowEvent as EventMsg, ObserveRequest};
+use sluice_control::observe::matches;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::Agent;
+use crate::events::{self, EventConsumer, EventProducer, FlowEvent};
+use crate::nat::Tuple;
+use crate::policy::{Direction, PolicyVerdict, proto};
+use crate::tables::Tables;
+
+/// Events a worker's ring holds.
+pub const RING_CAPACITY: usize = 8192;
+/// Events the agent keeps for `Observe` without `follow`.
+pub const HISTORY: usize = 10_000;
+/// How often the rings are drained.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
+fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// One worker's event ring, as its counters carry it.
+pub struct WorkerRing {
+    producer: Mutex<Option<EventProducer>>,
+    consumer: Mutex<EventConsumer>,
+    /// Unix time in ns of the worker's time zero (set when the producer is taken).
+    base_unix_ns: AtomicU64,
+}
+
+impl Default for WorkerRing {
+    fn default() -> Self {
+        let (p, c) = events::ring(RING_CAPACITY);
+        Self {
+            producer: Mutex::new(Some(p)),
+            consumer: Mutex::new(c),
+            base_unix_ns: AtomicU64::new(unix_now_ns()),
+        }
+    }
+}
+
+impl std::fmt::Debug for WorkerRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerRing").finish_non_exhaustive()
+    }
+}
+
+impl WorkerRing {
+    /// The producer, once (for `WorkerState::events`); `start` is the instant the worker's
+    /// timestamps count from.
+    pub fn take_producer(&self, start: Instant) -> Option<EventProducer> {
+        let elapsed = u64::try_from(start.elapsed().as_nanos()).unwrap_or(0);
+        self.base_unix_ns
+            .store(unix_now_ns().saturating_sub(elapsed), Ordering::Relaxed);
+        self.producer.lock().ok()?.take()
+    }
+
+    /// (events waiting, capacity, lost since start).
+    pub fn stats(&self) -> (usize, usize, u64) {
+        self.consumer
+            .lock()
+            .map(|c| (c.len(), c.capacity(), c.lost()))
+            .unwrap_or_default()
+    }
+
+    fn drain_into(&self, out: &mut Vec<(u64, FlowEvent)>) {
+        let base = self.base_unix_ns.load(Ordering::Relaxed);
+        if let Ok(mut c) = self.consumer.lock() {
+            while let Some(e) = c.pop() {
+                out.push((base.saturating_add(e.ts_ns), e));
+            }
+        }
+    }
+}
+
+/// The agent's recent events and the live feed.
+#[derive(Debug)]
+pub struct EventHub {
+    history: Mutex<VecDeque<Arc<EventMsg>>>,
+    feed: broadcast::Sender<Arc<EventMsg>>,
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        Self {
+            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            feed: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl EventHub {
+    /// Record events (oldest first) in the history and send them to followers.
+    pub fn publish(&self, evs: Vec<EventMsg>) {
+        let Ok(mut h) = self.history.lock() else {
+            return;
+        };
+        for e in evs {
+            let e = Arc::new(e);
+            if h.len() == HISTORY {
+                h.pop_front();
+            }
+            h.push_back(e.clone());
+            let _ = self.feed.send(e);
+        }
+    }
+
+    /// Matching events of the history (the last `req.last` of them when non-zero).
+    pub fn recent(&self, req: &ObserveRequest) -> Vec<EventMsg> {
+        let Ok(h) = self.history.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<EventMsg> = h
+            .iter()
+            .filter(|e| matches(req, e))
+            .map(|e| (**e).clone())
+            .collect();
+        if req.last > 0 && v.len() > req.last as usize {
+            v.drain(..v.len() - req.last as usize);
+        }
+        v
+    }
+}
+
+/// Stable protocol name.
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        proto::TCP => "TCP".into(),
+        proto::UDP => "UDP".into(),
+        proto::ICMP => "ICMP".into(),
+        proto::SCTP => "SCTP".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Turn a worker's event into its API form, naming what `names` (pod IP -> "ns/name") and the
+/// tables know.
+pub fn to_message(
+    node: &str,
+    worker: usize,
+    unix_ns: u64,
+    e: &FlowEvent,
+    names: &HashMap<Ipv4Addr, String>,
+    tables: &Tables,
+) -> EventMsg {
+    let name = |ip: [u8; 4]| names.get(&Ipv4Addr::from(ip)).cloned().unwrap_or_default();
+    let mut m = EventMsg {
+        time_unix_ns: unix_ns,
+        node: node.to_owned(),
+        worker: u32::try_from(worker).unwrap_or(u32::MAX),
+        kind: e.kind.as_str().into(),
+        verdict: if e.dropped() { "DROPPED" } else { "FORWARDED" }.into(),
+        drop_reason: e.drop.map(|r| r.as_str().to_owned()).unwrap_or_default(),
+        ingress_ifindex: e.ingress.0,
+        egress_ifindex: e.egress.map(|p| p.0).unwrap_or(0),
+        packets_out: e.counts.packets[0],
+        packets_in: e.counts.packets[1],
+        bytes_out: e.counts.bytes[0],
+        bytes_in: e.counts.bytes[1],
+        ..Default::default()
+    };
+    if let Some(t) = e.tuple {
+        m.protocol = protocol_name(t.proto);
+        m.src_ip = Ipv4Addr::from(t.src).to_string();
+        m.src_port = u32::from(t.src_port);
+        m.src_pod = name(t.src);
+        m.dst_ip = Ipv4Addr::from(t.dst).to_string();
+        m.dst_port = u32::from(t.dst_port);
+        m.dst_pod = name(t.dst);
+    }
+    if let Some(x) = e.translated.filter(|x| Some(*x) != e.tuple) {
+        let Tuple { dst, dst_port, .. } = x;
+        m.backend_ip = Ipv4Addr::from(dst).to_string();
+        m.backend_port = u32::from(dst_port);
+        m.backend_pod = name(dst);
+    }
+    if let Some(s) = e.service.and_then(|s| tables.service(s)) {
+        m.service = s.spec.name.clone();
+    }
+    match e.policy {
+        Some(PolicyVerdict::Allow { by }) => {
+            m.policy_verdict = "allowed".into();
+            m.policy = match by.and_then(|id| tables.policy.policy_name(id)) {
+                Some(n) => n.to_owned(),
+                None => "no-policy".into(),
+            };
+        }
+        Some(PolicyVerdict::Deny { direction }) => {
+            m.policy_verdict = "denied".into();
+            m.policy = "default-deny".into();
+            m.policy_direction = match direction {
+                Direction::Ingress => "ingress",
+                Direction::Egress => "egress",
+            }
+            .into();
+        }
+        None => {}
+    }
+    m
+}
+
+/// Drain every worker's ring once into the hub.
+pub async fn drain(agent: &Agent) {
+    let mut raw: Vec<(usize, u64, FlowEvent)> = Vec::new();
+    let mut buf = Vec::new();
+    for w in &agent.workers {
+        w.counters.events.drain_into(&mut buf);
+        raw.extend(buf.drain(..).map(|(t, e)| (w.id, t, e)));
+    }
+    if raw.is_empty() {
+        return;
+    }
+    raw.sort_by_key(|(_, t, _)| *t);
+    let names: HashMap<Ipv4Addr, String> = agent
+        .registry
+        .lock()
+        .await
+        .pods()
+        .filter(|p| !p.name.is_empty())
+        .map(|p| (p.ip, format!("{}/{}", p.namespace, p.name)))
+        .collect();
+    let snapshot = agent.publisher.load();
+    let node = &agent.config.node_name;
+    let msgs = raw
+        .iter()
+        .map(|(w, t, e)| to_message(node, *w, *t, e, &names, &snapshot.tables))
+        .collect();
+    agent.events.publish(msgs);
+}
+
+/// The drain loop (runs until the task is dropped).
+pub async fn run(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        drain(&agent).await;
+    }
+}
+
+/// The stream type of the `Observe` RPC.
+pub type ObserveStream = Pin<Box<dyn Stream<Item = Result<EventMsg, tonic::Status>> + Send>>;
+
+/// Serve one `Observe` call: matching history, then (with `follow`) live events.
+pub fn observe(agent: &Agent, req: ObserveRequest) -> ObserveStream {
+    let (tx, rx) = mpsc::channel(1024);
+    // Subscribe before reading the history so nothing falls between the two.
+    let mut live = agent.events.feed.subscribe();
+    let recent = agent.events.recent(&req);
+    tokio::spawn(async move {
+        let mut last_sent = 0;
+        for e in recent {
+            last_sent = e.time_unix_ns;
+            if tx.send(Ok(e)).await.is_err() {
+                return;
+            }
+        }
+        if !req.follow {
+            return;
+        }
+        loop {
+            match live.recv().await {
+                Ok(e) => {
+                    // Already sent from history.
+                    if e.time_unix_ns <= last_sent || !matches(&req, &e) {
+                        continue;
+                    }
+                    if tx.send(Ok((*e).clone())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!("observe follower lagged, {n} events skipped");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventKind;
+    use crate::verdict::{DropReason, PortId};
+
+    #[test]
+    fn message_names_pods_and_verdicts() {
+        let t = crate::demo::demo_tables();
+        let names: HashMap<Ipv4Addr, String> =
+            [(Ipv4Addr::new(10, 244, 1, 2), "default/client".to_owned())].into();
+        let e = FlowEvent {
+            tuple: Some(Tuple {
+                src: [10, 244, 1, 2],
+                dst: [10, 244, 1, 3],
+                src_port: 5555,
+                dst_port: 80,
+                proto: proto::TCP,
+            }),
+            policy: Some(PolicyVerdict::Deny {
+                direction: Direction::Ingress,
+            }),
+            drop: Some(DropReason::PolicyDeniedIngress),
+            ..FlowEvent::new(EventKind::PolicyVerdict, 5, PortId(7))
+        };
+        let m = to_message("a", 0, 1000, &e, &names, &t);
+        assert_eq!(
+            (
+                m.verdict.as_str(),
+                m.drop_reason.as_str(),
+                m.src_pod.as_str(),
+                m.dst_port,
+                m.policy.as_str(),
+                m.policy_direction.as_str(),
+                m.protocol.as_str()
+            ),
+            (
+                "DROPPED",
+                "policy_denied_ingress",
+                "default/client",
+                80,
+                "default-deny",
+                "ingress",
+                "TCP"
+            )
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_and_last_n_keeps_the_newest() {
+        let hub = EventHub::default();
+        let msgs = (0..HISTORY as u64 + 5)
+            .map(|i| EventMsg {
+                time_unix_ns: i,
+                ..Default::default()
+            })
+            .collect();
+        hub.publish(msgs);
+        let all = hub.recent(&ObserveRequest::default());
+        assert_eq!(all.len(), HISTORY);
+        assert_eq!(all[0].time_unix_ns, 5);
+        let last = hub.recent(&ObserveRequest {
+            last: 2,
+            ..Default::default()
+        });
+        assert_eq!(
+            last.iter().map(|e| e.time_unix_ns).collect::<Vec<_>>(),
+            [HISTORY as u64 + 3, HISTORY as u64 + 4]
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! Prometheus metrics of the agent over HTTP (`GET /metrics`, OpenMetrics text from the
+//! prometheus-client crate), served on the config's `metrics_listen` address.
+//!
+//! The values are read from the workers' counters and the agent's state at scrape time (the data
+//! path only ever does its relaxed atomic stores). Metric names:
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `sluice_agent_packets_total` | counter | `worker`, `direction` (`rx`, `tx`, `to_kernel`) | frames received, forwarded, passed to the kernel |
+//! | `sluice_agent_drops_total` | counter | `worker`, `reason` | frames dropped, by pipeline or agent drop reason |
+//! | `sluice_agent_batches_total` | counter | `worker` | non-empty rx batches |
+//! | `sluice_agent_handoffs_total` | counter | `worker` | frames for a port another worker owns |
+//! | `sluice_agent_tx_ring_full` | gauge | `worker` | AF_XDP TX ring full events (kernel statistic) |
+//! | `sluice_agent_event_ring_occupancy` | gauge | `worker` | flow events waiting in the ring |
+//! | `sluice_agent_event_ring_capacity` | gauge | `worker` | ring size |
+//! | `sluice_agent_events_lost_total` | counter | `worker` | flow events lost to a full ring |
+//! | `sluice_agent_table_generation` | gauge | | generation of the published tables |
+//! | `sluice_agent_pods` | gauge | | pods in the registry |
+//! | `sluice_agent_worker_up` | gauge | `worker` | 1 while the worker thread runs |
+//! | `sluice_agent_conntrack_entries` | gauge | `worker` | live conntrack entries (as of the worker's last busy round) |
+//! | `sluice_agent_conntrack_evictions_total` | counter | `worker` | live entries evicted to make room |
+//! | `sluice_agent_conntrack_expired_total` | counter | `worker` | expired entries removed |
+//! | `sluice_agent_xdp_attached` | gauge | `interface`, `role` (`uplink`, `pod`) | 1 when the XDP program is loaded and the agent attached it there |
+//! | `sluice_agent_xdp_classifier_total` | counter | `counter` | the XDP classifier's own counters |
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::Agent;
+use super::counters::WorkerCountersView;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter_family(r: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let f = Family::<Labels, Counter>::default();
+    r.register(name, help, f.clone());
+    f
+}
+
+fn gauge_family(r: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let f = Family::<Labels, Gauge>::default();
+    r.register(name, help, f.clone());
+    f
+}
+
+fn gauge(r: &mut Registry, name: &str, help: &str, v: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(v);
+    r.register(name, help, g);
+}
+
+fn i(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+/// The current metrics as OpenMetrics text.
+pub async fn render(agent: &Agent) -> String {
+    let snap = agent.counters().await;
+    let mut r = Registry::default();
+    let packets = counter_family(
+        &mut r,
+        "sluice_agent_packets",
+        "Frames by worker and direction (rx received, tx forwarded, to_kernel passed to the kernel)",
+    );
+    let drops = counter_family(&mut r, "sluice_agent_drops", "Frames dropped, by reason");
+    let batches = counter_family(&mut r, "sluice_agent_batches", "Non-empty rx batches");
+    let handoffs = counter_family(
+        &mut r,
+        "sluice_agent_handoffs",
+        "Frames whose egress port another worker owns",
+    );
+    let ring_full = gauge_family(
+        &mut r,
+        "sluice_agent_tx_ring_full",
+        "AF_XDP TX ring full events (kernel statistic)",
+    );
+    let occupancy = gauge_family(
+        &mut r,
+        "sluice_agent_event_ring_occupancy",
+        "Flow events waiting in the worker's ring",
+    );
+    let capacity = gauge_family(
+        &mut r,
+        "sluice_agent_event_ring_capacity",
+        "Size of the worker's flow event ring",
+    );
+    let lost = counter_family(
+        &mut r,
+        "sluice_agent_events_lost",
+        "Flow events lost because the ring was full",
+    );
+    let ct_entries = gauge_family(
+        &mut r,
+        "sluice_agent_conntrack_entries",
+        "Live conntrack entries of the worker",
+    );
+    let ct_evictions = counter_family(
+        &mut r,
+        "sluice_agent_conntrack_evictions",
+        "Live conntrack entries evicted to make room",
+    );
+    let ct_expired = counter_family(
+        &mut r,
+        "sluice_agent_conntrack_expired",
+        "Expired conntrack entries removed",
+    );
+    let up = gauge_family(
+        &mut r,
+        "sluice_agent_worker_up",
+        "1 while the worker thread runs",
+    );
+    for (w, view) in agent.workers.iter().zip(&snap.workers) {
+        let WorkerCountersView {
+            rx,
+            tx,
+            to_kernel,
+            batches: b,
+            handoffs: h,
+            ring_full: rf,
+            drops: d,
+            ..
+        } = view;
+        let worker = w.id.to_string();
+        for (dir, n) in [("rx", rx), ("tx", tx), ("to_kernel", to_kernel)] {
+            packets
+                .get_or_create(&vec![("worker", worker.clone()), ("direction", dir.into())])
+                .inc_by(*n);
+        }
+        for (reason, n) in d {
+            drops
+                .get_or_create(&vec![
+                    ("worker", worker.clone()),
+                    ("reason", reason.clone()),
+                ])
+                .inc_by(*n);
+        }
+        let wl = vec![("worker", worker.clone())];
+        batches.get_or_create(&wl).inc_by(*b);
+        handoffs.get_or_create(&wl).inc_by(*h);
+        ring_full.get_or_create(&wl).set(i(*rf));
+        let (occ, cap, l) = w.counters.events.stats();
+        occupancy.get_or_create(&wl).set(i(occ));
+        capacity.get_or_create(&wl).set(i(cap));
+        lost.get_or_create(&wl).inc_by(l);
+        up.get_or_create(&wl).set(i64::from(w.is_running()));
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        ct_entries
+            .get_or_create(&wl)
+            .set(i(get(&w.counters.ct_entries)));
+        ct_evictions
+            .get_or_create(&wl)
+            .inc_by(get(&w.counters.ct_evictions));
+        ct_expired
+            .get_or_create(&wl)
+            .inc_by(get(&w.counters.ct_expired));
+    }
+    gauge(
+        &mut r,
+        "sluice_agent_table_generation",
+        "Generation of the published tables",
+        i(snap.generation),
+    );
+    gauge(
+        &mut r,
+        "sluice_agent_pods",
+        "Pods in the registry",
+        i(snap.pods),
+    );
+    let attached = gauge_family(
+        &mut r,
+        "sluice_agent_xdp_attached",
+        "1 when the XDP program is loaded and attached to the interface",
+    );
+    let ready = i64::from(snap.datapath);
+    attached
+        .get_or_create(&vec![
+            ("interface", agent.config.underlay.interface.clone()),
+            ("role", "uplink".into()),
+        ])
+        .set(ready);
+    for p in agent.registry.lock().await.pods() {
+        attached
+            .get_or_create(&vec![
+                ("interface", p.host_ifname.clone()),
+                ("role", "pod".into()),
+            ])
+            .set(ready);
+    }
+    let xdp = counter_family(
+        &mut r,
+        "sluice_agent_xdp_classifier",
+        "The XDP classifier's counters",
+    );
+    for (name, n) in &snap.xdp {
+        xdp.get_or_create(&vec![("counter", name.clone())])
+            .inc_by(*n);
+    }
+    let mut out = String::new();
+    if encode(&mut out, &r).is_err() {
+        out.clear();
+        let _ = writeln!(out, "# EOF");
+    }
+    out
+}
+
+/// OpenMetrics text (as prometheus-client writes it) in the Prometheus text format 0.0.4, for
+/// clients that do not ask for OpenMetrics (`promtool check metrics`, curl): counter families are
+/// named with their `_total` suffix, `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for l in open_metrics.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, l.strip_prefix(p)?)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    let _ = writeln!(out, "{p}{name}_total {tail}");
+                } else {
+                    let _ = writeln!(out, "{l}");
+                }
+            }
+            None => {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+    }
+    out
+}
+
+/// Serve `GET /metrics` on `addr` until the task is dropped: OpenMetrics when the scraper accepts
+/// it (Prometheus does), else the Prometheus text format.
+pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics");
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (bounded; the body, if any, is ignored).
+            while n < buf.len() {
+                match conn.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let open_metrics = head
+                .to_ascii_lowercase()
+                .contains("application/openmetrics-text");
+            let (status, ctype, body) = if !head.starts_with("GET /metrics ") {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "only GET /metrics here\n".to_owned(),
+                )
+            } else if open_metrics {
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    render(&agent).await,
+                )
+            } else {
+                (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    to_prometheus_text(&render(&agent).await),
+                )
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counter_families_with_total() {
+        let mut r = Registry::default();
+        let c = counter_family(&mut r, "sluice_agent_drops", "Frames dropped");
+        c.get_or_create(&vec![("reason", "no_route".into())])
+            .inc_by(5);
+        gauge(&mut r, "sluice_agent_pods", "Pods", 2);
+        let mut om = String::new();
+        encode(&mut om, &r).unwrap();
+        let text = to_prometheus_text(&om);
+        assert!(
+            text.contains("# HELP sluice_agent_drops_total Frames dropped.\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE sluice_agent_drops_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_agent_drops_total{reason=\"no_route\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE sluice_agent_pods gauge\nsluice_agent_pods 2\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+    }
+}
