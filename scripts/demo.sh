@@ -207,16 +207,17 @@ got=$(nsx "${POD_NS[client]}" socat -T 3 - "TCP:${POD_IP[web-2]}:8080" </dev/nul
 [ "$got" = web-2 ] || fail "TCP client -> web-2:8080 answered '$got'"
 ok "ping and TCP across nodes work"
 
-step "8/10 the Service spreads connections over its backends (Maglev), each sticks to one"
+step "8/10 the Service spreads connections over its backends (Maglev)"
 N=$([ "$QUICK" = 1 ] && echo 12 || echo 60)
 declare -A HITS=([web-1]=0 [web-2]=0 [web-3]=0)
 for i in $(seq "$N"); do
-  got=$(nsx "${POD_NS[client]}" socat -T 3 - "TCP:$VIP:80,sourceport=$((20000 + i))" </dev/null 2>/dev/null) || true
+  got=$(nsx "${POD_NS[client]}" socat -T 3 - "TCP:$VIP:80" </dev/null 2>/dev/null) || true
   case "$got" in web-[123]) HITS[$got]=$((HITS[$got] + 1)) ;; *) fail "connection $i to $VIP:80 answered '$got'" ;; esac
 done
 for w in web-1 web-2 web-3; do say "$(printf '%-6s %3d connections' "$w" "${HITS[$w]}")"; done
-again=$(nsx "${POD_NS[client]}" socat -T 3 - "TCP:$VIP:80,sourceport=20001" </dev/null 2>/dev/null) || true
-ok "$N connections to $VIP:80 spread over the backends; a repeated 5-tuple lands on $again again"
+say "the flow events of n1 show each connection's backend after DNAT (sluicectl observe):"
+ctl observe --agent-socket "$WORK/n1/agent.sock" --to "$VIP" --last 3 | sed 's/^/      /'
+ok "$N connections to $VIP:80 spread over the backends, each answered by the one Maglev chose"
 
 step "9/10 NetworkPolicy: only role=client may reach app=web"
 ctl apply -f examples/demo/20-policy.yaml | sed 's/^/    /'
@@ -232,7 +233,9 @@ sleep 1.2
 say "drop counters on n2 (from $WORK/n2/state/counters.json):"
 jq -r '[.workers[].drops | to_entries[]] | group_by(.key)[] | "      \(.[0].key): \(map(.value) | add)"' \
   "$WORK/n2/state/counters.json"
-ok "denied with the reason the pipeline counted"
+say "why was the intruder's packet dropped? sluicectl observe --verdict DROPPED on n2:"
+ctl observe --agent-socket "$WORK/n2/agent.sock" --verdict DROPPED --pod demo/intruder --last 2 | sed 's/^/      /'
+ok "denied with the reason the pipeline counted and the policy that decided"
 
 step "10/10 iperf3 client (n1) -> web-2 (n2), through the Sluice dataplane"
 SECS=$([ "$QUICK" = 1 ] && echo 1 || echo 5)

@@ -55,8 +55,11 @@ if [ "$SMOKE" = 1 ]; then
   step "smoke: pipeline replay of captured pod traffic (scripts/demo-pipeline.sh)"
   scripts/demo-pipeline.sh >/dev/null
 
-  step "smoke: the benchmark's kernel baselines (scripts/bench.sh --quick)"
-  scripts/bench.sh --quick --setups "kernel-vxlan"
+  step "smoke: the cluster demo (scripts/demo.sh --quick)"
+  scripts/demo.sh --quick
+
+  step "smoke: the benchmark (scripts/bench.sh --quick)"
+  scripts/bench.sh --quick --criterion off
 fi
 
 step "done"
