@@ -65,6 +65,8 @@ diag() {
 trap 'rc=$?; [ $rc -eq 0 ] || diag; teardown; rm -rf "$SLDIR" "/tmp/${PFX}iperf.pid"' EXIT
 trap 'exit 130' INT TERM
 OUT=bench/results
+# The smoke run must not overwrite the committed results of a real run.
+[ "$QUICK" = 1 ] && OUT=bench/results/quick
 mkdir -p "$OUT"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RAW="$OUT/raw-$STAMP-mtu$MTU.jsonl"
