@@ -32,8 +32,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use super::Agent;
 use super::counters::WorkerCountersView;
@@ -212,91 +210,19 @@ pub async fn render(agent: &Agent) -> String {
     out
 }
 
-/// OpenMetrics text (as prometheus-client writes it) in the Prometheus text format 0.0.4, for
-/// clients that do not ask for OpenMetrics (`promtool check metrics`, curl): counter families are
-/// named with their `_total` suffix, `# UNIT` and `# EOF` lines go.
-pub fn to_prometheus_text(open_metrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = open_metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
-    for l in open_metrics.lines() {
-        if l == "# EOF" || l.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|p| Some((p, l.strip_prefix(p)?)));
-        match meta {
-            Some((p, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                if counters.contains(name) {
-                    let _ = writeln!(out, "{p}{name}_total {tail}");
-                } else {
-                    let _ = writeln!(out, "{l}");
-                }
-            }
-            None => {
-                let _ = writeln!(out, "{l}");
-            }
-        }
-    }
-    out
-}
+/// The Prometheus text form of the OpenMetrics text (`promtool check metrics` reads only that); the
+/// control plane's metrics endpoint uses the same conversion.
+pub use sluice_control::metrics::to_prometheus_text;
 
 /// Serve `GET /metrics` on `addr` until the task is dropped: OpenMetrics when the scraper accepts
-/// it (Prometheus does), else the Prometheus text format.
+/// it (Prometheus does), else the Prometheus text format. The HTTP side is the control plane's.
 pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics");
-    loop {
-        let (mut conn, _) = listener.accept().await?;
+    sluice_control::metrics::serve_http(addr, move || {
         let agent = agent.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (bounded; the body, if any, is ignored).
-            while n < buf.len() {
-                match conn.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let open_metrics = head
-                .to_ascii_lowercase()
-                .contains("application/openmetrics-text");
-            let (status, ctype, body) = if !head.starts_with("GET /metrics ") {
-                (
-                    "404 Not Found",
-                    "text/plain",
-                    "only GET /metrics here\n".to_owned(),
-                )
-            } else if open_metrics {
-                (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    render(&agent).await,
-                )
-            } else {
-                (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    to_prometheus_text(&render(&agent).await),
-                )
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
-    }
+        async move { render(&agent).await }
+    })
+    .await
 }
 
 #[cfg(test)]
