@@ -22,50 +22,12 @@ fn every_frame_is_accounted_for() {
         return;
     }
     let pid = std::process::id();
-    let ns = NetNs::new(format!("slx-acc-{pid}"));
-    let host = format!("slxc{pid}");
-    sh_quiet(&["ip", "link", "del", &host]);
-    sh(&[
-        "ip", "link", "add", &host, "mtu", "9000", "type", "veth", "peer", "name", "eth0", "netns",
-        &ns.name,
-    ]);
-    let veth = Veth { host };
-    sh(&["ip", "link", "set", &veth.host, "up"]);
-    let host_mac = mac_str(mac_of(&veth.host, None));
-    ns.exec(&["ip", "link", "set", "eth0", "mtu", "9000", "up"]);
-    ns.exec(&["ip", "addr", "add", "10.244.8.2/32", "dev", "eth0"]);
-    ns.exec(&[
-        "ip",
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ]);
-    ns.exec(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ]);
-    ns.exec(&[
-        "ip",
-        "neigh",
-        "add",
-        "169.254.1.1",
-        "lladdr",
-        &host_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
+    let (ns, veth, _) = wire_pod(
+        format!("slx-acc-{pid}"),
+        format!("slxc{pid}"),
+        "10.244.8.2",
+        "9000",
+    );
 
     let opts = LoaderOptions::new(format!("slx-acc-{pid}"));
     let _pins = PinGuard {

@@ -31,50 +31,7 @@ struct Pod {
 }
 
 fn pod(ns_name: String, host_if: String, ip: Ipv4Addr) -> Pod {
-    let ns = NetNs::new(ns_name);
-    sh_quiet(&["ip", "link", "del", &host_if]);
-    sh(&[
-        "ip", "link", "add", &host_if, "mtu", MTU, "type", "veth", "peer", "name", "eth0", "netns",
-        &ns.name,
-    ]);
-    let veth = Veth { host: host_if };
-    sh(&["ip", "link", "set", &veth.host, "up"]);
-    let host_mac = mac_of(&veth.host, None);
-    let ip_s = format!("{ip}/32");
-    ns.exec(&["ip", "link", "set", "eth0", "mtu", MTU, "up"]);
-    ns.exec(&["ip", "addr", "add", &ip_s, "dev", "eth0"]);
-    ns.exec(&[
-        "ip",
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ]);
-    ns.exec(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ]);
-    ns.exec(&[
-        "ip",
-        "neigh",
-        "add",
-        "169.254.1.1",
-        "lladdr",
-        &mac_str(host_mac),
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
+    let (ns, veth, host_mac) = wire_pod(ns_name, host_if, &ip.to_string(), MTU);
     ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
     let mac = mac_of("eth0", Some(&ns));
     Pod {

@@ -165,3 +165,55 @@ pub fn ipv6_frame(next_header: u8) -> Vec<u8> {
     f.extend_from_slice(&[0u8; 8]);
     f
 }
+
+/// A pod as Sluice's CNI wires one: netns `ns_name` with `eth0` (MTU `mtu`, address `ip`/32,
+/// default route via 169.254.1.1 onlink with a permanent neighbor entry for the host veth's MAC),
+/// its peer `host_if` up in this namespace. Returns the netns, the host veth and the host MAC.
+pub fn wire_pod(ns_name: String, host_if: String, ip: &str, mtu: &str) -> (NetNs, Veth, [u8; 6]) {
+    let ns = NetNs::new(ns_name);
+    sh_quiet(&["ip", "link", "del", &host_if]);
+    sh(&[
+        "ip", "link", "add", &host_if, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "netns",
+        &ns.name,
+    ]);
+    let veth = Veth { host: host_if };
+    sh(&["ip", "link", "set", &veth.host, "up"]);
+    let host_mac = mac_of(&veth.host, None);
+    let addr = format!("{ip}/32");
+    ns.exec(&["ip", "link", "set", "eth0", "mtu", mtu, "up"]);
+    ns.exec(&["ip", "addr", "add", &addr, "dev", "eth0"]);
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
+    let lladdr = mac_str(host_mac);
+    ns.exec(&[
+        "ip",
+        "neigh",
+        "add",
+        "169.254.1.1",
+        "lladdr",
+        &lladdr,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    (ns, veth, host_mac)
+}
