@@ -47,6 +47,19 @@ struct sluice_config {
 	enum sluice_cfg_flags flags; /* bit set of SLUICE_CFG_* */
 };
 
+/* Capacity of `sluice_isolated` (local pods isolated by NetworkPolicy). */
+#define SLUICE_MAX_ISOLATED 4096
+
+/* Value of the hash map `sluice_isolated`, keyed by a local pod's IPv4
+ * address (__u32, network byte order): in which directions a policy
+ * isolates it. Only consulted when no socket takes a frame (the agent is
+ * gone): frames to an ingress-isolated pod are then dropped, never handed to
+ * the kernel, whichever interface they arrive on. */
+enum sluice_isolated_flags {
+	SLUICE_ISOLATED_INGRESS = 1 << 0,
+	SLUICE_ISOLATED_EGRESS = 1 << 1,
+};
+
 /* Value of the hash map `sluice_ifaces`, keyed by ifindex (__u32). */
 struct sluice_iface {
 	enum sluice_role role;
@@ -72,7 +85,9 @@ struct sluice_counters {
 	/* outcomes of a match */
 	__u64 redirected;          /* handed to the AF_XDP socket */
 	__u64 pass_no_socket;      /* no socket registered: fail-open to the kernel */
-	__u64 drop_no_socket;      /* no socket registered on a fail-closed interface */
+	__u64 drop_no_socket;      /* no socket registered, and the interface is
+				    * fail-closed or the destination an
+				    * ingress-isolated pod (`sluice_isolated`) */
 	/* not matched: passed to the kernel */
 	__u64 pass_unknown_iface; /* interface not configured */
 	__u64 pass_non_ip;        /* ARP and other ethertypes */

@@ -40,8 +40,10 @@ pub mod maps {
     pub const XSKS: &str = "xsks";
     /// Per-CPU [`super::types::sluice_counters`].
     pub const COUNTERS: &str = "sluice_counters";
+    /// Local pod IPv4 address (network byte order) -> `sluice_isolated_flags`.
+    pub const ISOLATED: &str = "sluice_isolated";
     /// Every map the loader pins.
-    pub const ALL: [&str; 5] = [CONFIG, IFACES, XSK_SLOTS, XSKS, COUNTERS];
+    pub const ALL: [&str; 6] = [CONFIG, IFACES, XSK_SLOTS, XSKS, COUNTERS, ISOLATED];
 }
 
 /// Plain old data: a `#[repr(C)]` type made only of integers (or

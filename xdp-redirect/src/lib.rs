@@ -50,8 +50,8 @@ pub mod loader;
 pub mod xsk;
 
 pub use loader::{
-    AttachMode, ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, LoaderError,
-    LoaderOptions, XdpLoader,
+    AttachMode, ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, Isolation,
+    LoaderError, LoaderOptions, XdpLoader,
 };
 pub use xsk::{
     BindMode, BusyPoll, FrameAccounting, FrameMut, RxBatch, SocketId, SocketStats, Verdict, Xsk,

@@ -155,6 +155,38 @@ impl IfaceConfig {
     }
 }
 
+/// In which directions NetworkPolicy isolates a local pod (the `sluice_isolated` map). Consulted
+/// only when no socket takes a frame, i.e. while the agent is gone: frames to an ingress-isolated
+/// pod are then dropped on every interface instead of being delivered by the kernel without
+/// policy. (Egress isolation is enforced through the pod interface's `fail_closed`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Isolation {
+    /// Some policy selects the pod for ingress.
+    pub ingress: bool,
+    /// Some policy selects the pod for egress.
+    pub egress: bool,
+}
+
+impl Isolation {
+    fn to_map_value(self) -> u32 {
+        let mut v = 0;
+        if self.ingress {
+            v |= types::sluice_isolated_flags::SLUICE_ISOLATED_INGRESS.0;
+        }
+        if self.egress {
+            v |= types::sluice_isolated_flags::SLUICE_ISOLATED_EGRESS.0;
+        }
+        v
+    }
+
+    fn from_map_value(v: u32) -> Self {
+        Self {
+            ingress: v & types::sluice_isolated_flags::SLUICE_ISOLATED_INGRESS.0 != 0,
+            egress: v & types::sluice_isolated_flags::SLUICE_ISOLATED_EGRESS.0 != 0,
+        }
+    }
+}
+
 /// How the program is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttachMode {
@@ -635,6 +667,38 @@ impl XdpLoader {
         };
         let fail_closed = v.flags.0 & types::sluice_iface_flags::SLUICE_IF_FAIL_CLOSED.0 != 0;
         Ok(Some(IfaceConfig { role, fail_closed }))
+    }
+
+    /// Records how policy isolates the local pod at `addr`; a pod isolated in no direction is
+    /// removed from the map.
+    pub fn set_isolation(&self, addr: Ipv4Addr, isolation: Isolation) -> Result<(), LoaderError> {
+        let key = u32::from_ne_bytes(addr.octets());
+        if isolation == Isolation::default() {
+            self.delete(maps::ISOLATED, &key)
+        } else {
+            self.update(maps::ISOLATED, &key, &isolation.to_map_value())
+        }
+    }
+
+    /// Every isolated local pod in the map (what a restarted agent inherits).
+    pub fn isolated(&self) -> Result<Vec<(Ipv4Addr, Isolation)>, LoaderError> {
+        let map = self.map(maps::ISOLATED)?;
+        let mut out = Vec::new();
+        for key in map.keys() {
+            let Some(k) = from_bytes::<u32>(&key) else {
+                continue;
+            };
+            if let Ok(Some(v)) = map.lookup(&key, MapFlags::ANY)
+                && let Some(v) = from_bytes::<u32>(&v)
+            {
+                out.push((
+                    Ipv4Addr::from(k.to_ne_bytes()),
+                    Isolation::from_map_value(v),
+                ));
+            }
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
     }
 
     /// Removes the classifier settings of `ifindex` (its frames then pass).

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 
 use common::*;
 use sluice_xdp::{
-    ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, LoaderOptions, XdpLoader, Xsk,
-    XskConfig,
+    ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, Isolation, LoaderOptions,
+    XdpLoader, Xsk, XskConfig,
 };
 
 const XDP_DROP: u32 = 1;
@@ -382,6 +382,67 @@ fn golden_frames_are_classified_per_rule() {
         &ipv4_frame([8, 8, 8, 8], UDP, 53, 10),
         XDP_PASS,
         &["pass_other"],
+    );
+
+    // Fail-open interface, but the destination is a pod isolated for ingress: dropped too (the
+    // kernel would deliver it without policy); isolated only for egress, or another pod: passed.
+    l.set_iface(
+        lo,
+        IfaceConfig {
+            role: IfaceRole::Pod,
+            fail_closed: false,
+        },
+    )
+    .unwrap();
+    let db = Ipv4Addr::new(10, 244, 1, 7);
+    l.set_isolation(
+        db,
+        Isolation {
+            ingress: true,
+            egress: false,
+        },
+    )
+    .unwrap();
+    l.set_isolation(
+        Ipv4Addr::new(10, 244, 1, 8),
+        Isolation {
+            ingress: false,
+            egress: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(l.isolated().unwrap().len(), 2);
+    check(
+        &l,
+        "fail-open, no socket, ingress-isolated destination",
+        &ipv4_frame(db.octets(), UDP, 53, 10),
+        XDP_DROP,
+        &["match_cluster", "drop_no_socket"],
+    );
+    check(
+        &l,
+        "fail-open, no socket, egress-isolated destination",
+        &ipv4_frame([10, 244, 1, 8], UDP, 53, 10),
+        XDP_PASS,
+        &["match_cluster", "pass_no_socket"],
+    );
+    l.set_isolation(db, Isolation::default()).unwrap();
+    assert_eq!(
+        l.isolated().unwrap(),
+        vec![(
+            Ipv4Addr::new(10, 244, 1, 8),
+            Isolation {
+                ingress: false,
+                egress: true
+            }
+        )]
+    );
+    check(
+        &l,
+        "fail-open, no socket, isolation lifted",
+        &ipv4_frame(db.octets(), UDP, 53, 10),
+        XDP_PASS,
+        &["match_cluster", "pass_no_socket"],
     );
 
     l.clear_iface(lo).unwrap();

@@ -291,7 +291,7 @@ impl Agent {
         self.control.pods_changed();
         let snapshot = self.next_snapshot(&registry);
         drop(registry);
-        self.publisher.publish(snapshot?);
+        self.publish(snapshot?);
         self.detach_pod(&pod).await;
         Ok(true)
     }
@@ -321,7 +321,7 @@ impl Agent {
         drop(registry);
         match s {
             Ok(s) => {
-                self.publisher.publish(s);
+                self.publish(s);
                 Ok(())
             }
             Err(e) => {
@@ -338,8 +338,27 @@ impl Agent {
         let registry = self.registry.lock().await;
         let s = self.next_snapshot(&registry);
         drop(registry);
-        self.publisher.publish(s?);
+        self.publish(s?);
         Ok(())
+    }
+
+    /// Hand `s` to the workers, then mirror its policy isolation into the XDP program (see
+    /// [`Datapath::sync_isolation`]; a failure there is logged: the workers enforce policy
+    /// either way, only the agent-gone fallback is affected).
+    fn publish(&self, s: Snapshot) {
+        let isolation: Vec<datapath::PodIsolation> = s
+            .pods
+            .values()
+            .map(|p| datapath::PodIsolation {
+                ifindex: p.port.0,
+                ip: p.ip,
+                isolation: s.tables.policy.isolation(p.ip),
+            })
+            .collect();
+        self.publisher.publish(s);
+        if let Err(e) = self.datapath.sync_isolation(&isolation) {
+            tracing::warn!("cannot mirror policy isolation into the XDP program: {e}");
+        }
     }
 
     /// Ready when the XDP program is loaded and every worker runs; otherwise why not.
