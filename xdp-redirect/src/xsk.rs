@@ -359,6 +359,22 @@ impl FrameMut<'_> {
         self.conts.get(k).map_or(&[], |d| self.mem.slice(d))
     }
 
+    /// The first chunk mutably together with the data of the continuation
+    /// chunks (distinct chunks, so both borrows hold at once and nothing is
+    /// copied): fills `tail` with up to `tail.len()` continuation slices and
+    /// returns the chunk and how many were filled. A packet with more
+    /// continuations than `tail` holds reports them all in
+    /// [`Self::continuations`]; the caller compares.
+    pub fn split_tail<'s>(&'s mut self, tail: &mut [&'s [u8]]) -> (&'s mut [u8], usize) {
+        let mem: &'s Memory = self.mem;
+        let mut n = 0;
+        for (slot, d) in tail.iter_mut().zip(self.conts.iter()) {
+            *slot = mem.slice(d);
+            n += 1;
+        }
+        (&mut *self.chunk, n)
+    }
+
     /// Offset of continuation chunk `k`'s data within its chunk.
     pub fn continuation_offset(&self, k: usize) -> usize {
         self.conts

@@ -136,6 +136,8 @@ pub const AGENT_DROPS: &[&str] = &[
     "pass_after_redirect",
     // The TX queue of the destination socket was full.
     "tx_full",
+    // A multi-buffer packet of more continuation chunks than the worker reads (`xsk_io::MAX_TAIL`).
+    "too_many_fragments",
 ];
 
 /// Index of an agent drop reason in the counters.

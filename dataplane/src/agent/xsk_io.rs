@@ -8,10 +8,10 @@
 //! single-queue uplink) it never happens. `PassToKernel` after a redirect cannot be honoured from
 //! userspace here either (the XDP program passes host-bound traffic itself); it is counted.
 //!
-//! Multi-buffer frames: `FrameMut` cannot lend the first chunk mutably and the continuation
-//! chunks at once, so the continuation bytes are copied into a per-worker scratch buffer (sized
-//! once, never grown on the hot path) that the pipeline reads as the frame's tail (for lengths and
-//! checksums); the descriptors themselves are forwarded unchanged.
+//! Multi-buffer frames: the pipeline reads the continuation chunks in place as the frame's
+//! read-only tail ([`sluice_xdp::FrameMut::split_tail`], no copy); headers are always in the first
+//! chunk, and the descriptors are forwarded unchanged, chained. A packet of more than
+//! [`MAX_TAIL`] continuation chunks (the kernel makes at most 17) is dropped and counted.
 
 use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
@@ -29,8 +29,9 @@ use crate::frame::Frame;
 use crate::pipeline::{WorkerConfig, WorkerState, process};
 use crate::verdict::{self, Verdict};
 
-/// Room for the continuation bytes of the largest frame (64 KiB IP packet plus slack).
-const SCRATCH: usize = 128 * 1024;
+/// Continuation chunks a packet may have (a 64 KiB packet in 4 KiB chunks needs 16; the kernel's
+/// limit is 17 fragments).
+pub const MAX_TAIL: usize = 32;
 
 /// One socket of this worker.
 #[derive(Debug, Clone, Copy)]
@@ -49,8 +50,6 @@ pub struct XskIo {
     loader: SharedLoader,
     state: WorkerState,
     start: Instant,
-    /// The continuation bytes of the current multi-buffer frame.
-    scratch: Vec<u8>,
     /// Ports some other worker owns (for counting handoffs rather than `no_socket`).
     peers: PortSet,
 }
@@ -71,7 +70,6 @@ impl XskIo {
             loader,
             state: WorkerState::new(WorkerConfig::default()),
             start: Instant::now(),
-            scratch: Vec::with_capacity(SCRATCH),
             peers,
         })
     }
@@ -139,7 +137,6 @@ impl WorkerIo for XskIo {
             state,
             start,
             peers,
-            scratch,
             ..
         } = self;
         if state.events.is_none() {
@@ -148,7 +145,7 @@ impl WorkerIo for XskIo {
         let tables = &snapshot.tables;
         let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let mut handled = 0;
-        let mut agent_drops = [0u64; 4];
+        let mut agent_drops = [0u64; 5];
         for s in sockets.iter() {
             let n = match xsk.recv(s.id, batch) {
                 Ok(n) => n,
@@ -167,17 +164,15 @@ impl WorkerIo for XskIo {
                     continue;
                 };
                 let (off, len) = (fm.offset(), fm.len());
-                scratch.clear();
-                for c in 0..fm.continuations() {
-                    let part = fm.continuation(c);
-                    if scratch.len() + part.len() <= SCRATCH {
-                        scratch.extend_from_slice(part);
-                    }
+                if fm.continuations() > MAX_TAIL {
+                    fm.drop_frame();
+                    agent_drops[4] += 1;
+                    continue;
                 }
                 let (v, off, len) = {
-                    let tail: [&[u8]; 1] = [scratch.as_slice()];
-                    let tail: &[&[u8]] = if scratch.is_empty() { &[] } else { &tail };
-                    let mut frame = Frame::new(fm.chunk(), off, len).with_tail(tail);
+                    let mut tail: [&[u8]; MAX_TAIL] = [&[]; MAX_TAIL];
+                    let (chunk, n) = fm.split_tail(&mut tail);
+                    let mut frame = Frame::new(chunk, off, len).with_tail(&tail[..n]);
                     let v = process(tables, state, now_ns, verdict::PortId(s.port.0), &mut frame);
                     (v, frame.offset(), frame.len())
                 };
