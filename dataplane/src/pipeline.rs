@@ -437,11 +437,8 @@ fn new_flow(
         xlat.dst_port = xlat.src_port;
     }
     let r = route::lookup(t, xlat.dst);
-    match r {
-        Route::NoRoute => return Verdict::Drop(DropReason::NoRoute),
-        // Host-bound or leaving the cluster: the kernel routes (and masquerades) it; untracked.
-        Route::Kernel => return Verdict::PassToKernel,
-        Route::Local(_) | Route::Remote(_) => {}
+    if let Route::NoRoute = r {
+        return Verdict::Drop(DropReason::NoRoute);
     }
     let q = PolicyQuery {
         src: orig.src.into(),
@@ -468,6 +465,12 @@ fn new_flow(
             ..FlowEvent::new(EventKind::PolicyVerdict, now, ingress)
         });
         return Verdict::Drop(r);
+    }
+    if let Route::Kernel = r {
+        // Host-bound or leaving the cluster, and allowed: the kernel routes (and masquerades) it;
+        // untracked. Such frames reach a worker only from pods whose egress policy the XDP
+        // program sends everything of (the rest it passes itself).
+        return Verdict::PassToKernel;
     }
     let okey = FlowKey::from(orig);
     s.ct_epoch += 1;

@@ -94,6 +94,93 @@ spec:
             c.ping(client, db_ip, 1).is_err(),
             "policy not enforced after restart"
         );
+        // The restarted agent replaced the punt link of the killed one; SIGTERM removes it.
+        let links = |c: &Cluster| -> Result<String> {
+            let o = sluice_e2e::ip(Some(&c.nodes[0].ns), "-br link")?;
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        let now = links(&c)?;
+        assert_eq!(
+            now.lines()
+                .filter(|l| l.starts_with("sluice-punt@"))
+                .count(),
+            1,
+            "{now}"
+        );
+        c.stop_agent(0, Signal::SIGTERM)?;
+        let after = links(&c)?;
+        assert!(!after.contains("sluice-"), "punt link left behind: {after}");
+        Ok(())
+    })());
+}
+
+/// Egress policy also governs the node and the outside world: the XDP program sends everything a
+/// selected pod emits to the workers, which hand allowed frames back to the kernel through the
+/// punt link (routed and masqueraded there) and drop the rest; with the agent dead those frames
+/// are dropped, while an unselected pod keeps reaching the outside through the kernel.
+#[test]
+fn egress_policy_covers_the_node_and_the_outside() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut c = Cluster::new(&[NodeKind::Sluice; 2], AgentOptions::default())?;
+        // Node 1's underlay address stands for the outside world; node 0's own is host-bound.
+        let (outside, own) = (c.nodes[1].underlay_ip, c.nodes[0].underlay_ip);
+        let policy = format!(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: egress-a, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: a}}}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{{ipBlock: {{cidr: {outside}/32}}}}]
+"#
+        );
+        let policies = c.write_manifest("policies.yaml", &policy)?;
+        c.start_agents(move |i, cfg| {
+            if i == 0 {
+                cfg.manifests.network_policies.push(policies.clone())
+            }
+        })?;
+        // Loose reverse-path filtering, as Debian and Ubuntu hosts have it: the punt link must
+        // pass it.
+        sluice_e2e::sh(
+            &c.nodes[0].ns,
+            "sysctl -qw net.ipv4.conf.all.rp_filter=2; \
+             iptables -t nat -A POSTROUTING -s 10.244.1.0/24 ! -d 10.244.0.0/16 -j MASQUERADE",
+        )?;
+        let a = c.add_pod(0, &[("app", "a")])?;
+        let b = c.add_pod(0, &[("app", "b")])?;
+
+        // Allowed outside address: through the worker and the punt link into the kernel.
+        println!("{}", c.ping(a, outside, 3)?);
+        // The node itself is not in the allow list: denied and counted.
+        assert!(
+            c.ping(a, own, 2).is_err(),
+            "egress policy let the pod reach its node"
+        );
+        let f = c.wait_counters(0, |f| f.drops("policy_denied_egress") >= 2)?;
+        let to_kernel: u64 = f.workers.iter().map(|w| w.to_kernel).sum();
+        println!("to_kernel {to_kernel}, drops {:?}", f.workers[0].drops);
+        assert!(
+            to_kernel >= 3,
+            "allowed frames did not go back to the kernel"
+        );
+        assert_eq!(f.drops("pass_after_redirect"), 0, "no punt link");
+        // A pod no egress policy selects: its outside traffic never enters the workers.
+        c.ping(b, own, 1)?;
+        c.ping(b, outside, 1)?;
+
+        // Agent dead: the selected pod fails closed, the other fails open.
+        c.stop_agent(0, Signal::SIGKILL)?;
+        assert!(
+            c.ping(a, outside, 2).is_err(),
+            "egress-isolated pod got out without its agent"
+        );
+        c.ping(b, outside, 1)?;
         Ok(())
     })());
 }

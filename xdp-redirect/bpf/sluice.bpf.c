@@ -5,7 +5,8 @@
  * interface and rx queue) or to the kernel (XDP_PASS).
  *
  * Redirected: IPv4 destination in the cluster or service CIDR (any
- * configured interface); on the uplink also VXLAN (UDP to the configured
+ * configured interface); from a pod marked redirect-all (egress policy
+ * selects it) any IPv4; on the uplink also VXLAN (UDP to the configured
  * port) and TCP/UDP NodePorts addressed to this node's underlay address.
  * Everything else passes. A missing socket (the agent is gone) falls back to
  * XDP_PASS (fail-open) unless the interface is marked fail-closed or the
@@ -178,6 +179,10 @@ int sluice_xdp(struct xdp_md *ctx)
 	}
 	if (in_net(ip.daddr, cfg->service_net, cfg->service_mask)) {
 		COUNT(c, match_service);
+		return to_socket(ctx, iface, c, ip.daddr);
+	}
+	if (iface->role == SLUICE_ROLE_POD && (iface->flags & SLUICE_IF_REDIRECT_ALL)) {
+		COUNT(c, match_all);
 		return to_socket(ctx, iface, c, ip.daddr);
 	}
 	if (iface->role != SLUICE_ROLE_UPLINK || cfg->underlay_addr == 0 ||

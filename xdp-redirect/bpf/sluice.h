@@ -31,6 +31,10 @@ enum sluice_role {
 /* sluice_iface.flags (bits) */
 enum sluice_iface_flags {
 	SLUICE_IF_FAIL_CLOSED = 1 << 0, /* redirect-or-drop instead of redirect-or-pass */
+	SLUICE_IF_REDIRECT_ALL = 1 << 1, /* pod: redirect all IPv4, not only cluster
+					  * traffic (egress policy covers outside
+					  * addresses; the worker hands allowed
+					  * frames back to the kernel) */
 };
 
 /* Node-wide configuration: one entry (key 0) of the array map `sluice_config`. */
@@ -82,6 +86,7 @@ struct sluice_counters {
 	__u64 match_vxlan;    /* VXLAN to this node's underlay address (uplink) */
 	__u64 match_nodeport; /* TCP/UDP NodePort to this node's underlay address (uplink) */
 	__u64 match_ipv6;     /* IPv6 from a pod, when SLUICE_CFG_REDIRECT_IPV6 */
+	__u64 match_all;      /* other IPv4 from a pod marked SLUICE_IF_REDIRECT_ALL */
 	/* outcomes of a match */
 	__u64 redirected;          /* handed to the AF_XDP socket */
 	__u64 pass_no_socket;      /* no socket registered: fail-open to the kernel */

@@ -61,7 +61,7 @@ unsafe impl Pod for types::sluice_config {}
 unsafe impl Pod for types::sluice_iface {}
 // SAFETY: two u32, no padding.
 unsafe impl Pod for types::sluice_xsk_key {}
-// SAFETY: thirteen u64, no padding.
+// SAFETY: fourteen u64, no padding.
 unsafe impl Pod for types::sluice_counters {}
 // SAFETY: six u32, no padding.
 unsafe impl Pod for types::xdp_md {}
@@ -96,7 +96,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<types::sluice_config>(), 32);
         assert_eq!(core::mem::size_of::<types::sluice_iface>(), 8);
         assert_eq!(core::mem::size_of::<types::sluice_xsk_key>(), 8);
-        assert_eq!(core::mem::size_of::<types::sluice_counters>(), 13 * 8);
+        assert_eq!(core::mem::size_of::<types::sluice_counters>(), 14 * 8);
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub struct IfaceConfig {
     /// Without a registered socket, drop matched frames instead of passing
     /// them to the kernel (a pod isolated by policy must fail closed).
     pub fail_closed: bool,
+    /// Pod: redirect every IPv4 frame, not only cluster traffic (its egress
+    /// policy also governs outside and host addresses).
+    pub redirect_all: bool,
 }
 
 impl IfaceConfig {
@@ -146,11 +149,17 @@ impl IfaceConfig {
                 IfaceRole::Pod => types::sluice_role::SLUICE_ROLE_POD,
                 IfaceRole::Uplink => types::sluice_role::SLUICE_ROLE_UPLINK,
             },
-            flags: types::sluice_iface_flags(if self.fail_closed {
-                types::sluice_iface_flags::SLUICE_IF_FAIL_CLOSED.0
-            } else {
-                0
-            }),
+            flags: types::sluice_iface_flags(
+                if self.fail_closed {
+                    types::sluice_iface_flags::SLUICE_IF_FAIL_CLOSED.0
+                } else {
+                    0
+                } | if self.redirect_all {
+                    types::sluice_iface_flags::SLUICE_IF_REDIRECT_ALL.0
+                } else {
+                    0
+                },
+            ),
         }
     }
 }
@@ -635,6 +644,7 @@ impl XdpLoader {
             sum.match_vxlan += c.match_vxlan;
             sum.match_nodeport += c.match_nodeport;
             sum.match_ipv6 += c.match_ipv6;
+            sum.match_all += c.match_all;
             sum.redirected += c.redirected;
             sum.pass_no_socket += c.pass_no_socket;
             sum.drop_no_socket += c.drop_no_socket;
@@ -666,7 +676,12 @@ impl XdpLoader {
             IfaceRole::Pod
         };
         let fail_closed = v.flags.0 & types::sluice_iface_flags::SLUICE_IF_FAIL_CLOSED.0 != 0;
-        Ok(Some(IfaceConfig { role, fail_closed }))
+        let redirect_all = v.flags.0 & types::sluice_iface_flags::SLUICE_IF_REDIRECT_ALL.0 != 0;
+        Ok(Some(IfaceConfig {
+            role,
+            fail_closed,
+            redirect_all,
+        }))
     }
 
     /// Records how policy isolates the local pod at `addr`; a pod isolated in no direction is

@@ -50,6 +50,7 @@ fn restart_reuses_pins_and_cleanup_removes_them() {
     let iface = IfaceConfig {
         role: IfaceRole::Pod,
         fail_closed: true,
+        redirect_all: false,
     };
     let first = XdpLoader::load(&opts).unwrap();
     first.set_config(&ClassifierConfig::default()).unwrap();

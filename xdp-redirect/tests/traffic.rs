@@ -167,6 +167,7 @@ fn pods_talk_through_af_xdp_sockets_sharing_one_umem() {
     let pod_cfg = IfaceConfig {
         role: IfaceRole::Pod,
         fail_closed: false,
+        redirect_all: false,
     };
     let ia = loader
         .attach(&pa.veth.host, pod_cfg, AttachMode::Native)

@@ -280,6 +280,7 @@ impl Datapath for XdpDatapath {
                 Role::Uplink => IfaceRole::Uplink,
             },
             fail_closed: false,
+            redirect_all: false,
         };
         let mode = self.mode;
         self.with(|l| l.attach(ifname, iface, mode), "attach XDP", ifname)
@@ -309,6 +310,7 @@ impl Datapath for XdpDatapath {
             ("match_vxlan", c.match_vxlan),
             ("match_nodeport", c.match_nodeport),
             ("match_ipv6", c.match_ipv6),
+            ("match_all", c.match_all),
             ("redirected", c.redirected),
             ("pass_no_socket", c.pass_no_socket),
             ("drop_no_socket", c.drop_no_socket),
@@ -342,6 +344,7 @@ impl Datapath for XdpDatapath {
                     let want = IfaceConfig {
                         role: IfaceRole::Pod,
                         fail_closed: p.isolation.egress,
+                        redirect_all: p.isolation.egress,
                     };
                     // Only pods whose veth carries the program (a pod being detached has none).
                     if let Some(have) = l.iface(p.ifindex)?

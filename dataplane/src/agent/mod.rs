@@ -17,6 +17,7 @@ pub mod datapath;
 pub mod events;
 pub mod manifests;
 pub mod metrics;
+pub mod punt;
 pub mod registry;
 pub mod tables;
 pub mod workers;
@@ -33,7 +34,7 @@ use datapath::{Datapath, DatapathError};
 use manifests::ClusterObjects;
 use registry::{PodKey, PodRecord, PodRegistry, RegistryError};
 use tables::{NodeLinks, PortId, Publisher, Snapshot, SnapshotError};
-use workers::{PortSpec, Worker, WorkerError, WorkerIo, WorkerParams};
+use workers::{PortKind, PortSpec, Worker, WorkerError, WorkerIo, WorkerParams};
 
 /// Starting or running the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,8 @@ pub struct Agent {
     control: control_sync::ControlSlot,
     /// Recent flow events (see [`events`]).
     events: events::EventHub,
+    /// The punt link (see [`punt`]), when it could be created.
+    punt: Option<punt::Punt>,
 }
 
 /// Every port some worker has a socket on (read by workers only on the rare path of a frame for a
@@ -161,9 +164,15 @@ impl Agent {
                     port: PortId(uplink_ifindex),
                     ifname: config.underlay.interface.clone(),
                     queue: *queue,
+                    kind: PortKind::Uplink,
                 })
                 .await?;
         }
+        let punt = if datapath.ready().is_ok() {
+            open_punt(&workers, config.pod_mtu).await
+        } else {
+            None
+        };
 
         let agent = Self {
             config,
@@ -178,6 +187,7 @@ impl Agent {
             ports,
             control: Default::default(),
             events: Default::default(),
+            punt,
         };
         if let Ok(mut p) = agent.ports.write() {
             p.push(PortId(uplink_ifindex));
@@ -226,6 +236,7 @@ impl Agent {
                     port: PortId(ifindex),
                     ifname: pod.host_ifname.clone(),
                     queue,
+                    kind: PortKind::Pod,
                 })
                 .await?;
         }
@@ -299,13 +310,15 @@ impl Agent {
     fn next_snapshot(&self, registry: &PodRegistry) -> Result<Snapshot, SnapshotError> {
         let objects = self.objects.read().map(|o| o.clone()).unwrap_or_default();
         let objects = self.control.merged(objects);
-        Snapshot::build(
+        let mut s = Snapshot::build(
             self.publisher.generation() + 1,
             &self.config,
             self.links,
             &objects,
             registry.pods(),
-        )
+        )?;
+        s.punt = self.punt;
+        Ok(s)
     }
 
     /// Re-read the manifests (SIGHUP in standalone mode) and publish tables built from them. On
@@ -418,5 +431,34 @@ impl Agent {
             tracing::warn!("detaching XDP from the uplink: {e}");
         }
         self.datapath.unload(&self.config);
+        if self.punt.is_some()
+            && let Err(e) = punt::remove().await
+        {
+            tracing::warn!("removing the punt link: {e}");
+        }
     }
+}
+
+/// Create the punt link and give every worker a socket on its own queue of it. Without it the
+/// agent still runs; frames the pipeline passes to the kernel are then counted and dropped.
+async fn open_punt(workers: &[Worker], mtu: u32) -> Option<punt::Punt> {
+    let p = match punt::create(workers.len() as u32, mtu).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("no punt link, frames for the kernel will be dropped: {e}");
+            return None;
+        }
+    };
+    for (queue, w) in workers.iter().enumerate() {
+        let spec = PortSpec {
+            port: p.port,
+            ifname: punt::PUNT_IFNAME.to_owned(),
+            queue: queue as u32,
+            kind: PortKind::Punt,
+        };
+        if let Err(e) = w.open_port(spec).await {
+            tracing::warn!("no punt socket on worker {}: {e}", w.id);
+        }
+    }
+    Some(p)
 }

@@ -5,8 +5,9 @@
 //! a port whose socket another worker owns is a cross-worker handoff: `sluice-xdp` has no call to
 //! transmit a copied frame on a socket yet, so such frames are dropped and counted as
 //! `handoff_unsupported` (and in `handoffs`); with one worker per node (the default for a
-//! single-queue uplink) it never happens. `PassToKernel` after a redirect cannot be honoured from
-//! userspace here either (the XDP program passes host-bound traffic itself); it is counted.
+//! single-queue uplink) it never happens. `PassToKernel` after a redirect goes back to the kernel
+//! through the punt link (`punt`): counted in `to_kernel`, and as drop `pass_after_redirect` when
+//! there is no punt link.
 //!
 //! Multi-buffer frames: the pipeline reads the continuation chunks in place as the frame's
 //! read-only tail ([`sluice_xdp::FrameMut::split_tail`], no copy); headers are always in the first
@@ -24,7 +25,7 @@ use super::PortSet;
 use super::counters::WorkerCounters;
 use super::datapath::{SharedLoader, agent_drop};
 use super::tables::{PortId, Snapshot};
-use super::workers::{PortSpec, WorkerError, WorkerIo};
+use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
 use crate::frame::Frame;
 use crate::pipeline::{WorkerConfig, WorkerState, process};
 use crate::verdict::{self, Verdict};
@@ -32,6 +33,11 @@ use crate::verdict::{self, Verdict};
 /// Continuation chunks a packet may have (a 64 KiB packet in 4 KiB chunks needs 16; the kernel's
 /// limit is 17 fragments).
 pub const MAX_TAIL: usize = 32;
+
+/// UMEM chunks kept in a pod socket's fill ring: four batches of MTU-sized frames or about 15
+/// 64 KiB ones. The uplink gets a full ring. A worker's UMEM (`frame_count`) then holds the uplink,
+/// frames in flight and this many per pod: 16384 chunks serve about 50 pods per worker.
+pub const POD_FILL: u32 = 256;
 
 /// One socket of this worker.
 #[derive(Debug, Clone, Copy)]
@@ -85,9 +91,14 @@ fn open_err(spec: &PortSpec, message: String) -> WorkerError {
 
 impl WorkerIo for XskIo {
     fn open_port(&mut self, spec: &PortSpec) -> Result<RawFd, WorkerError> {
+        let fill = match spec.kind {
+            PortKind::Uplink => self.xsk.config().fill_size,
+            PortKind::Pod => POD_FILL,
+            PortKind::Punt => 0,
+        };
         let id = self
             .xsk
-            .open_socket(&spec.ifname, spec.queue)
+            .open_socket_with(&spec.ifname, spec.queue, fill)
             .map_err(|e| open_err(spec, e.to_string()))?;
         let fd = self.xsk.fd(id).map_err(|e| open_err(spec, e.to_string()))?;
         let registered = match self.loader.lock() {
@@ -197,8 +208,23 @@ impl WorkerIo for XskIo {
                     }
                     Verdict::Drop(_) => fm.drop_frame(),
                     Verdict::PassToKernel => {
-                        fm.drop_frame();
-                        agent_drops[2] += 1;
+                        // Back to the kernel through the punt link (see `punt`), addressed to
+                        // its kernel side.
+                        let punt = snapshot.punt.and_then(|p| {
+                            sockets.iter().find(|o| o.port == p.port).map(|o| (o, p))
+                        });
+                        match punt {
+                            Some((o, p)) if fm.set_bounds(off, len).is_ok() && len >= 14 => {
+                                if let Some(dst) = fm.data_mut().get_mut(..6) {
+                                    dst.copy_from_slice(&p.host_mac.0);
+                                }
+                                fm.forward(o.id);
+                            }
+                            _ => {
+                                fm.drop_frame();
+                                agent_drops[2] += 1;
+                            }
+                        }
                     }
                 }
             }

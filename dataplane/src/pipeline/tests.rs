@@ -917,3 +917,65 @@ fn events_policy_denial_names_direction() {
         Some((A, B, 80))
     );
 }
+
+#[test]
+fn egress_policy_covers_addresses_outside_the_cluster() {
+    use crate::policy::{PodInfo, PolicyInputs, PolicyTable};
+    let pod = |name: &str, ip: [u8; 4], app: &str| PodInfo {
+        namespace: "default".into(),
+        name: name.into(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        ip: ip.into(),
+        ports: vec![],
+        local: true,
+    };
+    // Pod A may only reach 8.8.8.8/32 on UDP 53 outside the cluster.
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "egress-a", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"],
+                     "egress": [{"to": [{"ipBlock": {"cidr": "8.8.8.8/32"}}],
+                                 "ports": [{"port": 53, "protocol": "UDP"}]}]}
+        }))
+        .unwrap();
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
+    let policy = PolicyTable::compile(&PolicyInputs {
+        namespaces: vec![ns],
+        pods: vec![pod("a", A, "a"), pod("b", B, "b")],
+        policies: vec![np],
+        node_addrs: vec![],
+    })
+    .unwrap();
+    let t = demo::demo_builder().policy(policy).build().unwrap();
+    let mut s = state();
+    let mut c = with_events(&mut s);
+    // Allowed: back to the kernel, untracked.
+    let dns = demo::udp_frame(&FrameSpec::from_pod(2, [8, 8, 8, 8], 4000, 53), b"q");
+    assert_eq!(run(&t, &mut s, 1, POD_A, &dns).0, Verdict::PassToKernel);
+    assert_eq!(s.conntrack.stats().entries, 0);
+    // Another outside address, or another port: denied for egress, with the event.
+    for (dst, port) in [([1, 1, 1, 1], 53), ([8, 8, 8, 8], 443)] {
+        let f = demo::tcp_frame(
+            &FrameSpec::from_pod(2, dst, 4001, port),
+            tcp::flags::SYN,
+            b"",
+        );
+        assert_eq!(
+            run(&t, &mut s, 2, POD_A, &f).0,
+            Verdict::Drop(DropReason::PolicyDeniedEgress),
+            "{dst:?}:{port}"
+        );
+    }
+    let evs = drain(&mut c);
+    assert_eq!(evs.len(), 2);
+    assert!(
+        evs.iter()
+            .all(|e| e.drop == Some(DropReason::PolicyDeniedEgress))
+    );
+    // Pod B, which no egress policy selects: straight to the kernel.
+    let f = demo::udp_frame(&FrameSpec::from_pod(3, [1, 1, 1, 1], 4000, 53), b"q");
+    assert_eq!(run(&t, &mut s, 3, POD_B, &f).0, Verdict::PassToKernel);
+    assert!(t.policy.isolation(A.into()).egress);
+    assert!(!t.policy.isolation(B.into()).egress);
+}
