@@ -323,7 +323,12 @@ impl ControlClient {
         &self,
         req: crate::agent_api::ObserveRequest,
     ) -> Result<tonic::Streaming<crate::agent_api::FlowEvent>, ClientError> {
-        Ok(self.inner.clone().observe(self.req(req)).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .observe(self.req(req))
+            .await?
+            .into_inner())
     }
 
     /// Push this node's flow events for as long as `batches` yields; returns the events the

@@ -197,10 +197,7 @@ mod tests {
             .iter()
             .map(|e| (e.time_unix_ns, e.node.as_str()))
             .collect();
-        assert_eq!(
-            got,
-            [(15, "b"), (20, "a"), (25, "b"), (30, "a"), (40, "a")]
-        );
+        assert_eq!(got, [(15, "b"), (20, "a"), (25, "b"), (30, "a"), (40, "a")]);
         let (last, _) = r.recent_and_subscribe(&ObserveRequest {
             verdict: "DROPPED".into(),
             node: "b".into(),

@@ -14,6 +14,8 @@
 //! | `sluice_agent_event_ring_occupancy` | gauge | `worker` | flow events waiting in the ring |
 //! | `sluice_agent_event_ring_capacity` | gauge | `worker` | ring size |
 //! | `sluice_agent_events_lost_total` | counter | `worker` | flow events lost to a full ring |
+//! | `sluice_agent_events_relayed_total` | counter | | flow events handed to the control plane (`PushFlowEvents`; control-plane mode) |
+//! | `sluice_agent_events_relay_dropped_total` | counter | | flow events dropped instead of relayed (control plane slow or unreachable) |
 //! | `sluice_agent_table_generation` | gauge | | generation of the published tables |
 //! | `sluice_agent_pods` | gauge | | pods in the registry |
 //! | `sluice_agent_worker_up` | gauge | `worker` | 1 while the worker thread runs |
@@ -202,6 +204,21 @@ pub async fn render(agent: &Agent) -> String {
         xdp.get_or_create(&vec![("counter", name.clone())])
             .inc_by(*n);
     }
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let relayed = Counter::<u64>::default();
+    relayed.inc_by(load(&agent.events.relayed));
+    r.register(
+        "sluice_agent_events_relayed",
+        "Flow events handed to the control plane",
+        relayed,
+    );
+    let relay_dropped = Counter::<u64>::default();
+    relay_dropped.inc_by(load(&agent.events.relay_dropped));
+    r.register(
+        "sluice_agent_events_relay_dropped",
+        "Flow events dropped instead of relayed to the control plane",
+        relay_dropped,
+    );
     let mut out = String::new();
     if encode(&mut out, &r).is_err() {
         out.clear();
