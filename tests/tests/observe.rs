@@ -261,6 +261,22 @@ fn denied_connection_service_backend_and_exact_counters() {
             .filter(|l| l.starts_with("sluice_agent_xdp_attached{") && l.ends_with(" 1"))
             .count();
         assert_eq!(attached, 4, "uplink and three pods: {text}");
+        // Bytes both ways, busy time, and the publish latency of the three pods' tables.
+        for m in [
+            "sluice_agent_bytes_total{worker=\"0\",direction=\"rx\"}",
+            "sluice_agent_bytes_total{worker=\"0\",direction=\"tx\"}",
+        ] {
+            assert!(value(m).is_some_and(|n| n > 0), "{m}: {text}");
+        }
+        let busy = text
+            .lines()
+            .find(|l| l.starts_with("sluice_agent_worker_busy_seconds_total{worker=\"0\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        assert!(busy.is_some_and(|b| b > 0.0), "{text}");
+        assert!(
+            value("sluice_agent_table_publish_seconds_count").is_some_and(|n| n >= 3),
+            "{text}"
+        );
 
         // The scrape is valid exposition text.
         let mut promtool = Command::new("promtool")

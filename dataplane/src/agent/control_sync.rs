@@ -315,6 +315,7 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
             () = agent.control.pods.notified() => {},
             _ = tick.tick() => {},
         }
+        let arrived = std::time::Instant::now();
         // Copy the state only when it changed (it holds every object of the cluster).
         if changed {
             state = rx.borrow_and_update().clone();
@@ -353,6 +354,7 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
                     .map(|mut o| o.replace(objects));
                 match agent.republish().await {
                     Ok(()) => {
+                        agent.published_since(arrived);
                         tracing::debug!(revision = state.revision, "tables published");
                         applied = Some((state.revision, peers));
                         programmed = Some(state.revision);

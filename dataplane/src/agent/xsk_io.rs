@@ -240,6 +240,7 @@ impl WorkerIo for XskIo {
                 }
             }
         }
+        counters.end_round(state, *start, now_ns, handled);
         handled
     }
 }
