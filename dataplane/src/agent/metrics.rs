@@ -13,6 +13,11 @@
 //! | `sluice_agent_batches_total` | counter | `worker` | non-empty rx batches |
 //! | `sluice_agent_handoffs_total` | counter | `worker` | frames for a port another worker owns |
 //! | `sluice_agent_tx_ring_full` | gauge | `worker` | AF_XDP TX ring full events (kernel statistic) |
+//! | `sluice_agent_xsk_packets_total` | counter | `worker`, `interface`, `direction` (`rx`, `tx`) | packets the worker's AF_XDP socket on the interface received, and put on its tx ring (`sluice-xdp`'s socket counters, copied every 0.5 s) |
+//! | `sluice_agent_xsk_tx_queue_full_total` | counter | `worker`, `interface` | packets dropped because the socket's tx ring was full |
+//! | `sluice_agent_xsk_rx_invalid_total` | counter | `worker`, `interface` | rx descriptors outside the UMEM or with a broken chain |
+//! | `sluice_agent_xsk_tx_kicks_total` | counter | `worker`, `interface` | `sendto` kicks of the socket |
+//! | `sluice_agent_umem_frames` | gauge | `worker`, `state` (`free`, `fill`, `tx`, `held`, `lost`) | where the worker's UMEM chunks are: free, on fill rings, on tx rings (occupancy of the rings), held in batches |
 //! | `sluice_agent_event_ring_occupancy` | gauge | `worker` | flow events waiting in the ring |
 //! | `sluice_agent_event_ring_capacity` | gauge | `worker` | ring size |
 //! | `sluice_agent_events_lost_total` | counter | `worker` | flow events lost to a full ring |
@@ -138,6 +143,42 @@ pub async fn render(agent: &Agent) -> String {
         "sluice_agent_worker_up",
         "1 while the worker thread runs",
     );
+    let xsk_packets = counter_family(
+        &mut r,
+        "sluice_agent_xsk_packets",
+        "Packets of the worker's AF_XDP socket on the interface (rx received, tx put on its ring)",
+    );
+    let xsk_full = counter_family(
+        &mut r,
+        "sluice_agent_xsk_tx_queue_full",
+        "Packets dropped because the socket's tx ring was full",
+    );
+    let xsk_invalid = counter_family(
+        &mut r,
+        "sluice_agent_xsk_rx_invalid",
+        "Rx descriptors outside the UMEM or with a broken chain",
+    );
+    let xsk_kicks = counter_family(
+        &mut r,
+        "sluice_agent_xsk_tx_kicks",
+        "Transmit kicks (sendto) of the socket",
+    );
+    let umem = gauge_family(
+        &mut r,
+        "sluice_agent_umem_frames",
+        "Where the worker's UMEM chunks are (free, fill and tx rings, held)",
+    );
+    let mut ifnames: std::collections::HashMap<u32, String> = agent
+        .registry
+        .lock()
+        .await
+        .pods()
+        .map(|p| (p.host_ifindex, p.host_ifname.clone()))
+        .collect();
+    ifnames.insert(
+        agent.uplink_ifindex,
+        agent.config.underlay.interface.clone(),
+    );
     for (w, view) in agent.workers.iter().zip(&snap.workers) {
         let WorkerCountersView {
             rx,
@@ -177,6 +218,34 @@ pub async fn render(agent: &Agent) -> String {
         batches.get_or_create(&wl).inc_by(*b);
         handoffs.get_or_create(&wl).inc_by(*h);
         ring_full.get_or_create(&wl).set(i(*rf));
+        if let Ok(x) = w.counters.xdp.lock() {
+            for (port, st) in &x.sockets {
+                let name = ifnames
+                    .get(&port.0)
+                    .cloned()
+                    .unwrap_or_else(|| port.0.to_string());
+                let l = vec![("worker", worker.clone()), ("interface", name)];
+                for (dir, n) in [("rx", st.rx_packets), ("tx", st.tx_packets)] {
+                    let mut l = l.clone();
+                    l.push(("direction", dir.into()));
+                    xsk_packets.get_or_create(&l).inc_by(n);
+                }
+                xsk_full.get_or_create(&l).inc_by(st.tx_queue_full);
+                xsk_invalid.get_or_create(&l).inc_by(st.rx_invalid);
+                xsk_kicks.get_or_create(&l).inc_by(st.tx_kicks);
+            }
+            let u = &x.umem;
+            for (state, n) in [
+                ("free", u.free),
+                ("fill", u.fill),
+                ("tx", u.tx),
+                ("held", u.held),
+                ("lost", u.lost),
+            ] {
+                umem.get_or_create(&vec![("worker", worker.clone()), ("state", state.into())])
+                    .set(i(n));
+            }
+        }
         let (occ, cap, l) = w.counters.events.stats();
         occupancy.get_or_create(&wl).set(i(occ));
         capacity.get_or_create(&wl).set(i(cap));
