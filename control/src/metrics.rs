@@ -316,6 +316,28 @@ mod tests {
             text.contains("sluice_control_flow_events_received_total{node=\"n0\"} 5\n"),
             "{text}"
         );
+        // Valid exposition text (promtool comes with Debian's prometheus package, scripts/setup.sh).
+        use std::io::Write;
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus) is needed by this test");
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(text.contains(
             "sluice_control_requests_total{method=\"/sluice.control.v1.Control/Apply\",code=\"0\"} 2\n"
         ));
