@@ -868,6 +868,29 @@ fn denied_connection_is_observed_through_the_control_plane() {
         println!("{table}");
         assert!(table.contains("policy_denied_ingress"), "{table}");
         assert!(table.contains(&client_name), "{table}");
+
+        // The control plane restarts (its history is gone): the agents reconnect by themselves
+        // and new events flow through it again.
+        s.server.kill();
+        let t_restart = Instant::now();
+        s.server.restart()?;
+        let follower = Follower::start(&s, &["--verdict", "DROPPED", "--node", &node])?;
+        let mut back = None;
+        for k in 0..40u16 {
+            let mut a = attempt(&cns, web_ip, 8080, 42000 + k)?;
+            let seen = follower.wait_src_port(42000 + k, Duration::from_millis(500))?;
+            let _ = a.wait();
+            if let Some((t, e)) = seen {
+                back = Some((t, e));
+                break;
+            }
+        }
+        let (t, e) = back.ok_or_else(|| setup("no event through the restarted control plane"))?;
+        assert_eq!(text(&e, "drop_reason"), "policy_denied_ingress", "{e}");
+        println!(
+            "events through the restarted control plane again {:.1} ms after the restart began",
+            ms(t.saturating_duration_since(t_restart))
+        );
         Ok(())
     })());
 }

@@ -444,6 +444,30 @@ mod tests {
     }
 
     #[test]
+    fn relay_queue_full_drops_and_counts_without_blocking() {
+        let hub = EventHub::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        hub.relay.set(tx).unwrap();
+        let batch = |n: u64| {
+            (0..n).map(|t| EventMsg {
+                time_unix_ns: t,
+                ..Default::default()
+            })
+        };
+        hub.publish(batch(2).collect());
+        hub.publish(batch(3).collect());
+        hub.publish(batch(4).collect());
+        assert_eq!(hub.relay_dropped.load(Ordering::Relaxed), 7);
+        assert_eq!(rx.try_recv().map(|b| b.len()).ok(), Some(2));
+        // The local history has them all.
+        assert_eq!(hub.recent(&ObserveRequest::default()).len(), 9);
+        // Gone consumer: counted too.
+        drop(rx);
+        hub.publish(batch(1).collect());
+        assert_eq!(hub.relay_dropped.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
     fn history_is_bounded_and_last_n_keeps_the_newest() {
         let hub = EventHub::default();
         let msgs = (0..HISTORY as u64 + 5)
