@@ -16,19 +16,23 @@
 //! 6. ICMP errors are matched to the flow of the datagram they carry and translated with it.
 //!
 //! Every frame is counted once in [`WorkerState::counters`] (rx, and tx, passed or drops by
-//! reason).
+//! reason), with its bytes in and, when forwarded, out.
 //!
 //! With [`WorkerState::events`] set, flow events go into that ring (see [`crate::events`]): a new
 //! connection (service and backend after DNAT, egress port, policy verdict), a policy denial, every
-//! other drop with its reason, and TCP connection end with its counts. Without it nothing is
-//! emitted and the only cost is one `is_some` test per drop, new flow and TCP packet.
+//! other drop with its reason, and connection end with its counts (a TCP close or reset as it
+//! happens; any other flow when [`WorkerState::expire`], called by the worker between batches,
+//! removes its expired entry). Without it nothing is emitted and the only cost is one `is_some`
+//! test per drop, new flow and TCP packet.
 //!
 //! Conntrack is per worker: both directions of a flow must reach the same worker (the agent's
 //! queue/worker mapping has to be symmetric), or replies miss their entry.
 
 #![forbid(unsafe_code)]
 
-use crate::conntrack::{ConnTrack, CtConfig, CtError, CtHandle, CtState, FlowDir, FlowKey};
+use crate::conntrack::{
+    ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState, FlowDir, FlowKey,
+};
 use crate::events::{EventKind, EventProducer, FlowCounts, FlowEvent};
 use crate::frame::Frame;
 use crate::nat::{self, Tuple};
@@ -81,7 +85,14 @@ pub struct WorkerState {
     ip_id: u16,
     /// Bumped by every conntrack insert or removal of the pipeline (batch lookups compare it).
     ct_epoch: u64,
+    /// When [`WorkerState::expire_due`] sweeps next.
+    next_expire_ns: u64,
 }
+
+/// How often [`WorkerState::expire_due`] sweeps conntrack.
+pub const EXPIRE_INTERVAL_NS: u64 = 100_000_000;
+/// Conntrack pool slots one sweep visits (a default 65536-entry table is swept whole in 1.6 s).
+pub const EXPIRE_BUDGET: usize = 4096;
 
 impl WorkerState {
     pub fn new(config: WorkerConfig) -> Self {
@@ -92,7 +103,37 @@ impl WorkerState {
             events: None,
             ip_id: 0,
             ct_epoch: 0,
+            next_expire_ns: 0,
         }
+    }
+
+    /// Remove expired conntrack entries among the next `budget` pool slots (see
+    /// [`ConnTrack::expire`]). With events on, each removed flow that had not ended already (a TCP
+    /// close or reset emits its end when it happens) gets its [`EventKind::ConnectionEnd`] with
+    /// packet and byte counts. Returns the entries removed. No allocation, bounded work.
+    pub fn expire(&mut self, now_ns: u64, budget: usize) -> usize {
+        let events = &mut self.events;
+        let n = self.conntrack.expire_each(now_ns, budget, |e| {
+            if let Some(p) = events.as_mut()
+                && !matches!(e.state(), CtState::TcpClose | CtState::TcpTimeWait)
+            {
+                p.push(end_event(e, now_ns, PortId(0)));
+            }
+        });
+        if n > 0 {
+            self.ct_epoch += 1;
+        }
+        n
+    }
+
+    /// [`WorkerState::expire`] with [`EXPIRE_BUDGET`] once every [`EXPIRE_INTERVAL_NS`]; a no-op
+    /// (one comparison) in between. For the worker to call every round, busy or idle.
+    pub fn expire_due(&mut self, now_ns: u64) -> usize {
+        if now_ns < self.next_expire_ns {
+            return 0;
+        }
+        self.next_expire_ns = now_ns.saturating_add(EXPIRE_INTERVAL_NS);
+        self.expire(now_ns, EXPIRE_BUDGET)
     }
 
     /// Emit an event when events are on.
@@ -131,8 +172,9 @@ pub fn process(
     ingress: PortId,
     frame: &mut Frame<'_>,
 ) -> Verdict {
+    let rx = frame.total_len();
     let v = process_one(tables, state, now_ns, ingress, frame);
-    state.counters.count(v);
+    state.counters.count_frame(v, rx, frame.total_len());
     v
 }
 
@@ -160,7 +202,9 @@ pub fn process_batch(
         let mut keys = [FlowKey::default(); BATCH];
         let mut found = [None; BATCH];
         let mut nkeys = 0;
+        let mut rx = [0usize; BATCH];
         for (i, f) in frames.iter_mut().enumerate() {
+            rx[i] = f.total_len();
             match prepare(tables, ingress, f) {
                 Ok(p) => {
                     if p.tracked_key {
@@ -190,7 +234,9 @@ pub fn process_batch(
                 };
                 verdicts[i] = finish(tables, state, now_ns, ingress, f, p, Some((hint, epoch)));
             }
-            state.counters.count(verdicts[i]);
+            state
+                .counters
+                .count_frame(verdicts[i], rx[i], f.total_len());
         }
     }
 }
@@ -382,7 +428,13 @@ fn emit_end(s: &mut WorkerState, now: u64, ingress: PortId, h: CtHandle) {
     let Some(e) = s.conntrack.get(h) else {
         return;
     };
-    let ev = FlowEvent {
+    let ev = end_event(e, now, ingress);
+    s.emit(|| ev);
+}
+
+/// The end event of the flow of conntrack entry `e`, with its counts both ways.
+fn end_event(e: &CtEntry<FlowNat>, now: u64, ingress: PortId) -> FlowEvent {
+    FlowEvent {
         tuple: Some(Tuple::from(*e.key(FlowDir::Original))),
         translated: Some(Tuple::from(*e.key(FlowDir::Reply)).reversed()),
         service: e.value().service,
@@ -391,8 +443,7 @@ fn emit_end(s: &mut WorkerState, now: u64, ingress: PortId, h: CtHandle) {
             bytes: [e.bytes(FlowDir::Original), e.bytes(FlowDir::Reply)],
         },
         ..FlowEvent::new(EventKind::ConnectionEnd, now, ingress)
-    };
-    s.emit(|| ev);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

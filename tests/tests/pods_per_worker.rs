@@ -11,9 +11,7 @@ fn twenty_pods_on_one_worker_all_receive() {
     let r: Result<()> = (|| {
         let mut c = Cluster::new(&[NodeKind::Sluice], AgentOptions::default())?;
         c.start_agents(|_, _| {})?;
-        let pods: Vec<usize> = (0..20)
-            .map(|_| c.add_pod(0, &[]))
-            .collect::<Result<_>>()?;
+        let pods: Vec<usize> = (0..20).map(|_| c.add_pod(0, &[])).collect::<Result<_>>()?;
         // Every pod answers the first one, and the first one answers every pod.
         for &p in &pods[1..] {
             c.ping(pods[0], c.pods[p].ip, 1)?;

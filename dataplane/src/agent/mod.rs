@@ -82,6 +82,8 @@ pub struct Agent {
     events: events::EventHub,
     /// The punt link (see [`punt`]), when it could be created.
     punt: Option<punt::Punt>,
+    /// Seconds from a change reaching the agent to the tables holding it being published.
+    publish_latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Every port some worker has a socket on (read by workers only on the rare path of a frame for a
@@ -188,6 +190,7 @@ impl Agent {
             control: Default::default(),
             events: Default::default(),
             punt,
+            publish_latency: metrics::publish_latency_histogram(),
         };
         if let Ok(mut p) = agent.ports.write() {
             p.push(PortId(uplink_ifindex));
@@ -249,6 +252,7 @@ impl Agent {
     /// Wire a pod: attach XDP to its host veth, open its socket on the owning worker, persist it
     /// and publish tables holding it. Re-adding the same pod replaces it.
     pub async fn add_pod(&self, pod: PodRecord) -> Result<(), AgentError> {
+        let arrived = std::time::Instant::now();
         if !self.config.pod_cidr.contains(&pod.ip) || pod.ip == self.config.pod_cidr.network() {
             return Err(AgentError::InvalidPod(format!(
                 "ip {} is not a pod address of this node's pod CIDR {}",
@@ -273,7 +277,15 @@ impl Agent {
         drop(registry);
         self.control.pods_changed();
         self.republish().await?;
+        self.published_since(arrived);
         Ok(())
+    }
+
+    /// Record in the publish latency histogram that a change that arrived at `arrived` is now
+    /// published.
+    fn published_since(&self, arrived: std::time::Instant) {
+        self.publish_latency
+            .observe(arrived.elapsed().as_secs_f64());
     }
 
     async fn detach_pod(&self, pod: &PodRecord) {
@@ -293,6 +305,7 @@ impl Agent {
 
     /// Unwire a pod. Returns whether it was known.
     pub async fn del_pod(&self, key: &PodKey) -> Result<bool, AgentError> {
+        let arrived = std::time::Instant::now();
         let mut registry = self.registry.lock().await;
         let Some(pod) = registry.get(key).cloned() else {
             return Ok(false);
@@ -303,6 +316,7 @@ impl Agent {
         let snapshot = self.next_snapshot(&registry);
         drop(registry);
         self.publish(snapshot?);
+        self.published_since(arrived);
         self.detach_pod(&pod).await;
         Ok(true)
     }
@@ -324,6 +338,7 @@ impl Agent {
     /// Re-read the manifests (SIGHUP in standalone mode) and publish tables built from them. On
     /// any error the current objects and tables stay.
     pub async fn reload_manifests(&self) -> Result<(), AgentError> {
+        let arrived = std::time::Instant::now();
         let fresh = Arc::new(ClusterObjects::load(&self.config.manifests)?);
         let registry = self.registry.lock().await;
         let old = match self.objects.write() {
@@ -335,6 +350,7 @@ impl Agent {
         match s {
             Ok(s) => {
                 self.publish(s);
+                self.published_since(arrived);
                 Ok(())
             }
             Err(e) => {

@@ -261,6 +261,9 @@ impl WorkerIo for XskIo {
                 }
             }
         }
+        counters.end_round(state, *start, now_ns, handled, |x| {
+            x.read(xsk, sockets.iter().map(|s| (s.port, s.id)))
+        });
         handled
     }
 }
