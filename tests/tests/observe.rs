@@ -304,6 +304,24 @@ fn denied_connection_service_backend_and_exact_counters() {
             value("sluice_agent_umem_frames{worker=\"0\",state=\"fill\"}").is_some_and(|n| n > 0),
             "{text}"
         );
+        // The kernel's own socket counters are exported (and it found no invalid descriptor).
+        let kernel: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("sluice_agent_xsk_kernel_total{"))
+            .collect();
+        assert!(
+            kernel
+                .iter()
+                .any(|l| l.contains("counter=\"rx_fill_ring_empty_descs\"")),
+            "{text}"
+        );
+        assert!(
+            kernel
+                .iter()
+                .filter(|l| l.contains("invalid_descs"))
+                .all(|l| l.ends_with(" 0")),
+            "{text}"
+        );
 
         // The scrape is valid exposition text.
         let mut promtool = Command::new("promtool")

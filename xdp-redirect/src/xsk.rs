@@ -224,6 +224,38 @@ pub struct SocketStats {
     pub tx_kicks: u64,
 }
 
+/// The kernel's own counters of a socket (`XDP_STATISTICS`): what it
+/// dropped or found missing on its side of the rings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Frames dropped for reasons other than the two below (e.g. too big).
+    pub rx_dropped: u64,
+    /// Invalid descriptors found on the fill ring.
+    pub rx_invalid_descs: u64,
+    /// Invalid descriptors found on the tx ring.
+    pub tx_invalid_descs: u64,
+    /// Frames dropped because the rx ring was full.
+    pub rx_ring_full: u64,
+    /// Frames dropped because the fill ring was empty.
+    pub rx_fill_ring_empty_descs: u64,
+    /// Times the kernel found the tx ring empty on a kick.
+    pub tx_ring_empty_descs: u64,
+}
+
+impl KernelStats {
+    /// `(name, value)` of every counter, named as the kernel names them.
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
+        [
+            ("rx_dropped", self.rx_dropped),
+            ("rx_invalid_descs", self.rx_invalid_descs),
+            ("tx_invalid_descs", self.tx_invalid_descs),
+            ("rx_ring_full", self.rx_ring_full),
+            ("rx_fill_ring_empty_descs", self.rx_fill_ring_empty_descs),
+            ("tx_ring_empty_descs", self.tx_ring_empty_descs),
+        ]
+    }
+}
+
 /// Where the UMEM's chunks are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FrameAccounting {
@@ -867,6 +899,47 @@ impl Xsk {
     /// Counters of one socket.
     pub fn stats(&self, id: SocketId) -> Result<SocketStats, XskError> {
         Ok(self.socket(id)?.stats)
+    }
+
+    /// The kernel's counters of socket `id` (`getsockopt(XDP_STATISTICS)`:
+    /// one syscall; for metrics, not the hot path).
+    pub fn kernel_stats(&self, id: SocketId) -> Result<KernelStats, XskError> {
+        let sock = self.socket(id)?;
+        let mut st = libc::xdp_statistics {
+            rx_dropped: 0,
+            rx_invalid_descs: 0,
+            tx_invalid_descs: 0,
+            rx_ring_full: 0,
+            rx_fill_ring_empty_descs: 0,
+            tx_ring_empty_descs: 0,
+        };
+        let mut len = size_of::<libc::xdp_statistics>() as libc::socklen_t;
+        // SAFETY: `sock.fd` is a live AF_XDP socket; `st` and `len` are live
+        // and `len` is the size of `st`, which the kernel fills at most.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.fd,
+                libc::SOL_XDP,
+                libc::XDP_STATISTICS,
+                (&mut st as *mut libc::xdp_statistics).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(XskError::SockOpt {
+                ifname: sock.ifname.clone(),
+                option: "XDP_STATISTICS",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(KernelStats {
+            rx_dropped: st.rx_dropped,
+            rx_invalid_descs: st.rx_invalid_descs,
+            tx_invalid_descs: st.tx_invalid_descs,
+            rx_ring_full: st.rx_ring_full,
+            rx_fill_ring_empty_descs: st.rx_fill_ring_empty_descs,
+            tx_ring_empty_descs: st.tx_ring_empty_descs,
+        })
     }
 
     /// Receives up to `batch_size` whole packets from `id` into `batch`

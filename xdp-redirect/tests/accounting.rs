@@ -136,7 +136,10 @@ fn every_frame_is_accounted_for() {
     }
     sender.join().unwrap();
     let stats = xsk.stats(s).unwrap();
-    eprintln!("seen {seen}, multi-buffer {multi}, stats {stats:?}");
+    let kernel = xsk.kernel_stats(s).unwrap();
+    eprintln!("seen {seen}, multi-buffer {multi}, stats {stats:?}, kernel {kernel:?}");
+    // Every descriptor we gave the kernel (fill and tx) was valid.
+    assert_eq!((kernel.rx_invalid_descs, kernel.tx_invalid_descs), (0, 0));
     assert!(seen > 100, "only {seen} frames arrived");
     assert!(multi > 0, "no multi-buffer frame");
     assert!(

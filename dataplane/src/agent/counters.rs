@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use sluice_xdp::{FrameAccounting, SocketId, SocketStats, Xsk};
+use sluice_xdp::{FrameAccounting, KernelStats, SocketId, SocketStats, Xsk};
 
 use serde::Serialize;
 
@@ -22,18 +22,22 @@ pub const XDP_STATS_INTERVAL_NS: u64 = 500_000_000;
 /// A worker's AF_XDP view, as of its last copy (every [`XDP_STATS_INTERVAL_NS`]).
 #[derive(Debug, Default, Clone)]
 pub struct XdpStats {
-    /// Per socket: the port (interface index) and `sluice-xdp`'s counters of it.
-    pub sockets: Vec<(PortId, SocketStats)>,
+    /// Per socket: the port (interface index), `sluice-xdp`'s counters of it and the kernel's
+    /// (`XDP_STATISTICS`; zero if it could not be read).
+    pub sockets: Vec<(PortId, SocketStats, KernelStats)>,
     /// Where the UMEM's chunks are (free, on fill rings, on tx rings, held).
     pub umem: FrameAccounting,
 }
 
 impl XdpStats {
-    /// Copy the statistics of `sockets` of `xsk` (no syscall: `sluice-xdp` keeps them).
+    /// Copy the statistics of `sockets` of `xsk` (one `getsockopt` per socket for the kernel's
+    /// counters, every [`XDP_STATS_INTERVAL_NS`], never per packet).
     pub fn read(&mut self, xsk: &Xsk, sockets: impl Iterator<Item = (PortId, SocketId)>) {
         self.sockets.clear();
-        self.sockets
-            .extend(sockets.filter_map(|(p, id)| Some((p, xsk.stats(id).ok()?))));
+        self.sockets.extend(sockets.filter_map(|(p, id)| {
+            let kernel = xsk.kernel_stats(id).unwrap_or_default();
+            Some((p, xsk.stats(id).ok()?, kernel))
+        }));
         self.umem = xsk.accounting();
     }
 }

@@ -17,6 +17,7 @@
 //! | `sluice_agent_xsk_tx_queue_full_total` | counter | `worker`, `interface` | packets dropped because the socket's tx ring was full |
 //! | `sluice_agent_xsk_rx_invalid_total` | counter | `worker`, `interface` | rx descriptors outside the UMEM or with a broken chain |
 //! | `sluice_agent_xsk_tx_kicks_total` | counter | `worker`, `interface` | `sendto` kicks of the socket |
+//! | `sluice_agent_xsk_kernel_total` | counter | `worker`, `interface`, `counter` (`rx_dropped`, `rx_ring_full`, `rx_fill_ring_empty_descs`, `rx_invalid_descs`, `tx_invalid_descs`, `tx_ring_empty_descs`) | the kernel's own counters of the socket (`XDP_STATISTICS`): frames it dropped before the worker saw them, and why |
 //! | `sluice_agent_umem_frames` | gauge | `worker`, `state` (`free`, `fill`, `tx`, `held`, `lost`) | where the worker's UMEM chunks are: free, on fill rings, on tx rings (occupancy of the rings), held in batches |
 //! | `sluice_agent_event_ring_occupancy` | gauge | `worker` | flow events waiting in the ring |
 //! | `sluice_agent_event_ring_capacity` | gauge | `worker` | ring size |
@@ -163,6 +164,11 @@ pub async fn render(agent: &Agent) -> String {
         "sluice_agent_xsk_tx_kicks",
         "Transmit kicks (sendto) of the socket",
     );
+    let xsk_kernel = counter_family(
+        &mut r,
+        "sluice_agent_xsk_kernel",
+        "The kernel's counters of the worker's AF_XDP socket on the interface (XDP_STATISTICS)",
+    );
     let umem = gauge_family(
         &mut r,
         "sluice_agent_umem_frames",
@@ -179,6 +185,9 @@ pub async fn render(agent: &Agent) -> String {
         agent.uplink_ifindex,
         agent.config.underlay.interface.clone(),
     );
+    if let Some(p) = agent.punt {
+        ifnames.insert(p.port.0, super::punt::PUNT_IFNAME.to_owned());
+    }
     for (w, view) in agent.workers.iter().zip(&snap.workers) {
         let WorkerCountersView {
             rx,
@@ -219,7 +228,7 @@ pub async fn render(agent: &Agent) -> String {
         handoffs.get_or_create(&wl).inc_by(*h);
         ring_full.get_or_create(&wl).set(i(*rf));
         if let Ok(x) = w.counters.xdp.lock() {
-            for (port, st) in &x.sockets {
+            for (port, st, kernel) in &x.sockets {
                 let name = ifnames
                     .get(&port.0)
                     .cloned()
@@ -233,6 +242,11 @@ pub async fn render(agent: &Agent) -> String {
                 xsk_full.get_or_create(&l).inc_by(st.tx_queue_full);
                 xsk_invalid.get_or_create(&l).inc_by(st.rx_invalid);
                 xsk_kicks.get_or_create(&l).inc_by(st.tx_kicks);
+                for (name, n) in kernel.fields() {
+                    let mut l = l.clone();
+                    l.push(("counter", name.into()));
+                    xsk_kernel.get_or_create(&l).inc_by(n);
+                }
             }
             let u = &x.umem;
             for (state, n) in [
