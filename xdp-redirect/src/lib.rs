@@ -54,6 +54,6 @@ pub use loader::{
     LoaderOptions, XdpLoader,
 };
 pub use xsk::{
-    BindMode, BusyPoll, FrameAccounting, FrameMut, RxBatch, SocketId, SocketStats, Verdict, Xsk,
-    XskConfig, XskError,
+    BindMode, BusyPoll, FrameAccounting, FrameMut, RxBatch, SendError, SocketId, SocketStats,
+    Verdict, Xsk, XskConfig, XskError, chunks_for,
 };
