@@ -1,12 +1,17 @@
 //! A worker's frame I/O over `sluice-xdp`: one UMEM ([`Xsk`]) shared by the sockets this worker
 //! owns, rx batch -> [`crate::pipeline::process`] -> tx batch.
 //!
-//! Forwarding between two sockets of this worker moves the descriptor (no copy). A verdict naming
-//! a port whose socket another worker owns is a cross-worker handoff: `sluice-xdp` has no call to
-//! transmit a copied frame on a socket yet, so such frames are dropped and counted as
-//! `handoff_unsupported` (and in `handoffs`); with one worker per node (the default for a
-//! single-queue uplink) it never happens. `PassToKernel` after a redirect cannot be honoured from
-//! userspace here either (the XDP program passes host-bound traffic itself); it is counted.
+//! Forwarding between two sockets of this worker moves the descriptor (no copy). With several
+//! workers ([`super::handoff`] attached), each received frame is first steered
+//! ([`crate::steer::owner`]): a frame whose connection another worker owns is copied to it raw,
+//! with its ingress port, and dropped here. A verdict naming a port whose socket another worker
+//! owns copies the processed frame to that worker ([`super::port_worker`]) for transmission.
+//! Frames other workers handed to this one are drained at the start of every round: processed
+//! in their handoff buffer, then sent with [`Xsk::send_copy`] (or handed on for transmission).
+//! Without handoff rings such frames are dropped and counted as `handoff_unsupported`. With one
+//! worker per node (the default for a single-queue uplink) none of this runs. `PassToKernel`
+//! after a redirect cannot be honoured from userspace (the XDP program passes host-bound traffic
+//! itself); it is counted.
 //!
 //! Multi-buffer frames: `FrameMut` cannot lend the first chunk mutably and the continuation
 //! chunks at once, so the continuation bytes are copied into a per-worker scratch buffer (sized
@@ -18,19 +23,39 @@ use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use sluice_xdp::{RxBatch, SocketId, Xsk, XskConfig};
+use sluice_xdp::{RxBatch, SendError, SocketId, Xsk, XskConfig};
 
 use super::PortSet;
 use super::counters::WorkerCounters;
-use super::datapath::{SharedLoader, agent_drop};
+use super::datapath::{AGENT_DROPS, SharedLoader, agent_drop};
+use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
 use super::workers::{PortSpec, WorkerError, WorkerIo};
 use crate::frame::Frame;
 use crate::pipeline::{WorkerConfig, WorkerState, process};
+use crate::steer::{self, Steer};
+use crate::tables::Tables;
 use crate::verdict::{self, Verdict};
 
 /// Room for the continuation bytes of the largest frame (64 KiB IP packet plus slack).
 const SCRATCH: usize = 128 * 1024;
+
+/// Frames drained from each peer's handoff ring per round (the rest wait for the next round).
+const DRAIN_BUDGET: usize = 256;
+
+/// The agent's own drop reasons, as indexes into [`AGENT_DROPS`].
+mod agent_drops {
+    pub const HANDOFF_UNSUPPORTED: usize = 0;
+    pub const NO_SOCKET: usize = 1;
+    pub const PASS_AFTER_REDIRECT: usize = 2;
+    pub const TX_FULL: usize = 3;
+    pub const HANDOFF_FULL: usize = 4;
+    pub const TOO_LARGE: usize = 5;
+}
+use agent_drops::*;
+
+/// Agent drops counted during one round, flushed into the counters at its end.
+type AgentDrops = [u64; AGENT_DROPS.len()];
 
 /// One socket of this worker.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +76,11 @@ pub struct XskIo {
     start: Instant,
     /// The continuation bytes of the current multi-buffer frame.
     scratch: Vec<u8>,
-    /// Ports some other worker owns (for counting handoffs rather than `no_socket`).
+    /// Ports some other worker owns (for counting `handoff_unsupported` rather than `no_socket`
+    /// when there are no handoff rings).
     peers: PortSet,
+    /// This worker's ends of the handoff rings (several workers only).
+    handoff: Option<Handoff>,
 }
 
 impl XskIo {
@@ -73,6 +101,7 @@ impl XskIo {
             start: Instant::now(),
             scratch: Vec::with_capacity(SCRATCH),
             peers,
+            handoff: None,
         })
     }
 }
@@ -115,6 +144,14 @@ impl WorkerIo for XskIo {
         Ok(raw)
     }
 
+    fn attach_handoff(&mut self, handoff: Handoff) {
+        self.state.steer = Steer {
+            worker: u16::try_from(handoff.worker).unwrap_or(0),
+            workers: u16::try_from(handoff.workers).unwrap_or(1),
+        };
+        self.handoff = Some(handoff);
+    }
+
     fn close_port(&mut self, port: PortId) {
         let (gone, keep): (Vec<_>, Vec<_>) = self.sockets.iter().partition(|s| s.port == port);
         self.sockets = keep;
@@ -140,6 +177,7 @@ impl WorkerIo for XskIo {
             start,
             peers,
             scratch,
+            handoff,
             ..
         } = self;
         if state.events.is_none() {
@@ -148,7 +186,19 @@ impl WorkerIo for XskIo {
         let tables = &snapshot.tables;
         let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let mut handled = 0;
-        let mut agent_drops = [0u64; 4];
+        let mut agent_drops: AgentDrops = [0; AGENT_DROPS.len()];
+        if let Some(h) = handoff.as_mut() {
+            handled += drain_handoffs(
+                h,
+                xsk,
+                sockets,
+                state,
+                tables,
+                now_ns,
+                counters,
+                &mut agent_drops,
+            );
+        }
         for s in sockets.iter() {
             let n = match xsk.recv(s.id, batch) {
                 Ok(n) => n,
@@ -174,6 +224,24 @@ impl WorkerIo for XskIo {
                         scratch.extend_from_slice(part);
                     }
                 }
+                // Steering: a connection another worker owns goes there raw, with its ingress.
+                if let Some(h) = handoff.as_mut()
+                    && let Some(owner) = steer::owner(tables, fm.data(), s.port_id(), h.workers)
+                    && owner != h.worker
+                {
+                    let parts: [&[u8]; 2] = [fm.data(), scratch];
+                    hand_off(
+                        h,
+                        owner,
+                        HandoffKind::Process,
+                        s.port,
+                        &parts,
+                        counters,
+                        &mut agent_drops,
+                    );
+                    fm.drop_frame();
+                    continue;
+                }
                 let (v, off, len) = {
                     let tail: [&[u8]; 1] = [scratch.as_slice()];
                     let tail: &[&[u8]] = if scratch.is_empty() { &[] } else { &tail };
@@ -190,12 +258,23 @@ impl WorkerIo for XskIo {
                             Some(_) => fm.drop_frame(),
                             None => {
                                 fm.drop_frame();
-                                let other = peers.read().map(|p| p.contains(&to)).unwrap_or(false);
-                                if other {
-                                    WorkerCounters::add(&counters.handoffs, 1);
-                                    agent_drops[0] += 1;
+                                if let Some(h) = handoff.as_mut() {
+                                    let data = fm.chunk().get(off..off + len).unwrap_or(&[]);
+                                    let parts: [&[u8]; 2] = [data, scratch];
+                                    let w = super::port_worker(to, h.workers);
+                                    hand_off(
+                                        h,
+                                        w,
+                                        HandoffKind::Transmit,
+                                        to,
+                                        &parts,
+                                        counters,
+                                        &mut agent_drops,
+                                    );
+                                } else if peers.read().map(|p| p.contains(&to)).unwrap_or(false) {
+                                    agent_drops[HANDOFF_UNSUPPORTED] += 1;
                                 } else {
-                                    agent_drops[1] += 1;
+                                    agent_drops[NO_SOCKET] += 1;
                                 }
                             }
                         }
@@ -203,7 +282,7 @@ impl WorkerIo for XskIo {
                     Verdict::Drop(_) => fm.drop_frame(),
                     Verdict::PassToKernel => {
                         fm.drop_frame();
-                        agent_drops[2] += 1;
+                        agent_drops[PASS_AFTER_REDIRECT] += 1;
                     }
                 }
             }
@@ -211,12 +290,15 @@ impl WorkerIo for XskIo {
                 tracing::debug!("complete: {e}");
             }
         }
+        if let Some(h) = handoff.as_mut() {
+            h.wake_peers();
+        }
         if let Err(e) = xsk.flush() {
             tracing::debug!("flush: {e}");
         }
-        for (i, n) in agent_drops.iter().enumerate() {
+        for (n, name) in agent_drops.iter().zip(AGENT_DROPS) {
             if *n > 0 {
-                counters.drop(agent_drop(super::datapath::AGENT_DROPS[i]), *n);
+                counters.drop(agent_drop(name), *n);
             }
         }
         if handled > 0 {
@@ -242,4 +324,115 @@ impl WorkerIo for XskIo {
         }
         handled
     }
+}
+
+impl OwnedSocket {
+    fn port_id(&self) -> verdict::PortId {
+        verdict::PortId(self.port.0)
+    }
+}
+
+/// Copy a frame to worker `to` (counted in `handoffs`, or dropped with its reason).
+fn hand_off(
+    h: &mut Handoff,
+    to: usize,
+    kind: HandoffKind,
+    port: PortId,
+    parts: &[&[u8]],
+    counters: &WorkerCounters,
+    drops: &mut AgentDrops,
+) {
+    match h.send(to, kind, port, parts) {
+        Ok(()) => WorkerCounters::add(&counters.handoffs, 1),
+        Err(HandoffError::Full) => drops[HANDOFF_FULL] += 1,
+        Err(HandoffError::TooLarge) => drops[TOO_LARGE] += 1,
+        Err(HandoffError::NoPeer) => drops[NO_SOCKET] += 1,
+    }
+}
+
+/// Send `data` on our socket for `to`, copied into this UMEM.
+fn transmit_copy(
+    xsk: &mut Xsk,
+    sockets: &[OwnedSocket],
+    to: PortId,
+    data: &[u8],
+    drops: &mut AgentDrops,
+) -> bool {
+    let Some(o) = sockets.iter().find(|o| o.port == to) else {
+        return false;
+    };
+    match xsk.send_copy(o.id, &[data]) {
+        Ok(()) => {}
+        Err(SendError::QueueFull | SendError::NoFreeChunks) => drops[TX_FULL] += 1,
+        Err(SendError::TooLarge) => drops[TOO_LARGE] += 1,
+        Err(SendError::Empty | SendError::NoSuchSocket) => drops[NO_SOCKET] += 1,
+    }
+    true
+}
+
+/// Handle what other workers handed to this one: run the pipeline on raw frames, transmit
+/// processed ones. Returns the number of frames taken from the rings.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the disjoint parts of XskIo a round borrows, plus the round's time and counters"
+)]
+fn drain_handoffs(
+    h: &mut Handoff,
+    xsk: &mut Xsk,
+    sockets: &[OwnedSocket],
+    state: &mut WorkerState,
+    tables: &Tables,
+    now_ns: u64,
+    counters: &WorkerCounters,
+    drops: &mut AgentDrops,
+) -> usize {
+    let mut n = 0;
+    for from in 0..h.workers {
+        for _ in 0..DRAIN_BUDGET {
+            let Some(mut f) = h.recv(from) else {
+                break;
+            };
+            n += 1;
+            let to = match f.kind {
+                HandoffKind::Transmit => Some(f.port),
+                HandoffKind::Process => {
+                    let ingress = verdict::PortId(f.port.0);
+                    let (buf, off, len) = f.window_mut();
+                    let mut frame = Frame::new(buf, off, len);
+                    let v = process(tables, state, now_ns, ingress, &mut frame);
+                    let (off, len) = (frame.offset(), frame.len());
+                    f.set_window(off, len);
+                    match v {
+                        Verdict::Forward(to) => Some(PortId(to.0)),
+                        Verdict::Drop(_) => None,
+                        Verdict::PassToKernel => {
+                            drops[PASS_AFTER_REDIRECT] += 1;
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(to) = to
+                && !transmit_copy(xsk, sockets, to, f.data(), drops)
+            {
+                // Not ours to transmit: on to the port's worker, once (never back and forth).
+                let w = super::port_worker(to, h.workers);
+                if f.kind == HandoffKind::Process && w != h.worker {
+                    hand_off(
+                        h,
+                        w,
+                        HandoffKind::Transmit,
+                        to,
+                        &[f.data()],
+                        counters,
+                        drops,
+                    );
+                } else {
+                    drops[NO_SOCKET] += 1;
+                }
+            }
+            h.release(from, f);
+        }
+    }
+    n
 }
