@@ -10,10 +10,13 @@
 //! buffers (i produces, j consumes) and one of free buffers (j gives back, i takes): crossbeam's
 //! bounded array channel, used with `try_send`/`try_recv` only, one sender and one receiver, so
 //! it is a single-producer single-consumer ring that never blocks, never takes a lock (its waker
-//! lists are empty because nobody blocks) and never allocates. The buffers ([`HandoffFrame`],
-//! [`SLOTS`] per pair, each large enough for the largest frame plus headroom) are allocated once
-//! by [`mesh`] and only move between the two rings; their pages are touched only as frames fill
-//! them. A full ring or an exhausted pool drops the frame with a counted reason.
+//! lists are empty because nobody blocks) and never allocates. The buffers ([`HandoffFrame`]) come
+//! in two sizes, each with its own free ring: [`SMALL_SLOTS`] for frames up to [`SMALL_FRAME`]
+//! (anything from the underlay, jumbo frames included) and [`LARGE_SLOTS`] for frames up to
+//! [`MAX_FRAME`] (same-node pod traffic at the 64 KiB pod MTU); a small frame takes a large buffer
+//! when the small ones are all in flight. They are allocated once by [`mesh`] and only move
+//! between the rings; their pages are touched only as frames fill them. A full ring (every buffer
+//! of the pair in flight) drops the frame with a counted reason.
 //!
 //! The receiving worker drains its rings every loop (the agent's `xsk_io`), and producers wake a
 //! peer's mio `Waker` once per batch, not per frame ([`Handoff::wake_peers`]).
@@ -29,8 +32,12 @@ use super::tables::PortId;
 pub const HEADROOM: usize = 256;
 /// The largest frame a handoff carries: a 65535-byte IP packet in an Ethernet frame, plus slack.
 pub const MAX_FRAME: usize = 65_535 + 64;
-/// Buffers per ordered pair of workers.
-pub const SLOTS: usize = 256;
+/// The largest frame a small buffer carries (a 9000-byte underlay MTU frame fits).
+pub const SMALL_FRAME: usize = 9216;
+/// Small buffers per ordered pair of workers.
+pub const SMALL_SLOTS: usize = 1024;
+/// Large buffers per ordered pair of workers.
+pub const LARGE_SLOTS: usize = 64;
 
 /// Why a frame was handed off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,9 +70,9 @@ pub struct HandoffFrame {
 }
 
 impl HandoffFrame {
-    fn new() -> Box<Self> {
+    fn new(capacity: usize) -> Box<Self> {
         Box::new(Self {
-            buf: vec![0u8; HEADROOM + MAX_FRAME].into_boxed_slice(),
+            buf: vec![0u8; HEADROOM + capacity].into_boxed_slice(),
             off: HEADROOM,
             len: 0,
             kind: HandoffKind::Process,
@@ -73,7 +80,11 @@ impl HandoffFrame {
         })
     }
 
-    /// Copy `parts` (in order, at most [`MAX_FRAME`] bytes in all) behind the headroom.
+    fn is_small(&self) -> bool {
+        self.buf.len() <= HEADROOM + SMALL_FRAME
+    }
+
+    /// Copy `parts` (in order, fitting the buffer) behind the headroom.
     fn fill(&mut self, kind: HandoffKind, port: PortId, parts: &[&[u8]]) {
         let mut at = HEADROOM;
         for p in parts {
@@ -116,7 +127,8 @@ type Slot = Box<HandoffFrame>;
 #[derive(Debug)]
 struct Lane {
     full: Sender<Slot>,
-    free: Receiver<Slot>,
+    free_small: Receiver<Slot>,
+    free_large: Receiver<Slot>,
     /// Frames sent since the peer was last woken.
     unwoken: bool,
 }
@@ -125,7 +137,8 @@ struct Lane {
 #[derive(Debug)]
 struct Inbox {
     full: Receiver<Slot>,
-    free: Sender<Slot>,
+    free_small: Sender<Slot>,
+    free_large: Sender<Slot>,
 }
 
 /// The workers' mio wakers, set by the agent once each worker runs (a worker whose waker is not
@@ -142,14 +155,14 @@ pub struct Handoff {
     wakers: Wakers,
 }
 
-/// The rings between `workers` workers, [`SLOTS`] buffers per ordered pair: each worker's
-/// [`Handoff`] (index = worker id) and the waker table to fill.
+/// The rings between `workers` workers, [`SMALL_SLOTS`] and [`LARGE_SLOTS`] buffers per ordered
+/// pair: each worker's [`Handoff`] (index = worker id) and the waker table to fill.
 pub fn mesh(workers: usize) -> (Vec<Handoff>, Wakers) {
-    mesh_with(workers, SLOTS)
+    mesh_with(workers, SMALL_SLOTS, LARGE_SLOTS)
 }
 
-/// [`mesh`] with `slots` buffers per pair.
-pub fn mesh_with(workers: usize, slots: usize) -> (Vec<Handoff>, Wakers) {
+/// [`mesh`] with `small` and `large` buffers per pair.
+pub fn mesh_with(workers: usize, small: usize, large: usize) -> (Vec<Handoff>, Wakers) {
     let wakers: Wakers = (0..workers).map(|_| OnceLock::new()).collect();
     let mut ends: Vec<Handoff> = (0..workers)
         .map(|w| Handoff {
@@ -165,19 +178,25 @@ pub fn mesh_with(workers: usize, slots: usize) -> (Vec<Handoff>, Wakers) {
             if i == j {
                 continue;
             }
-            let (full_tx, full_rx) = crossbeam_channel::bounded(slots);
-            let (free_tx, free_rx) = crossbeam_channel::bounded(slots);
-            for _ in 0..slots {
-                let _ = free_tx.try_send(HandoffFrame::new());
+            let (full_tx, full_rx) = crossbeam_channel::bounded((small + large).max(1));
+            let (small_tx, small_rx) = crossbeam_channel::bounded(small.max(1));
+            let (large_tx, large_rx) = crossbeam_channel::bounded(large.max(1));
+            for _ in 0..small {
+                let _ = small_tx.try_send(HandoffFrame::new(SMALL_FRAME));
+            }
+            for _ in 0..large {
+                let _ = large_tx.try_send(HandoffFrame::new(MAX_FRAME));
             }
             ends[i].out[j] = Some(Lane {
                 full: full_tx,
-                free: free_rx,
+                free_small: small_rx,
+                free_large: large_rx,
                 unwoken: false,
             });
             ends[j].inbox[i] = Some(Inbox {
                 full: full_rx,
-                free: free_tx,
+                free_small: small_tx,
+                free_large: large_tx,
             });
         }
     }
@@ -202,8 +221,15 @@ impl Handoff {
             .get_mut(to)
             .and_then(Option::as_mut)
             .ok_or(HandoffError::NoPeer)?;
-        // Every buffer of the pair in the full ring or at the peer: the ring is full.
-        let Ok(mut slot) = lane.free.try_recv() else {
+        // Every buffer of the pair that fits in the full ring or at the peer: the ring is full.
+        let slot = if len <= SMALL_FRAME {
+            lane.free_small
+                .try_recv()
+                .or_else(|_| lane.free_large.try_recv())
+        } else {
+            lane.free_large.try_recv()
+        };
+        let Ok(mut slot) = slot else {
             return Err(HandoffError::Full);
         };
         slot.fill(kind, port, parts);
@@ -241,8 +267,13 @@ impl Handoff {
     /// Return a buffer received from `from` to its pool.
     pub fn release(&mut self, from: usize, slot: Box<HandoffFrame>) {
         if let Some(inbox) = self.inbox.get(from).and_then(Option::as_ref) {
-            // Capacity equals the pair's buffer count, so this cannot be full.
-            let _ = inbox.free.try_send(slot);
+            // Each free ring holds all buffers of its size, so this cannot be full.
+            let free = if slot.is_small() {
+                &inbox.free_small
+            } else {
+                &inbox.free_large
+            };
+            let _ = free.try_send(slot);
         }
     }
 }
@@ -253,7 +284,7 @@ mod tests {
 
     #[test]
     fn frames_cross_in_order_and_buffers_come_back() {
-        let (mut ends, _) = mesh_with(3, 4);
+        let (mut ends, _) = mesh_with(3, 4, 0);
         let mut b = ends.pop().unwrap();
         let _c = ends.pop();
         let mut a = ends.pop().unwrap();
@@ -262,7 +293,7 @@ mod tests {
             a.send(2, HandoffKind::Process, PortId(7), &[&[k, 1], &[2]])
                 .unwrap();
         }
-        // Four buffers per pair: the fifth finds none.
+        // Four small buffers per pair and no large one: the fifth finds none.
         assert_eq!(
             a.send(2, HandoffKind::Process, PortId(7), &[&[9]]),
             Err(HandoffError::Full)
@@ -284,11 +315,44 @@ mod tests {
             .unwrap();
         let f = b.recv(0).unwrap();
         assert_eq!((f.data().len(), f.kind), (100, HandoffKind::Transmit));
+        b.release(0, f);
+        // A frame larger than a small buffer needs a large one, and this pair has none.
+        let big = vec![1u8; SMALL_FRAME + 1];
+        assert_eq!(
+            a.send(2, HandoffKind::Process, PortId(7), &[&big]),
+            Err(HandoffError::Full)
+        );
+    }
+
+    #[test]
+    fn small_frames_fall_back_to_large_buffers_and_return_to_their_pool() {
+        let (mut ends, _) = mesh_with(2, 1, 1);
+        let mut b = ends.pop().unwrap();
+        let mut a = ends.pop().unwrap();
+        a.send(1, HandoffKind::Process, PortId(1), &[&[1]]).unwrap();
+        a.send(1, HandoffKind::Process, PortId(1), &[&[2]]).unwrap();
+        assert_eq!(
+            a.send(1, HandoffKind::Process, PortId(1), &[&[3]]),
+            Err(HandoffError::Full)
+        );
+        let f1 = b.recv(0).unwrap();
+        let f2 = b.recv(0).unwrap();
+        assert!(f1.is_small() && !f2.is_small());
+        b.release(0, f2);
+        // Only the large buffer is back: a large frame fits, the small pool is still empty.
+        let big = vec![0u8; SMALL_FRAME + 1];
+        a.send(1, HandoffKind::Process, PortId(1), &[&big]).unwrap();
+        assert_eq!(
+            a.send(1, HandoffKind::Process, PortId(1), &[&[4]]),
+            Err(HandoffError::Full)
+        );
+        b.release(0, f1);
+        a.send(1, HandoffKind::Process, PortId(1), &[&[4]]).unwrap();
     }
 
     #[test]
     fn too_large_frames_are_refused_before_taking_a_buffer() {
-        let (mut ends, _) = mesh_with(2, 1);
+        let (mut ends, _) = mesh_with(2, 0, 1);
         let mut b = ends.pop().unwrap();
         let mut a = ends.pop().unwrap();
         let big = vec![0u8; MAX_FRAME + 1];
