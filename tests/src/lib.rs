@@ -1039,6 +1039,20 @@ impl Cluster {
         seconds: u32,
         extra: &[&str],
     ) -> Result<(u64, f64)> {
+        let ns = self.pods[client].ns.clone();
+        self.iperf3_from(&ns, server, addr, seconds, extra)
+    }
+
+    /// iperf3 from namespace `client_ns` (a pod's, or the switch's for an underlay client) to
+    /// `addr`, the server running on 5201 in pod `server`.
+    pub fn iperf3_from(
+        &self,
+        client_ns: &str,
+        server: usize,
+        addr: Ipv4Addr,
+        seconds: u32,
+        extra: &[&str],
+    ) -> Result<(u64, f64)> {
         let mut srv = in_ns(&self.pods[server].ns, &["iperf3", "-s", "-1", "-J"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1058,7 +1072,7 @@ impl Cluster {
             "3000",
         ];
         argv.extend_from_slice(extra);
-        let client_out = in_ns(&self.pods[client].ns, &argv).output();
+        let client_out = in_ns(client_ns, &argv).output();
         let srv_out = {
             let deadline = Instant::now() + Duration::from_secs(5);
             while srv.try_wait().ok().flatten().is_none() && Instant::now() < deadline {

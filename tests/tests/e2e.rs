@@ -545,9 +545,10 @@ apiVersion: v1
 kind: Service
 metadata: {name: iperf, namespace: default}
 spec:
+  type: NodePort
   clusterIP: 10.96.0.20
   ports:
-    - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
+    - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP, nodePort: 30201}
 "#;
 
 /// The single backend 10.244.2.2 (the first pod of node 1).
@@ -570,8 +571,9 @@ endpoints:
 /// steered to its connection's owner (`steer::owner`) and frames for a port another worker holds
 /// are handed to it. Real TCP (iperf3 `-P 4`, so flows land on both queues): pod to pod across
 /// nodes, through a ClusterIP to a backend on the other node, and between two pods of one node
-/// whose sockets belong to different workers; bytes arrive, handoffs happen, and no frame meets a
-/// worker without its connection (`conntrack_invalid`) or is dropped by policy.
+/// whose sockets belong to different workers, and from the underlay to a NodePort whose backend
+/// is on the other node; bytes arrive, handoffs happen, and no frame meets a worker without its
+/// connection (`conntrack_invalid`) or is dropped by policy.
 #[test]
 fn multi_queue_uplink_spreads_over_workers() {
     if !require_root() {
@@ -618,7 +620,13 @@ fn multi_queue_uplink_spreads_over_workers() {
         println!("ClusterIP TCP -P 4: {via_vip} bytes, {vip_gbps:.2} Gbit/s");
         let (same, same_gbps) = c.iperf3_with(b, a, 2, &p4)?;
         println!("same-node TCP -P 4 across workers: {same} bytes, {same_gbps:.2} Gbit/s");
-        assert!(cross > 0 && via_vip > 0 && same > 0);
+        // A client on the underlay to node 0's NodePort: SNATed there to a port of the owning
+        // worker's share, so the backend's replies come back to that worker.
+        sluice_e2e::ip(Some(&c.switch), "addr add 192.168.77.100/24 dev br0")?;
+        let node0 = c.nodes[0].underlay_ip;
+        let (np, np_gbps) = c.iperf3_from(&c.switch, r, node0, 2, &["-p", "30201", "-P", "4"])?;
+        println!("NodePort TCP -P 4 from the underlay: {np} bytes, {np_gbps:.2} Gbit/s");
+        assert!(cross > 0 && via_vip > 0 && same > 0 && np > 0);
         let mut handoffs = 0;
         for n in 0..2 {
             let f = c.wait_counters(n, |f| {
