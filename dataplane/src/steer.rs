@@ -7,23 +7,31 @@
 //!
 //! The rule, on the connection's tuple (the inner packet for VXLAN to this node on the uplink; the
 //! embedded datagram, reversed, for an ICMP error):
-//! 1. A ClusterIP destination is first resolved to the backend Maglev picks for it
-//!    ([`service::maglev_choice`], the choice the pipeline makes for a new flow), so the client's
-//!    packets to the VIP and the backend's replies name the same two endpoints.
-//! 2. A destination that is this node's VTEP address is a reply to SNATed NodePort traffic: its
+//! 1. A destination that is this node's VTEP address is a reply to SNATed NodePort traffic: its
 //!    destination port names the owner ([`port_owner`]), because the worker that made the
 //!    translation took that port from its own share of the port space ([`Steer::snat_port`]), as
 //!    VPP's NAT partitions ports per thread.
-//! 3. Otherwise: a symmetric hash of the two (address, port) endpoints, sorted, and the protocol.
+//! 2. Service traffic is steered by its client endpoint alone. A packet to a ClusterIP, or to a
+//!    backend endpoint of some service (`Tables::is_backend`: address, port, protocol), from an
+//!    endpoint that is not one, hashes its source endpoint; a packet from a backend endpoint to
+//!    one that is not hashes its destination. So a client's packets to the VIP, the DNATed
+//!    packets on the backend's node and the backend's replies all name the client endpoint, and
+//!    the choice does not depend on which backend Maglev picks: established flows keep their
+//!    worker when the backend set changes, and sessionAffinity needs nothing special.
+//! 3. Otherwise (pod to pod, or both ends backend endpoints): a symmetric hash of the two
+//!    (address, port) endpoints, sorted, and the protocol. A client that is itself a backend
+//!    endpoint (its source port is one it serves) talking to a ClusterIP is the one case where
+//!    the VIP is first resolved to the backend Maglev picks ([`service::maglev_choice`]), so that
+//!    the pair hashes like its replies (both ends backends, rule 3).
 //!
 //! Frames that are not IPv4 with a readable L4 header (ARP, IPv6, fragments, truncated headers)
 //! have no owner (`None`): whoever received them processes them, as the pipeline only passes or
 //! drops those.
 //!
-//! Limits: the Maglev answer in (1) is the one of the current tables. When the backend set
-//! changes, the few flows whose Maglev slot moved would be steered to another worker than the one
-//! holding their conntrack entry; and a sessionAffinity client whose remembered backend is no
-//! longer Maglev's choice for it is steered by the Maglev choice. Both only while backends change.
+//! Limits: a connection to a backend that has just been removed from its service loses rule 2
+//! for its replies (they hash by rule 3) while it lasts; so does, in the rule-3 corner case, a
+//! connection whose Maglev slot moved, or a sessionAffinity client whose remembered backend is no
+//! longer Maglev's choice.
 
 #![forbid(unsafe_code)]
 
@@ -153,6 +161,39 @@ fn symmetric_hash(t: &Tuple) -> u64 {
     .hash64()
 }
 
+/// A hash of one endpoint (a service's client).
+fn endpoint_hash(ip: [u8; 4], port: u16, proto: u8) -> u64 {
+    FlowKey {
+        src: u32::from_be_bytes(ip),
+        src_port: port,
+        proto,
+        ..FlowKey::default()
+    }
+    .hash64()
+}
+
+/// The steering hash of a connection tuple (rules 2 and 3 of the module doc).
+fn flow_hash(tables: &Tables, t: &Tuple) -> u64 {
+    let src_backend = tables.is_backend(t.src, t.src_port, t.proto);
+    if let Some(svc) = tables.cluster_ip(t.dst, t.dst_port, t.proto) {
+        if !src_backend {
+            return endpoint_hash(t.src, t.src_port, t.proto);
+        }
+        let mut r = *t;
+        if let Some((ip, port)) = service::maglev_choice(tables, svc, t) {
+            r.dst = ip;
+            r.dst_port = port;
+        }
+        return symmetric_hash(&r);
+    }
+    let dst_backend = tables.is_backend(t.dst, t.dst_port, t.proto);
+    match (src_backend, dst_backend) {
+        (false, true) => endpoint_hash(t.src, t.src_port, t.proto),
+        (true, false) => endpoint_hash(t.dst, t.dst_port, t.proto),
+        _ => symmetric_hash(t),
+    }
+}
+
 /// The worker (of `workers`) that processes this frame: see the module doc. `head` is the frame's
 /// first buffer (all headers are there), `ingress` the port it arrived on. `None`: any worker (not
 /// a connection the pipeline tracks). With one worker, always `Some(0)` without reading the frame.
@@ -160,17 +201,11 @@ pub fn owner(tables: &Tables, head: &[u8], ingress: PortId, workers: usize) -> O
     if workers <= 1 {
         return Some(0);
     }
-    let mut t = tuple_of(tables, head, ingress)?;
+    let t = tuple_of(tables, head, ingress)?;
     if t.dst == tables.node.vtep_ip.octets() {
         return Some(port_owner(t.dst_port, workers));
     }
-    if let Some(svc) = tables.cluster_ip(t.dst, t.dst_port, t.proto)
-        && let Some((ip, port)) = service::maglev_choice(tables, svc, &t)
-    {
-        t.dst = ip;
-        t.dst_port = port;
-    }
-    let h = symmetric_hash(&t);
+    let h = flow_hash(tables, &t);
     Some(((u128::from(h) * workers as u128) >> 64) as usize)
 }
 

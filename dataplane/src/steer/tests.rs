@@ -113,13 +113,19 @@ struct Svc {
     backends: Vec<(usize, u16)>,
 }
 
+/// Ports: any, or one of a few that backends serve (so clients sometimes use a port their own pod
+/// serves as a backend, the corner case of rule 3).
+fn port() -> impl Strategy<Value = u16> {
+    prop_oneof![1u16..65535, prop::sample::select(vec![80u16, 5201, 8080])]
+}
+
 fn svc() -> impl Strategy<Value = Svc> {
     (
         1u16..2000,
         any::<bool>(),
         any::<bool>(),
         prop::bool::weighted(0.2),
-        prop::collection::vec((0usize..4, 1u16..9000), 1..5),
+        prop::collection::vec((0usize..4, port()), 1..5),
     )
         .prop_map(|(port, udp, node_port, affinity, backends)| Svc {
             port,
@@ -166,22 +172,16 @@ struct Flow {
 }
 
 fn flow() -> impl Strategy<Value = Flow> {
-    (
-        0u8..3,
-        0usize..4,
-        0usize..8,
-        1024u16..65535,
-        1u16..9000,
-        any::<bool>(),
-    )
-        .prop_map(|(kind, client, target, sport, dport, udp)| Flow {
+    (0u8..3, 0usize..4, 0usize..8, port(), port(), any::<bool>()).prop_map(
+        |(kind, client, target, sport, dport, udp)| Flow {
             kind,
             client,
             target,
             sport,
             dport,
             udp,
-        })
+        },
+    )
 }
 
 /// The first packet's tuple: 0 = a pod to a ClusterIP, 1 = pod to pod, 2 = an outside client to a
@@ -278,6 +278,33 @@ proptest! {
         prop_assert!(matches!(rv, Verdict::Forward(_)), "reply verdict {:?}", rv);
         let back = tuple(&t, &inner(&rout));
         prop_assert_eq!(back, first.reversed(), "reply not translated back");
+    }
+
+    /// A client's packets to a ClusterIP keep their owner when the service's backends change
+    /// (rule 2 does not depend on Maglev's choice), unless the client is a backend endpoint.
+    #[test]
+    fn owners_survive_backend_changes(
+        svcs in prop::collection::vec(svc(), 1..5),
+        new_backends in prop::collection::vec(prop::collection::vec((0usize..4, port()), 1..5), 4),
+        f in flow(),
+        workers in 2usize..9,
+    ) {
+        let f = Flow { kind: 0, ..f };
+        let t1 = tables(&svcs);
+        let changed: Vec<Svc> = svcs
+            .iter()
+            .zip(&new_backends)
+            .map(|(s, b)| Svc { backends: b.clone(), ..s.clone() })
+            .collect();
+        let t2 = tables(&changed);
+        let Some(first) = first_tuple(&svcs, &f) else { return Ok(()) };
+        if t1.is_backend(first.src, first.src_port, first.proto)
+            || t2.is_backend(first.src, first.src_port, first.proto)
+        {
+            return Ok(());
+        }
+        let (port, bytes) = arriving(&first, false);
+        prop_assert_eq!(owner(&t1, &bytes, port, workers), owner(&t2, &bytes, port, workers));
     }
 
     /// Headers the owner cannot read never panic and give no owner or a worker in range.
