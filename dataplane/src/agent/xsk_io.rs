@@ -54,8 +54,14 @@ mod agent_drops {
 }
 use agent_drops::*;
 
-/// Agent drops counted during one round, flushed into the counters at its end.
-type AgentDrops = [u64; AGENT_DROPS.len()];
+/// What one round counts, flushed into the shared counters at its end (no atomic per frame).
+#[derive(Debug, Default)]
+struct RoundTally {
+    /// The agent's own drops, by index into [`AGENT_DROPS`].
+    drops: [u64; AGENT_DROPS.len()],
+    /// Frames handed to another worker.
+    handoffs: u64,
+}
 
 /// One socket of this worker.
 #[derive(Debug, Clone, Copy)]
@@ -186,18 +192,9 @@ impl WorkerIo for XskIo {
         let tables = &snapshot.tables;
         let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let mut handled = 0;
-        let mut agent_drops: AgentDrops = [0; AGENT_DROPS.len()];
+        let mut tally = RoundTally::default();
         if let Some(h) = handoff.as_mut() {
-            handled += drain_handoffs(
-                h,
-                xsk,
-                sockets,
-                state,
-                tables,
-                now_ns,
-                counters,
-                &mut agent_drops,
-            );
+            handled += drain_handoffs(h, xsk, sockets, state, tables, now_ns, &mut tally);
         }
         for s in sockets.iter() {
             let n = match xsk.recv(s.id, batch) {
@@ -230,15 +227,7 @@ impl WorkerIo for XskIo {
                     && owner != h.worker
                 {
                     let parts: [&[u8]; 2] = [fm.data(), scratch];
-                    hand_off(
-                        h,
-                        owner,
-                        HandoffKind::Process,
-                        s.port,
-                        &parts,
-                        counters,
-                        &mut agent_drops,
-                    );
+                    hand_off(h, owner, HandoffKind::Process, s.port, &parts, &mut tally);
                     fm.drop_frame();
                     continue;
                 }
@@ -262,19 +251,11 @@ impl WorkerIo for XskIo {
                                     let data = fm.chunk().get(off..off + len).unwrap_or(&[]);
                                     let parts: [&[u8]; 2] = [data, scratch];
                                     let w = super::port_worker(to, h.workers);
-                                    hand_off(
-                                        h,
-                                        w,
-                                        HandoffKind::Transmit,
-                                        to,
-                                        &parts,
-                                        counters,
-                                        &mut agent_drops,
-                                    );
+                                    hand_off(h, w, HandoffKind::Transmit, to, &parts, &mut tally);
                                 } else if peers.read().map(|p| p.contains(&to)).unwrap_or(false) {
-                                    agent_drops[HANDOFF_UNSUPPORTED] += 1;
+                                    tally.drops[HANDOFF_UNSUPPORTED] += 1;
                                 } else {
-                                    agent_drops[NO_SOCKET] += 1;
+                                    tally.drops[NO_SOCKET] += 1;
                                 }
                             }
                         }
@@ -282,7 +263,7 @@ impl WorkerIo for XskIo {
                     Verdict::Drop(_) => fm.drop_frame(),
                     Verdict::PassToKernel => {
                         fm.drop_frame();
-                        agent_drops[PASS_AFTER_REDIRECT] += 1;
+                        tally.drops[PASS_AFTER_REDIRECT] += 1;
                     }
                 }
             }
@@ -296,7 +277,10 @@ impl WorkerIo for XskIo {
         if let Err(e) = xsk.flush() {
             tracing::debug!("flush: {e}");
         }
-        for (n, name) in agent_drops.iter().zip(AGENT_DROPS) {
+        if tally.handoffs > 0 {
+            WorkerCounters::add(&counters.handoffs, tally.handoffs);
+        }
+        for (n, name) in tally.drops.iter().zip(AGENT_DROPS) {
             if *n > 0 {
                 counters.drop(agent_drop(name), *n);
             }
@@ -339,14 +323,13 @@ fn hand_off(
     kind: HandoffKind,
     port: PortId,
     parts: &[&[u8]],
-    counters: &WorkerCounters,
-    drops: &mut AgentDrops,
+    tally: &mut RoundTally,
 ) {
     match h.send(to, kind, port, parts) {
-        Ok(()) => WorkerCounters::add(&counters.handoffs, 1),
-        Err(HandoffError::Full) => drops[HANDOFF_FULL] += 1,
-        Err(HandoffError::TooLarge) => drops[TOO_LARGE] += 1,
-        Err(HandoffError::NoPeer) => drops[NO_SOCKET] += 1,
+        Ok(()) => tally.handoffs += 1,
+        Err(HandoffError::Full) => tally.drops[HANDOFF_FULL] += 1,
+        Err(HandoffError::TooLarge) => tally.drops[TOO_LARGE] += 1,
+        Err(HandoffError::NoPeer) => tally.drops[NO_SOCKET] += 1,
     }
 }
 
@@ -356,7 +339,7 @@ fn transmit_copy(
     sockets: &[OwnedSocket],
     to: PortId,
     data: &[u8],
-    drops: &mut AgentDrops,
+    drops: &mut [u64; AGENT_DROPS.len()],
 ) -> bool {
     let Some(o) = sockets.iter().find(|o| o.port == to) else {
         return false;
@@ -372,10 +355,6 @@ fn transmit_copy(
 
 /// Handle what other workers handed to this one: run the pipeline on raw frames, transmit
 /// processed ones. Returns the number of frames taken from the rings.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the disjoint parts of XskIo a round borrows, plus the round's time and counters"
-)]
 fn drain_handoffs(
     h: &mut Handoff,
     xsk: &mut Xsk,
@@ -383,8 +362,7 @@ fn drain_handoffs(
     state: &mut WorkerState,
     tables: &Tables,
     now_ns: u64,
-    counters: &WorkerCounters,
-    drops: &mut AgentDrops,
+    tally: &mut RoundTally,
 ) -> usize {
     let mut n = 0;
     for from in 0..h.workers {
@@ -406,29 +384,21 @@ fn drain_handoffs(
                         Verdict::Forward(to) => Some(PortId(to.0)),
                         Verdict::Drop(_) => None,
                         Verdict::PassToKernel => {
-                            drops[PASS_AFTER_REDIRECT] += 1;
+                            tally.drops[PASS_AFTER_REDIRECT] += 1;
                             None
                         }
                     }
                 }
             };
             if let Some(to) = to
-                && !transmit_copy(xsk, sockets, to, f.data(), drops)
+                && !transmit_copy(xsk, sockets, to, f.data(), &mut tally.drops)
             {
                 // Not ours to transmit: on to the port's worker, once (never back and forth).
                 let w = super::port_worker(to, h.workers);
                 if f.kind == HandoffKind::Process && w != h.worker {
-                    hand_off(
-                        h,
-                        w,
-                        HandoffKind::Transmit,
-                        to,
-                        &[f.data()],
-                        counters,
-                        drops,
-                    );
+                    hand_off(h, w, HandoffKind::Transmit, to, &[f.data()], tally);
                 } else {
-                    drops[NO_SOCKET] += 1;
+                    tally.drops[NO_SOCKET] += 1;
                 }
             }
             h.release(from, f);
