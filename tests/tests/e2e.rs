@@ -287,7 +287,12 @@ endpoints:
 /// Two nodes with the `web` service; pods: client 10.244.1.2 and backend 10.244.1.3 on node 0,
 /// backends 10.244.2.2 and 10.244.2.3 on node 1, each running the echo server on 8080.
 fn web_cluster() -> Result<(Cluster, usize)> {
-    let mut c = Cluster::new(&[NodeKind::Sluice; 2], AgentOptions::default())?;
+    web_cluster_with(AgentOptions::default())
+}
+
+/// [`web_cluster`] with these agent options.
+fn web_cluster_with(options: AgentOptions) -> Result<(Cluster, usize)> {
+    let mut c = Cluster::new(&[NodeKind::Sluice; 2], options)?;
     let svc = c.write_manifest("services.yaml", WEB_SERVICE)?;
     let eps = c.write_manifest("endpointslices.yaml", WEB_ENDPOINTS)?;
     c.start_agents(|_, cfg| {
@@ -343,8 +348,27 @@ fn clusterip_backend_removal_keeps_established_connections() {
     if !require_root() {
         return;
     }
-    check((|| {
-        let (c, client) = web_cluster()?;
+    check(backend_removal_keeps_established(AgentOptions::default()));
+}
+
+/// The same with two workers per node (two-queue uplink, single-queue pod veths): a connection's
+/// frames are steered by its client endpoint, not by Maglev's current choice, so established
+/// connections keep their worker (and its conntrack entry) when the backend set changes.
+#[test]
+fn clusterip_backend_removal_keeps_established_connections_over_two_workers() {
+    if !require_root() {
+        return;
+    }
+    check(backend_removal_keeps_established(AgentOptions {
+        uplink_queues: 2,
+        pod_queues: 1,
+        ..Default::default()
+    }));
+}
+
+fn backend_removal_keeps_established(options: AgentOptions) -> Result<()> {
+    {
+        let (c, client) = web_cluster_with(options)?;
         let ns = c.pods[client].ns.clone();
         let mut sessions = Vec::new();
         for i in 0..12 {
@@ -382,8 +406,10 @@ fn clusterip_backend_removal_keeps_established_connections() {
                 "new connection to the removed backend"
             );
         }
+        let f = c.nodes[0].counters()?;
+        assert_eq!(f.drops("conntrack_invalid"), 0, "{:?}", f.workers);
         Ok(())
-    })());
+    }
 }
 
 #[test]
