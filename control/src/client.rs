@@ -316,6 +316,35 @@ impl ControlClient {
         };
         Ok(self.inner.clone().watch(self.req(r)).await?.into_inner())
     }
+
+    /// Flow events of the cluster (every node, or `req.node`): the history, then with
+    /// `req.follow` live events.
+    pub async fn observe(
+        &self,
+        req: crate::agent_api::ObserveRequest,
+    ) -> Result<tonic::Streaming<crate::agent_api::FlowEvent>, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .observe(self.req(req))
+            .await?
+            .into_inner())
+    }
+
+    /// Push this node's flow events for as long as `batches` yields; returns the events the
+    /// server took when `batches` ends.
+    pub async fn push_flow_events(
+        &self,
+        batches: impl futures::Stream<Item = api::PushFlowEventsRequest> + Send + 'static,
+    ) -> Result<u64, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .push_flow_events(self.req(batches))
+            .await?
+            .into_inner()
+            .received)
+    }
 }
 
 /// `(namespace, name)`.

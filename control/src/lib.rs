@@ -10,6 +10,8 @@ pub mod auth;
 #[cfg(feature = "control-plane")]
 pub mod client;
 #[cfg(feature = "control-plane")]
+pub mod flows;
+#[cfg(feature = "control-plane")]
 pub mod manifest;
 #[cfg(feature = "control-plane")]
 pub mod metrics;
@@ -29,5 +31,5 @@ pub mod agent_api {
 /// The control plane API (`proto/control.proto`).
 #[cfg(feature = "control-plane")]
 pub mod api {
-    tonic::include_proto!("sluice.control.v1");
+    include!(concat!(env!("OUT_DIR"), "/control/sluice.control.v1.rs"));
 }

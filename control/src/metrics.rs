@@ -6,6 +6,10 @@
 //! | `sluice_control_objects` | gauge | | objects stored |
 //! | `sluice_control_watchers` | gauge | `node` | open watches of the node's agent |
 //! | `sluice_control_watch_lag_revisions` | gauge | `node` | current revision minus the revision the agent last reported synced |
+//! | `sluice_control_flow_events_received_total` | counter | `node` | flow events the node's agent pushed (`PushFlowEvents`) |
+//! | `sluice_control_flow_events_agent_dropped_total` | counter | `node` | flow events the node's agent dropped instead of pushing (control plane slow or away), as it last reported |
+//! | `sluice_control_flow_events_held` | gauge | `node` | flow events of the node held for `Observe` |
+//! | `sluice_control_flow_event_streams` | gauge | `node` | open `PushFlowEvents` streams of the node |
 //! | `sluice_control_requests_total` | counter | `method`, `code` | gRPC requests by full method path and gRPC status code (`0` OK; for streams the code of the response head) |
 //!
 //! Scrapers that accept OpenMetrics get it; others get the Prometheus text format.
@@ -140,6 +144,38 @@ pub fn render(m: &ControlMetrics, counts: &RequestCounts) -> String {
         lag.get_or_create(&l)
             .set(i64::try_from(m.revision.saturating_sub(*synced)).unwrap_or(i64::MAX));
     }
+    let received = Family::<Labels, Counter>::default();
+    r.register(
+        "sluice_control_flow_events_received",
+        "Flow events the node's agent pushed",
+        received.clone(),
+    );
+    let agent_dropped = Family::<Labels, Counter>::default();
+    r.register(
+        "sluice_control_flow_events_agent_dropped",
+        "Flow events the node's agent dropped instead of pushing, as it last reported",
+        agent_dropped.clone(),
+    );
+    let held = Family::<Labels, Gauge>::default();
+    r.register(
+        "sluice_control_flow_events_held",
+        "Flow events of the node held for Observe",
+        held.clone(),
+    );
+    let streams = Family::<Labels, Gauge>::default();
+    r.register(
+        "sluice_control_flow_event_streams",
+        "Open PushFlowEvents streams of the node",
+        streams.clone(),
+    );
+    for (node, f) in &m.flows {
+        let l = vec![("node", node.clone())];
+        received.get_or_create(&l).inc_by(f.received);
+        agent_dropped.get_or_create(&l).inc_by(f.agent_dropped);
+        held.get_or_create(&l)
+            .set(i64::try_from(f.held).unwrap_or(i64::MAX));
+        streams.get_or_create(&l).set(i64::from(f.streams));
+    }
     let requests = Family::<Labels, Counter>::default();
     r.register(
         "sluice_control_requests",
@@ -256,6 +292,15 @@ mod tests {
             revision: 10,
             objects: 3,
             agents: vec![("n0".into(), 1, 7)],
+            flows: vec![(
+                "n0".into(),
+                crate::flows::NodeFlowStats {
+                    received: 5,
+                    agent_dropped: 2,
+                    held: 5,
+                    streams: 1,
+                },
+            )],
         };
         let c = RequestCounts::default();
         c.inc("/sluice.control.v1.Control/Apply".into(), "0".into());
@@ -267,6 +312,32 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE sluice_control_requests_total counter\n"));
+        assert!(
+            text.contains("sluice_control_flow_events_received_total{node=\"n0\"} 5\n"),
+            "{text}"
+        );
+        // Valid exposition text (promtool comes with Debian's prometheus package, scripts/setup.sh).
+        use std::io::Write;
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus) is needed by this test");
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(text.contains(
             "sluice_control_requests_total{method=\"/sluice.control.v1.Control/Apply\",code=\"0\"} 2\n"
         ));

@@ -17,9 +17,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::agent_api;
 use crate::api::control_server::{Control, ControlServer};
 use crate::api::{self, Kind, ObjectRef, object::Body};
 use crate::auth::{Authenticator, Identity, Role, identity, require_operator};
+use crate::flows::FlowRelay;
 use crate::model::{self, K8sObject, alloc_key, object_key};
 use crate::store::{Compare, KeyValue, Op, Store, StoreError, Txn, WatchItem};
 
@@ -56,6 +58,8 @@ pub struct ControlService<S> {
     store: S,
     cfg: Arc<ServerConfig>,
     agents: Arc<Mutex<HashMap<String, AgentRecord>>>,
+    /// Flow events the agents push, served by `Observe`.
+    flows: Arc<FlowRelay>,
 }
 
 impl<S: Clone> Clone for ControlService<S> {
@@ -64,6 +68,7 @@ impl<S: Clone> Clone for ControlService<S> {
             store: self.store.clone(),
             cfg: self.cfg.clone(),
             agents: self.agents.clone(),
+            flows: self.flows.clone(),
         }
     }
 }
@@ -141,7 +146,13 @@ impl<S: Store> ControlService<S> {
             store,
             cfg: Arc::new(cfg),
             agents: Arc::default(),
+            flows: Arc::default(),
         }
+    }
+
+    /// The flow events relayed so far.
+    pub fn flows(&self) -> &Arc<FlowRelay> {
+        &self.flows
     }
 
     /// The tonic service, authenticating every call.
@@ -1098,6 +1109,65 @@ impl<S: Store> Control for ControlService<S> {
             objects: kvs.len() as u32,
         }))
     }
+
+    async fn push_flow_events(
+        &self,
+        req: Request<tonic::Streaming<api::PushFlowEventsRequest>>,
+    ) -> Result<Response<api::PushFlowEventsResponse>, Status> {
+        let id = identity(&req)?;
+        let mut stream = req.into_inner();
+        let mut received = 0u64;
+        let mut opened: Option<String> = None;
+        let result = loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            let node = match id.role {
+                Role::Node if msg.node.is_empty() || msg.node == id.name => id.name.clone(),
+                Role::Node => {
+                    break Err(Status::permission_denied(format!(
+                        "node {:?} may not push flow events of node {:?}",
+                        id.name, msg.node
+                    )));
+                }
+                Role::Operator if msg.node.is_empty() || msg.node.contains('/') => {
+                    break Err(Status::invalid_argument(format!(
+                        "node: {:?} is not a valid name",
+                        msg.node
+                    )));
+                }
+                Role::Operator => msg.node,
+            };
+            if opened.as_deref() != Some(node.as_str()) {
+                if let Some(old) = opened.take() {
+                    self.flows.stream_opened(&old, false);
+                }
+                self.flows.stream_opened(&node, true);
+                opened = Some(node.clone());
+            }
+            received += msg.events.len() as u64;
+            self.flows.publish(&node, msg.events, msg.dropped);
+        };
+        if let Some(n) = opened {
+            self.flows.stream_opened(&n, false);
+        }
+        result.map(|()| Response::new(api::PushFlowEventsResponse { received }))
+    }
+
+    type ObserveStream = crate::flows::ObserveStream;
+
+    async fn observe(
+        &self,
+        req: Request<agent_api::ObserveRequest>,
+    ) -> Result<Response<Self::ObserveStream>, Status> {
+        require_operator(&identity(&req)?)?;
+        Ok(Response::new(crate::flows::observe(
+            &self.flows,
+            req.into_inner(),
+        )))
+    }
 }
 
 /// TLS material for the server (PEM).
@@ -1176,6 +1246,8 @@ pub struct ControlMetrics {
     pub objects: usize,
     /// Per node: open watches, last revision the agent reported synced.
     pub agents: Vec<(String, u32, u64)>,
+    /// Per node: flow events received, dropped by the agent, held.
+    pub flows: Vec<(String, crate::flows::NodeFlowStats)>,
 }
 
 impl<S: Store> ControlService<S> {
@@ -1193,6 +1265,7 @@ impl<S: Store> ControlService<S> {
             revision,
             objects: kvs.len(),
             agents,
+            flows: self.flows.stats(),
         })
     }
 }

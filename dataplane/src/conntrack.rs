@@ -865,16 +865,23 @@ impl<V: Copy> ConnTrack<V> {
     /// Removes up to `budget` pool slots' worth of expired entries, continuing where the last sweep
     /// stopped. Returns how many it removed.
     pub fn expire(&mut self, now: u64, budget: usize) -> usize {
+        self.expire_each(now, budget, |_| {})
+    }
+
+    /// [`ConnTrack::expire`], showing each expired entry to `f` just before removing it.
+    pub fn expire_each(
+        &mut self,
+        now: u64,
+        budget: usize,
+        mut f: impl FnMut(&CtEntry<V>),
+    ) -> usize {
         let n = self.pool.len();
         let mut removed = 0;
         for _ in 0..budget.min(n) {
             let idx = self.hand;
             self.hand = if idx + 1 == n { 0 } else { idx + 1 };
-            if self.pool[idx]
-                .entry
-                .as_ref()
-                .is_some_and(|e| e.is_expired(now))
-            {
+            if let Some(e) = self.pool[idx].entry.as_ref().filter(|e| e.is_expired(now)) {
+                f(e);
                 self.remove_idx(idx);
                 self.stats.expired += 1;
                 removed += 1;

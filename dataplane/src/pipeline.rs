@@ -16,12 +16,14 @@
 //! 6. ICMP errors are matched to the flow of the datagram they carry and translated with it.
 //!
 //! Every frame is counted once in [`WorkerState::counters`] (rx, and tx, passed or drops by
-//! reason).
+//! reason), with its bytes in and, when forwarded, out.
 //!
 //! With [`WorkerState::events`] set, flow events go into that ring (see [`crate::events`]): a new
 //! connection (service and backend after DNAT, egress port, policy verdict), a policy denial, every
-//! other drop with its reason, and TCP connection end with its counts. Without it nothing is
-//! emitted and the only cost is one `is_some` test per drop, new flow and TCP packet.
+//! other drop with its reason, and connection end with its counts (a TCP close or reset as it
+//! happens; any other flow when [`WorkerState::expire`], called by the worker between batches,
+//! removes its expired entry). Without it nothing is emitted and the only cost is one `is_some`
+//! test per drop, new flow and TCP packet.
 //!
 //! Conntrack is per worker: both directions of a flow must reach the same worker, or replies miss
 //! their entry. [`crate::steer::owner`] names that worker; NodePort SNAT takes its source port
@@ -29,7 +31,9 @@
 
 #![forbid(unsafe_code)]
 
-use crate::conntrack::{ConnTrack, CtConfig, CtError, CtHandle, CtState, FlowDir, FlowKey};
+use crate::conntrack::{
+    ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState, FlowDir, FlowKey,
+};
 use crate::events::{EventKind, EventProducer, FlowCounts, FlowEvent};
 use crate::frame::Frame;
 use crate::nat::{self, Tuple};
@@ -86,7 +90,14 @@ pub struct WorkerState {
     /// This worker's place among the node's workers: NodePort SNAT ports come from its share
     /// (see [`crate::steer`]).
     pub steer: Steer,
+    /// When [`WorkerState::expire_due`] sweeps next.
+    next_expire_ns: u64,
 }
+
+/// How often [`WorkerState::expire_due`] sweeps conntrack.
+pub const EXPIRE_INTERVAL_NS: u64 = 100_000_000;
+/// Conntrack pool slots one sweep visits (a default 65536-entry table is swept whole in 1.6 s).
+pub const EXPIRE_BUDGET: usize = 4096;
 
 impl WorkerState {
     pub fn new(config: WorkerConfig) -> Self {
@@ -98,7 +109,37 @@ impl WorkerState {
             ip_id: 0,
             ct_epoch: 0,
             steer: Steer::default(),
+            next_expire_ns: 0,
         }
+    }
+
+    /// Remove expired conntrack entries among the next `budget` pool slots (see
+    /// [`ConnTrack::expire`]). With events on, each removed flow that had not ended already (a TCP
+    /// close or reset emits its end when it happens) gets its [`EventKind::ConnectionEnd`] with
+    /// packet and byte counts. Returns the entries removed. No allocation, bounded work.
+    pub fn expire(&mut self, now_ns: u64, budget: usize) -> usize {
+        let events = &mut self.events;
+        let n = self.conntrack.expire_each(now_ns, budget, |e| {
+            if let Some(p) = events.as_mut()
+                && !matches!(e.state(), CtState::TcpClose | CtState::TcpTimeWait)
+            {
+                p.push(end_event(e, now_ns, PortId(0)));
+            }
+        });
+        if n > 0 {
+            self.ct_epoch += 1;
+        }
+        n
+    }
+
+    /// [`WorkerState::expire`] with [`EXPIRE_BUDGET`] once every [`EXPIRE_INTERVAL_NS`]; a no-op
+    /// (one comparison) in between. For the worker to call every round, busy or idle.
+    pub fn expire_due(&mut self, now_ns: u64) -> usize {
+        if now_ns < self.next_expire_ns {
+            return 0;
+        }
+        self.next_expire_ns = now_ns.saturating_add(EXPIRE_INTERVAL_NS);
+        self.expire(now_ns, EXPIRE_BUDGET)
     }
 
     /// Emit an event when events are on.
@@ -137,8 +178,9 @@ pub fn process(
     ingress: PortId,
     frame: &mut Frame<'_>,
 ) -> Verdict {
+    let rx = frame.total_len();
     let v = process_one(tables, state, now_ns, ingress, frame);
-    state.counters.count(v);
+    state.counters.count_frame(v, rx, frame.total_len());
     v
 }
 
@@ -166,7 +208,9 @@ pub fn process_batch(
         let mut keys = [FlowKey::default(); BATCH];
         let mut found = [None; BATCH];
         let mut nkeys = 0;
+        let mut rx = [0usize; BATCH];
         for (i, f) in frames.iter_mut().enumerate() {
+            rx[i] = f.total_len();
             match prepare(tables, ingress, f) {
                 Ok(p) => {
                     if p.tracked_key {
@@ -196,7 +240,9 @@ pub fn process_batch(
                 };
                 verdicts[i] = finish(tables, state, now_ns, ingress, f, p, Some((hint, epoch)));
             }
-            state.counters.count(verdicts[i]);
+            state
+                .counters
+                .count_frame(verdicts[i], rx[i], f.total_len());
         }
     }
 }
@@ -388,7 +434,13 @@ fn emit_end(s: &mut WorkerState, now: u64, ingress: PortId, h: CtHandle) {
     let Some(e) = s.conntrack.get(h) else {
         return;
     };
-    let ev = FlowEvent {
+    let ev = end_event(e, now, ingress);
+    s.emit(|| ev);
+}
+
+/// The end event of the flow of conntrack entry `e`, with its counts both ways.
+fn end_event(e: &CtEntry<FlowNat>, now: u64, ingress: PortId) -> FlowEvent {
+    FlowEvent {
         tuple: Some(Tuple::from(*e.key(FlowDir::Original))),
         translated: Some(Tuple::from(*e.key(FlowDir::Reply)).reversed()),
         service: e.value().service,
@@ -397,8 +449,7 @@ fn emit_end(s: &mut WorkerState, now: u64, ingress: PortId, h: CtHandle) {
             bytes: [e.bytes(FlowDir::Original), e.bytes(FlowDir::Reply)],
         },
         ..FlowEvent::new(EventKind::ConnectionEnd, now, ingress)
-    };
-    s.emit(|| ev);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -445,11 +496,8 @@ fn new_flow(
         xlat.dst_port = xlat.src_port;
     }
     let r = route::lookup(t, xlat.dst);
-    match r {
-        Route::NoRoute => return Verdict::Drop(DropReason::NoRoute),
-        // Host-bound or leaving the cluster: the kernel routes (and masquerades) it; untracked.
-        Route::Kernel => return Verdict::PassToKernel,
-        Route::Local(_) | Route::Remote(_) => {}
+    if let Route::NoRoute = r {
+        return Verdict::Drop(DropReason::NoRoute);
     }
     let q = PolicyQuery {
         src: orig.src.into(),
@@ -476,6 +524,12 @@ fn new_flow(
             ..FlowEvent::new(EventKind::PolicyVerdict, now, ingress)
         });
         return Verdict::Drop(r);
+    }
+    if let Route::Kernel = r {
+        // Host-bound or leaving the cluster, and allowed: the kernel routes (and masquerades) it;
+        // untracked. Such frames reach a worker only from pods whose egress policy the XDP
+        // program sends everything of (the rest it passes itself).
+        return Verdict::PassToKernel;
     }
     let okey = FlowKey::from(orig);
     s.ct_epoch += 1;

@@ -103,6 +103,10 @@ pub struct Counters {
     pub passed: u64,
     /// Frames dropped, by [`DropReason`] (`drops[reason as usize]`).
     pub drops: [u64; DropReason::COUNT],
+    /// Bytes of the frames processed, as they arrived (all buffers of a multi-buffer frame).
+    pub rx_bytes: u64,
+    /// Bytes of the frames forwarded, as they left (after encap, decap or NAT).
+    pub tx_bytes: u64,
 }
 
 impl Default for Counters {
@@ -112,6 +116,8 @@ impl Default for Counters {
             tx: 0,
             passed: 0,
             drops: [0; DropReason::COUNT],
+            rx_bytes: 0,
+            tx_bytes: 0,
         }
     }
 }
@@ -125,6 +131,15 @@ impl Counters {
             Verdict::Forward(_) => self.tx += 1,
             Verdict::PassToKernel => self.passed += 1,
             Verdict::Drop(r) => self.drops[r as usize] += 1,
+        }
+    }
+    /// Count one verdict and the frame's bytes in (`rx`) and, when forwarded, out (`tx`).
+    #[inline]
+    pub fn count_frame(&mut self, v: Verdict, rx: usize, tx: usize) {
+        self.count(v);
+        self.rx_bytes += rx as u64;
+        if let Verdict::Forward(_) = v {
+            self.tx_bytes += tx as u64;
         }
     }
     /// Drops of one reason.

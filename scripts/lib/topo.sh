@@ -111,11 +111,11 @@ topo_routed() {
 # network config on stdin). Peer underlay MACs, VTEP MACs 0e:5c:02:00:00:0N.
 #
 #   SLUICE_AGENT_BIN / SLUICE_CNI_BIN   binaries (default target/release/sluice-agent, sluice-cni)
-#   SLUICE_POD_MTU                      pod interface MTU (default 3500: the agent forwards frames
-#                                       that fit one 4 KiB UMEM chunk; see its xsk_io)
+#   SLUICE_POD_MTU                      pod interface MTU (default 65535, as the CNI plugin's default:
+#                                       same-node frames up to 64 KiB travel as multi-buffer chains)
 SLUICE_AGENT_BIN=${SLUICE_AGENT_BIN:-target/release/sluice-agent}
 SLUICE_CNI_BIN=${SLUICE_CNI_BIN:-target/release/sluice-cni}
-SLUICE_POD_MTU=${SLUICE_POD_MTU:-3500}
+SLUICE_POD_MTU=${SLUICE_POD_MTU:-65535}
 SLUICE_AGENT_PIDS=()
 SLUICE_MOUNTS=()
 

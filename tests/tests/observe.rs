@@ -261,6 +261,49 @@ fn denied_connection_service_backend_and_exact_counters() {
             .filter(|l| l.starts_with("sluice_agent_xdp_attached{") && l.ends_with(" 1"))
             .count();
         assert_eq!(attached, 4, "uplink and three pods: {text}");
+        // Bytes both ways, busy time, and the publish latency of the three pods' tables.
+        for m in [
+            "sluice_agent_bytes_total{worker=\"0\",direction=\"rx\"}",
+            "sluice_agent_bytes_total{worker=\"0\",direction=\"tx\"}",
+        ] {
+            assert!(value(m).is_some_and(|n| n > 0), "{m}: {text}");
+        }
+        let busy = text
+            .lines()
+            .find(|l| l.starts_with("sluice_agent_worker_busy_seconds_total{worker=\"0\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        assert!(busy.is_some_and(|b| b > 0.0), "{text}");
+        assert!(
+            value("sluice_agent_table_publish_seconds_count").is_some_and(|n| n >= 3),
+            "{text}"
+        );
+        for l in text.lines().filter(|l| {
+            [
+                "sluice_agent_bytes_total",
+                "sluice_agent_worker_busy",
+                "sluice_agent_table_publish_seconds_count",
+                "sluice_agent_table_publish_seconds_sum",
+                "sluice_agent_xsk_",
+                "sluice_agent_umem_frames",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        }) {
+            println!("{l}");
+        }
+        // AF_XDP sockets: the pods' sockets received the pings; the UMEM has frames on fill rings.
+        let xsk_rx: u64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("sluice_agent_xsk_packets_total{") && l.contains("direction=\"rx\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert!(xsk_rx >= N, "{text}");
+        assert!(
+            value("sluice_agent_umem_frames{worker=\"0\",state=\"fill\"}").is_some_and(|n| n > 0),
+            "{text}"
+        );
 
         // The scrape is valid exposition text.
         let mut promtool = Command::new("promtool")

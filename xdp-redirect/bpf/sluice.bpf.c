@@ -5,10 +5,14 @@
  * interface and rx queue) or to the kernel (XDP_PASS).
  *
  * Redirected: IPv4 destination in the cluster or service CIDR (any
- * configured interface); on the uplink also VXLAN (UDP to the configured
+ * configured interface); from a pod marked redirect-all (egress policy
+ * selects it) any IPv4; on the uplink also VXLAN (UDP to the configured
  * port) and TCP/UDP NodePorts addressed to this node's underlay address.
- * Everything else passes. A missing socket falls back to XDP_PASS
- * (fail-open) unless the interface is marked fail-closed, then XDP_DROP.
+ * Everything else passes. A missing socket (the agent is gone) falls back to
+ * XDP_PASS (fail-open) unless the interface is marked fail-closed or the
+ * destination is a pod isolated for ingress by NetworkPolicy
+ * (`sluice_isolated`), then XDP_DROP: the kernel would deliver the frame
+ * without the policy the agent enforces.
  *
  * Frags-aware (xdp.frags): headers are read with bpf_xdp_load_bytes, which
  * works whether or not they sit in the linear part.
@@ -52,6 +56,13 @@ struct {
 } xsks SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SLUICE_MAX_ISOLATED);
+	__type(key, __u32);
+	__type(value, enum sluice_isolated_flags);
+} sluice_isolated SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -82,14 +93,26 @@ static __always_inline int in_net(__u32 addr, __u32 net, __u32 mask)
 	return mask != 0 && (addr & mask) == net;
 }
 
+/* Whether `daddr` (network byte order; 0 for non-IPv4) is a local pod that
+ * policy isolates for ingress. */
+static __always_inline int isolated_dst(__u32 daddr)
+{
+	enum sluice_isolated_flags *flags;
+
+	if (daddr == 0)
+		return 0;
+	flags = bpf_map_lookup_elem(&sluice_isolated, &daddr);
+	return flags && (*flags & SLUICE_ISOLATED_INGRESS);
+}
+
 static __always_inline int to_socket(struct xdp_md *ctx, const struct sluice_iface *iface,
-				     struct sluice_counters *c)
+				     struct sluice_counters *c, __u32 daddr)
 {
 	struct sluice_xsk_key key = {
 		.ifindex = ctx->ingress_ifindex,
 		.queue = ctx->rx_queue_index,
 	};
-	int fail_closed = iface->flags & SLUICE_IF_FAIL_CLOSED;
+	int fail_closed = (iface->flags & SLUICE_IF_FAIL_CLOSED) || isolated_dst(daddr);
 	__u32 *slot = bpf_map_lookup_elem(&sluice_xsk_slots, &key);
 	long ret;
 
@@ -136,7 +159,7 @@ int sluice_xdp(struct xdp_md *ctx)
 		    bpf_xdp_load_bytes(ctx, sizeof(eth) + 6, &nexthdr, 1) == 0 &&
 		    nexthdr != IPPROTO_ICMPV6) {
 			COUNT(c, match_ipv6);
-			return to_socket(ctx, iface, c);
+			return to_socket(ctx, iface, c, 0);
 		}
 		COUNT(c, pass_ipv6);
 		return XDP_PASS;
@@ -152,11 +175,15 @@ int sluice_xdp(struct xdp_md *ctx)
 	}
 	if (in_net(ip.daddr, cfg->cluster_net, cfg->cluster_mask)) {
 		COUNT(c, match_cluster);
-		return to_socket(ctx, iface, c);
+		return to_socket(ctx, iface, c, ip.daddr);
 	}
 	if (in_net(ip.daddr, cfg->service_net, cfg->service_mask)) {
 		COUNT(c, match_service);
-		return to_socket(ctx, iface, c);
+		return to_socket(ctx, iface, c, ip.daddr);
+	}
+	if (iface->role == SLUICE_ROLE_POD && (iface->flags & SLUICE_IF_REDIRECT_ALL)) {
+		COUNT(c, match_all);
+		return to_socket(ctx, iface, c, ip.daddr);
 	}
 	if (iface->role != SLUICE_ROLE_UPLINK || cfg->underlay_addr == 0 ||
 	    ip.daddr != cfg->underlay_addr ||
@@ -173,11 +200,11 @@ int sluice_xdp(struct xdp_md *ctx)
 	__u16 dport = bpf_ntohs(ports[1]);
 	if (ip.protocol == IPPROTO_UDP && cfg->vxlan_port != 0 && dport == cfg->vxlan_port) {
 		COUNT(c, match_vxlan);
-		return to_socket(ctx, iface, c);
+		return to_socket(ctx, iface, c, ip.daddr);
 	}
 	if (cfg->nodeport_min != 0 && dport >= cfg->nodeport_min && dport <= cfg->nodeport_max) {
 		COUNT(c, match_nodeport);
-		return to_socket(ctx, iface, c);
+		return to_socket(ctx, iface, c, ip.daddr);
 	}
 	COUNT(c, pass_other);
 	return XDP_PASS;

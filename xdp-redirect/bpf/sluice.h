@@ -31,6 +31,10 @@ enum sluice_role {
 /* sluice_iface.flags (bits) */
 enum sluice_iface_flags {
 	SLUICE_IF_FAIL_CLOSED = 1 << 0, /* redirect-or-drop instead of redirect-or-pass */
+	SLUICE_IF_REDIRECT_ALL = 1 << 1, /* pod: redirect all IPv4, not only cluster
+					  * traffic (egress policy covers outside
+					  * addresses; the worker hands allowed
+					  * frames back to the kernel) */
 };
 
 /* Node-wide configuration: one entry (key 0) of the array map `sluice_config`. */
@@ -45,6 +49,19 @@ struct sluice_config {
 	__u16 nodeport_max;
 	__u16 pad;
 	enum sluice_cfg_flags flags; /* bit set of SLUICE_CFG_* */
+};
+
+/* Capacity of `sluice_isolated` (local pods isolated by NetworkPolicy). */
+#define SLUICE_MAX_ISOLATED 4096
+
+/* Value of the hash map `sluice_isolated`, keyed by a local pod's IPv4
+ * address (__u32, network byte order): in which directions a policy
+ * isolates it. Only consulted when no socket takes a frame (the agent is
+ * gone): frames to an ingress-isolated pod are then dropped, never handed to
+ * the kernel, whichever interface they arrive on. */
+enum sluice_isolated_flags {
+	SLUICE_ISOLATED_INGRESS = 1 << 0,
+	SLUICE_ISOLATED_EGRESS = 1 << 1,
 };
 
 /* Value of the hash map `sluice_ifaces`, keyed by ifindex (__u32). */
@@ -69,10 +86,13 @@ struct sluice_counters {
 	__u64 match_vxlan;    /* VXLAN to this node's underlay address (uplink) */
 	__u64 match_nodeport; /* TCP/UDP NodePort to this node's underlay address (uplink) */
 	__u64 match_ipv6;     /* IPv6 from a pod, when SLUICE_CFG_REDIRECT_IPV6 */
+	__u64 match_all;      /* other IPv4 from a pod marked SLUICE_IF_REDIRECT_ALL */
 	/* outcomes of a match */
 	__u64 redirected;          /* handed to the AF_XDP socket */
 	__u64 pass_no_socket;      /* no socket registered: fail-open to the kernel */
-	__u64 drop_no_socket;      /* no socket registered on a fail-closed interface */
+	__u64 drop_no_socket;      /* no socket registered, and the interface is
+				    * fail-closed or the destination an
+				    * ingress-isolated pod (`sluice_isolated`) */
 	/* not matched: passed to the kernel */
 	__u64 pass_unknown_iface; /* interface not configured */
 	__u64 pass_non_ip;        /* ARP and other ethertypes */

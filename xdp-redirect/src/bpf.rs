@@ -40,8 +40,10 @@ pub mod maps {
     pub const XSKS: &str = "xsks";
     /// Per-CPU [`super::types::sluice_counters`].
     pub const COUNTERS: &str = "sluice_counters";
+    /// Local pod IPv4 address (network byte order) -> `sluice_isolated_flags`.
+    pub const ISOLATED: &str = "sluice_isolated";
     /// Every map the loader pins.
-    pub const ALL: [&str; 5] = [CONFIG, IFACES, XSK_SLOTS, XSKS, COUNTERS];
+    pub const ALL: [&str; 6] = [CONFIG, IFACES, XSK_SLOTS, XSKS, COUNTERS, ISOLATED];
 }
 
 /// Plain old data: a `#[repr(C)]` type made only of integers (or
@@ -59,7 +61,7 @@ unsafe impl Pod for types::sluice_config {}
 unsafe impl Pod for types::sluice_iface {}
 // SAFETY: two u32, no padding.
 unsafe impl Pod for types::sluice_xsk_key {}
-// SAFETY: thirteen u64, no padding.
+// SAFETY: fourteen u64, no padding.
 unsafe impl Pod for types::sluice_counters {}
 // SAFETY: six u32, no padding.
 unsafe impl Pod for types::xdp_md {}
@@ -94,7 +96,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<types::sluice_config>(), 32);
         assert_eq!(core::mem::size_of::<types::sluice_iface>(), 8);
         assert_eq!(core::mem::size_of::<types::sluice_xsk_key>(), 8);
-        assert_eq!(core::mem::size_of::<types::sluice_counters>(), 13 * 8);
+        assert_eq!(core::mem::size_of::<types::sluice_counters>(), 14 * 8);
     }
 
     #[test]

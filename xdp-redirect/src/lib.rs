@@ -16,7 +16,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut loader = XdpLoader::load(&LoaderOptions::new("node-1"))?;
 //! loader.set_config(&ClassifierConfig::default())?;
-//! let pod = IfaceConfig { role: IfaceRole::Pod, fail_closed: false };
+//! let pod = IfaceConfig { role: IfaceRole::Pod, fail_closed: false, redirect_all: false };
 //! let (ia, ib) = (
 //!     loader.attach("veth-a", pod, AttachMode::Native)?,
 //!     loader.attach("veth-b", pod, AttachMode::Native)?,
@@ -50,8 +50,8 @@ pub mod loader;
 pub mod xsk;
 
 pub use loader::{
-    AttachMode, ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, LoaderError,
-    LoaderOptions, XdpLoader,
+    AttachMode, ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, Isolation,
+    LoaderError, LoaderOptions, XdpLoader,
 };
 pub use xsk::{
     BindMode, BusyPoll, FrameAccounting, FrameMut, RxBatch, SendError, SocketId, SocketStats,

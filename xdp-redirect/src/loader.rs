@@ -137,6 +137,9 @@ pub struct IfaceConfig {
     /// Without a registered socket, drop matched frames instead of passing
     /// them to the kernel (a pod isolated by policy must fail closed).
     pub fail_closed: bool,
+    /// Pod: redirect every IPv4 frame, not only cluster traffic (its egress
+    /// policy also governs outside and host addresses).
+    pub redirect_all: bool,
 }
 
 impl IfaceConfig {
@@ -146,11 +149,49 @@ impl IfaceConfig {
                 IfaceRole::Pod => types::sluice_role::SLUICE_ROLE_POD,
                 IfaceRole::Uplink => types::sluice_role::SLUICE_ROLE_UPLINK,
             },
-            flags: types::sluice_iface_flags(if self.fail_closed {
-                types::sluice_iface_flags::SLUICE_IF_FAIL_CLOSED.0
-            } else {
-                0
-            }),
+            flags: types::sluice_iface_flags(
+                if self.fail_closed {
+                    types::sluice_iface_flags::SLUICE_IF_FAIL_CLOSED.0
+                } else {
+                    0
+                } | if self.redirect_all {
+                    types::sluice_iface_flags::SLUICE_IF_REDIRECT_ALL.0
+                } else {
+                    0
+                },
+            ),
+        }
+    }
+}
+
+/// In which directions NetworkPolicy isolates a local pod (the `sluice_isolated` map). Consulted
+/// only when no socket takes a frame, i.e. while the agent is gone: frames to an ingress-isolated
+/// pod are then dropped on every interface instead of being delivered by the kernel without
+/// policy. (Egress isolation is enforced through the pod interface's `fail_closed`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Isolation {
+    /// Some policy selects the pod for ingress.
+    pub ingress: bool,
+    /// Some policy selects the pod for egress.
+    pub egress: bool,
+}
+
+impl Isolation {
+    fn to_map_value(self) -> u32 {
+        let mut v = 0;
+        if self.ingress {
+            v |= types::sluice_isolated_flags::SLUICE_ISOLATED_INGRESS.0;
+        }
+        if self.egress {
+            v |= types::sluice_isolated_flags::SLUICE_ISOLATED_EGRESS.0;
+        }
+        v
+    }
+
+    fn from_map_value(v: u32) -> Self {
+        Self {
+            ingress: v & types::sluice_isolated_flags::SLUICE_ISOLATED_INGRESS.0 != 0,
+            egress: v & types::sluice_isolated_flags::SLUICE_ISOLATED_EGRESS.0 != 0,
         }
     }
 }
@@ -603,6 +644,7 @@ impl XdpLoader {
             sum.match_vxlan += c.match_vxlan;
             sum.match_nodeport += c.match_nodeport;
             sum.match_ipv6 += c.match_ipv6;
+            sum.match_all += c.match_all;
             sum.redirected += c.redirected;
             sum.pass_no_socket += c.pass_no_socket;
             sum.drop_no_socket += c.drop_no_socket;
@@ -634,7 +676,44 @@ impl XdpLoader {
             IfaceRole::Pod
         };
         let fail_closed = v.flags.0 & types::sluice_iface_flags::SLUICE_IF_FAIL_CLOSED.0 != 0;
-        Ok(Some(IfaceConfig { role, fail_closed }))
+        let redirect_all = v.flags.0 & types::sluice_iface_flags::SLUICE_IF_REDIRECT_ALL.0 != 0;
+        Ok(Some(IfaceConfig {
+            role,
+            fail_closed,
+            redirect_all,
+        }))
+    }
+
+    /// Records how policy isolates the local pod at `addr`; a pod isolated in no direction is
+    /// removed from the map.
+    pub fn set_isolation(&self, addr: Ipv4Addr, isolation: Isolation) -> Result<(), LoaderError> {
+        let key = u32::from_ne_bytes(addr.octets());
+        if isolation == Isolation::default() {
+            self.delete(maps::ISOLATED, &key)
+        } else {
+            self.update(maps::ISOLATED, &key, &isolation.to_map_value())
+        }
+    }
+
+    /// Every isolated local pod in the map (what a restarted agent inherits).
+    pub fn isolated(&self) -> Result<Vec<(Ipv4Addr, Isolation)>, LoaderError> {
+        let map = self.map(maps::ISOLATED)?;
+        let mut out = Vec::new();
+        for key in map.keys() {
+            let Some(k) = from_bytes::<u32>(&key) else {
+                continue;
+            };
+            if let Ok(Some(v)) = map.lookup(&key, MapFlags::ANY)
+                && let Some(v) = from_bytes::<u32>(&v)
+            {
+                out.push((
+                    Ipv4Addr::from(k.to_ne_bytes()),
+                    Isolation::from_map_value(v),
+                ));
+            }
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
     }
 
     /// Removes the classifier settings of `ifindex` (its frames then pass).

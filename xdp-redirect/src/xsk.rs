@@ -396,6 +396,22 @@ impl FrameMut<'_> {
         self.conts.get(k).map_or(&[], |d| self.mem.slice(d))
     }
 
+    /// The first chunk mutably together with the data of the continuation
+    /// chunks (distinct chunks, so both borrows hold at once and nothing is
+    /// copied): fills `tail` with up to `tail.len()` continuation slices and
+    /// returns the chunk and how many were filled. A packet with more
+    /// continuations than `tail` holds reports them all in
+    /// [`Self::continuations`]; the caller compares.
+    pub fn split_tail<'s>(&'s mut self, tail: &mut [&'s [u8]]) -> (&'s mut [u8], usize) {
+        let mem: &'s Memory = self.mem;
+        let mut n = 0;
+        for (slot, d) in tail.iter_mut().zip(self.conts.iter()) {
+            *slot = mem.slice(d);
+            n += 1;
+        }
+        (&mut *self.chunk, n)
+    }
+
     /// Offset of continuation chunk `k`'s data within its chunk.
     pub fn continuation_offset(&self, k: usize) -> usize {
         self.conts
@@ -499,6 +515,9 @@ struct Socket {
     pending_cap: usize,
     need_wakeup: bool,
     fill_out: u64,
+    /// How many chunks this socket's fill ring is kept at (see
+    /// [`Xsk::open_socket_with`]).
+    fill_target: u32,
     tx_out: u64,
     stats: SocketStats,
 }
@@ -698,6 +717,20 @@ impl Xsk {
     /// fills its fill ring. Register its fd with
     /// [`crate::XdpLoader::register_socket`] to receive.
     pub fn open_socket(&mut self, ifname: &str, queue: u32) -> Result<SocketId, XskError> {
+        self.open_socket_with(ifname, queue, self.cfg.fill_size)
+    }
+
+    /// [`Self::open_socket`], keeping at most `fill_target` chunks in its
+    /// fill ring. Chunks in a fill ring are idle until that socket receives,
+    /// so with many sockets on one UMEM (a worker's pods) each gets a share:
+    /// the busy uplink a full ring, a pod a few batches, a transmit-only
+    /// socket none.
+    pub fn open_socket_with(
+        &mut self,
+        ifname: &str,
+        queue: u32,
+        fill_target: u32,
+    ) -> Result<SocketId, XskError> {
         let sock_err = |source: io::Error| XskError::Socket {
             ifname: ifname.to_string(),
             queue,
@@ -765,6 +798,7 @@ impl Xsk {
             pending_cap: self.cfg.tx_size as usize,
             need_wakeup: self.cfg.need_wakeup,
             fill_out: 0,
+            fill_target: fill_target.min(self.cfg.fill_size),
             tx_out: 0,
             stats: SocketStats::default(),
         };
@@ -1227,7 +1261,10 @@ fn refill(sock: &mut Socket, free: &mut Vec<u64>) {
     let fill = &mut *sock.fill;
     // SAFETY: the fill ring of a live socket.
     let room = unsafe { libxdp_sys::xsk_prod_nb_free(fill, fill.size) };
-    let n = room.min(free.len() as u32);
+    let want = u64::from(sock.fill_target).saturating_sub(sock.fill_out);
+    let n = room
+        .min(free.len() as u32)
+        .min(u32::try_from(want).unwrap_or(u32::MAX));
     if n == 0 {
         return;
     }

@@ -38,6 +38,7 @@ fn every_frame_is_accounted_for() {
     let pod_cfg = IfaceConfig {
         role: IfaceRole::Pod,
         fail_closed: false,
+        redirect_all: false,
     };
     let ifindex = loader
         .attach(&veth.host, pod_cfg, AttachMode::Native)
@@ -53,7 +54,10 @@ fn every_frame_is_accounted_for() {
         ..XskConfig::default()
     };
     let mut xsk = Xsk::new(&cfg).unwrap();
-    let s = xsk.open_socket(&veth.host, 0).unwrap();
+    // A fill target below the ring size (as a pod socket gets): the fill ring never holds more,
+    // and the frames still all come back.
+    let s = xsk.open_socket_with(&veth.host, 0, 48).unwrap();
+    assert_eq!(xsk.accounting().fill, 48);
     loader
         .register_socket(ifindex, 0, xsk.fd(s).unwrap())
         .unwrap();
@@ -152,6 +156,7 @@ fn every_frame_is_accounted_for() {
         let acc = xsk.accounting();
         assert!(acc.is_balanced(), "{acc:?}");
         assert_eq!(acc.held, 0);
+        assert!(acc.fill <= 48, "fill ring above its target: {acc:?}");
         if n > 0 {
             quiet_since = Instant::now();
         } else if sender.is_finished() && quiet_since.elapsed() > Duration::from_millis(200) {

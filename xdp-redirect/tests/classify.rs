@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 
 use common::*;
 use sluice_xdp::{
-    ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, LoaderOptions, XdpLoader, Xsk,
-    XskConfig,
+    ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, Isolation, LoaderOptions,
+    XdpLoader, Xsk, XskConfig,
 };
 
 const XDP_DROP: u32 = 1;
@@ -20,12 +20,13 @@ const UNDERLAY: [u8; 4] = [192, 168, 50, 2];
 
 fn diff(a: &Counters, b: &Counters) -> Vec<&'static str> {
     let mut v = Vec::new();
-    let fields: [(&str, u64, u64); 13] = [
+    let fields: [(&str, u64, u64); 14] = [
         ("match_cluster", a.match_cluster, b.match_cluster),
         ("match_service", a.match_service, b.match_service),
         ("match_vxlan", a.match_vxlan, b.match_vxlan),
         ("match_nodeport", a.match_nodeport, b.match_nodeport),
         ("match_ipv6", a.match_ipv6, b.match_ipv6),
+        ("match_all", a.match_all, b.match_all),
         ("redirected", a.redirected, b.redirected),
         ("pass_no_socket", a.pass_no_socket, b.pass_no_socket),
         ("drop_no_socket", a.drop_no_socket, b.drop_no_socket),
@@ -86,6 +87,7 @@ fn golden_frames_are_classified_per_rule() {
     let pod = IfaceConfig {
         role: IfaceRole::Pod,
         fail_closed: false,
+        redirect_all: false,
     };
     l.set_iface(lo, pod).unwrap();
     check(
@@ -211,6 +213,7 @@ fn golden_frames_are_classified_per_rule() {
         IfaceConfig {
             role: IfaceRole::Uplink,
             fail_closed: false,
+            redirect_all: false,
         },
     )
     .unwrap();
@@ -359,6 +362,7 @@ fn golden_frames_are_classified_per_rule() {
         IfaceConfig {
             role: IfaceRole::Pod,
             fail_closed: true,
+            redirect_all: false,
         },
     )
     .unwrap();
@@ -366,7 +370,8 @@ fn golden_frames_are_classified_per_rule() {
         l.iface(lo).unwrap(),
         Some(IfaceConfig {
             role: IfaceRole::Pod,
-            fail_closed: true
+            fail_closed: true,
+            redirect_all: false
         })
     );
     check(
@@ -382,6 +387,94 @@ fn golden_frames_are_classified_per_rule() {
         &ipv4_frame([8, 8, 8, 8], UDP, 53, 10),
         XDP_PASS,
         &["pass_other"],
+    );
+
+    // Redirect-all (a pod its egress policy selects): outside and host-bound IPv4 go to the
+    // worker too; without a socket and fail-closed they are dropped; ARP still passes.
+    l.set_iface(
+        lo,
+        IfaceConfig {
+            role: IfaceRole::Pod,
+            fail_closed: true,
+            redirect_all: true,
+        },
+    )
+    .unwrap();
+    check(
+        &l,
+        "redirect-all, outside address, no socket",
+        &ipv4_frame([8, 8, 8, 8], UDP, 53, 10),
+        XDP_DROP,
+        &["match_all", "drop_no_socket"],
+    );
+    check(
+        &l,
+        "redirect-all, underlay address, no socket",
+        &ipv4_frame(UNDERLAY, TCP, 22, 10),
+        XDP_DROP,
+        &["match_all", "drop_no_socket"],
+    );
+
+    // Fail-open interface, but the destination is a pod isolated for ingress: dropped too (the
+    // kernel would deliver it without policy); isolated only for egress, or another pod: passed.
+    l.set_iface(
+        lo,
+        IfaceConfig {
+            role: IfaceRole::Pod,
+            fail_closed: false,
+            redirect_all: false,
+        },
+    )
+    .unwrap();
+    let db = Ipv4Addr::new(10, 244, 1, 7);
+    l.set_isolation(
+        db,
+        Isolation {
+            ingress: true,
+            egress: false,
+        },
+    )
+    .unwrap();
+    l.set_isolation(
+        Ipv4Addr::new(10, 244, 1, 8),
+        Isolation {
+            ingress: false,
+            egress: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(l.isolated().unwrap().len(), 2);
+    check(
+        &l,
+        "fail-open, no socket, ingress-isolated destination",
+        &ipv4_frame(db.octets(), UDP, 53, 10),
+        XDP_DROP,
+        &["match_cluster", "drop_no_socket"],
+    );
+    check(
+        &l,
+        "fail-open, no socket, egress-isolated destination",
+        &ipv4_frame([10, 244, 1, 8], UDP, 53, 10),
+        XDP_PASS,
+        &["match_cluster", "pass_no_socket"],
+    );
+    l.set_isolation(db, Isolation::default()).unwrap();
+    assert_eq!(
+        l.isolated().unwrap(),
+        vec![(
+            Ipv4Addr::new(10, 244, 1, 8),
+            Isolation {
+                ingress: false,
+                egress: true
+            }
+        )]
+    );
+    check(
+        &l,
+        "fail-open, no socket, isolation lifted",
+        &ipv4_frame(db.octets(), UDP, 53, 10),
+        XDP_PASS,
+        &["match_cluster", "pass_no_socket"],
     );
 
     l.clear_iface(lo).unwrap();

@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use sluice_xdp::loader::{attached_program_id, ifindex};
-use sluice_xdp::{AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, LoaderOptions, XdpLoader};
+use sluice_xdp::{
+    AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, Isolation, LoaderOptions, XdpLoader,
+};
 
 fn pair(ns: &NetNs, host: String) -> Veth {
     sh_quiet(&["ip", "link", "del", &host]);
@@ -48,6 +50,7 @@ fn restart_reuses_pins_and_cleanup_removes_them() {
     let iface = IfaceConfig {
         role: IfaceRole::Pod,
         fail_closed: true,
+        redirect_all: false,
     };
     let first = XdpLoader::load(&opts).unwrap();
     first.set_config(&ClassifierConfig::default()).unwrap();
@@ -68,6 +71,13 @@ fn restart_reuses_pins_and_cleanup_removes_them() {
         Some(id1)
     );
 
+    let db = std::net::Ipv4Addr::new(10, 244, 1, 9);
+    let isolated = Isolation {
+        ingress: true,
+        egress: true,
+    };
+    first.set_isolation(db, isolated).unwrap();
+
     // Simulated crash: the process lets go of everything without cleanup.
     drop(first);
     assert_eq!(
@@ -76,6 +86,7 @@ fn restart_reuses_pins_and_cleanup_removes_them() {
             "sluice_config",
             "sluice_counters",
             "sluice_ifaces",
+            "sluice_isolated",
             "sluice_xsk_slots",
             "xsks"
         ]
@@ -93,6 +104,11 @@ fn restart_reuses_pins_and_cleanup_removes_them() {
     // the pinned link gets the new program in place.
     let mut second = XdpLoader::load(&opts).unwrap();
     assert_eq!(second.iface(idx).unwrap(), Some(iface), "pinned map reused");
+    assert_eq!(
+        second.isolated().unwrap(),
+        vec![(db, isolated)],
+        "isolation survives"
+    );
     let id2 = second.program_id().unwrap();
     assert_ne!(id1, id2);
     assert_eq!(

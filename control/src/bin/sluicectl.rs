@@ -123,14 +123,15 @@ Kinds: nodes, pods, namespaces (ns), services (svc), endpointslices (eps), netwo
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Flow events of a node's agent: what was forwarded or dropped, and why.
+    /// Flow events of the cluster or of a node's agent: what was forwarded or dropped, and why.
     #[command(after_help = "Examples:\n  \
   sluicectl observe --verdict DROPPED --last 20\n  \
-  sluicectl observe --pod shop/web --follow -o json\n  \
+  sluicectl observe --node n2 --pod shop/web --follow -o json\n  \
   sluicectl observe --from default/client --to 10.96.0.10 --port 80 --protocol TCP --since 5m\n  \
-  sluicectl observe --agent-socket /run/a/agent.sock --agent-socket /run/b/agent.sock --node b\n\n\
-Events come from each agent's unix socket (default /run/sluice/agent.sock, the local node); give\n\
---agent-socket once per node to merge several nodes. -o json prints one object per line (fields in\n\
+  sluicectl observe --agent-socket /run/sluice/agent.sock --verdict DROPPED\n\n\
+Without --agent-socket, events of every node come from the control plane (--server, operator\n\
+token), which the agents push them to; --node keeps one node's. With --agent-socket (repeatable),\n\
+they come straight from those agents' unix sockets. -o json prints one object per line (fields in\n\
 control/README.md, \"Flow events\").")]
     Observe {
         /// FORWARDED or DROPPED.
@@ -166,8 +167,9 @@ control/README.md, \"Flow events\").")]
         /// Keep printing new events.
         #[arg(short, long)]
         follow: bool,
-        /// An agent's unix socket (repeatable).
-        #[arg(long = "agent-socket", default_value = sluice_control::agent_client::DEFAULT_AGENT_SOCKET)]
+        /// Ask this agent's unix socket instead of the control plane (repeatable; e.g.
+        /// /run/sluice/agent.sock for the local node).
+        #[arg(long = "agent-socket")]
         agent_sockets: Vec<PathBuf>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -393,6 +395,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 follow: *follow,
                 node: node.clone().unwrap_or_default(),
             };
+            if agent_sockets.is_empty() {
+                let client = ControlClient::connect(&config(&cli)?).await?;
+                let stream = client
+                    .observe(req.clone())
+                    .await
+                    .context("observe on the control plane")?;
+                return print_events(req, vec![stream], *output).await;
+            }
             return observe(req, agent_sockets, *output).await;
         }
         Command::Apply { files, dry_run } => {
@@ -646,7 +656,6 @@ async fn observe(
     sockets: &[PathBuf],
     output: Output,
 ) -> anyhow::Result<()> {
-    use futures::StreamExt;
     let mut streams = Vec::new();
     for s in sockets {
         let mut c = sluice_control::agent_client::connect(s).await?;
@@ -657,6 +666,16 @@ async fn observe(
             .into_inner();
         streams.push(stream);
     }
+    print_events(req, streams, output).await
+}
+
+/// Print the events of `streams` (without `follow`: merged by time, the newest `req.last`).
+async fn print_events(
+    req: sluice_control::agent_api::ObserveRequest,
+    streams: Vec<tonic::Streaming<sluice_control::agent_api::FlowEvent>>,
+    output: Output,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
     let mut out = std::io::stdout().lock();
     if matches!(output, Output::Table) {
         writeln!(out, "{}", sluice_control::observe::TABLE_HEADER)?;

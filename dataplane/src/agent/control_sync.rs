@@ -9,7 +9,8 @@
 //!   EndpointSlices, NetworkPolicies, Namespaces, every pod's labels and ports, and the other nodes
 //!   as peers whose underlay next-hop MAC is resolved through the kernel), republishes the tables
 //!   and reports the revision with `ReportSync`; and that keeps the control plane's pods of this
-//!   node equal to the pod registry (`ReportPod`/`RemovePod`, retried until they hold).
+//!   node equal to the pod registry (`ReportPod`/`RemovePod`, retried until they hold). It also
+//!   runs the flow event relay (`events::relay`, `PushFlowEvents`).
 //!
 //! The node config's section (`pod_cidr` and `peers` may then be left out; configured peers and
 //! `underlay.next_hops` still win):
@@ -99,6 +100,19 @@ impl ControlSlot {
         m.peers.clone_from(&c.peers);
         m.pods.clone_from(&c.pods);
         Arc::new(m)
+    }
+
+    /// Add "namespace/name" of the control plane's pods (every node's) to `names`, keeping the
+    /// entries it holds.
+    pub fn pod_names(&self, names: &mut HashMap<Ipv4Addr, String>) {
+        let Some(c) = self.objects.read().ok().and_then(|o| o.clone()) else {
+            return;
+        };
+        for p in &c.pods {
+            names
+                .entry(p.ip)
+                .or_insert_with(|| format!("{}/{}", p.namespace, p.name));
+        }
     }
 
     /// The pod registry changed: report it.
@@ -264,8 +278,21 @@ pub fn spawn(agent: Arc<Agent>, registered: bool) -> Option<JoinHandle<()>> {
     Some(tokio::spawn(run(agent, cfg, registered)))
 }
 
+/// Aborts the task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
     let me = agent.config.node_name.clone();
+    let _relay = AbortOnDrop(tokio::spawn(super::events::relay(
+        agent.clone(),
+        cfg.clone(),
+    )));
     let watch = watch_cluster(cfg.clone(), Some(me.clone()));
     let mut rx = watch.subscribe();
     let mut resolver = Resolver::new(&agent.config);
@@ -288,6 +315,7 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
             () = agent.control.pods.notified() => {},
             _ = tick.tick() => {},
         }
+        let arrived = std::time::Instant::now();
         // Copy the state only when it changed (it holds every object of the cluster).
         if changed {
             state = rx.borrow_and_update().clone();
@@ -326,6 +354,7 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
                     .map(|mut o| o.replace(objects));
                 match agent.republish().await {
                     Ok(()) => {
+                        agent.published_since(arrived);
                         tracing::debug!(revision = state.revision, "tables published");
                         applied = Some((state.revision, peers));
                         programmed = Some(state.revision);

@@ -5,9 +5,38 @@
 //! index and an out-of-range reason is counted in the last slot rather than panicking.
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use sluice_xdp::{FrameAccounting, SocketId, SocketStats, Xsk};
 
 use serde::Serialize;
+
+use super::tables::PortId;
+use crate::pipeline::WorkerState;
+
+/// How often a worker copies its AF_XDP socket statistics and UMEM accounting for the metrics.
+pub const XDP_STATS_INTERVAL_NS: u64 = 500_000_000;
+
+/// A worker's AF_XDP view, as of its last copy (every [`XDP_STATS_INTERVAL_NS`]).
+#[derive(Debug, Default, Clone)]
+pub struct XdpStats {
+    /// Per socket: the port (interface index) and `sluice-xdp`'s counters of it.
+    pub sockets: Vec<(PortId, SocketStats)>,
+    /// Where the UMEM's chunks are (free, on fill rings, on tx rings, held).
+    pub umem: FrameAccounting,
+}
+
+impl XdpStats {
+    /// Copy the statistics of `sockets` of `xsk` (no syscall: `sluice-xdp` keeps them).
+    pub fn read(&mut self, xsk: &Xsk, sockets: impl Iterator<Item = (PortId, SocketId)>) {
+        self.sockets.clear();
+        self.sockets
+            .extend(sockets.filter_map(|(p, id)| Some((p, xsk.stats(id).ok()?))));
+        self.umem = xsk.accounting();
+    }
+}
 
 /// Slots for drop reasons (the pipeline's `DropReason` is a `#[repr(u8)]` enum below this).
 pub const MAX_DROP_REASONS: usize = 32;
@@ -31,6 +60,15 @@ pub struct WorkerCounters {
     pub ct_entries: AtomicU64,
     pub ct_evictions: AtomicU64,
     pub ct_expired: AtomicU64,
+    /// Bytes of the frames received and forwarded (the pipeline's, stored after busy rounds).
+    pub rx_bytes: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Nanoseconds spent in I/O rounds that handled frames (its rate is the busy fraction).
+    pub busy_ns: AtomicU64,
+    /// AF_XDP sockets and UMEM (the worker only `try_lock`s it, every [`XDP_STATS_INTERVAL_NS`]).
+    pub xdp: Mutex<XdpStats>,
+    /// Worker-side: when to copy [`WorkerCounters::xdp`] next.
+    next_xdp_ns: AtomicU64,
 }
 
 impl Default for WorkerCounters {
@@ -47,6 +85,11 @@ impl Default for WorkerCounters {
             ct_entries: AtomicU64::new(0),
             ct_evictions: AtomicU64::new(0),
             ct_expired: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            xdp: Mutex::default(),
+            next_xdp_ns: AtomicU64::new(0),
         }
     }
 }
@@ -60,6 +103,46 @@ impl WorkerCounters {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The end of one I/O round of the worker (`WorkerIo::poll_once`), which began at
+    /// `round_start_ns` on the worker's clock `start` and handled `handled` frames: runs conntrack
+    /// expiry when due ([`WorkerState::expire_due`], emitting connection ends), then stores what
+    /// the metrics read: the busy time and bytes of a round that handled frames, the conntrack
+    /// stats when anything changed them, and every [`XDP_STATS_INTERVAL_NS`] the AF_XDP view that
+    /// `xdp` fills in (skipped if a scrape holds it). One clock read per busy round, nothing per
+    /// frame.
+    pub fn end_round(
+        &self,
+        state: &mut WorkerState,
+        start: Instant,
+        round_start_ns: u64,
+        handled: usize,
+        xdp: impl FnOnce(&mut XdpStats),
+    ) {
+        if round_start_ns >= self.next_xdp_ns.load(Ordering::Relaxed)
+            && let Ok(mut x) = self.xdp.try_lock()
+        {
+            xdp(&mut x);
+            self.next_xdp_ns.store(
+                round_start_ns.saturating_add(XDP_STATS_INTERVAL_NS),
+                Ordering::Relaxed,
+            );
+        }
+        let expired = state.expire_due(round_start_ns);
+        let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+        if handled > 0 {
+            let now = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            Self::add(&self.busy_ns, now.saturating_sub(round_start_ns));
+            set(&self.rx_bytes, state.counters.rx_bytes);
+            set(&self.tx_bytes, state.counters.tx_bytes);
+        }
+        if handled > 0 || expired > 0 {
+            let ct = state.conntrack.stats();
+            set(&self.ct_entries, ct.entries);
+            set(&self.ct_evictions, ct.evictions);
+            set(&self.ct_expired, ct.expired);
+        }
     }
 
     /// A consistent-enough copy for export (each field read once).
@@ -79,6 +162,9 @@ impl WorkerCounters {
             ring_full: get(&self.ring_full),
             handoffs: get(&self.handoffs),
             to_kernel: get(&self.to_kernel),
+            rx_bytes: get(&self.rx_bytes),
+            tx_bytes: get(&self.tx_bytes),
+            busy_ns: get(&self.busy_ns),
             drops: self
                 .drops
                 .iter()
@@ -104,6 +190,13 @@ pub struct WorkerCountersView {
     pub ring_full: u64,
     pub handoffs: u64,
     pub to_kernel: u64,
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
+    /// Nanoseconds of rounds that handled frames.
+    #[serde(default)]
+    pub busy_ns: u64,
     /// Drops by reason name (only reasons seen).
     pub drops: std::collections::BTreeMap<String, u64>,
 }
@@ -164,5 +257,45 @@ mod tests {
             xdp: Default::default(),
         };
         assert_eq!(f.drops("r2"), 6);
+    }
+
+    #[test]
+    fn end_round_stores_bytes_busy_time_and_expires() {
+        use crate::demo::{self, FrameSpec};
+        use crate::frame::Frame;
+        let t = demo::demo_tables();
+        let mut s = WorkerState::new(crate::pipeline::WorkerConfig::default());
+        let udp = demo::udp_frame(&FrameSpec::from_pod(2, [10, 244, 1, 3], 5000, 6000), b"x");
+        let mut buf = udp.clone();
+        let len = buf.len();
+        let v = crate::pipeline::process(
+            &t,
+            &mut s,
+            0,
+            crate::verdict::PortId(1),
+            &mut Frame::new(&mut buf, 0, len),
+        );
+        assert!(matches!(v, crate::verdict::Verdict::Forward(_)), "{v:?}");
+        let c = WorkerCounters::default();
+        let start = Instant::now();
+        c.end_round(&mut s, start, 0, 1, |x| x.umem.total = 7);
+        let v = c.snapshot(0, None, |i| i.to_string());
+        assert_eq!((v.rx_bytes, v.tx_bytes), (len as u64, len as u64));
+        assert_eq!(c.ct_entries.load(Ordering::Relaxed), 1);
+        let busy = v.busy_ns;
+        // Idle rounds long after: within one pass of the sweep hand over the table, the flow
+        // expires; the busy time stays.
+        let pass = (s.conntrack.capacity() / crate::pipeline::EXPIRE_BUDGET) as u64;
+        for k in 0..pass {
+            let now = 1_000_000_000_000 + k * crate::pipeline::EXPIRE_INTERVAL_NS;
+            c.end_round(&mut s, start, now, 0, |x| x.umem.total += 1);
+        }
+        assert_eq!(c.ct_entries.load(Ordering::Relaxed), 0);
+        assert_eq!(c.ct_expired.load(Ordering::Relaxed), 1);
+        assert_eq!(c.busy_ns.load(Ordering::Relaxed), busy);
+        // The AF_XDP view is copied at most every XDP_STATS_INTERVAL_NS (the idle rounds above
+        // were 100 ms apart).
+        let every = XDP_STATS_INTERVAL_NS / crate::pipeline::EXPIRE_INTERVAL_NS;
+        assert_eq!(c.xdp.lock().unwrap().umem.total, 7 + pass.div_ceil(every));
     }
 }

@@ -13,7 +13,8 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
 use sluice_xdp::{
-    AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, Ipv4Cidr, LoaderOptions, XdpLoader,
+    AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, Ipv4Cidr, Isolation, LoaderOptions,
+    XdpLoader,
 };
 
 use super::config::NodeConfig;
@@ -58,6 +59,22 @@ pub trait Datapath: Send + Sync + Debug {
     fn classifier_counters(&self) -> BTreeMap<String, u64> {
         BTreeMap::new()
     }
+    /// Mirror NetworkPolicy isolation of the local pods into the XDP program, so that while no
+    /// worker is there (agent killed) frames of isolated pods are dropped rather than delivered by
+    /// the kernel without policy: an egress-isolated pod's veth turns fail-closed, an
+    /// ingress-isolated pod's address goes into the isolated map (checked on every interface).
+    /// `pods` is the complete set: pods not in it lose their isolation entries.
+    fn sync_isolation(&self, _pods: &[PodIsolation]) -> Result<(), DatapathError> {
+        Ok(())
+    }
+}
+
+/// A local pod and how policy isolates it (see [`Datapath::sync_isolation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodIsolation {
+    pub ifindex: u32,
+    pub ip: std::net::Ipv4Addr,
+    pub isolation: crate::policy::Isolation,
 }
 
 /// The ifindex of `ifname` in the current network namespace.
@@ -119,6 +136,8 @@ pub const AGENT_DROPS: &[&str] = &[
     "pass_after_redirect",
     // The TX queue of the destination socket was full.
     "tx_full",
+    // A multi-buffer packet of more continuation chunks than the worker reads (`xsk_io::MAX_TAIL`).
+    "too_many_fragments",
     // The handoff ring to the owning worker was full (every buffer of the pair in flight).
     "handoff_full",
     // A frame too large for a handoff buffer, or for the destination's UMEM chunks.
@@ -265,6 +284,7 @@ impl Datapath for XdpDatapath {
                 Role::Uplink => IfaceRole::Uplink,
             },
             fail_closed: false,
+            redirect_all: false,
         };
         let mode = self.mode;
         self.with(|l| l.attach(ifname, iface, mode), "attach XDP", ifname)
@@ -294,6 +314,7 @@ impl Datapath for XdpDatapath {
             ("match_vxlan", c.match_vxlan),
             ("match_nodeport", c.match_nodeport),
             ("match_ipv6", c.match_ipv6),
+            ("match_all", c.match_all),
             ("redirected", c.redirected),
             ("pass_no_socket", c.pass_no_socket),
             ("drop_no_socket", c.drop_no_socket),
@@ -306,6 +327,41 @@ impl Datapath for XdpDatapath {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
+    }
+
+    fn sync_isolation(&self, pods: &[PodIsolation]) -> Result<(), DatapathError> {
+        self.with(
+            |l| {
+                for (ip, _) in l.isolated()? {
+                    if !pods.iter().any(|p| p.ip == ip) {
+                        l.set_isolation(ip, Isolation::default())?;
+                    }
+                }
+                for p in pods {
+                    l.set_isolation(
+                        p.ip,
+                        Isolation {
+                            ingress: p.isolation.ingress,
+                            egress: p.isolation.egress,
+                        },
+                    )?;
+                    let want = IfaceConfig {
+                        role: IfaceRole::Pod,
+                        fail_closed: p.isolation.egress,
+                        redirect_all: p.isolation.egress,
+                    };
+                    // Only pods whose veth carries the program (a pod being detached has none).
+                    if let Some(have) = l.iface(p.ifindex)?
+                        && have != want
+                    {
+                        l.set_iface(p.ifindex, want)?;
+                    }
+                }
+                Ok(())
+            },
+            "mirror policy isolation",
+            "",
+        )
     }
 
     fn unload(&self, _: &NodeConfig) {

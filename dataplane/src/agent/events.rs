@@ -3,17 +3,25 @@
 //! ([`run`]) that empties the rings every [`DRAIN_INTERVAL`], resolves pod, service and policy
 //! names and keeps the last [`HISTORY`] events, and the `Observe` stream of the local API.
 //!
-//! Names: pods are resolved from this node's registry (local pods; remote pods show as bare IPs),
-//! services and policies from the current table snapshot at drain time.
+//! In control-plane mode [`relay`] also pushes every drained batch to `sluice-control`
+//! (`PushFlowEvents`), through a queue of [`RELAY_QUEUE`] batches: when the control plane is slow
+//! or unreachable, batches that do not fit are dropped and counted, never waited for; the stream
+//! is reopened with backoff.
+//!
+//! Names: pods are resolved from this node's registry and, in control-plane mode, from the control
+//! plane's pods of every node (standalone, remote pods show as bare IPs); services and policies
+//! from the current table snapshot at drain time.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sluice_control::agent_api::{FlowEvent as EventMsg, ObserveRequest};
+use sluice_control::api::PushFlowEventsRequest;
+use sluice_control::client::{ClientConfig, ControlClient};
 use sluice_control::observe::matches;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -31,6 +39,9 @@ pub const RING_CAPACITY: usize = 8192;
 pub const HISTORY: usize = 10_000;
 /// How often the rings are drained.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+/// Drained batches waiting to be pushed to the control plane (one per [`DRAIN_INTERVAL`] at
+/// most, so about three seconds of events), and again batches waiting in the open stream.
+pub const RELAY_QUEUE: usize = 64;
 
 fn unix_now_ns() -> u64 {
     SystemTime::now()
@@ -97,6 +108,12 @@ impl WorkerRing {
 pub struct EventHub {
     history: Mutex<VecDeque<Arc<EventMsg>>>,
     feed: broadcast::Sender<Arc<EventMsg>>,
+    /// Control-plane mode: the queue [`relay`] pushes from.
+    relay: OnceLock<mpsc::Sender<Vec<EventMsg>>>,
+    /// Events handed to the control plane's stream.
+    pub relayed: AtomicU64,
+    /// Events dropped instead of relayed (queue full: control plane slow or unreachable).
+    pub relay_dropped: AtomicU64,
 }
 
 impl Default for EventHub {
@@ -104,13 +121,28 @@ impl Default for EventHub {
         Self {
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             feed: broadcast::channel(4096).0,
+            relay: OnceLock::new(),
+            relayed: AtomicU64::new(0),
+            relay_dropped: AtomicU64::new(0),
         }
     }
 }
 
 impl EventHub {
-    /// Record events (oldest first) in the history and send them to followers.
+    /// Record events (oldest first) in the history, send them to followers and, in control-plane
+    /// mode, queue them for the control plane (or count them dropped when the queue is full).
     pub fn publish(&self, evs: Vec<EventMsg>) {
+        if let Some(q) = self.relay.get()
+            && !evs.is_empty()
+            && let Err(e) = q.try_send(evs.clone())
+        {
+            let n = match e {
+                mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => {
+                    b.len()
+                }
+            };
+            self.relay_dropped.fetch_add(n as u64, Ordering::Relaxed);
+        }
         let Ok(mut h) = self.history.lock() else {
             return;
         };
@@ -230,7 +262,7 @@ pub async fn drain(agent: &Agent) {
         return;
     }
     raw.sort_by_key(|(_, t, _)| *t);
-    let names: HashMap<Ipv4Addr, String> = agent
+    let mut names: HashMap<Ipv4Addr, String> = agent
         .registry
         .lock()
         .await
@@ -238,6 +270,8 @@ pub async fn drain(agent: &Agent) {
         .filter(|p| !p.name.is_empty())
         .map(|p| (p.ip, format!("{}/{}", p.namespace, p.name)))
         .collect();
+    // Control-plane mode: other nodes' pods too.
+    agent.control.pod_names(&mut names);
     let snapshot = agent.publisher.load();
     let node = &agent.config.node_name;
     let msgs = raw
@@ -254,6 +288,69 @@ pub async fn run(agent: Arc<Agent>) {
     loop {
         tick.tick().await;
         drain(&agent).await;
+    }
+}
+
+/// Push the node's events to the control plane until the task is dropped (control-plane mode):
+/// one `PushFlowEvents` stream at a time, reopened with backoff (200 ms doubling to 5 s) when it
+/// ends or cannot open. Never blocks [`EventHub::publish`].
+pub async fn relay(agent: Arc<Agent>, cfg: ClientConfig) {
+    let (tx, mut rx) = mpsc::channel::<Vec<EventMsg>>(RELAY_QUEUE);
+    if agent.events.relay.set(tx).is_err() {
+        return;
+    }
+    let hub = &agent.events;
+    let node = agent.config.node_name.clone();
+    let drop_queued = |rx: &mut mpsc::Receiver<Vec<EventMsg>>| {
+        while let Ok(b) = rx.try_recv() {
+            hub.relay_dropped
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let client = match ControlClient::connect(&cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("flow event relay: {e}; retrying in {backoff:?}");
+                drop_queued(&mut rx);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let (stx, srx) = mpsc::channel::<PushFlowEventsRequest>(RELAY_QUEUE);
+        let opened = Instant::now();
+        let mut call = Box::pin(client.push_flow_events(ReceiverStream::new(srx)));
+        let end = loop {
+            tokio::select! {
+                r = &mut call => break r,
+                b = rx.recv() => {
+                    let Some(events) = b else { return };
+                    let n = events.len() as u64;
+                    let msg = PushFlowEventsRequest {
+                        node: node.clone(),
+                        events,
+                        dropped: hub.relay_dropped.load(Ordering::Relaxed),
+                    };
+                    let counter = match stx.try_send(msg) {
+                        Ok(()) => &hub.relayed,
+                        Err(_) => &hub.relay_dropped,
+                    };
+                    counter.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        };
+        match end {
+            Ok(n) => tracing::debug!("flow event relay: stream ended after {n} events"),
+            Err(e) => tracing::debug!("flow event relay: stream ended: {e}"),
+        }
+        if opened.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(200);
+        }
+        drop_queued(&mut rx);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -344,6 +441,30 @@ mod tests {
                 "TCP"
             )
         );
+    }
+
+    #[test]
+    fn relay_queue_full_drops_and_counts_without_blocking() {
+        let hub = EventHub::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        hub.relay.set(tx).unwrap();
+        let batch = |n: u64| {
+            (0..n).map(|t| EventMsg {
+                time_unix_ns: t,
+                ..Default::default()
+            })
+        };
+        hub.publish(batch(2).collect());
+        hub.publish(batch(3).collect());
+        hub.publish(batch(4).collect());
+        assert_eq!(hub.relay_dropped.load(Ordering::Relaxed), 7);
+        assert_eq!(rx.try_recv().map(|b| b.len()).ok(), Some(2));
+        // The local history has them all.
+        assert_eq!(hub.recent(&ObserveRequest::default()).len(), 9);
+        // Gone consumer: counted too.
+        drop(rx);
+        hub.publish(batch(1).collect());
+        assert_eq!(hub.relay_dropped.load(Ordering::Relaxed), 8);
     }
 
     #[test]

@@ -104,6 +104,13 @@ impl HandoffFrame {
         self.buf.get(self.off..self.off + self.len).unwrap_or(&[])
     }
 
+    /// The frame's bytes, writable.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        self.buf
+            .get_mut(self.off..self.off + self.len)
+            .unwrap_or(&mut [])
+    }
+
     /// The whole buffer and the frame's window in it (for running the pipeline in place).
     pub fn window_mut(&mut self) -> (&mut [u8], usize, usize) {
         (&mut self.buf, self.off, self.len)

@@ -7,13 +7,23 @@
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
 //! | `sluice_agent_packets_total` | counter | `worker`, `direction` (`rx`, `tx`, `to_kernel`) | frames received, forwarded, passed to the kernel |
+//! | `sluice_agent_bytes_total` | counter | `worker`, `direction` (`rx`, `tx`) | bytes of the frames received, and of those forwarded (as sent: after encap, decap, NAT) |
+//! | `sluice_agent_worker_busy_seconds_total` | counter | `worker` | time the worker spent in I/O rounds that handled frames; `rate()` is its busy fraction |
 //! | `sluice_agent_drops_total` | counter | `worker`, `reason` | frames dropped, by pipeline or agent drop reason |
 //! | `sluice_agent_batches_total` | counter | `worker` | non-empty rx batches |
 //! | `sluice_agent_handoffs_total` | counter | `worker` | frames for a port another worker owns |
 //! | `sluice_agent_tx_ring_full` | gauge | `worker` | AF_XDP TX ring full events (kernel statistic) |
+//! | `sluice_agent_xsk_packets_total` | counter | `worker`, `interface`, `direction` (`rx`, `tx`) | packets the worker's AF_XDP socket on the interface received, and put on its tx ring (`sluice-xdp`'s socket counters, copied every 0.5 s) |
+//! | `sluice_agent_xsk_tx_queue_full_total` | counter | `worker`, `interface` | packets dropped because the socket's tx ring was full |
+//! | `sluice_agent_xsk_rx_invalid_total` | counter | `worker`, `interface` | rx descriptors outside the UMEM or with a broken chain |
+//! | `sluice_agent_xsk_tx_kicks_total` | counter | `worker`, `interface` | `sendto` kicks of the socket |
+//! | `sluice_agent_umem_frames` | gauge | `worker`, `state` (`free`, `fill`, `tx`, `held`, `lost`) | where the worker's UMEM chunks are: free, on fill rings, on tx rings (occupancy of the rings), held in batches |
 //! | `sluice_agent_event_ring_occupancy` | gauge | `worker` | flow events waiting in the ring |
 //! | `sluice_agent_event_ring_capacity` | gauge | `worker` | ring size |
 //! | `sluice_agent_events_lost_total` | counter | `worker` | flow events lost to a full ring |
+//! | `sluice_agent_events_relayed_total` | counter | | flow events handed to the control plane (`PushFlowEvents`; control-plane mode) |
+//! | `sluice_agent_events_relay_dropped_total` | counter | | flow events dropped instead of relayed (control plane slow or unreachable) |
+//! | `sluice_agent_table_publish_seconds` | histogram | | from a change reaching the agent (a control-plane revision, CNI ADD or DEL, a manifest reload) to the tables holding it being published |
 //! | `sluice_agent_table_generation` | gauge | | generation of the published tables |
 //! | `sluice_agent_pods` | gauge | | pods in the registry |
 //! | `sluice_agent_worker_up` | gauge | `worker` | 1 while the worker thread runs |
@@ -31,12 +41,18 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::Agent;
 use super::counters::WorkerCountersView;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The agent's table publish latency histogram: 50 µs to about 1.6 s, doubling.
+pub fn publish_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(50e-6, 2.0, 16))
+}
 
 fn counter_family(r: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
     let f = Family::<Labels, Counter>::default();
@@ -70,6 +86,17 @@ pub async fn render(agent: &Agent) -> String {
         "Frames by worker and direction (rx received, tx forwarded, to_kernel passed to the kernel)",
     );
     let drops = counter_family(&mut r, "sluice_agent_drops", "Frames dropped, by reason");
+    let bytes = counter_family(
+        &mut r,
+        "sluice_agent_bytes",
+        "Bytes by worker and direction (rx received, tx forwarded as sent)",
+    );
+    let busy = Family::<Labels, Counter<f64>>::default();
+    r.register(
+        "sluice_agent_worker_busy_seconds",
+        "Time the worker spent in I/O rounds that handled frames (rate: busy fraction)",
+        busy.clone(),
+    );
     let batches = counter_family(&mut r, "sluice_agent_batches", "Non-empty rx batches");
     let handoffs = counter_family(
         &mut r,
@@ -116,6 +143,42 @@ pub async fn render(agent: &Agent) -> String {
         "sluice_agent_worker_up",
         "1 while the worker thread runs",
     );
+    let xsk_packets = counter_family(
+        &mut r,
+        "sluice_agent_xsk_packets",
+        "Packets of the worker's AF_XDP socket on the interface (rx received, tx put on its ring)",
+    );
+    let xsk_full = counter_family(
+        &mut r,
+        "sluice_agent_xsk_tx_queue_full",
+        "Packets dropped because the socket's tx ring was full",
+    );
+    let xsk_invalid = counter_family(
+        &mut r,
+        "sluice_agent_xsk_rx_invalid",
+        "Rx descriptors outside the UMEM or with a broken chain",
+    );
+    let xsk_kicks = counter_family(
+        &mut r,
+        "sluice_agent_xsk_tx_kicks",
+        "Transmit kicks (sendto) of the socket",
+    );
+    let umem = gauge_family(
+        &mut r,
+        "sluice_agent_umem_frames",
+        "Where the worker's UMEM chunks are (free, fill and tx rings, held)",
+    );
+    let mut ifnames: std::collections::HashMap<u32, String> = agent
+        .registry
+        .lock()
+        .await
+        .pods()
+        .map(|p| (p.host_ifindex, p.host_ifname.clone()))
+        .collect();
+    ifnames.insert(
+        agent.uplink_ifindex,
+        agent.config.underlay.interface.clone(),
+    );
     for (w, view) in agent.workers.iter().zip(&snap.workers) {
         let WorkerCountersView {
             rx,
@@ -125,6 +188,9 @@ pub async fn render(agent: &Agent) -> String {
             handoffs: h,
             ring_full: rf,
             drops: d,
+            rx_bytes,
+            tx_bytes,
+            busy_ns,
             ..
         } = view;
         let worker = w.id.to_string();
@@ -133,6 +199,13 @@ pub async fn render(agent: &Agent) -> String {
                 .get_or_create(&vec![("worker", worker.clone()), ("direction", dir.into())])
                 .inc_by(*n);
         }
+        for (dir, n) in [("rx", rx_bytes), ("tx", tx_bytes)] {
+            bytes
+                .get_or_create(&vec![("worker", worker.clone()), ("direction", dir.into())])
+                .inc_by(*n);
+        }
+        busy.get_or_create(&vec![("worker", worker.clone())])
+            .inc_by(*busy_ns as f64 / 1e9);
         for (reason, n) in d {
             drops
                 .get_or_create(&vec![
@@ -145,6 +218,34 @@ pub async fn render(agent: &Agent) -> String {
         batches.get_or_create(&wl).inc_by(*b);
         handoffs.get_or_create(&wl).inc_by(*h);
         ring_full.get_or_create(&wl).set(i(*rf));
+        if let Ok(x) = w.counters.xdp.lock() {
+            for (port, st) in &x.sockets {
+                let name = ifnames
+                    .get(&port.0)
+                    .cloned()
+                    .unwrap_or_else(|| port.0.to_string());
+                let l = vec![("worker", worker.clone()), ("interface", name)];
+                for (dir, n) in [("rx", st.rx_packets), ("tx", st.tx_packets)] {
+                    let mut l = l.clone();
+                    l.push(("direction", dir.into()));
+                    xsk_packets.get_or_create(&l).inc_by(n);
+                }
+                xsk_full.get_or_create(&l).inc_by(st.tx_queue_full);
+                xsk_invalid.get_or_create(&l).inc_by(st.rx_invalid);
+                xsk_kicks.get_or_create(&l).inc_by(st.tx_kicks);
+            }
+            let u = &x.umem;
+            for (state, n) in [
+                ("free", u.free),
+                ("fill", u.fill),
+                ("tx", u.tx),
+                ("held", u.held),
+                ("lost", u.lost),
+            ] {
+                umem.get_or_create(&vec![("worker", worker.clone()), ("state", state.into())])
+                    .set(i(n));
+            }
+        }
         let (occ, cap, l) = w.counters.events.stats();
         occupancy.get_or_create(&wl).set(i(occ));
         capacity.get_or_create(&wl).set(i(cap));
@@ -161,6 +262,11 @@ pub async fn render(agent: &Agent) -> String {
             .get_or_create(&wl)
             .inc_by(get(&w.counters.ct_expired));
     }
+    r.register(
+        "sluice_agent_table_publish_seconds",
+        "From a change reaching the agent to the tables holding it being published",
+        agent.publish_latency.clone(),
+    );
     gauge(
         &mut r,
         "sluice_agent_table_generation",
@@ -202,6 +308,21 @@ pub async fn render(agent: &Agent) -> String {
         xdp.get_or_create(&vec![("counter", name.clone())])
             .inc_by(*n);
     }
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let relayed = Counter::<u64>::default();
+    relayed.inc_by(load(&agent.events.relayed));
+    r.register(
+        "sluice_agent_events_relayed",
+        "Flow events handed to the control plane",
+        relayed,
+    );
+    let relay_dropped = Counter::<u64>::default();
+    relay_dropped.inc_by(load(&agent.events.relay_dropped));
+    r.register(
+        "sluice_agent_events_relay_dropped",
+        "Flow events dropped instead of relayed to the control plane",
+        relay_dropped,
+    );
     let mut out = String::new();
     if encode(&mut out, &r).is_err() {
         out.clear();

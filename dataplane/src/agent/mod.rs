@@ -18,6 +18,7 @@ pub mod events;
 pub mod handoff;
 pub mod manifests;
 pub mod metrics;
+pub mod punt;
 pub mod registry;
 pub mod tables;
 pub mod workers;
@@ -34,7 +35,7 @@ use datapath::{Datapath, DatapathError};
 use manifests::ClusterObjects;
 use registry::{PodKey, PodRecord, PodRegistry, RegistryError};
 use tables::{NodeLinks, PortId, Publisher, Snapshot, SnapshotError};
-use workers::{PortSpec, Worker, WorkerError, WorkerIo, WorkerParams};
+use workers::{PortKind, PortSpec, Worker, WorkerError, WorkerIo, WorkerParams};
 
 /// Starting or running the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,10 @@ pub struct Agent {
     control: control_sync::ControlSlot,
     /// Recent flow events (see [`events`]).
     events: events::EventHub,
+    /// The punt link (see [`punt`]), when it could be created.
+    punt: Option<punt::Punt>,
+    /// Seconds from a change reaching the agent to the tables holding it being published.
+    publish_latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Every port some worker has a socket on (read by workers only on the rare path of a frame for a
@@ -182,9 +187,15 @@ impl Agent {
                     port: PortId(uplink_ifindex),
                     ifname: config.underlay.interface.clone(),
                     queue: *queue,
+                    kind: PortKind::Uplink,
                 })
                 .await?;
         }
+        let punt = if datapath.ready().is_ok() {
+            open_punt(&workers, config.pod_mtu).await
+        } else {
+            None
+        };
 
         let agent = Self {
             config,
@@ -199,6 +210,8 @@ impl Agent {
             ports,
             control: Default::default(),
             events: Default::default(),
+            punt,
+            publish_latency: metrics::publish_latency_histogram(),
         };
         if let Ok(mut p) = agent.ports.write() {
             p.push(PortId(uplink_ifindex));
@@ -247,6 +260,7 @@ impl Agent {
                     port: PortId(ifindex),
                     ifname: pod.host_ifname.clone(),
                     queue,
+                    kind: PortKind::Pod,
                 })
                 .await?;
         }
@@ -259,6 +273,7 @@ impl Agent {
     /// Wire a pod: attach XDP to its host veth, open its socket on the owning worker, persist it
     /// and publish tables holding it. Re-adding the same pod replaces it.
     pub async fn add_pod(&self, pod: PodRecord) -> Result<(), AgentError> {
+        let arrived = std::time::Instant::now();
         if !self.config.pod_cidr.contains(&pod.ip) || pod.ip == self.config.pod_cidr.network() {
             return Err(AgentError::InvalidPod(format!(
                 "ip {} is not a pod address of this node's pod CIDR {}",
@@ -283,7 +298,15 @@ impl Agent {
         drop(registry);
         self.control.pods_changed();
         self.republish().await?;
+        self.published_since(arrived);
         Ok(())
+    }
+
+    /// Record in the publish latency histogram that a change that arrived at `arrived` is now
+    /// published.
+    fn published_since(&self, arrived: std::time::Instant) {
+        self.publish_latency
+            .observe(arrived.elapsed().as_secs_f64());
     }
 
     async fn detach_pod(&self, pod: &PodRecord) {
@@ -303,6 +326,7 @@ impl Agent {
 
     /// Unwire a pod. Returns whether it was known.
     pub async fn del_pod(&self, key: &PodKey) -> Result<bool, AgentError> {
+        let arrived = std::time::Instant::now();
         let mut registry = self.registry.lock().await;
         let Some(pod) = registry.get(key).cloned() else {
             return Ok(false);
@@ -312,7 +336,8 @@ impl Agent {
         self.control.pods_changed();
         let snapshot = self.next_snapshot(&registry);
         drop(registry);
-        self.publisher.publish(snapshot?);
+        self.publish(snapshot?);
+        self.published_since(arrived);
         self.detach_pod(&pod).await;
         Ok(true)
     }
@@ -320,18 +345,21 @@ impl Agent {
     fn next_snapshot(&self, registry: &PodRegistry) -> Result<Snapshot, SnapshotError> {
         let objects = self.objects.read().map(|o| o.clone()).unwrap_or_default();
         let objects = self.control.merged(objects);
-        Snapshot::build(
+        let mut s = Snapshot::build(
             self.publisher.generation() + 1,
             &self.config,
             self.links,
             &objects,
             registry.pods(),
-        )
+        )?;
+        s.punt = self.punt;
+        Ok(s)
     }
 
     /// Re-read the manifests (SIGHUP in standalone mode) and publish tables built from them. On
     /// any error the current objects and tables stay.
     pub async fn reload_manifests(&self) -> Result<(), AgentError> {
+        let arrived = std::time::Instant::now();
         let fresh = Arc::new(ClusterObjects::load(&self.config.manifests)?);
         let registry = self.registry.lock().await;
         let old = match self.objects.write() {
@@ -342,7 +370,8 @@ impl Agent {
         drop(registry);
         match s {
             Ok(s) => {
-                self.publisher.publish(s);
+                self.publish(s);
+                self.published_since(arrived);
                 Ok(())
             }
             Err(e) => {
@@ -359,8 +388,27 @@ impl Agent {
         let registry = self.registry.lock().await;
         let s = self.next_snapshot(&registry);
         drop(registry);
-        self.publisher.publish(s?);
+        self.publish(s?);
         Ok(())
+    }
+
+    /// Hand `s` to the workers, then mirror its policy isolation into the XDP program (see
+    /// [`Datapath::sync_isolation`]; a failure there is logged: the workers enforce policy
+    /// either way, only the agent-gone fallback is affected).
+    fn publish(&self, s: Snapshot) {
+        let isolation: Vec<datapath::PodIsolation> = s
+            .pods
+            .values()
+            .map(|p| datapath::PodIsolation {
+                ifindex: p.port.0,
+                ip: p.ip,
+                isolation: s.tables.policy.isolation(p.ip),
+            })
+            .collect();
+        self.publisher.publish(s);
+        if let Err(e) = self.datapath.sync_isolation(&isolation) {
+            tracing::warn!("cannot mirror policy isolation into the XDP program: {e}");
+        }
     }
 
     /// Ready when the XDP program is loaded and every worker runs; otherwise why not.
@@ -420,5 +468,34 @@ impl Agent {
             tracing::warn!("detaching XDP from the uplink: {e}");
         }
         self.datapath.unload(&self.config);
+        if self.punt.is_some()
+            && let Err(e) = punt::remove().await
+        {
+            tracing::warn!("removing the punt link: {e}");
+        }
     }
+}
+
+/// Create the punt link and give every worker a socket on its own queue of it. Without it the
+/// agent still runs; frames the pipeline passes to the kernel are then counted and dropped.
+async fn open_punt(workers: &[Worker], mtu: u32) -> Option<punt::Punt> {
+    let p = match punt::create(workers.len() as u32, mtu).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("no punt link, frames for the kernel will be dropped: {e}");
+            return None;
+        }
+    };
+    for (queue, w) in workers.iter().enumerate() {
+        let spec = PortSpec {
+            port: p.port,
+            ifname: punt::PUNT_IFNAME.to_owned(),
+            queue: queue as u32,
+            kind: PortKind::Punt,
+        };
+        if let Err(e) = w.open_port(spec).await {
+            tracing::warn!("no punt socket on worker {}: {e}", w.id);
+        }
+    }
+    Some(p)
 }

@@ -118,6 +118,8 @@ pub struct Snapshot {
     pub services: Vec<ServicePort>,
     /// What the pipeline reads.
     pub tables: Tables,
+    /// Where workers send frames the pipeline passes to the kernel (`None`: counted and dropped).
+    pub punt: Option<super::punt::Punt>,
 }
 
 /// A snapshot could not be built from the inputs.
@@ -313,6 +315,7 @@ impl Snapshot {
             remotes,
             services,
             tables,
+            punt: None,
         })
     }
 

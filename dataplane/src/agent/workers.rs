@@ -35,6 +35,18 @@ pub struct PortSpec {
     pub ifname: String,
     /// Rx queue of the interface this socket binds to.
     pub queue: u32,
+    pub kind: PortKind,
+}
+
+/// What a socket is for (it decides how many UMEM chunks wait in its fill ring).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortKind {
+    /// The node's uplink: most traffic, a full fill ring.
+    Uplink,
+    /// A pod's host veth: a share of the UMEM, so that many pods fit on one worker.
+    Pod,
+    /// Transmit only (the punt link): no fill ring entries.
+    Punt,
 }
 
 /// A worker could not do what it was asked.
@@ -305,6 +317,7 @@ mod tests {
             port: PortId(9),
             ifname: "veth9".into(),
             queue: 0,
+            kind: PortKind::Pod,
         };
         w.open_port(spec).await.unwrap();
         w.close_port(PortId(9)).await.unwrap();
@@ -314,7 +327,8 @@ mod tests {
             w.open_port(PortSpec {
                 port: PortId(1),
                 ifname: "x".into(),
-                queue: 0
+                queue: 0,
+                kind: PortKind::Pod,
             })
             .await,
             Err(WorkerError::Stopped(0))

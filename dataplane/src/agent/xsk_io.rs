@@ -10,13 +10,13 @@
 //! in their handoff buffer, then sent with [`Xsk::send_copy`] (or handed on for transmission).
 //! Without handoff rings such frames are dropped and counted as `handoff_unsupported`. With one
 //! worker per node (the default for a single-queue uplink) none of this runs. `PassToKernel`
-//! after a redirect cannot be honoured from userspace (the XDP program passes host-bound traffic
-//! itself); it is counted.
+//! after a redirect goes back to the kernel through the punt link (`punt`): counted in
+//! `to_kernel`, and as drop `pass_after_redirect` when there is no punt link.
 //!
-//! Multi-buffer frames: `FrameMut` cannot lend the first chunk mutably and the continuation
-//! chunks at once, so the continuation bytes are copied into a per-worker scratch buffer (sized
-//! once, never grown on the hot path) that the pipeline reads as the frame's tail (for lengths and
-//! checksums); the descriptors themselves are forwarded unchanged.
+//! Multi-buffer frames: the pipeline reads the continuation chunks in place as the frame's
+//! read-only tail ([`sluice_xdp::FrameMut::split_tail`], no copy); headers are always in the first
+//! chunk, and the descriptors are forwarded unchanged, chained. A packet of more than
+//! [`MAX_TAIL`] continuation chunks (the kernel makes at most 17) is dropped and counted.
 
 use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
@@ -30,15 +30,21 @@ use super::counters::WorkerCounters;
 use super::datapath::{AGENT_DROPS, SharedLoader, agent_drop};
 use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
-use super::workers::{PortSpec, WorkerError, WorkerIo};
+use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
 use crate::frame::Frame;
 use crate::pipeline::{WorkerConfig, WorkerState, process};
 use crate::steer::{self, Steer};
 use crate::tables::Tables;
 use crate::verdict::{self, Verdict};
 
-/// Room for the continuation bytes of the largest frame (64 KiB IP packet plus slack).
-const SCRATCH: usize = 128 * 1024;
+/// Continuation chunks a packet may have (a 64 KiB packet in 4 KiB chunks needs 16; the kernel's
+/// limit is 17 fragments).
+pub const MAX_TAIL: usize = 32;
+
+/// UMEM chunks kept in a pod socket's fill ring: four batches of MTU-sized frames or about 15
+/// 64 KiB ones. The uplink gets a full ring. A worker's UMEM (`frame_count`) then holds the uplink,
+/// frames in flight and this many per pod: 16384 chunks serve about 50 pods per worker.
+pub const POD_FILL: u32 = 256;
 
 /// Frames drained from each peer's handoff ring per round (the rest wait for the next round).
 const DRAIN_BUDGET: usize = 256;
@@ -49,8 +55,9 @@ mod agent_drops {
     pub const NO_SOCKET: usize = 1;
     pub const PASS_AFTER_REDIRECT: usize = 2;
     pub const TX_FULL: usize = 3;
-    pub const HANDOFF_FULL: usize = 4;
-    pub const TOO_LARGE: usize = 5;
+    pub const TOO_MANY_FRAGMENTS: usize = 4;
+    pub const HANDOFF_FULL: usize = 5;
+    pub const TOO_LARGE: usize = 6;
 }
 use agent_drops::*;
 
@@ -80,8 +87,6 @@ pub struct XskIo {
     loader: SharedLoader,
     state: WorkerState,
     start: Instant,
-    /// The continuation bytes of the current multi-buffer frame.
-    scratch: Vec<u8>,
     /// Ports some other worker owns (for counting `handoff_unsupported` rather than `no_socket`
     /// when there are no handoff rings).
     peers: PortSet,
@@ -105,7 +110,6 @@ impl XskIo {
             loader,
             state: WorkerState::new(WorkerConfig::default()),
             start: Instant::now(),
-            scratch: Vec::with_capacity(SCRATCH),
             peers,
             handoff: None,
         })
@@ -122,9 +126,14 @@ fn open_err(spec: &PortSpec, message: String) -> WorkerError {
 
 impl WorkerIo for XskIo {
     fn open_port(&mut self, spec: &PortSpec) -> Result<RawFd, WorkerError> {
+        let fill = match spec.kind {
+            PortKind::Uplink => self.xsk.config().fill_size,
+            PortKind::Pod => POD_FILL,
+            PortKind::Punt => 0,
+        };
         let id = self
             .xsk
-            .open_socket(&spec.ifname, spec.queue)
+            .open_socket_with(&spec.ifname, spec.queue, fill)
             .map_err(|e| open_err(spec, e.to_string()))?;
         let fd = self.xsk.fd(id).map_err(|e| open_err(spec, e.to_string()))?;
         let registered = match self.loader.lock() {
@@ -182,7 +191,6 @@ impl WorkerIo for XskIo {
             state,
             start,
             peers,
-            scratch,
             handoff,
             ..
         } = self;
@@ -194,7 +202,7 @@ impl WorkerIo for XskIo {
         let mut handled = 0;
         let mut tally = RoundTally::default();
         if let Some(h) = handoff.as_mut() {
-            handled += drain_handoffs(h, xsk, sockets, state, tables, now_ns, &mut tally);
+            handled += drain_handoffs(h, xsk, sockets, state, snapshot, now_ns, &mut tally);
         }
         for s in sockets.iter() {
             let n = match xsk.recv(s.id, batch) {
@@ -214,27 +222,34 @@ impl WorkerIo for XskIo {
                     continue;
                 };
                 let (off, len) = (fm.offset(), fm.len());
-                scratch.clear();
-                for c in 0..fm.continuations() {
-                    let part = fm.continuation(c);
-                    if scratch.len() + part.len() <= SCRATCH {
-                        scratch.extend_from_slice(part);
-                    }
+                if fm.continuations() > MAX_TAIL {
+                    fm.drop_frame();
+                    tally.drops[TOO_MANY_FRAGMENTS] += 1;
+                    continue;
                 }
                 // Steering: a connection another worker owns goes there raw, with its ingress.
                 if let Some(h) = handoff.as_mut()
                     && let Some(owner) = steer::owner(tables, fm.data(), s.port_id(), h.workers)
                     && owner != h.worker
                 {
-                    let parts: [&[u8]; 2] = [fm.data(), scratch];
-                    hand_off(h, owner, HandoffKind::Process, s.port, &parts, &mut tally);
+                    let mut parts: [&[u8]; MAX_TAIL + 1] = [&[]; MAX_TAIL + 1];
+                    let (chunk, n) = fm.split_tail(&mut parts[1..]);
+                    parts[0] = chunk.get(off..off + len).unwrap_or(&[]);
+                    hand_off(
+                        h,
+                        owner,
+                        HandoffKind::Process,
+                        s.port,
+                        &parts[..=n],
+                        &mut tally,
+                    );
                     fm.drop_frame();
                     continue;
                 }
                 let (v, off, len) = {
-                    let tail: [&[u8]; 1] = [scratch.as_slice()];
-                    let tail: &[&[u8]] = if scratch.is_empty() { &[] } else { &tail };
-                    let mut frame = Frame::new(fm.chunk(), off, len).with_tail(tail);
+                    let mut tail: [&[u8]; MAX_TAIL] = [&[]; MAX_TAIL];
+                    let (chunk, n) = fm.split_tail(&mut tail);
+                    let mut frame = Frame::new(chunk, off, len).with_tail(&tail[..n]);
                     let v = process(tables, state, now_ns, verdict::PortId(s.port.0), &mut frame);
                     (v, frame.offset(), frame.len())
                 };
@@ -246,24 +261,41 @@ impl WorkerIo for XskIo {
                             Some(o) if fm.set_bounds(off, len).is_ok() => fm.forward(o.id),
                             Some(_) => fm.drop_frame(),
                             None => {
-                                fm.drop_frame();
                                 if let Some(h) = handoff.as_mut() {
-                                    let data = fm.chunk().get(off..off + len).unwrap_or(&[]);
-                                    let parts: [&[u8]; 2] = [data, scratch];
+                                    let mut parts: [&[u8]; MAX_TAIL + 1] = [&[]; MAX_TAIL + 1];
+                                    let (chunk, n) = fm.split_tail(&mut parts[1..]);
+                                    parts[0] = chunk.get(off..off + len).unwrap_or(&[]);
                                     let w = super::port_worker(to, h.workers);
-                                    hand_off(h, w, HandoffKind::Transmit, to, &parts, &mut tally);
+                                    let parts = &parts[..=n];
+                                    hand_off(h, w, HandoffKind::Transmit, to, parts, &mut tally);
                                 } else if peers.read().map(|p| p.contains(&to)).unwrap_or(false) {
                                     tally.drops[HANDOFF_UNSUPPORTED] += 1;
                                 } else {
                                     tally.drops[NO_SOCKET] += 1;
                                 }
+                                fm.drop_frame();
                             }
                         }
                     }
                     Verdict::Drop(_) => fm.drop_frame(),
                     Verdict::PassToKernel => {
-                        fm.drop_frame();
-                        tally.drops[PASS_AFTER_REDIRECT] += 1;
+                        // Back to the kernel through the punt link (see `punt`), addressed to
+                        // its kernel side.
+                        let punt = snapshot.punt.and_then(|p| {
+                            sockets.iter().find(|o| o.port == p.port).map(|o| (o, p))
+                        });
+                        match punt {
+                            Some((o, p)) if fm.set_bounds(off, len).is_ok() && len >= 14 => {
+                                if let Some(dst) = fm.data_mut().get_mut(..6) {
+                                    dst.copy_from_slice(&p.host_mac.0);
+                                }
+                                fm.forward(o.id);
+                            }
+                            _ => {
+                                fm.drop_frame();
+                                tally.drops[PASS_AFTER_REDIRECT] += 1;
+                            }
+                        }
                     }
                 }
             }
@@ -306,6 +338,9 @@ impl WorkerIo for XskIo {
                 }
             }
         }
+        counters.end_round(state, *start, now_ns, handled, |x| {
+            x.read(xsk, sockets.iter().map(|s| (s.port, s.id)))
+        });
         handled
     }
 }
@@ -360,10 +395,11 @@ fn drain_handoffs(
     xsk: &mut Xsk,
     sockets: &[OwnedSocket],
     state: &mut WorkerState,
-    tables: &Tables,
+    snapshot: &Snapshot,
     now_ns: u64,
     tally: &mut RoundTally,
 ) -> usize {
+    let tables: &Tables = &snapshot.tables;
     let mut n = 0;
     for from in 0..h.workers {
         for _ in 0..DRAIN_BUDGET {
@@ -383,10 +419,19 @@ fn drain_handoffs(
                     match v {
                         Verdict::Forward(to) => Some(PortId(to.0)),
                         Verdict::Drop(_) => None,
-                        Verdict::PassToKernel => {
-                            tally.drops[PASS_AFTER_REDIRECT] += 1;
-                            None
-                        }
+                        // Back to the kernel through the punt link, addressed to its kernel side.
+                        Verdict::PassToKernel => match snapshot.punt {
+                            Some(p) if f.data().len() >= 14 => {
+                                if let Some(dst) = f.data_mut().get_mut(..6) {
+                                    dst.copy_from_slice(&p.host_mac.0);
+                                }
+                                Some(p.port)
+                            }
+                            _ => {
+                                tally.drops[PASS_AFTER_REDIRECT] += 1;
+                                None
+                            }
+                        },
                     }
                 }
             };

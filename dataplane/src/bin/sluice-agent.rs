@@ -86,6 +86,8 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
     let mut sighup = signal(SignalKind::hangup())?;
     let ports = PortSet::default();
     let xsk_config = sluice_xdp::XskConfig {
+        // 64 MiB per worker (see xsk_io::POD_FILL for how it is shared).
+        frame_count: 16384,
         batch_size: config.workers.batch_size as usize,
         bind_mode: match config.workers.bind_mode {
             BindMode::Copy => sluice_xdp::BindMode::Copy,

@@ -917,3 +917,155 @@ fn events_policy_denial_names_direction() {
         Some((A, B, 80))
     );
 }
+
+#[test]
+fn egress_policy_covers_addresses_outside_the_cluster() {
+    use crate::policy::{PodInfo, PolicyInputs, PolicyTable};
+    let pod = |name: &str, ip: [u8; 4], app: &str| PodInfo {
+        namespace: "default".into(),
+        name: name.into(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        ip: ip.into(),
+        ports: vec![],
+        local: true,
+    };
+    // Pod A may only reach 8.8.8.8/32 on UDP 53 outside the cluster.
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "egress-a", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"],
+                     "egress": [{"to": [{"ipBlock": {"cidr": "8.8.8.8/32"}}],
+                                 "ports": [{"port": 53, "protocol": "UDP"}]}]}
+        }))
+        .unwrap();
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
+    let policy = PolicyTable::compile(&PolicyInputs {
+        namespaces: vec![ns],
+        pods: vec![pod("a", A, "a"), pod("b", B, "b")],
+        policies: vec![np],
+        node_addrs: vec![],
+    })
+    .unwrap();
+    let t = demo::demo_builder().policy(policy).build().unwrap();
+    let mut s = state();
+    let mut c = with_events(&mut s);
+    // Allowed: back to the kernel, untracked.
+    let dns = demo::udp_frame(&FrameSpec::from_pod(2, [8, 8, 8, 8], 4000, 53), b"q");
+    assert_eq!(run(&t, &mut s, 1, POD_A, &dns).0, Verdict::PassToKernel);
+    assert_eq!(s.conntrack.stats().entries, 0);
+    // Another outside address, or another port: denied for egress, with the event.
+    for (dst, port) in [([1, 1, 1, 1], 53), ([8, 8, 8, 8], 443)] {
+        let f = demo::tcp_frame(
+            &FrameSpec::from_pod(2, dst, 4001, port),
+            tcp::flags::SYN,
+            b"",
+        );
+        assert_eq!(
+            run(&t, &mut s, 2, POD_A, &f).0,
+            Verdict::Drop(DropReason::PolicyDeniedEgress),
+            "{dst:?}:{port}"
+        );
+    }
+    let evs = drain(&mut c);
+    assert_eq!(evs.len(), 2);
+    assert!(
+        evs.iter()
+            .all(|e| e.drop == Some(DropReason::PolicyDeniedEgress))
+    );
+    // Pod B, which no egress policy selects: straight to the kernel.
+    let f = demo::udp_frame(&FrameSpec::from_pod(3, [1, 1, 1, 1], 4000, 53), b"q");
+    assert_eq!(run(&t, &mut s, 3, POD_B, &f).0, Verdict::PassToKernel);
+    assert!(t.policy.isolation(A.into()).egress);
+    assert!(!t.policy.isolation(B.into()).egress);
+}
+
+#[test]
+fn expiry_ends_flows_with_counts_once_and_within_budget() {
+    const S: u64 = 1_000_000_000;
+    let t = demo_tables();
+    let mut s = state();
+    let mut c = with_events(&mut s);
+    // A UDP exchange A -> B (two datagrams out, one back), and a TCP flow reset by A.
+    let udp = demo::udp_frame(&FrameSpec::from_pod(2, B, 5000, 6000), b"sluice");
+    let back = demo::udp_frame(&FrameSpec::from_pod(3, A, 6000, 5000), b"ok");
+    assert_eq!(run(&t, &mut s, S, POD_A, &udp).0, Verdict::Forward(POD_B));
+    assert_eq!(run(&t, &mut s, S, POD_A, &udp).0, Verdict::Forward(POD_B));
+    assert_eq!(run(&t, &mut s, S, POD_B, &back).0, Verdict::Forward(POD_A));
+    let syn = demo::tcp_frame(&FrameSpec::from_pod(2, B, 7000, 80), tcp::flags::SYN, b"");
+    let rst = demo::tcp_frame(&FrameSpec::from_pod(2, B, 7000, 80), tcp::flags::RST, b"");
+    run(&t, &mut s, S, POD_A, &syn);
+    run(&t, &mut s, S, POD_A, &rst);
+    let before = drain(&mut c);
+    assert_eq!(
+        before
+            .iter()
+            .filter(|e| e.kind == EventKind::ConnectionEnd)
+            .count(),
+        1,
+        "the reset ended the TCP flow: {before:?}"
+    );
+    assert_eq!(s.conntrack.len(), 2);
+
+    // Nothing has expired yet: nothing removed, nothing emitted.
+    assert_eq!(s.expire(2 * S, 1024), 0);
+    assert!(drain(&mut c).is_empty());
+
+    // Long after every timeout: a budget of one slot removes at most one entry per call.
+    let late = 1000 * S;
+    let mut removed = 0;
+    for _ in 0..1024 {
+        let n = s.expire(late, 1);
+        assert!(n <= 1);
+        removed += n;
+    }
+    assert_eq!(removed, 2);
+    assert_eq!(s.conntrack.len(), 0);
+    let evs = drain(&mut c);
+    assert_eq!(evs.len(), 1, "only the UDP flow ends on expiry: {evs:?}");
+    let e = evs[0];
+    assert_eq!(e.kind, EventKind::ConnectionEnd);
+    assert_eq!(e.ts_ns, late);
+    assert_eq!(
+        e.tuple.map(|t| (t.src, t.dst, t.dst_port)),
+        Some((A, B, 6000))
+    );
+    assert_eq!(e.counts.packets, [2, 1]);
+    let ip_len = |f: &[u8]| u64::from(u16::from_be_bytes([f[16], f[17]]));
+    assert_eq!(
+        e.counts.bytes,
+        [2 * ip_len(&udp), ip_len(&back)],
+        "IP bytes both ways"
+    );
+}
+
+#[test]
+fn expire_due_sweeps_at_most_once_per_interval() {
+    let t = demo_tables();
+    let mut s = state();
+    let udp = demo::udp_frame(&FrameSpec::from_pod(2, B, 5000, 6000), b"x");
+    let late = 1_000_000_000_000;
+    run(&t, &mut s, 0, POD_A, &udp);
+    assert_eq!(s.expire_due(late), 1, "the first call sweeps");
+    // Expired again at once (created at time 0), but the next sweep is one interval later.
+    run(&t, &mut s, 0, POD_A, &udp);
+    assert_eq!(s.expire_due(late + EXPIRE_INTERVAL_NS - 1), 0);
+    assert_eq!(s.conntrack.len(), 1);
+    assert_eq!(s.expire_due(late + EXPIRE_INTERVAL_NS), 1);
+}
+
+#[test]
+fn bytes_are_counted_in_and_out() {
+    let t = demo_tables();
+    let mut s = state();
+    // Local delivery keeps the length; towards another node VXLAN adds 50 bytes.
+    let local = demo::udp_frame(&FrameSpec::from_pod(2, B, 5000, 6000), b"sluice");
+    let remote = demo::udp_frame(&FrameSpec::from_pod(2, R, 5000, 6000), b"sluice");
+    let junk = [0u8; 20];
+    run(&t, &mut s, 1, POD_A, &local);
+    run(&t, &mut s, 1, POD_A, &remote);
+    run(&t, &mut s, 1, POD_A, &junk);
+    let n = |f: &[u8]| f.len() as u64;
+    assert_eq!(s.counters.rx_bytes, n(&local) + n(&remote) + n(&junk));
+    assert_eq!(s.counters.tx_bytes, n(&local) + n(&remote) + 50);
+}

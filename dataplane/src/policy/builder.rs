@@ -959,6 +959,17 @@ mod tests {
         assert_eq!(t.decide(&q(db, server, 100)), by(1));
         assert_eq!(t.decide(&q(db, server, 8080)), by(1));
         assert_eq!(t.decide(&q(web, server, 8080)), deny);
+        // Only `server` is isolated, and only for ingress.
+        let iso = |ip: [u8; 4]| t.isolation(Ipv4Addr::from(ip));
+        assert_eq!(
+            iso(server),
+            crate::policy::Isolation {
+                ingress: true,
+                egress: false
+            }
+        );
+        assert_eq!(iso(web), crate::policy::Isolation::default());
+        assert_eq!(iso([10, 9, 9, 9]), crate::policy::Isolation::default());
         // Both policies select only `server`: one compiled ingress policy, none for the others.
         assert_eq!(b.cache.len(), 1);
         assert!(t.policy_name(PolicyId(1)) == Some("ns/from-db"));

@@ -329,6 +329,13 @@ struct PodEntry {
     policy: PodPolicy,
 }
 
+/// Whether a pod is isolated (selected by some policy) per direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Isolation {
+    pub ingress: bool,
+    pub egress: bool,
+}
+
 /// Compiled NetworkPolicy for the whole cluster, as the workers see it. Immutable, `Send + Sync`.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyTable {
@@ -356,6 +363,17 @@ impl PolicyTable {
             .get(id.0 as usize)
             .map(String::as_str)
             .filter(|s| !s.is_empty())
+    }
+
+    /// In which directions some policy selects the pod at `ip` (an unknown address is not
+    /// isolated). The agent mirrors this into the XDP program so an isolated pod fails closed
+    /// while no worker is there to decide.
+    pub fn isolation(&self, ip: Ipv4Addr) -> Isolation {
+        let dirs = self.pods.get(&u32::from(ip)).map(|p| &p.policy.dirs);
+        Isolation {
+            ingress: dirs.is_some_and(|d| d[0].is_some()),
+            egress: dirs.is_some_and(|d| d[1].is_some()),
+        }
     }
 
     /// Decide a new flow. Constant time in the number of policies and pods.
