@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod route;
 pub mod service;
+pub mod steer;
 pub mod tables;
 pub mod verdict;
 pub mod vxlan;

@@ -25,8 +25,9 @@
 //! removes its expired entry). Without it nothing is emitted and the only cost is one `is_some`
 //! test per drop, new flow and TCP packet.
 //!
-//! Conntrack is per worker: both directions of a flow must reach the same worker (the agent's
-//! queue/worker mapping has to be symmetric), or replies miss their entry.
+//! Conntrack is per worker: both directions of a flow must reach the same worker, or replies miss
+//! their entry. [`crate::steer::owner`] names that worker; NodePort SNAT takes its source port
+//! from the worker's share ([`WorkerState::steer`]) so replies name it too.
 
 #![forbid(unsafe_code)]
 
@@ -40,6 +41,7 @@ use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
 use crate::policy::{Direction, PolicyQuery, PolicyVerdict, proto};
 use crate::route::{self, Route};
 use crate::service::{self, AffinityTable, ServiceOutcome};
+use crate::steer::Steer;
 use crate::tables::{ServiceId, Tables};
 use crate::verdict::{Counters, DropReason, PortId, Verdict};
 use crate::vxlan::{self, VxlanError};
@@ -85,6 +87,9 @@ pub struct WorkerState {
     ip_id: u16,
     /// Bumped by every conntrack insert or removal of the pipeline (batch lookups compare it).
     ct_epoch: u64,
+    /// This worker's place among the node's workers: NodePort SNAT ports come from its share
+    /// (see [`crate::steer`]).
+    pub steer: Steer,
     /// When [`WorkerState::expire_due`] sweeps next.
     next_expire_ns: u64,
 }
@@ -103,6 +108,7 @@ impl WorkerState {
             events: None,
             ip_id: 0,
             ct_epoch: 0,
+            steer: Steer::default(),
             next_expire_ns: 0,
         }
     }
@@ -477,6 +483,8 @@ fn new_flow(
             if node_port {
                 snat = true;
                 xlat.src = t.node.vtep_ip.octets();
+                // From this worker's share of the port space, so replies are steered back here.
+                xlat.src_port = s.steer.snat_port(xlat.src_port);
                 value.peer_mac = ethernet::Packet::new_checked(frame.head())
                     .ok()
                     .map(|e| e.src());
@@ -534,7 +542,9 @@ fn new_flow(
         let mut i = 0u64;
         while inserted == Err(CtError::Exists) && i < 16 {
             i += 1;
-            let port = 1024 + ((h.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % 64511) as u16;
+            let port = s
+                .steer
+                .snat_port(1024 + ((h.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % 64511) as u16);
             xlat.src_port = port;
             if p.proto == proto::ICMP {
                 xlat.dst_port = port;

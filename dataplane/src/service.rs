@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 use crate::conntrack::FlowKey;
+use crate::nat::Tuple;
 use crate::parse::Parsed;
 use crate::tables::{ServiceId, Tables};
 
@@ -82,6 +83,37 @@ impl AffinityTable {
     }
 }
 
+/// The Maglev hash of a flow to service `svc`: the client address alone with sessionAffinity,
+/// else the whole tuple.
+fn maglev_hash(affinity: bool, t: &Tuple) -> u64 {
+    let client = u32::from_be_bytes(t.src);
+    if affinity {
+        return FlowKey {
+            src: client,
+            ..FlowKey::default()
+        }
+        .hash64();
+    }
+    FlowKey {
+        src: client,
+        dst: u32::from_be_bytes(t.dst),
+        src_port: t.src_port,
+        dst_port: t.dst_port,
+        proto: t.proto,
+    }
+    .hash64()
+}
+
+/// The backend (address, port) Maglev gives a new flow `t` to service `svc`, with no affinity
+/// memory: what [`select`] picks unless a sessionAffinity entry says otherwise. Read-only, for
+/// steering frames before any worker state is touched.
+pub fn maglev_choice(tables: &Tables, svc: ServiceId, t: &Tuple) -> Option<([u8; 4], u16)> {
+    let s = tables.service(svc)?;
+    let i = s.maglev.lookup(maglev_hash(s.affinity_timeout_ns > 0, t))?;
+    let b = s.spec.backends.get(usize::from(i))?;
+    Some((b.ip.octets(), b.port))
+}
+
 /// Find the service of a new flow and choose its backend.
 pub fn select(
     tables: &Tables,
@@ -126,13 +158,7 @@ pub fn select(
             affinity.put(s);
             return found(s.backend).unwrap_or(ServiceOutcome::NoBackend);
         }
-        let Some(i) = svc.maglev.lookup(
-            FlowKey {
-                src: client,
-                ..FlowKey::default()
-            }
-            .hash64(),
-        ) else {
+        let Some(i) = svc.maglev.lookup(maglev_hash(true, &Tuple::of(p))) else {
             return ServiceOutcome::NoBackend;
         };
         let Some(b) = backends.get(usize::from(i)) else {
@@ -149,16 +175,8 @@ pub fn select(
         });
         return found(i).unwrap_or(ServiceOutcome::NoBackend);
     }
-    let h = FlowKey {
-        src: client,
-        dst: u32::from_be_bytes(p.dst),
-        src_port: p.src_port,
-        dst_port: p.dst_port,
-        proto: p.proto,
-    }
-    .hash64();
     svc.maglev
-        .lookup(h)
+        .lookup(maglev_hash(false, &Tuple::of(p)))
         .and_then(found)
         .unwrap_or(ServiceOutcome::NoBackend)
 }

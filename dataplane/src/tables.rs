@@ -192,6 +192,8 @@ pub struct Tables {
     node_prefixes: Vec<u8>,
     cluster_ips: Map<(u32, u16, u8), ServiceId>,
     node_ports: Map<(u16, u8), ServiceId>,
+    /// Every (address, port, protocol) some service balances to.
+    backends: Map<(u32, u16, u8), ()>,
     services: Vec<Service>,
     pub policy: PolicyTable,
     /// `node.underlay_mtu - 50`, precomputed.
@@ -242,6 +244,13 @@ impl Tables {
     #[inline]
     pub fn node_port(&self, port: u16, proto: u8) -> Option<ServiceId> {
         self.node_ports.get(&(port, proto)).copied()
+    }
+
+    /// Whether `ip:port/proto` is a backend endpoint of some service.
+    #[inline]
+    pub fn is_backend(&self, ip: [u8; 4], port: u16, proto: u8) -> bool {
+        self.backends
+            .contains_key(&(u32::from_be_bytes(ip), port, proto))
     }
 
     /// A service by id.
@@ -358,6 +367,7 @@ impl TablesBuilder {
         prefixes.sort_unstable_by(|a, b| b.cmp(a));
         let mut cluster_ips = map();
         let mut node_ports = map();
+        let mut backends = map();
         let mut services = Vec::with_capacity(self.services.len());
         for spec in self.services {
             let id = ServiceId(services.len() as u32);
@@ -411,6 +421,9 @@ impl TablesBuilder {
                     return Err(dup(format!("NodePort {np}/{}", spec.proto), o, &services));
                 }
             }
+            for b in &spec.backends {
+                backends.insert((u32::from(b.ip), b.port, spec.proto), ());
+            }
             let affinity_timeout_ns = spec
                 .affinity_timeout_s
                 .map_or(0, |s| u64::from(s) * 1_000_000_000);
@@ -434,6 +447,7 @@ impl TablesBuilder {
             node_prefixes: prefixes,
             cluster_ips,
             node_ports,
+            backends,
             services,
             policy: self.policy,
             vxlan_mtu,

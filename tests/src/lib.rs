@@ -179,6 +179,9 @@ pub struct AgentOptions {
     pub no_datapath: bool,
     /// Uplink rx/tx queues (veth `numrxqueues`/`numtxqueues`).
     pub uplink_queues: u32,
+    /// Pod veth queues; 0: as many as the uplink (every worker then has a socket on each pod's
+    /// veth). 1 with a multi-queue uplink: each pod's socket belongs to one worker.
+    pub pod_queues: u32,
 }
 
 /// One node of the cluster.
@@ -738,8 +741,12 @@ impl Cluster {
         let pod_ip = Ipv4Addr::new(10, 244, octet, j as u8 + 2);
         let host_if = format!("vp{j}");
         let pod_mtu = pod_mtu();
-        // As many queues as the uplink, so that every worker owns a socket on the pod's veth.
-        let q = self.options.uplink_queues.max(1);
+        // By default as many queues as the uplink, so that every worker owns a socket on the
+        // pod's veth.
+        let q = match self.options.pod_queues {
+            0 => self.options.uplink_queues.max(1),
+            q => q,
+        };
         ip(
             Some(&node_ns),
             &format!(
@@ -997,11 +1004,52 @@ impl Cluster {
         Ok((bytes / 64, gbps * 1e9 / 8.0 / 64.0))
     }
 
+    /// The ifindex of pod `p`'s host veth (in its node's namespace).
+    pub fn host_ifindex(&self, p: usize) -> Result<u32> {
+        let pod = &self.pods[p];
+        let out = ip(
+            Some(&self.nodes[pod.node].ns),
+            &format!("-o link show {}", pod.host_ifname),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| HarnessError::Setup(format!("no ifindex in {text:?}")))
+    }
+
     /// iperf3 from pod `client` to pod `server` with extra client arguments.
     pub fn iperf3_with(
         &self,
         client: usize,
         server: usize,
+        seconds: u32,
+        extra: &[&str],
+    ) -> Result<(u64, f64)> {
+        self.iperf3_to(client, server, self.pods[server].ip, seconds, extra)
+    }
+
+    /// iperf3 from pod `client` to `addr` (pod `server`'s address, or a service address that
+    /// leads to it: the server runs on 5201 in pod `server`).
+    pub fn iperf3_to(
+        &self,
+        client: usize,
+        server: usize,
+        addr: Ipv4Addr,
+        seconds: u32,
+        extra: &[&str],
+    ) -> Result<(u64, f64)> {
+        let ns = self.pods[client].ns.clone();
+        self.iperf3_from(&ns, server, addr, seconds, extra)
+    }
+
+    /// iperf3 from namespace `client_ns` (a pod's, or the switch's for an underlay client) to
+    /// `addr`, the server running on 5201 in pod `server`.
+    pub fn iperf3_from(
+        &self,
+        client_ns: &str,
+        server: usize,
+        addr: Ipv4Addr,
         seconds: u32,
         extra: &[&str],
     ) -> Result<(u64, f64)> {
@@ -1011,7 +1059,7 @@ impl Cluster {
             .spawn()
             .map_err(|e| HarnessError::Setup(format!("iperf3 server: {e}")))?;
         std::thread::sleep(Duration::from_millis(300));
-        let server_ip = self.pods[server].ip.to_string();
+        let server_ip = addr.to_string();
         let secs = seconds.to_string();
         let mut argv = vec![
             "iperf3",
@@ -1024,7 +1072,7 @@ impl Cluster {
             "3000",
         ];
         argv.extend_from_slice(extra);
-        let client_out = in_ns(&self.pods[client].ns, &argv).output();
+        let client_out = in_ns(client_ns, &argv).output();
         let srv_out = {
             let deadline = Instant::now() + Duration::from_secs(5);
             while srv.try_wait().ok().flatten().is_none() && Instant::now() < deadline {

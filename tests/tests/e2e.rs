@@ -287,7 +287,12 @@ endpoints:
 /// Two nodes with the `web` service; pods: client 10.244.1.2 and backend 10.244.1.3 on node 0,
 /// backends 10.244.2.2 and 10.244.2.3 on node 1, each running the echo server on 8080.
 fn web_cluster() -> Result<(Cluster, usize)> {
-    let mut c = Cluster::new(&[NodeKind::Sluice; 2], AgentOptions::default())?;
+    web_cluster_with(AgentOptions::default())
+}
+
+/// [`web_cluster`] with these agent options.
+fn web_cluster_with(options: AgentOptions) -> Result<(Cluster, usize)> {
+    let mut c = Cluster::new(&[NodeKind::Sluice; 2], options)?;
     let svc = c.write_manifest("services.yaml", WEB_SERVICE)?;
     let eps = c.write_manifest("endpointslices.yaml", WEB_ENDPOINTS)?;
     c.start_agents(|_, cfg| {
@@ -343,8 +348,27 @@ fn clusterip_backend_removal_keeps_established_connections() {
     if !require_root() {
         return;
     }
-    check((|| {
-        let (c, client) = web_cluster()?;
+    check(backend_removal_keeps_established(AgentOptions::default()));
+}
+
+/// The same with two workers per node (two-queue uplink, single-queue pod veths): a connection's
+/// frames are steered by its client endpoint, not by Maglev's current choice, so established
+/// connections keep their worker (and its conntrack entry) when the backend set changes.
+#[test]
+fn clusterip_backend_removal_keeps_established_connections_over_two_workers() {
+    if !require_root() {
+        return;
+    }
+    check(backend_removal_keeps_established(AgentOptions {
+        uplink_queues: 2,
+        pod_queues: 1,
+        ..Default::default()
+    }));
+}
+
+fn backend_removal_keeps_established(options: AgentOptions) -> Result<()> {
+    {
+        let (c, client) = web_cluster_with(options)?;
         let ns = c.pods[client].ns.clone();
         let mut sessions = Vec::new();
         for i in 0..12 {
@@ -382,8 +406,10 @@ fn clusterip_backend_removal_keeps_established_connections() {
                 "new connection to the removed backend"
             );
         }
+        let f = c.nodes[0].counters()?;
+        assert_eq!(f.drops("conntrack_invalid"), 0, "{:?}", f.workers);
         Ok(())
-    })());
+    }
 }
 
 #[test]
@@ -540,12 +566,40 @@ fn throughput_report() {
     })());
 }
 
-/// A two-queue uplink (and two-queue pod veths): one worker per queue, each owning a socket on
-/// every interface's queue of its index; flows spread over both workers with no cross-worker
-/// handoff. ICMP only: conntrack is per worker and the two directions of a TCP flow can arrive on
-/// different queues (the outer VXLAN flow hashes differently from the inner one), so a SYN-ACK may
-/// meet a worker that never saw the SYN and be dropped as `conntrack_invalid`; TCP over several
-/// queues needs symmetric steering in the XDP program (or shared conntrack) first.
+const IPERF_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: iperf, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  ports:
+    - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP, nodePort: 30201}
+"#;
+
+/// The single backend 10.244.2.2 (the first pod of node 1).
+const IPERF_ENDPOINTS: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: iperf-1
+  namespace: default
+  labels: {kubernetes.io/service-name: iperf}
+addressType: IPv4
+ports: [{name: iperf, port: 5201, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.2.2]
+"#;
+
+/// A two-queue uplink, one worker per queue, and single-queue pod veths (each pod's socket
+/// belongs to one worker). Flows arrive on either uplink queue (the switch hashes the outer
+/// headers), and a pod's frames at its socket's worker; conntrack is per worker, so each frame is
+/// steered to its connection's owner (`steer::owner`) and frames for a port another worker holds
+/// are handed to it. Real TCP (iperf3 `-P 4`, so flows land on both queues): pod to pod across
+/// nodes, through a ClusterIP to a backend on the other node, and between two pods of one node
+/// whose sockets belong to different workers, and from the underlay to a NodePort whose backend
+/// is on the other node; bytes arrive, handoffs happen, and no frame meets a worker without its
+/// connection (`conntrack_invalid`) or is dropped by policy.
 #[test]
 fn multi_queue_uplink_spreads_over_workers() {
     if !require_root() {
@@ -556,27 +610,72 @@ fn multi_queue_uplink_spreads_over_workers() {
             &[NodeKind::Sluice; 2],
             AgentOptions {
                 uplink_queues: 2,
+                pod_queues: 1,
                 ..Default::default()
             },
         )?;
-        c.start_agents(|_, _| {})?;
-        let a = c.add_pod(0, &[])?;
+        let svc = c.write_manifest("services.yaml", IPERF_SERVICE)?;
+        let eps = c.write_manifest("endpointslices.yaml", IPERF_ENDPOINTS)?;
+        c.start_agents(|_, cfg| {
+            cfg.manifests.services.push(svc.clone());
+            cfg.manifests.endpoint_slices.push(eps.clone());
+        })?;
         let r = c.add_pod(1, &[])?;
-        // Each ping process uses its own ICMP id, hence its own flow hash and queue.
-        for _ in 0..16 {
-            c.ping(a, c.pods[r].ip, 2)?;
+        assert_eq!(c.pods[r].ip, Ipv4Addr::new(10, 244, 2, 2));
+        // Two pods of node 0 whose host veths' sockets belong to different workers (ifindex
+        // parity, as the agent assigns single-queue ports).
+        let a = c.add_pod(0, &[])?;
+        let mut b = c.add_pod(0, &[])?;
+        for _ in 0..4 {
+            if c.host_ifindex(b)? % 2 != c.host_ifindex(a)? % 2 {
+                break;
+            }
+            b = c.add_pod(0, &[])?;
         }
+        assert_ne!(c.host_ifindex(b)? % 2, c.host_ifindex(a)? % 2);
+        // Each ping process uses its own ICMP id, hence its own flow.
+        for _ in 0..8 {
+            c.ping(a, c.pods[r].ip, 1)?;
+            c.ping(b, c.pods[a].ip, 1)?;
+        }
+        let p4 = ["-P", "4"];
+        let (cross, cross_gbps) = c.iperf3_with(a, r, 2, &p4)?;
+        println!("cross-node TCP -P 4: {cross} bytes, {cross_gbps:.2} Gbit/s");
+        let vip = Ipv4Addr::new(10, 96, 0, 20);
+        let (via_vip, vip_gbps) = c.iperf3_to(a, r, vip, 2, &p4)?;
+        println!("ClusterIP TCP -P 4: {via_vip} bytes, {vip_gbps:.2} Gbit/s");
+        let (same, same_gbps) = c.iperf3_with(b, a, 2, &p4)?;
+        println!("same-node TCP -P 4 across workers: {same} bytes, {same_gbps:.2} Gbit/s");
+        // A client on the underlay to node 0's NodePort: SNATed there to a port of the owning
+        // worker's share, so the backend's replies come back to that worker.
+        sluice_e2e::ip(Some(&c.switch), "addr add 192.168.77.100/24 dev br0")?;
+        let node0 = c.nodes[0].underlay_ip;
+        let (np, np_gbps) = c.iperf3_from(&c.switch, r, node0, 2, &["-p", "30201", "-P", "4"])?;
+        println!("NodePort TCP -P 4 from the underlay: {np} bytes, {np_gbps:.2} Gbit/s");
+        assert!(cross > 0 && via_vip > 0 && same > 0 && np > 0);
+        let mut handoffs = 0;
         for n in 0..2 {
             let f = c.wait_counters(n, |f| {
                 f.workers.len() == 2 && f.workers.iter().all(|w| w.rx > 0)
             })?;
             println!("node {n}: {:?}", f.workers);
-            assert!(
-                f.workers.iter().all(|w| w.handoffs == 0),
-                "handoffs: {:?}",
-                f.workers
-            );
+            for reason in [
+                "conntrack_invalid",
+                "policy_denied_egress",
+                "policy_denied_ingress",
+                "handoff_unsupported",
+                "no_socket",
+            ] {
+                assert_eq!(
+                    f.drops(reason),
+                    0,
+                    "node {n} drops {reason}: {:?}",
+                    f.workers
+                );
+            }
+            handoffs += f.workers.iter().map(|w| w.handoffs).sum::<u64>();
         }
+        assert!(handoffs > 0, "no frame was handed to another worker");
         Ok(())
     })());
 }

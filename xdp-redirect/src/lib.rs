@@ -54,6 +54,6 @@ pub use loader::{
     LoaderError, LoaderOptions, XdpLoader,
 };
 pub use xsk::{
-    BindMode, BusyPoll, FrameAccounting, FrameMut, KernelStats, RxBatch, SocketId, SocketStats,
-    Verdict, Xsk, XskConfig, XskError,
+    BindMode, BusyPoll, FrameAccounting, FrameMut, KernelStats, RxBatch, SendError, SocketId,
+    SocketStats, Verdict, Xsk, XskConfig, XskError, chunks_for,
 };

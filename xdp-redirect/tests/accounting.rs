@@ -82,6 +82,8 @@ fn every_frame_is_accounted_for() {
 
     let mut batch = xsk.batch();
     let (mut seen, mut multi, mut k) = (0u64, 0u64, 0u64);
+    let (mut copied, mut copy_refused, mut copied_chained) = (0u64, 0u64, 0u64);
+    let mut copy = Vec::with_capacity(16 * 1024);
     let mut quiet_since = Instant::now();
     loop {
         let mut pfd = libc::pollfd {
@@ -93,31 +95,58 @@ fn every_frame_is_accounted_for() {
         unsafe { libc::poll(&mut pfd, 1, 5) };
         let n = xsk.recv(s, &mut batch).unwrap();
         for i in 0..n {
-            let mut f = xsk.frame(&mut batch, i).unwrap();
-            seen += 1;
-            k += 1;
-            if f.continuations() > 0 {
-                multi += 1;
-            }
-            match k % 3 {
-                0 => f.drop_frame(),
-                1 => {
-                    let (off, len) = (f.offset(), f.len());
-                    f.chunk().copy_within(off..off + len, off - 50);
-                    f.set_bounds(off - 50, len).unwrap();
-                    let chunk_len = f.chunk().len();
-                    assert!(
-                        f.set_bounds(off, chunk_len).is_err(),
-                        "bounds past the chunk"
-                    );
-                    assert_eq!(
-                        (f.offset(), f.len()),
-                        (off - 50, len),
-                        "refused bounds keep the old"
-                    );
-                    f.forward(s);
+            // `send_copy` needs the UMEM mutably while a frame borrows it: copy out first.
+            let to_copy = {
+                let mut f = xsk.frame(&mut batch, i).unwrap();
+                seen += 1;
+                k += 1;
+                if f.continuations() > 0 {
+                    multi += 1;
                 }
-                _ => f.forward(s),
+                match k % 4 {
+                    0 => f.drop_frame(),
+                    1 => {
+                        let (off, len) = (f.offset(), f.len());
+                        f.chunk().copy_within(off..off + len, off - 50);
+                        f.set_bounds(off - 50, len).unwrap();
+                        let chunk_len = f.chunk().len();
+                        assert!(
+                            f.set_bounds(off, chunk_len).is_err(),
+                            "bounds past the chunk"
+                        );
+                        assert_eq!(
+                            (f.offset(), f.len()),
+                            (off - 50, len),
+                            "refused bounds keep the old"
+                        );
+                        f.forward(s);
+                    }
+                    2 => f.forward(s),
+                    _ => {
+                        copy.clear();
+                        copy.extend_from_slice(f.data());
+                        for c in 0..f.continuations() {
+                            copy.extend_from_slice(f.continuation(c));
+                        }
+                        assert_eq!(copy.len(), f.total_len());
+                        f.drop_frame();
+                    }
+                }
+                k % 4 == 3
+            };
+            if to_copy {
+                // The original chunks are still held by the batch: the copy takes others.
+                let (head, tail) = copy.split_at(copy.len() / 3);
+                match xsk.send_copy(s, &[head, tail]) {
+                    Ok(()) => {
+                        copied += 1;
+                        if copy.len() > cfg.frame_size as usize {
+                            copied_chained += 1;
+                        }
+                    }
+                    Err(_) => copy_refused += 1,
+                }
+                assert!(xsk.accounting().is_balanced(), "{:?}", xsk.accounting());
             }
         }
         // Held frames are counted while the batch has them.
@@ -137,7 +166,12 @@ fn every_frame_is_accounted_for() {
     sender.join().unwrap();
     let stats = xsk.stats(s).unwrap();
     let kernel = xsk.kernel_stats(s).unwrap();
-    eprintln!("seen {seen}, multi-buffer {multi}, stats {stats:?}, kernel {kernel:?}");
+    eprintln!(
+        "seen {seen}, multi-buffer {multi}, copied {copied} ({copied_chained} chained, \
+         {copy_refused} refused), stats {stats:?}, kernel {kernel:?}"
+    );
+    assert!(copied_chained > 0, "no copy spanned several chunks");
+    assert_eq!(stats.tx_copied, copied);
     // Every descriptor we gave the kernel (fill and tx) was valid.
     assert_eq!((kernel.rx_invalid_descs, kernel.tx_invalid_descs), (0, 0));
     assert!(seen > 100, "only {seen} frames arrived");

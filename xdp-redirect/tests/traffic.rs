@@ -1,7 +1,9 @@
 //! Real traffic: two pods (netns) with veth pairs, the XDP program on both
 //! host ends, AF_XDP sockets on both sharing one UMEM, and a forwarding loop
 //! moving frames between them. ping, UDP (small and ~8000 bytes, chained
-//! descriptors) and TCP cross; afterwards every frame is accounted for.
+//! descriptors) and TCP cross; every other frame from B to A leaves as a copy
+//! (`Xsk::send_copy`, chained when large), so the echoes also check copied
+//! bytes; afterwards every frame is accounted for.
 
 mod common;
 
@@ -50,11 +52,14 @@ struct ForwardReport {
     max_segments: usize,
     first_offsets: Vec<usize>,
     cont_offsets: Vec<usize>,
+    copied: u64,
+    copied_chained: u64,
 }
 
 /// The test's forwarding loop: A -> B rewrites MACs; B -> A also moves the
 /// frame 50 bytes to the front of its chunk (as a VXLAN push would) so the
-/// kernel must honour a changed data offset on tx.
+/// kernel must honour a changed data offset on tx, and every other one of
+/// them is sent as a copy instead (original dropped).
 fn forward(
     xsk: &mut Xsk,
     a: SocketId,
@@ -65,6 +70,8 @@ fn forward(
 ) -> ForwardReport {
     let mut rep = ForwardReport::default();
     let mut batch = xsk.batch();
+    let mut copy = Vec::with_capacity(16 * 1024);
+    let chunk = xsk.config().frame_size as usize;
     let fds = [
         xsk.fd(a).unwrap().as_raw_fd(),
         xsk.fd(b).unwrap().as_raw_fd(),
@@ -82,6 +89,7 @@ fn forward(
             for i in 0..n {
                 let mut f = xsk.frame(&mut batch, i).unwrap();
                 rep.packets += 1;
+                let as_copy = shift > 0 && rep.packets % 2 == 0 && f.len() >= 14;
                 rep.max_len = rep.max_len.max(f.total_len());
                 rep.max_segments = rep.max_segments.max(1 + f.continuations());
                 if !rep.first_offsets.contains(&f.offset()) {
@@ -122,7 +130,22 @@ fn forward(
                 let d = f.data_mut();
                 d[0..6].copy_from_slice(&dmac);
                 d[6..12].copy_from_slice(&smac);
-                f.forward(to);
+                if !as_copy {
+                    f.forward(to);
+                    continue;
+                }
+                copy.clear();
+                copy.extend_from_slice(f.data());
+                for k in 0..f.continuations() {
+                    copy.extend_from_slice(f.continuation(k));
+                }
+                f.drop_frame();
+                // The frame's borrow of the UMEM ends here.
+                xsk.send_copy(to, &[&copy]).unwrap();
+                rep.copied += 1;
+                if copy.len() > chunk {
+                    rep.copied_chained += 1;
+                }
             }
             xsk.complete(&mut batch).unwrap();
         }
@@ -303,6 +326,8 @@ fn pods_talk_through_af_xdp_sockets_sharing_one_umem() {
         "no frame arrived as chained descriptors"
     );
     assert!(rep.max_len >= 8000 + 42, "largest frame {}", rep.max_len);
+    assert!(rep.copied_chained > 0, "no copy spanned several chunks");
+    assert_eq!(xsk.stats(sa).unwrap().tx_copied, rep.copied);
     assert!(
         rep.first_offsets.iter().all(|o| *o == rx_offset),
         "rx offsets {:?}",

@@ -128,7 +128,7 @@ pub fn drop_reason_name(i: u8) -> String {
 
 /// Drops the agent counts itself, indexed from `DropReason::COUNT`.
 pub const AGENT_DROPS: &[&str] = &[
-    // The verdict named a port whose socket another worker owns (see `workers`).
+    // The frame belongs to another worker but this one has no handoff rings (see `handoff`).
     "handoff_unsupported",
     // The verdict named a port no worker has a socket for.
     "no_socket",
@@ -138,6 +138,10 @@ pub const AGENT_DROPS: &[&str] = &[
     "tx_full",
     // A multi-buffer packet of more continuation chunks than the worker reads (`xsk_io::MAX_TAIL`).
     "too_many_fragments",
+    // The handoff ring to the owning worker was full (every buffer of the pair in flight).
+    "handoff_full",
+    // A frame too large for a handoff buffer, or for the destination's UMEM chunks.
+    "too_large",
 ];
 
 /// Index of an agent drop reason in the counters.

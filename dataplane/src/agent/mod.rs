@@ -15,6 +15,7 @@ pub mod control_sync;
 pub mod counters;
 pub mod datapath;
 pub mod events;
+pub mod handoff;
 pub mod manifests;
 pub mod metrics;
 pub mod punt;
@@ -90,6 +91,12 @@ pub struct Agent {
 /// port they do not own, to count handoffs).
 pub type PortSet = Arc<std::sync::RwLock<Vec<PortId>>>;
 
+/// The worker that owns the socket of a single-queue port (a pod's host veth with fewer queues
+/// than workers): the agent opens it there, and other workers hand frames for it there.
+pub fn port_worker(port: PortId, workers: usize) -> usize {
+    port.0 as usize % workers.max(1)
+}
+
 /// Builds the frame I/O of worker `id` (AF_XDP on sluice-xdp, or [`workers::NoIo`]).
 pub type IoFactory = dyn Fn(usize) -> Result<Box<dyn WorkerIo>, WorkerError>;
 
@@ -139,14 +146,25 @@ impl Agent {
         }
         let mut workers = Vec::new();
         let mut uplink_queues = Vec::new();
+        // Several workers: handoff rings between every pair (steering and foreign ports).
+        let (mut handoffs, wakers) = if queues.len() > 1 {
+            let (ends, wakers) = handoff::mesh(queues.len());
+            (ends.into_iter().map(Some).collect(), Some(wakers))
+        } else {
+            (vec![None], None)
+        };
         for (id, (queue, core)) in queues.iter().enumerate() {
+            let mut wio = io(id)?;
+            if let Some(h) = handoffs.get_mut(id).and_then(Option::take) {
+                wio.attach_handoff(h);
+            }
             let w = Worker::spawn(
                 WorkerParams {
                     id,
                     core: config.workers.pin.then_some(*core),
                     busy_poll: config.workers.busy_poll,
                 },
-                io(id)?,
+                wio,
                 publisher.clone(),
             )
             .map_err(|source| AgentError::Io {
@@ -154,6 +172,9 @@ impl Agent {
                 path: PathBuf::new(),
                 source,
             })?;
+            if let Some(slot) = wakers.as_ref().and_then(|w| w.get(id)) {
+                let _ = slot.set(w.waker());
+            }
             workers.push(w);
             uplink_queues.push((*queue, id));
         }
@@ -219,7 +240,7 @@ impl Agent {
         if datapath::rx_queue_count(ifname) as usize >= n {
             (0..n).map(|w| (w, w as u32)).collect()
         } else {
-            vec![(port.0 as usize % n, 0)]
+            vec![(port_worker(port, n), 0)]
         }
     }
 

@@ -7,12 +7,12 @@
 //! means asking the owning worker to open the socket on its own UMEM and waiting for its answer.
 //! Tables arrive through [`Publisher::load`] between batches.
 //!
-//! Cross-worker handoff (a frame received by worker A whose verdict names a port only worker B has
-//! a socket on) is avoided by layout: on an interface with at least as many queues as workers,
-//! worker `q` owns the socket of queue `q`, so every worker can transmit on every port from its
-//! own UMEM. Otherwise the frame is dropped and counted (`handoffs`, drop `handoff_unsupported`):
-//! copying it into B's UMEM needs a "transmit these bytes" call in `sluice-xdp` that does not exist
-//! yet. The I/O itself sits behind [`WorkerIo`], implemented over `sluice-xdp` in `xsk_io`.
+//! Cross-worker handoff: a frame whose connection another worker owns (`crate::steer`), or whose
+//! verdict names a port only another worker has a socket on, is copied to that worker through the
+//! lock-free rings of [`super::handoff`]; producers wake the peer's [`Waker`] once per batch. On an
+//! interface with at least as many queues as workers, worker `q` owns the socket of queue `q`, so
+//! every worker transmits on that port from its own UMEM. The I/O itself sits behind
+//! [`WorkerIo`], implemented over `sluice-xdp` in `xsk_io`.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use tokio::sync::oneshot;
 
 use super::counters::WorkerCounters;
+use super::handoff::Handoff;
 use super::tables::{PortId, Publisher, Snapshot};
 
 /// What a worker must open a socket on.
@@ -70,6 +71,9 @@ pub trait WorkerIo: Send {
     /// One round: receive up to a batch per port, run the pipeline, transmit. Returns the number
     /// of frames handled (0 means idle).
     fn poll_once(&mut self, tables: &Snapshot, counters: &WorkerCounters) -> usize;
+    /// This worker's ends of the handoff rings (called once, before the worker starts, when the
+    /// node has several workers). Frame I/O without handoff ignores it.
+    fn attach_handoff(&mut self, _handoff: Handoff) {}
 }
 
 /// Frame I/O that opens nothing: the agent runs its control path (API, registry, tables) without a
@@ -174,6 +178,11 @@ impl Worker {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Close(port, tx))?;
         rx.await.map_err(|_| WorkerError::Stopped(self.id))
+    }
+
+    /// The waker of the worker's event loop (for handoff producers).
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
     }
 
     /// Whether the thread is still running.

@@ -1,13 +1,17 @@
 //! A worker's frame I/O over `sluice-xdp`: one UMEM ([`Xsk`]) shared by the sockets this worker
 //! owns, rx batch -> [`crate::pipeline::process`] -> tx batch.
 //!
-//! Forwarding between two sockets of this worker moves the descriptor (no copy). A verdict naming
-//! a port whose socket another worker owns is a cross-worker handoff: `sluice-xdp` has no call to
-//! transmit a copied frame on a socket yet, so such frames are dropped and counted as
-//! `handoff_unsupported` (and in `handoffs`); with one worker per node (the default for a
-//! single-queue uplink) it never happens. `PassToKernel` after a redirect goes back to the kernel
-//! through the punt link (`punt`): counted in `to_kernel`, and as drop `pass_after_redirect` when
-//! there is no punt link.
+//! Forwarding between two sockets of this worker moves the descriptor (no copy). With several
+//! workers ([`super::handoff`] attached), each received frame is first steered
+//! ([`crate::steer::owner`]): a frame whose connection another worker owns is copied to it raw,
+//! with its ingress port, and dropped here. A verdict naming a port whose socket another worker
+//! owns copies the processed frame to that worker ([`super::port_worker`]) for transmission.
+//! Frames other workers handed to this one are drained at the start of every round: processed
+//! in their handoff buffer, then sent with [`Xsk::send_copy`] (or handed on for transmission).
+//! Without handoff rings such frames are dropped and counted as `handoff_unsupported`. With one
+//! worker per node (the default for a single-queue uplink) none of this runs. `PassToKernel`
+//! after a redirect goes back to the kernel through the punt link (`punt`): counted in
+//! `to_kernel`, and as drop `pass_after_redirect` when there is no punt link.
 //!
 //! Multi-buffer frames: the pipeline reads the continuation chunks in place as the frame's
 //! read-only tail ([`sluice_xdp::FrameMut::split_tail`], no copy); headers are always in the first
@@ -19,15 +23,18 @@ use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use sluice_xdp::{RxBatch, SocketId, Xsk, XskConfig};
+use sluice_xdp::{RxBatch, SendError, SocketId, Xsk, XskConfig};
 
 use super::PortSet;
 use super::counters::WorkerCounters;
-use super::datapath::{SharedLoader, agent_drop};
+use super::datapath::{AGENT_DROPS, SharedLoader, agent_drop};
+use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
 use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
 use crate::frame::Frame;
 use crate::pipeline::{WorkerConfig, WorkerState, process};
+use crate::steer::{self, Steer};
+use crate::tables::Tables;
 use crate::verdict::{self, Verdict};
 
 /// Continuation chunks a packet may have (a 64 KiB packet in 4 KiB chunks needs 16; the kernel's
@@ -38,6 +45,30 @@ pub const MAX_TAIL: usize = 32;
 /// 64 KiB ones. The uplink gets a full ring. A worker's UMEM (`frame_count`) then holds the uplink,
 /// frames in flight and this many per pod: 16384 chunks serve about 50 pods per worker.
 pub const POD_FILL: u32 = 256;
+
+/// Frames drained from each peer's handoff ring per round (the rest wait for the next round).
+const DRAIN_BUDGET: usize = 256;
+
+/// The agent's own drop reasons, as indexes into [`AGENT_DROPS`].
+mod agent_drops {
+    pub const HANDOFF_UNSUPPORTED: usize = 0;
+    pub const NO_SOCKET: usize = 1;
+    pub const PASS_AFTER_REDIRECT: usize = 2;
+    pub const TX_FULL: usize = 3;
+    pub const TOO_MANY_FRAGMENTS: usize = 4;
+    pub const HANDOFF_FULL: usize = 5;
+    pub const TOO_LARGE: usize = 6;
+}
+use agent_drops::*;
+
+/// What one round counts, flushed into the shared counters at its end (no atomic per frame).
+#[derive(Debug, Default)]
+struct RoundTally {
+    /// The agent's own drops, by index into [`AGENT_DROPS`].
+    drops: [u64; AGENT_DROPS.len()],
+    /// Frames handed to another worker.
+    handoffs: u64,
+}
 
 /// One socket of this worker.
 #[derive(Debug, Clone, Copy)]
@@ -56,8 +87,11 @@ pub struct XskIo {
     loader: SharedLoader,
     state: WorkerState,
     start: Instant,
-    /// Ports some other worker owns (for counting handoffs rather than `no_socket`).
+    /// Ports some other worker owns (for counting `handoff_unsupported` rather than `no_socket`
+    /// when there are no handoff rings).
     peers: PortSet,
+    /// This worker's ends of the handoff rings (several workers only).
+    handoff: Option<Handoff>,
 }
 
 impl XskIo {
@@ -77,6 +111,7 @@ impl XskIo {
             state: WorkerState::new(WorkerConfig::default()),
             start: Instant::now(),
             peers,
+            handoff: None,
         })
     }
 }
@@ -124,6 +159,14 @@ impl WorkerIo for XskIo {
         Ok(raw)
     }
 
+    fn attach_handoff(&mut self, handoff: Handoff) {
+        self.state.steer = Steer {
+            worker: u16::try_from(handoff.worker).unwrap_or(0),
+            workers: u16::try_from(handoff.workers).unwrap_or(1),
+        };
+        self.handoff = Some(handoff);
+    }
+
     fn close_port(&mut self, port: PortId) {
         let (gone, keep): (Vec<_>, Vec<_>) = self.sockets.iter().partition(|s| s.port == port);
         self.sockets = keep;
@@ -148,6 +191,7 @@ impl WorkerIo for XskIo {
             state,
             start,
             peers,
+            handoff,
             ..
         } = self;
         if state.events.is_none() {
@@ -156,7 +200,10 @@ impl WorkerIo for XskIo {
         let tables = &snapshot.tables;
         let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let mut handled = 0;
-        let mut agent_drops = [0u64; 5];
+        let mut tally = RoundTally::default();
+        if let Some(h) = handoff.as_mut() {
+            handled += drain_handoffs(h, xsk, sockets, state, snapshot, now_ns, &mut tally);
+        }
         for s in sockets.iter() {
             let n = match xsk.recv(s.id, batch) {
                 Ok(n) => n,
@@ -177,7 +224,26 @@ impl WorkerIo for XskIo {
                 let (off, len) = (fm.offset(), fm.len());
                 if fm.continuations() > MAX_TAIL {
                     fm.drop_frame();
-                    agent_drops[4] += 1;
+                    tally.drops[TOO_MANY_FRAGMENTS] += 1;
+                    continue;
+                }
+                // Steering: a connection another worker owns goes there raw, with its ingress.
+                if let Some(h) = handoff.as_mut()
+                    && let Some(owner) = steer::owner(tables, fm.data(), s.port_id(), h.workers)
+                    && owner != h.worker
+                {
+                    let mut parts: [&[u8]; MAX_TAIL + 1] = [&[]; MAX_TAIL + 1];
+                    let (chunk, n) = fm.split_tail(&mut parts[1..]);
+                    parts[0] = chunk.get(off..off + len).unwrap_or(&[]);
+                    hand_off(
+                        h,
+                        owner,
+                        HandoffKind::Process,
+                        s.port,
+                        &parts[..=n],
+                        &mut tally,
+                    );
+                    fm.drop_frame();
                     continue;
                 }
                 let (v, off, len) = {
@@ -195,14 +261,19 @@ impl WorkerIo for XskIo {
                             Some(o) if fm.set_bounds(off, len).is_ok() => fm.forward(o.id),
                             Some(_) => fm.drop_frame(),
                             None => {
-                                fm.drop_frame();
-                                let other = peers.read().map(|p| p.contains(&to)).unwrap_or(false);
-                                if other {
-                                    WorkerCounters::add(&counters.handoffs, 1);
-                                    agent_drops[0] += 1;
+                                if let Some(h) = handoff.as_mut() {
+                                    let mut parts: [&[u8]; MAX_TAIL + 1] = [&[]; MAX_TAIL + 1];
+                                    let (chunk, n) = fm.split_tail(&mut parts[1..]);
+                                    parts[0] = chunk.get(off..off + len).unwrap_or(&[]);
+                                    let w = super::port_worker(to, h.workers);
+                                    let parts = &parts[..=n];
+                                    hand_off(h, w, HandoffKind::Transmit, to, parts, &mut tally);
+                                } else if peers.read().map(|p| p.contains(&to)).unwrap_or(false) {
+                                    tally.drops[HANDOFF_UNSUPPORTED] += 1;
                                 } else {
-                                    agent_drops[1] += 1;
+                                    tally.drops[NO_SOCKET] += 1;
                                 }
+                                fm.drop_frame();
                             }
                         }
                     }
@@ -222,7 +293,7 @@ impl WorkerIo for XskIo {
                             }
                             _ => {
                                 fm.drop_frame();
-                                agent_drops[2] += 1;
+                                tally.drops[PASS_AFTER_REDIRECT] += 1;
                             }
                         }
                     }
@@ -232,12 +303,18 @@ impl WorkerIo for XskIo {
                 tracing::debug!("complete: {e}");
             }
         }
+        if let Some(h) = handoff.as_mut() {
+            h.wake_peers();
+        }
         if let Err(e) = xsk.flush() {
             tracing::debug!("flush: {e}");
         }
-        for (i, n) in agent_drops.iter().enumerate() {
+        if tally.handoffs > 0 {
+            WorkerCounters::add(&counters.handoffs, tally.handoffs);
+        }
+        for (n, name) in tally.drops.iter().zip(AGENT_DROPS) {
             if *n > 0 {
-                counters.drop(agent_drop(super::datapath::AGENT_DROPS[i]), *n);
+                counters.drop(agent_drop(name), *n);
             }
         }
         if handled > 0 {
@@ -266,4 +343,111 @@ impl WorkerIo for XskIo {
         });
         handled
     }
+}
+
+impl OwnedSocket {
+    fn port_id(&self) -> verdict::PortId {
+        verdict::PortId(self.port.0)
+    }
+}
+
+/// Copy a frame to worker `to` (counted in `handoffs`, or dropped with its reason).
+fn hand_off(
+    h: &mut Handoff,
+    to: usize,
+    kind: HandoffKind,
+    port: PortId,
+    parts: &[&[u8]],
+    tally: &mut RoundTally,
+) {
+    match h.send(to, kind, port, parts) {
+        Ok(()) => tally.handoffs += 1,
+        Err(HandoffError::Full) => tally.drops[HANDOFF_FULL] += 1,
+        Err(HandoffError::TooLarge) => tally.drops[TOO_LARGE] += 1,
+        Err(HandoffError::NoPeer) => tally.drops[NO_SOCKET] += 1,
+    }
+}
+
+/// Send `data` on our socket for `to`, copied into this UMEM.
+fn transmit_copy(
+    xsk: &mut Xsk,
+    sockets: &[OwnedSocket],
+    to: PortId,
+    data: &[u8],
+    drops: &mut [u64; AGENT_DROPS.len()],
+) -> bool {
+    let Some(o) = sockets.iter().find(|o| o.port == to) else {
+        return false;
+    };
+    match xsk.send_copy(o.id, &[data]) {
+        Ok(()) => {}
+        Err(SendError::QueueFull | SendError::NoFreeChunks) => drops[TX_FULL] += 1,
+        Err(SendError::TooLarge) => drops[TOO_LARGE] += 1,
+        Err(SendError::Empty | SendError::NoSuchSocket) => drops[NO_SOCKET] += 1,
+    }
+    true
+}
+
+/// Handle what other workers handed to this one: run the pipeline on raw frames, transmit
+/// processed ones. Returns the number of frames taken from the rings.
+fn drain_handoffs(
+    h: &mut Handoff,
+    xsk: &mut Xsk,
+    sockets: &[OwnedSocket],
+    state: &mut WorkerState,
+    snapshot: &Snapshot,
+    now_ns: u64,
+    tally: &mut RoundTally,
+) -> usize {
+    let tables: &Tables = &snapshot.tables;
+    let mut n = 0;
+    for from in 0..h.workers {
+        for _ in 0..DRAIN_BUDGET {
+            let Some(mut f) = h.recv(from) else {
+                break;
+            };
+            n += 1;
+            let to = match f.kind {
+                HandoffKind::Transmit => Some(f.port),
+                HandoffKind::Process => {
+                    let ingress = verdict::PortId(f.port.0);
+                    let (buf, off, len) = f.window_mut();
+                    let mut frame = Frame::new(buf, off, len);
+                    let v = process(tables, state, now_ns, ingress, &mut frame);
+                    let (off, len) = (frame.offset(), frame.len());
+                    f.set_window(off, len);
+                    match v {
+                        Verdict::Forward(to) => Some(PortId(to.0)),
+                        Verdict::Drop(_) => None,
+                        // Back to the kernel through the punt link, addressed to its kernel side.
+                        Verdict::PassToKernel => match snapshot.punt {
+                            Some(p) if f.data().len() >= 14 => {
+                                if let Some(dst) = f.data_mut().get_mut(..6) {
+                                    dst.copy_from_slice(&p.host_mac.0);
+                                }
+                                Some(p.port)
+                            }
+                            _ => {
+                                tally.drops[PASS_AFTER_REDIRECT] += 1;
+                                None
+                            }
+                        },
+                    }
+                }
+            };
+            if let Some(to) = to
+                && !transmit_copy(xsk, sockets, to, f.data(), &mut tally.drops)
+            {
+                // Not ours to transmit: on to the port's worker, once (never back and forth).
+                let w = super::port_worker(to, h.workers);
+                if f.kind == HandoffKind::Process && w != h.worker {
+                    hand_off(h, w, HandoffKind::Transmit, to, &[f.data()], tally);
+                } else {
+                    tally.drops[NO_SOCKET] += 1;
+                }
+            }
+            h.release(from, f);
+        }
+    }
+    n
 }
