@@ -49,15 +49,15 @@ fn every_frame_is_accounted_for() {
         fill_size: 128,
         comp_size: 64,
         rx_size: 128,
-        tx_size: 16,
+        tx_size: 8,
         batch_size: 32,
         ..XskConfig::default()
     };
     let mut xsk = Xsk::new(&cfg).unwrap();
     // A fill target below the ring size (as a pod socket gets): the fill ring never holds more,
     // and the frames still all come back.
-    let s = xsk.open_socket_with(&veth.host, 0, 48).unwrap();
-    assert_eq!(xsk.accounting().fill, 48);
+    let s = xsk.open_socket_with(&veth.host, 0, 96).unwrap();
+    assert_eq!(xsk.accounting().fill, 96);
     loader
         .register_socket(ifindex, 0, xsk.fd(s).unwrap())
         .unwrap();
@@ -85,6 +85,7 @@ fn every_frame_is_accounted_for() {
     let (mut copied, mut copy_refused, mut copied_chained) = (0u64, 0u64, 0u64);
     let mut copy = Vec::with_capacity(16 * 1024);
     let mut quiet_since = Instant::now();
+    let mut rounds = 0u64;
     loop {
         let mut pfd = libc::pollfd {
             fd,
@@ -152,11 +153,16 @@ fn every_frame_is_accounted_for() {
         // Held frames are counted while the batch has them.
         assert!(xsk.accounting().is_balanced(), "{:?}", xsk.accounting());
         xsk.complete(&mut batch).unwrap();
-        xsk.flush().unwrap();
+        // Kick the tx ring only every fourth busy round: forwards pile up past the tx ring and
+        // its queue, so the queue-full path runs whatever the machine's speed.
+        rounds += 1;
+        if n == 0 || rounds % 4 == 0 {
+            xsk.flush().unwrap();
+        }
         let acc = xsk.accounting();
         assert!(acc.is_balanced(), "{acc:?}");
         assert_eq!(acc.held, 0);
-        assert!(acc.fill <= 48, "fill ring above its target: {acc:?}");
+        assert!(acc.fill <= 96, "fill ring above its target: {acc:?}");
         if n > 0 {
             quiet_since = Instant::now();
         } else if sender.is_finished() && quiet_since.elapsed() > Duration::from_millis(200) {
