@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let workers = usize::from(sel & 7) + 1;
-    let port = if sel & 8 != 0 { demo::UPLINK } else { PortId(1) };
+    let port = if sel & 8 != 0 {
+        demo::UPLINK
+    } else {
+        PortId(1)
+    };
     if let Some(w) = owner(tables, frame, port, workers) {
         assert!(w < workers);
     }
