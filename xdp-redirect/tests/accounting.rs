@@ -156,7 +156,7 @@ fn every_frame_is_accounted_for() {
         // Kick the tx ring only every fourth busy round: forwards pile up past the tx ring and
         // its queue, so the queue-full path runs whatever the machine's speed.
         rounds += 1;
-        if n == 0 || rounds % 4 == 0 {
+        if n == 0 || rounds.is_multiple_of(4) {
             xsk.flush().unwrap();
         }
         let acc = xsk.accounting();
