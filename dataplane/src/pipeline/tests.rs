@@ -870,8 +870,9 @@ fn events_every_drop_with_its_reason_and_none_without_a_ring() {
     });
 }
 
-#[test]
-fn events_policy_denial_names_direction() {
+/// The demo tables with pods A (`app: a`) and B (`app: b`) in namespace `default` and one
+/// NetworkPolicy `name` there with `spec`.
+fn tables_with_policy(name: &str, spec: serde_json::Value) -> Tables {
     use crate::policy::{PodInfo, PolicyInputs, PolicyTable};
     let pod = |name: &str, ip: [u8; 4], app: &str| PodInfo {
         namespace: "default".into(),
@@ -881,12 +882,10 @@ fn events_policy_denial_names_direction() {
         ports: vec![],
         local: true,
     };
-    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "deny-b", "namespace": "default"},
-            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]}
-        }))
-        .unwrap();
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec}),
+    )
+    .unwrap();
     let ns: k8s_openapi::api::core::v1::Namespace =
         serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
     let policy = PolicyTable::compile(&PolicyInputs {
@@ -896,7 +895,15 @@ fn events_policy_denial_names_direction() {
         node_addrs: vec![],
     })
     .unwrap();
-    let t = demo::demo_builder().policy(policy).build().unwrap();
+    demo::demo_builder().policy(policy).build().unwrap()
+}
+
+#[test]
+fn events_policy_denial_names_direction() {
+    let t = tables_with_policy(
+        "deny-b",
+        serde_json::json!({"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]}),
+    );
     let mut s = state();
     let mut c = with_events(&mut s);
     let syn = demo::tcp_frame(&FrameSpec::from_pod(2, B, 1234, 80), tcp::flags::SYN, b"");
@@ -920,34 +927,13 @@ fn events_policy_denial_names_direction() {
 
 #[test]
 fn egress_policy_covers_addresses_outside_the_cluster() {
-    use crate::policy::{PodInfo, PolicyInputs, PolicyTable};
-    let pod = |name: &str, ip: [u8; 4], app: &str| PodInfo {
-        namespace: "default".into(),
-        name: name.into(),
-        labels: [("app".to_owned(), app.to_owned())].into(),
-        ip: ip.into(),
-        ports: vec![],
-        local: true,
-    };
     // Pod A may only reach 8.8.8.8/32 on UDP 53 outside the cluster.
-    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "egress-a", "namespace": "default"},
-            "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"],
-                     "egress": [{"to": [{"ipBlock": {"cidr": "8.8.8.8/32"}}],
-                                 "ports": [{"port": 53, "protocol": "UDP"}]}]}
-        }))
-        .unwrap();
-    let ns: k8s_openapi::api::core::v1::Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
-    let policy = PolicyTable::compile(&PolicyInputs {
-        namespaces: vec![ns],
-        pods: vec![pod("a", A, "a"), pod("b", B, "b")],
-        policies: vec![np],
-        node_addrs: vec![],
-    })
-    .unwrap();
-    let t = demo::demo_builder().policy(policy).build().unwrap();
+    let t = tables_with_policy(
+        "egress-a",
+        serde_json::json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"],
+                           "egress": [{"to": [{"ipBlock": {"cidr": "8.8.8.8/32"}}],
+                                       "ports": [{"port": 53, "protocol": "UDP"}]}]}),
+    );
     let mut s = state();
     let mut c = with_events(&mut s);
     // Allowed: back to the kernel, untracked.
