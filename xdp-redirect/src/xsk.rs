@@ -957,21 +957,6 @@ impl Xsk {
         Ok(self.socket(id)?.stats)
     }
 
-    /// Changes how many chunks `id`'s fill ring is kept at (capped at the
-    /// ring size). Lowering it takes nothing back: the ring drains to the new
-    /// target as frames arrive.
-    pub fn set_fill_target(&mut self, id: SocketId, fill_target: u32) -> Result<(), XskError> {
-        let cap = self.cfg.fill_size;
-        let sock = self
-            .sockets
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .ok_or(XskError::NoSuchSocket(id))?;
-        sock.fill_target = fill_target.min(cap);
-        refill(sock, &mut self.free);
-        Ok(())
-    }
-
     /// The kernel's counters of socket `id` (`getsockopt(XDP_STATISTICS)`:
     /// one syscall; for metrics, not the hot path).
     pub fn kernel_stats(&self, id: SocketId) -> Result<KernelStats, XskError> {

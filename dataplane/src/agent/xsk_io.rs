@@ -41,17 +41,19 @@ use crate::verdict::{self, Verdict};
 /// limit is 17 fragments).
 pub const MAX_TAIL: usize = 32;
 
-/// UMEM chunks kept in a pod socket's fill ring, at least: two batches of MTU-sized frames or
-/// about 8 of 64 KiB. Pods share what the uplink's full ring and [`TX_RESERVE`] leave of the UMEM
-/// equally ([`pod_fill_share`]), up to a full ring each: a worker with few pods gives each a deep
-/// ring (a pod sending a burst while the worker waits for its core loses nothing), one with many
-/// still gives every pod this much (16384 chunks serve 80 pods per worker at this floor).
+/// UMEM chunks kept in a pod socket's fill ring, at least (two batches of MTU-sized frames or
+/// about 8 of 64 KiB).
 pub const MIN_POD_FILL: u32 = 128;
 /// UMEM chunks kept out of the fill rings, for frames in flight on tx rings and copies.
 pub const TX_RESERVE: u32 = 4096;
+/// The pod count per worker the UMEM is planned for. A fill ring's chunks cannot be taken back
+/// while its pod is idle, so each pod gets a fixed share sized for this many pods (256 chunks of a
+/// 16384-chunk UMEM), not a share of what is free when it arrives: pods beyond it get what the
+/// reserve leaves and, past about 55 pods per worker, nothing (then the UMEM must grow).
+pub const PLANNED_PODS: u32 = 40;
 
-/// The fill target of each of `pods` pod sockets on a UMEM of `frames` chunks whose uplink
-/// socket keeps `ring` (the fill ring size) in its fill ring.
+/// The fill target of each pod socket on a UMEM of `frames` chunks whose uplink socket keeps
+/// `ring` (the fill ring size) in its fill ring, for `pods` pods.
 pub fn pod_fill_share(frames: u32, ring: u32, pods: u32) -> u32 {
     let budget = frames.saturating_sub(ring).saturating_sub(TX_RESERVE);
     (budget / pods.max(1)).clamp(MIN_POD_FILL, ring.max(MIN_POD_FILL))
@@ -87,7 +89,6 @@ struct OwnedSocket {
     port: PortId,
     queue: u32,
     id: SocketId,
-    kind: PortKind,
 }
 
 /// AF_XDP frame I/O of one worker.
@@ -128,29 +129,6 @@ impl XskIo {
     }
 }
 
-impl XskIo {
-    /// The fill share of each pod socket with `extra` more pod sockets than now.
-    fn pod_fill(&self, extra: u32) -> u32 {
-        let pods = self
-            .sockets
-            .iter()
-            .filter(|s| s.kind == PortKind::Pod)
-            .count() as u32;
-        let cfg = self.xsk.config();
-        pod_fill_share(cfg.frame_count, cfg.fill_size, pods + extra)
-    }
-
-    /// Give every pod socket the current share (after a pod socket came or went).
-    fn reshare_pod_fill(&mut self) {
-        let share = self.pod_fill(0);
-        for s in self.sockets.iter().filter(|s| s.kind == PortKind::Pod) {
-            if let Err(e) = self.xsk.set_fill_target(s.id, share) {
-                tracing::warn!(port = s.port.0, "fill target: {e}");
-            }
-        }
-    }
-}
-
 fn open_err(spec: &PortSpec, message: String) -> WorkerError {
     WorkerError::Open {
         ifname: spec.ifname.clone(),
@@ -163,7 +141,10 @@ impl WorkerIo for XskIo {
     fn open_port(&mut self, spec: &PortSpec) -> Result<RawFd, WorkerError> {
         let fill = match spec.kind {
             PortKind::Uplink => self.xsk.config().fill_size,
-            PortKind::Pod => self.pod_fill(1),
+            PortKind::Pod => {
+                let cfg = self.xsk.config();
+                pod_fill_share(cfg.frame_count, cfg.fill_size, PLANNED_PODS)
+            }
             PortKind::Punt => 0,
         };
         let id = self
@@ -190,11 +171,7 @@ impl WorkerIo for XskIo {
             port: spec.port,
             queue: spec.queue,
             id,
-            kind: spec.kind,
         });
-        if spec.kind == PortKind::Pod {
-            self.reshare_pod_fill();
-        }
         Ok(raw)
     }
 
@@ -220,7 +197,6 @@ impl WorkerIo for XskIo {
                 tracing::warn!(port = s.port.0, "closing socket: {e}");
             }
         }
-        self.reshare_pod_fill();
     }
 
     fn poll_once(&mut self, snapshot: &Snapshot, counters: &WorkerCounters) -> usize {
@@ -505,6 +481,7 @@ mod tests {
         assert_eq!(pod_fill_share(16384, 2048, 80), 128);
         assert_eq!(pod_fill_share(16384, 2048, 500), MIN_POD_FILL, "the floor");
         assert_eq!(pod_fill_share(1024, 2048, 0), MIN_POD_FILL, "a tiny UMEM");
+        assert_eq!(pod_fill_share(16384, 2048, PLANNED_PODS), 256);
         for pods in 1..=80 {
             let share = pod_fill_share(16384, 2048, pods);
             assert!(
