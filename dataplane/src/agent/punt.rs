@@ -39,6 +39,18 @@ pub struct Punt {
     pub host_mac: MacAddr,
 }
 
+impl Punt {
+    /// Address `frame` (an Ethernet frame) to the kernel side of the link, for transmission on
+    /// [`Punt::port`]. Returns false, changing nothing, for a frame too short to be Ethernet.
+    pub fn readdress(&self, frame: &mut [u8]) -> bool {
+        if frame.len() < 14 {
+            return false;
+        }
+        frame[..6].copy_from_slice(&self.host_mac.0);
+        true
+    }
+}
+
 /// Setting up or removing the punt link failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PuntError {
@@ -176,4 +188,27 @@ async fn remove_with(h: &Handle) -> Result<(), PuntError> {
 /// Remove the pair (clean shutdown); a missing pair is fine.
 pub async fn remove() -> Result<(), PuntError> {
     remove_with(&connect()?).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readdress_sets_the_destination_mac_of_ethernet_frames_only() {
+        let p = Punt {
+            port: PortId(4),
+            host_mac: MacAddr([2, 0, 0, 0, 0, 9]),
+        };
+        let mut frame = [0xaau8; 60];
+        assert!(p.readdress(&mut frame));
+        assert_eq!(frame[..6], [2, 0, 0, 0, 0, 9]);
+        assert!(
+            frame[6..].iter().all(|b| *b == 0xaa),
+            "only the destination changes"
+        );
+        let mut short = [0xaau8; 13];
+        assert!(!p.readdress(&mut short));
+        assert!(short.iter().all(|b| *b == 0xaa));
+    }
 }

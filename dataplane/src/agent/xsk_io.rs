@@ -301,10 +301,10 @@ impl WorkerIo for XskIo {
                             sockets.iter().find(|o| o.port == p.port).map(|o| (o, p))
                         });
                         match punt {
-                            Some((o, p)) if fm.set_bounds(off, len).is_ok() && len >= 14 => {
-                                if let Some(dst) = fm.data_mut().get_mut(..6) {
-                                    dst.copy_from_slice(&p.host_mac.0);
-                                }
+                            Some((o, p))
+                                if fm.set_bounds(off, len).is_ok()
+                                    && p.readdress(fm.data_mut()) =>
+                            {
                                 fm.forward(o.id);
                             }
                             _ => {
@@ -437,12 +437,7 @@ fn drain_handoffs(
                         Verdict::Drop(_) => None,
                         // Back to the kernel through the punt link, addressed to its kernel side.
                         Verdict::PassToKernel => match snapshot.punt {
-                            Some(p) if f.data().len() >= 14 => {
-                                if let Some(dst) = f.data_mut().get_mut(..6) {
-                                    dst.copy_from_slice(&p.host_mac.0);
-                                }
-                                Some(p.port)
-                            }
+                            Some(p) if p.readdress(f.data_mut()) => Some(p.port),
                             _ => {
                                 tally.drops[PASS_AFTER_REDIRECT] += 1;
                                 None
