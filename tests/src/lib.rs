@@ -26,6 +26,16 @@ use sluice_control::agent_api::{AddPodRequest, DelPodRequest, StatusRequest};
 use sluice_dataplane::agent::config::{MacAddr, NodeConfig, PeerNode};
 use sluice_dataplane::agent::counters::CountersFile;
 
+/// A NetworkPolicy isolating pods labelled `app: db` in `default` for ingress, allowing nothing.
+pub const DENY_DB_INGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-db, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+"#;
+
 /// MTU of pod veths (DESIGN: large, so same-node TCP is not cut to MTU-sized frames; frames span
 /// several UMEM chunks). Override with `SLUICE_E2E_POD_MTU`.
 pub const POD_MTU: u32 = 65535;

@@ -444,14 +444,6 @@ fn network_policy_default_deny_then_allow() {
     if !require_root() {
         return;
     }
-    const DENY: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-db, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  policyTypes: [Ingress]
-"#;
     const ALLOW: &str = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -472,7 +464,7 @@ spec:
 "#;
     check((|| {
         let mut c = Cluster::new(&[NodeKind::Sluice], AgentOptions::default())?;
-        let policies = c.write_manifest("policies.yaml", DENY)?;
+        let policies = c.write_manifest("policies.yaml", sluice_e2e::DENY_DB_INGRESS)?;
         let p = policies.clone();
         c.start_agents(move |_, cfg| cfg.manifests.network_policies.push(p.clone()))?;
         let db = c.add_pod(0, &[("app", "db")])?;

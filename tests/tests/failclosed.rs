@@ -39,17 +39,9 @@ fn isolated_pod_fails_closed_while_the_agent_is_dead() {
     if !require_root() {
         return;
     }
-    const DENY: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-db, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  policyTypes: [Ingress]
-"#;
     check((|| {
         let mut c = Cluster::new(&[NodeKind::Sluice], AgentOptions::default())?;
-        let policies = c.write_manifest("policies.yaml", DENY)?;
+        let policies = c.write_manifest("policies.yaml", sluice_e2e::DENY_DB_INGRESS)?;
         c.start_agents(move |_, cfg| cfg.manifests.network_policies.push(policies.clone()))?;
         let db = c.add_pod(0, &[("app", "db")])?;
         let web = c.add_pod(0, &[("app", "web")])?;
