@@ -11,7 +11,16 @@
 //! its flag validity check, without sequence-window tracking. A packet that the table calls invalid
 //! leaves the state and the expiry alone and [`CtEntry::on_packet`] answers [`CtState::Invalid`]; a
 //! packet it ignores (e.g. a retransmitted SYN/ACK) leaves them alone too and answers the current
-//! state. UDP is unreplied until a packet goes the reply way, then assured. ICMP (echo, keyed by
+//! state.
+//!
+//! A closed connection is never reopened in place. A SYN (without ACK, either way) that meets an
+//! entry in TIME_WAIT or CLOSE starts a new connection over the same 5-tuple
+//! ([`CtEntry::is_reopened_by`]): the caller removes the entry and handles the packet as the first
+//! of a new flow, so that everything decided for new flows (service choice, NAT, NetworkPolicy) is
+//! decided again with the tables of now. Linux does the same: `tcp_packet` kills such an entry and
+//! answers `NF_REPEAT`, so the packet is looked up again as NEW ("Attempt to reopen a
+//! closed/aborted connection"). [`CtEntry::on_packet`] answers [`CtState::Invalid`] for such a SYN,
+//! so a caller that forgot to end the entry drops the packet rather than passes it as established. UDP is unreplied until a packet goes the reply way, then assured. ICMP (echo, keyed by
 //! its id) and other protocols have a single state. The timeouts default to Linux's
 //! `net.netfilter.nf_conntrack_*_timeout*` defaults; see [`CtTimeouts`].
 //!
@@ -404,6 +413,15 @@ impl<V> CtEntry<V> {
         now >= self.expires
     }
 
+    /// Whether a packet with these TCP flags (`None`: not TCP) starts a new connection over this
+    /// closed one: a SYN without ACK, either way, while the entry is in TIME_WAIT or CLOSE. The
+    /// caller ends the entry and treats the packet as new (see the module doc).
+    #[inline]
+    pub fn is_reopened_by(&self, tcp_flags: Option<u8>) -> bool {
+        tcp_flags.is_some_and(is_syn_only)
+            && matches!(self.state, CtState::TcpTimeWait | CtState::TcpClose)
+    }
+
     pub fn packets(&self, dir: FlowDir) -> u64 {
         self.packets[dir as usize]
     }
@@ -454,6 +472,13 @@ enum TcpNext {
     Invalid,
 }
 
+/// A SYN without ACK, RST or FIN (ECE, CWR, PSH and URG aside): the packet that opens a connection.
+#[inline]
+fn is_syn_only(flags: u8) -> bool {
+    use tcp_flags::*;
+    flags & (SYN | ACK | RST | FIN) == SYN
+}
+
 /// Linux's TCP conntrack transition (`tcp_conntracks[dir][flag index][state]`) after its flag
 /// validity check (`tcp_valid_flags`, ECE, CWR and PSH masked).
 fn tcp_next(state: CtState, dir: FlowDir, flags: u8) -> TcpNext {
@@ -483,6 +508,10 @@ fn tcp_next(state: CtState, dir: FlowDir, flags: u8) -> TcpNext {
         Ack,
         Rst,
     }
+    if matches!(state, TcpTimeWait | TcpClose) && is_syn_only(f) {
+        // A new connection over a closed one: not this entry's packet (see the module doc).
+        return TcpNext::Invalid;
+    }
     let ev = if f & RST != 0 {
         Ev::Rst
     } else if f & SYN != 0 {
@@ -507,6 +536,8 @@ fn tcp_next(state: CtState, dir: FlowDir, flags: u8) -> TcpNext {
         _ => return TcpNext::Invalid,
     };
     // Cells: `None` is Linux's sIV (invalid), `Some(Invalid)` its sIG (ignore), else the next state.
+    // The SYN cells of sTW and sCL are never read: such a SYN reopens (returned above); Linux's
+    // table has sSS there and its caller kills the entry.
     const IV: Option<CtState> = None;
     const IG: Option<CtState> = Some(Invalid);
     let (ss, sr, es, fw, cw, la, tw, cl, s2) = (
@@ -1124,8 +1155,49 @@ mod tests {
         assert_eq!(step(&mut ct, h, R, ACK), CtState::TcpCloseWait);
         assert_eq!(step(&mut ct, h, R, FIN | ACK), CtState::TcpLastAck);
         assert_eq!(step(&mut ct, h, O, ACK), CtState::TcpTimeWait);
-        // A new SYN on the same tuple reopens.
-        assert_eq!(step(&mut ct, h, O, SYN), CtState::TcpSynSent);
+        // A new SYN on the same tuple starts a new connection: not accounted to this one.
+        assert!(ct.get(h).unwrap().is_reopened_by(Some(SYN)));
+        assert_eq!(step(&mut ct, h, O, SYN), CtState::Invalid);
+        assert_eq!(ct.get(h).unwrap().state(), CtState::TcpTimeWait);
+    }
+
+    #[test]
+    fn syn_over_a_closed_connection_reopens_either_way() {
+        for (close, dir) in [
+            (&[(O, FIN | ACK), (R, FIN | ACK), (O, ACK)][..], O),
+            (&[(O, FIN | ACK), (R, FIN | ACK), (O, ACK)][..], R),
+            (&[(R, RST)][..], O),
+            (&[(O, RST | ACK)][..], R),
+        ] {
+            let mut ct = table(16);
+            let h = open(&mut ct, tcp(1), 0);
+            step(&mut ct, h, R, SYN | ACK);
+            step(&mut ct, h, O, ACK);
+            for &(d, f) in close {
+                step(&mut ct, h, d, f);
+            }
+            let e = *ct.get(h).unwrap();
+            assert!(matches!(
+                e.state(),
+                CtState::TcpTimeWait | CtState::TcpClose
+            ));
+            for flags in [SYN, SYN | ECE | CWR, SYN | PSH] {
+                assert!(e.is_reopened_by(Some(flags)), "{flags:#x} {dir:?}");
+            }
+            for flags in [SYN | ACK, ACK, RST, FIN | ACK] {
+                assert!(!e.is_reopened_by(Some(flags)), "{flags:#x}");
+            }
+            assert!(!e.is_reopened_by(None));
+            assert_eq!(step(&mut ct, h, dir, SYN), CtState::Invalid);
+            assert_eq!(ct.get(h).unwrap().state(), e.state(), "left as it was");
+        }
+        // Live connections are not reopened: a SYN there is Linux's (ignored or invalid) packet.
+        let mut ct = table(16);
+        let h = open(&mut ct, tcp(1), 0);
+        for (d, f) in [(R, SYN | ACK), (O, ACK), (O, FIN | ACK)] {
+            step(&mut ct, h, d, f);
+            assert!(!ct.get(h).unwrap().is_reopened_by(Some(SYN)));
+        }
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //!    source address.
 //! 3. Partial L4 checksums are completed (`nat::complete_partial_checksum`).
 //! 4. `conntrack` lookup: a packet of a known flow is accounted (TCP state machine), translated as
-//!    its entry says (DNAT original / reverse NAT replies) and routed; policy is not consulted.
+//!    its entry says (DNAT original / reverse NAT replies) and routed; policy is not consulted. A
+//!    TCP SYN that meets a closed connection (TIME_WAIT or CLOSE) ends that entry and goes on as a
+//!    new flow (as Linux conntrack does), so reusing a 5-tuple never skips step 5.
 //! 5. A new flow: `service` (ClusterIP or NodePort, Maglev, affinity) gives the translated tuple;
 //!    NodePort flows are also SNATed to this node's VTEP address (as kube-proxy does with
 //!    externalTrafficPolicy=Cluster), with a free source port; `route` must know the destination;
@@ -393,6 +395,18 @@ fn finish_inner(
         _ => s.conntrack.lookup(&key, now),
     };
     let tcp_flags = (p.proto == proto::TCP).then_some(p.tcp_flags);
+    if let Some((h, _)) = hit
+        && s.conntrack
+            .get(h)
+            .is_some_and(|e| e.is_reopened_by(tcp_flags))
+    {
+        // A SYN over a closed connection (TIME_WAIT or CLOSE, either way) opens a new one: the
+        // old entry goes (its end was emitted when it closed; a NodePort SNAT port is freed) and
+        // the packet takes the new-flow path, so service, NAT and policy are decided anew.
+        s.conntrack.remove(h);
+        s.ct_epoch += 1;
+        return new_flow(t, s, now, ingress, frame, p, prep.external, tcp_flags);
+    }
     if let Some((h, dir)) = hit {
         let before = match (&s.events, tcp_flags) {
             (Some(_), Some(_)) => s.conntrack.get(h).map(|e| e.state()),

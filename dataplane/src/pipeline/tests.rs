@@ -1055,3 +1055,338 @@ fn bytes_are_counted_in_and_out() {
     assert_eq!(s.counters.rx_bytes, n(&local) + n(&remote) + n(&junk));
     assert_eq!(s.counters.tx_bytes, n(&local) + n(&remote) + 50);
 }
+
+/// How a test connection ends.
+#[derive(Clone, Copy, Debug)]
+enum Close {
+    FinByClient,
+    FinByServer,
+    RstByClient,
+    RstByServer,
+}
+
+const CLOSES: [Close; 4] = [
+    Close::FinByClient,
+    Close::FinByServer,
+    Close::RstByClient,
+    Close::RstByServer,
+];
+
+/// The two ends of a TCP connection to pod B: the client's frames (pod A, or an outside host
+/// through the uplink for a NodePort) and B's answers, at the addresses each side uses.
+#[derive(Clone, Copy, Debug)]
+struct Conn {
+    client: FrameSpec,
+    client_port: PortId,
+    /// B's frames: from B's port to the address B sees the client at.
+    server: FrameSpec,
+    /// Where the client's frames go, and B's.
+    to_server: Verdict,
+    to_client: Verdict,
+}
+
+impl Conn {
+    /// Pod A to pod B:80.
+    fn direct(sp: u16) -> Self {
+        Conn {
+            client: FrameSpec::from_pod(2, B, sp, 80),
+            client_port: POD_A,
+            server: FrameSpec::from_pod(3, A, 80, sp),
+            to_server: Verdict::Forward(POD_B),
+            to_client: Verdict::Forward(POD_A),
+        }
+    }
+
+    /// Pod A to the web VIP, balanced to B:8080 (`sp` from [`sport_for`]).
+    fn via_vip(sp: u16) -> Self {
+        Conn {
+            client: FrameSpec::from_pod(2, VIP, sp, 80),
+            server: FrameSpec::from_pod(3, A, 8080, sp),
+            ..Conn::direct(sp)
+        }
+    }
+
+    /// An outside host to this node's NodePort 30080, balanced to B:8080 and SNATed to the VTEP
+    /// address (the default steering share keeps the client's port).
+    fn node_port(t: &Tables) -> Self {
+        let spec = |sp| FrameSpec {
+            src_mac: [9; 6],
+            dst_mac: demo::NODE_MAC,
+            src: [203, 0, 113, 5],
+            dst: [192, 168, 50, 1],
+            src_port: sp,
+            dst_port: 30080,
+        };
+        let sp = (1000u16..3000)
+            .find(|&sp| {
+                let syn = demo::tcp_frame(&spec(sp), tcp::flags::SYN, b"");
+                run(t, &mut state(), 1, UPLINK, &syn).0 == Verdict::Forward(POD_B)
+            })
+            .unwrap();
+        Conn {
+            client: spec(sp),
+            client_port: UPLINK,
+            server: FrameSpec::from_pod(3, [10, 244, 1, 0], 8080, sp),
+            to_server: Verdict::Forward(POD_B),
+            to_client: Verdict::Forward(UPLINK),
+        }
+    }
+
+    fn client_sends(&self, t: &Tables, s: &mut WorkerState, now: u64, flags: u8) -> Verdict {
+        let f = demo::tcp_frame(&self.client, flags, b"");
+        run(t, s, now, self.client_port, &f).0
+    }
+
+    fn server_sends(&self, t: &Tables, s: &mut WorkerState, now: u64, flags: u8) -> Verdict {
+        let f = demo::tcp_frame(&self.server, flags, b"");
+        run(t, s, now, POD_B, &f).0
+    }
+
+    /// Handshake and `close`; every packet is delivered.
+    fn open_and_close(&self, t: &Tables, s: &mut WorkerState, now: u64, close: Close) {
+        let syn = self.client_sends(t, s, now, tcp::flags::SYN);
+        assert_eq!(syn, self.to_server);
+        self.answer_and_close(t, s, now, close);
+    }
+
+    /// The rest of [`Self::open_and_close`] after the client's SYN.
+    fn answer_and_close(&self, t: &Tables, s: &mut WorkerState, now: u64, close: Close) {
+        use tcp::flags::{ACK, FIN, RST, SYN};
+        let c =
+            |s: &mut WorkerState, f| assert_eq!(self.client_sends(t, s, now, f), self.to_server);
+        let b =
+            |s: &mut WorkerState, f| assert_eq!(self.server_sends(t, s, now, f), self.to_client);
+        b(s, SYN | ACK);
+        c(s, ACK);
+        match close {
+            Close::FinByClient => {
+                c(s, FIN | ACK);
+                b(s, ACK);
+                b(s, FIN | ACK);
+                c(s, ACK);
+            }
+            Close::FinByServer => {
+                b(s, FIN | ACK);
+                c(s, ACK);
+                c(s, FIN | ACK);
+                b(s, ACK);
+            }
+            Close::RstByClient => c(s, RST),
+            Close::RstByServer => b(s, RST | ACK),
+        }
+    }
+}
+
+/// The state of the one conntrack entry of the client's key.
+fn ct_state(s: &mut WorkerState, c: &Conn) -> Option<CtState> {
+    let key = FlowKey::from(tuple(&demo::tcp_frame(&c.client, 0, b"")));
+    let (h, _) = s.conntrack.lookup(&key, 0)?;
+    s.conntrack.get(h).map(|e| e.state())
+}
+
+/// A SYN that reuses the 5-tuple of a closed connection (TIME_WAIT or CLOSE) is a new connection:
+/// the policy of now decides it, for pod-to-pod, ClusterIP and NodePort flows, whatever closed
+/// the old one.
+#[test]
+fn syn_over_a_closed_connection_meets_the_current_policy() {
+    let open = demo_tables();
+    let deny_b = tables_with_policy(
+        "deny-b",
+        serde_json::json!({"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]}),
+    );
+    let conns = [
+        Conn::direct(40000),
+        Conn::via_vip(sport_for(&open, B)),
+        Conn::node_port(&open),
+    ];
+    for conn in conns {
+        for close in CLOSES {
+            let what = format!("{close:?} {conn:?}");
+            let mut s = state();
+            conn.open_and_close(&open, &mut s, 1, close);
+            let closed = ct_state(&mut s, &conn);
+            assert!(
+                matches!(closed, Some(CtState::TcpTimeWait | CtState::TcpClose)),
+                "{closed:?} {what}"
+            );
+            let mut c = with_events(&mut s);
+            assert_eq!(
+                conn.client_sends(&deny_b, &mut s, 2, tcp::flags::SYN),
+                Verdict::Drop(DropReason::PolicyDeniedIngress),
+                "{what}"
+            );
+            let evs = drain(&mut c);
+            assert_eq!(evs.len(), 1, "{what}: {evs:?}");
+            assert_eq!(evs[0].kind, EventKind::PolicyVerdict, "{what}");
+            assert_eq!(evs[0].drop, Some(DropReason::PolicyDeniedIngress));
+            assert_eq!(evs[0].tuple.map(|t| t.src_port), Some(conn.client.src_port));
+            assert_eq!(s.conntrack.len(), 0, "the closed entry is gone: {what}");
+            // The same again with no policy: a new connection, announced as one.
+            let mut s = state();
+            conn.open_and_close(&open, &mut s, 1, close);
+            let mut c = with_events(&mut s);
+            assert_eq!(
+                conn.client_sends(&open, &mut s, 2, tcp::flags::SYN),
+                conn.to_server,
+                "{what}"
+            );
+            let evs = drain(&mut c);
+            assert_eq!(
+                evs.iter().map(|e| e.kind).collect::<Vec<_>>(),
+                [EventKind::NewConnection],
+                "{what}"
+            );
+            assert_eq!(ct_state(&mut s, &conn), Some(CtState::TcpSynSent), "{what}");
+            assert_eq!(s.conntrack.len(), 1, "{what}");
+        }
+    }
+}
+
+/// The other side reopening: a SYN from B to the client's address and port, over a closed
+/// connection, is B's new connection and meets the policy of now (here A's ingress).
+#[test]
+fn reply_side_syn_over_a_closed_connection_meets_the_current_policy() {
+    let open = demo_tables();
+    let deny_a = tables_with_policy(
+        "deny-a",
+        serde_json::json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Ingress"]}),
+    );
+    for conn in [Conn::direct(40001), Conn::via_vip(sport_for(&open, B))] {
+        for close in CLOSES {
+            let what = format!("{close:?} {conn:?}");
+            let mut s = state();
+            conn.open_and_close(&open, &mut s, 1, close);
+            assert_eq!(
+                conn.server_sends(&deny_a, &mut s, 2, tcp::flags::SYN),
+                Verdict::Drop(DropReason::PolicyDeniedIngress),
+                "{what}"
+            );
+            assert_eq!(s.conntrack.len(), 0, "{what}");
+            // Allowed: B's connection to A, tracked from B's side, and A's answer is its reply.
+            let mut s = state();
+            conn.open_and_close(&open, &mut s, 1, close);
+            assert_eq!(
+                conn.server_sends(&open, &mut s, 2, tcp::flags::SYN),
+                Verdict::Forward(POD_A),
+                "{what}"
+            );
+            let b_key = FlowKey::from(tuple(&demo::tcp_frame(&conn.server, 0, b"")));
+            assert_eq!(
+                s.conntrack.lookup(&b_key, 2).map(|(_, d)| d),
+                Some(FlowDir::Original),
+                "{what}"
+            );
+            assert_eq!(s.conntrack.len(), 1, "{what}");
+        }
+    }
+}
+
+/// Inside a live connection a SYN is not a new connection (Linux ignores a retransmitted one, and
+/// a SYN over an established one is invalid): the policy of the time the connection opened stands.
+#[test]
+fn syn_inside_a_live_connection_is_not_a_new_one() {
+    use tcp::flags::{ACK, SYN};
+    let open = demo_tables();
+    let deny_b = tables_with_policy(
+        "deny-b",
+        serde_json::json!({"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]}),
+    );
+    let conn = Conn::direct(40002);
+    let mut s = state();
+    assert_eq!(conn.client_sends(&open, &mut s, 1, SYN), conn.to_server);
+    // A retransmitted SYN after the policy changed: the same connection, still SYN_SENT.
+    assert_eq!(conn.client_sends(&deny_b, &mut s, 2, SYN), conn.to_server);
+    assert_eq!(
+        conn.server_sends(&deny_b, &mut s, 3, SYN | ACK),
+        conn.to_client
+    );
+    assert_eq!(conn.client_sends(&deny_b, &mut s, 4, ACK), conn.to_server);
+    assert_eq!(ct_state(&mut s, &conn), Some(CtState::TcpEstablished));
+    assert_eq!(s.conntrack.len(), 1);
+}
+
+/// What may happen to one 5-tuple between A:40100 and B:80 (or the VIP) in the property test.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Open and close a connection (when the policy of the moment allows it; else it is denied).
+    Session(Close, bool),
+    /// Publish another table: 0 no policy, 1 B isolated for ingress, 2 B open to `app: a` on
+    /// port 80 only, 3 A isolated for egress, 4 A isolated for ingress.
+    Policy(usize),
+    /// Let time pass (seconds).
+    Wait(u16),
+}
+
+fn policy_tables() -> Vec<Tables> {
+    let deny = |name: &str, app: &str, ty: &str| {
+        tables_with_policy(
+            name,
+            serde_json::json!({"podSelector": {"matchLabels": {"app": app}}, "policyTypes": [ty]}),
+        )
+    };
+    vec![
+        demo_tables(),
+        deny("deny-b", "b", "Ingress"),
+        tables_with_policy(
+            "b-80-from-a",
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}],
+                             "ports": [{"port": 80, "protocol": "TCP"}]}]}),
+        ),
+        deny("a-egress", "a", "Egress"),
+        deny("deny-a", "a", "Ingress"),
+    ]
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0usize..4, any::<bool>()).prop_map(|(c, vip)| Step::Session(CLOSES[c], vip)),
+        2 => (0usize..5).prop_map(Step::Policy),
+        1 => (0u16..300).prop_map(Step::Wait),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// After any sequence of connections over one 5-tuple, closed every way, with policy changes
+    /// and time in between, a new SYN from either side gets the verdict (and the rewrite) a worker
+    /// that never saw the tuple would give it under the tables of now.
+    #[test]
+    fn new_syn_after_closes_is_decided_like_a_fresh_table(
+        steps in proptest::collection::vec(step_strategy(), 0..12),
+        last_vip in any::<bool>(),
+        last_from_server in any::<bool>(),
+    ) {
+        const SEC: u64 = 1_000_000_000;
+        let tables = policy_tables();
+        let sp = sport_for(&tables[0], B);
+        let conn = |vip: bool| if vip { Conn::via_vip(sp) } else { Conn::direct(sp) };
+        let mut s = state();
+        let mut now = SEC;
+        let mut t = 0;
+        for step in steps {
+            match step {
+                Step::Session(close, vip) => {
+                    let c = conn(vip);
+                    // Denied SYNs are part of the history too; allowed ones go on and close.
+                    if c.client_sends(&tables[t], &mut s, now, tcp::flags::SYN) == c.to_server {
+                        c.answer_and_close(&tables[t], &mut s, now, close);
+                    }
+                }
+                Step::Policy(i) => t = i,
+                Step::Wait(secs) => now += u64::from(secs) * SEC,
+            }
+            now += 1;
+        }
+        let c = conn(last_vip);
+        let (frame, port) = if last_from_server {
+            (demo::tcp_frame(&c.server, tcp::flags::SYN, b""), POD_B)
+        } else {
+            (demo::tcp_frame(&c.client, tcp::flags::SYN, b""), c.client_port)
+        };
+        let got = run(&tables[t], &mut s, now, port, &frame);
+        let want = run(&tables[t], &mut state(), now, port, &frame);
+        prop_assert_eq!(got, want);
+    }
+}

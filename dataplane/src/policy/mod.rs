@@ -42,6 +42,19 @@
 //! re-checks policy on every packet and cuts such flows. Kubernetes leaves this to the
 //! implementation.
 //!
+//! What counts as a new connection is Linux conntrack's answer, so no conntrack hit stands in for
+//! a decision the current table would not make:
+//! - TCP: a SYN that reuses the 5-tuple of a closed connection (TIME_WAIT or CLOSE, from either
+//!   side) ends the old entry and is decided anew (`conntrack` module doc). A SYN inside a live
+//!   connection belongs to it (Linux ignores it or calls it invalid); after a half close the
+//!   client's socket still holds the port.
+//! - UDP, ICMP echo (keyed by its identifier) and other protocols have no opening packet: a flow
+//!   is the same connection while packets keep coming within its timeout (30 s, 120 s once
+//!   answered, 30 s for ICMP), as in Linux.
+//! - ICMP errors pass only for a tracked flow they quote (Linux's RELATED), and replies only
+//!   along their entry (NodePort SNAT replies included).
+//! - A NodePort SNAT port comes back free when its entry goes, closed or expired.
+//!
 //! # Cost
 //! Each pod has a slot. Per pod and direction, the policies that select it are compiled into a
 //! direction policy (shared by all pods selected by the same policies): per protocol a sorted
