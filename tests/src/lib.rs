@@ -634,10 +634,25 @@ impl Cluster {
     /// One TCP connection from namespace `ns` to `addr:port` sending `lines`; returns the reply
     /// lines.
     pub fn tcp_lines(ns: &str, addr: Ipv4Addr, port: u16, lines: &[&str]) -> Result<Vec<String>> {
+        Self::tcp_lines_from(ns, None, addr, port, lines)
+    }
+
+    /// [`Self::tcp_lines`] from a chosen source port (bound with `SO_REUSEADDR`, as a client
+    /// reusing its port does).
+    pub fn tcp_lines_from(
+        ns: &str,
+        source_port: Option<u16>,
+        addr: Ipv4Addr,
+        port: u16,
+        lines: &[&str],
+    ) -> Result<Vec<String>> {
         let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let bind = source_port.map_or(String::new(), |p| format!(",sourceport={p},reuseaddr"));
         let out = sh(
             ns,
-            &format!("printf '{input}' | socat -t 1 -T 3 - TCP:{addr}:{port},connect-timeout=3"),
+            &format!(
+                "printf '{input}' | socat -t 1 -T 3 - TCP:{addr}:{port},connect-timeout=3{bind}"
+            ),
         )?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()

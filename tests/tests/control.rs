@@ -894,3 +894,98 @@ fn denied_connection_is_observed_through_the_control_plane() {
         Ok(())
     })());
 }
+
+/// A new TCP connection that reuses the 5-tuple of one closed moments ago meets the NetworkPolicy
+/// of now, on one node and across nodes: from a fixed source port the client connects to two
+/// `app: web` pods and closes; connecting again from that port still works (the port reuse is
+/// real: the client's kernel reopens its TIME_WAIT tuple and sends a SYN); a default-deny ingress
+/// policy is applied; the same connection from the same port is then denied, and `sluicectl
+/// observe` shows that attempt's `policy_denied_ingress`.
+#[test]
+fn reused_five_tuple_meets_a_new_policy() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut s = Setup::new()?;
+        let client = s.c.add_pod_cni(0, &[("role", "client")])?;
+        let targets = [
+            ("same node", s.c.add_pod_cni(0, &[("app", "web")])?, 40000),
+            (
+                "across nodes",
+                s.c.add_pod_cni(1, &[("app", "web")])?,
+                40001,
+            ),
+        ];
+        for &(_, p, _) in &targets {
+            s.c.tcp_echo_server(p, 8080)?;
+        }
+        let cns = s.c.pods[client].ns.clone();
+        // The client reuses a port its own TIME_WAIT still holds (timestamps on, 1 s passed), as
+        // a busy Linux client with tcp_tw_reuse does.
+        sluice_e2e::sh(&cns, "sysctl -qw net.ipv4.tcp_tw_reuse=1")?;
+        until("every pod is reported", || {
+            s.ctl(&["get", "pods", "-o", "json"]).is_ok_and(|j| {
+                s.c.pods
+                    .iter()
+                    .all(|p| j.contains(&format!("\"{}\"", p.ip)))
+            })
+        })?;
+        s.apply_synced("ns.yaml", NAMESPACE)?;
+        let connect = |ip: Ipv4Addr, sport: u16, line: &str| {
+            Cluster::tcp_lines_from(&cns, Some(sport), ip, 8080, &[line])
+        };
+
+        for round in ["first", "second"] {
+            for &(what, p, sport) in &targets {
+                let ip = s.c.pods[p].ip;
+                let reply = connect(ip, sport, round)?;
+                println!("{what}: {round} connection from port {sport} to {ip}: {reply:?}");
+                assert_eq!(reply, vec![format!("{ip} {round}")], "{what}");
+            }
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+
+        let (rev, d) = s.apply_synced("deny.yaml", DENY)?;
+        println!(
+            "default-deny ingress for app=web: revision {rev}, on both agents {:.1} ms after apply",
+            ms(d)
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        for &(what, p, sport) in &targets {
+            let ip = s.c.pods[p].ip;
+            let reply = connect(ip, sport, "third");
+            println!("{what}: connection from port {sport} after the deny: {reply:?}");
+            assert!(
+                reply.as_ref().map_or(true, |r| r.is_empty()),
+                "{what}: a connection reusing port {sport} passed the default deny: {reply:?}"
+            );
+            until("the reused port's denial is observed", || {
+                s.ctl(&[
+                    "observe",
+                    "--verdict",
+                    "DROPPED",
+                    "--port",
+                    "8080",
+                    "-o",
+                    "json",
+                ])
+                .is_ok_and(|out| {
+                    out.lines()
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .any(|e| {
+                            e["src_port"] == sport
+                                && text(&e, "dst_ip") == ip.to_string()
+                                && text(&e, "drop_reason") == "policy_denied_ingress"
+                        })
+                })
+            })?;
+        }
+        let table = s.ctl(&["observe", "--verdict", "DROPPED", "--last", "4"])?;
+        println!("{table}");
+        for &(_, _, sport) in &targets {
+            assert!(table.contains(&format!(":{sport} ")), "{table}");
+        }
+        Ok(())
+    })());
+}
