@@ -45,15 +45,23 @@ PFX="sld-$$-"
 WORK=$(mktemp -d /tmp/sluice-demo.XXXXXX)
 KEEP_LOGS=0
 CONTROL_IP=${UNDERLAY_NET}.254
-PIDS=()
+# Daemons to stop on exit, in this order (agents before the control plane): "name pid log".
+DAEMONS=()
+SERVERS=()
 
 cleanup() {
   local rc=$?
   set +e
   trap - EXIT INT TERM
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-  sleep 0.5
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  for p in "${SERVERS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  if [ ${#DAEMONS[@]} -gt 0 ]; then
+    printf '\n%s==> stopping the daemons with SIGTERM (their clean shutdown path)%s\n' "$BOLD" "$OFF"
+    local i d
+    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
+      read -r -a d <<<"${DAEMONS[$i]}"
+      stop_daemon "${d[0]}" "${d[1]}" "${d[2]}" || { [ "$rc" -eq 0 ] && rc=1; }
+    done
+  fi
   topo_cleanup "$PFX"
   for m in "$WORK"/n*/bpf; do mountpoint -q "$m" 2>/dev/null && umount "$m"; done
   if [ "$KEEP_LOGS" = 1 ]; then
@@ -100,10 +108,10 @@ OPERATOR_TOKEN=$(tok)
   for n in 1 2; do t=$(tok); echo "$t" >"$WORK/pki/n$n.token"; echo "node n$n $t"; done
 } >"$WORK/pki/tokens"
 chmod 600 "$WORK/pki/tokens" "$WORK/pki"/*.token "$WORK/pki"/*.key
-nsx "${PFX}sw" "$BIN/sluice-control" --listen "$CONTROL_IP:7443" --data-dir "$WORK/control" \
+nsx_bg "${PFX}sw" "$BIN/sluice-control" --listen "$CONTROL_IP:7443" --data-dir "$WORK/control" \
   --tls-cert "$WORK/pki/server.pem" --tls-key "$WORK/pki/server.key" --tokens "$WORK/pki/tokens" \
-  >"$WORK/control.log" 2>&1 &
-PIDS+=($!)
+  >"$WORK/control.log" 2>&1
+DAEMONS+=("sluice-control $! $WORK/control.log")
 export SLUICE_SERVER="https://$CONTROL_IP:7443" SLUICE_CA="$WORK/pki/ca.pem" SLUICE_TOKEN="$OPERATOR_TOKEN"
 ctl() { nsx "${PFX}n1" env SLUICE_SERVER="$SLUICE_SERVER" SLUICE_CA="$SLUICE_CA" SLUICE_TOKEN="$SLUICE_TOKEN" "$BIN/sluicectl" "$@"; }
 for _ in $(seq 50); do ctl status >/dev/null 2>&1 && break; sleep 0.2; done
@@ -136,8 +144,8 @@ paths:
   state_dir: $d/state
   bpffs: $d/bpf
 EOF
-  nsx "${PFX}n$n" "$BIN/sluice-agent" --config "$d/node.yaml" >"$d/agent.log" 2>&1 &
-  PIDS+=($!)
+  NO_COLOR=1 nsx_bg "${PFX}n$n" "$BIN/sluice-agent" --config "$d/node.yaml" >"$d/agent.log" 2>&1
+  DAEMONS+=("sluice-agent/n$n $! $d/agent.log")
 done
 for n in 1 2; do
   for _ in $(seq 100); do [ -S "$WORK/n$n/agent.sock" ] && break; sleep 0.2; done
@@ -174,8 +182,8 @@ add_pod 2 web-2 '{"app": "web"}'
 add_pod 2 web-3 '{"app": "web"}'
 add_pod 2 intruder '{"role": "intruder"}'
 for w in web-1 web-2 web-3; do
-  nsx "${POD_NS[$w]}" socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:"echo $w" >/dev/null 2>&1 &
-  PIDS+=($!)
+  nsx_bg "${POD_NS[$w]}" socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:"echo $w" >/dev/null 2>&1
+  SERVERS+=($!)
 done
 nsx "${POD_NS[web-2]}" iperf3 -s -D -I "$WORK/iperf3.pid" >/dev/null
 ok "5 pods; web-1..3 answer their name on :8080, web-2 runs an iperf3 server"

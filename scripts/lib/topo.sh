@@ -16,6 +16,31 @@ topo_log() { printf '   %s\n' "$*" >&2; }
 # nsx NS CMD...: run CMD inside network namespace NS.
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
+# nsx_bg NS CMD...: start CMD inside NS as a background job of this shell. The subshell and
+# `ip netns exec` both exec, so `$!` afterwards is CMD's own pid: signals sent to it reach the
+# daemon (its clean shutdown path runs) and `wait $!` gives its exit status.
+nsx_bg() { local ns=$1; shift; (exec ip netns exec "$ns" "$@") & }
+
+# stop_daemon NAME PID LOG: SIGTERM a daemon started with nsx_bg, wait up to 10 s for it to exit,
+# and say how it ended with the last line of its log; SIGKILL (and say so) if it does not.
+stop_daemon() {
+  local name=$1 pid=$2 log=$3 i rc
+  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; printf '    %-14s had already exited (status %s)\n' "$name" "$?"; return 0; }
+  kill -TERM "$pid" 2>/dev/null
+  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    printf '    %-14s did not stop within 10 s of SIGTERM: killed\n' "$name"
+    return 1
+  fi
+  wait "$pid" 2>/dev/null
+  rc=$?
+  printf '    %-14s exited with status %s after SIGTERM: %s\n' "$name" "$rc" \
+    "$(tail -n 1 "$log" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-140)"
+  [ "$rc" -eq 0 ]
+}
+
 # topo_cleanup PFX: remove every namespace with that prefix (and so their veths).
 topo_cleanup() {
   local pfx=$1 ns

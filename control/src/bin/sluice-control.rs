@@ -158,5 +158,6 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     serve_counted(listener, service, auth, tls, shutdown, counts).await?;
+    tracing::info!("stopped cleanly: serving ended, connections closed");
     Ok(())
 }

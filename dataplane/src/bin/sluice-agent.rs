@@ -173,5 +173,6 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
     }
     let _ = std::fs::remove_file(&agent.config.paths.socket);
     agent.shutdown().await;
+    tracing::info!("stopped cleanly: workers stopped, XDP detached, pins and socket removed");
     Ok(())
 }
