@@ -270,7 +270,7 @@ sluice_counters() { # SETUP PHASE: keep both nodes' worker counters after this p
 sluice_setup() {
   local n ip1 ip2 ip3 f
   for f in "$SLUICE_AGENT_BIN" "$SLUICE_CNI_BIN"; do
-    [ -x "$f" ] || { echo "bench.sh: $f missing: cargo build --release -p sluice-dataplane --bin sluice-agent -p sluice-cni --bin sluice-cni" >&2; exit 1; }
+    [ -x "$f" ] || { echo "bench.sh: $f missing: cargo build --release -p sluice-agent --bin sluice-agent -p sluice-cni --bin sluice-cni" >&2; exit 1; }
   done
   # A fresh state (pod registry, IPAM records) for each Sluice setup of the run.
   rm -rf "$SLDIR/n1" "$SLDIR/n2"

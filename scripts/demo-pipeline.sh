@@ -23,7 +23,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-cargo build -q -p sluice-dataplane --no-default-features --bin sluice-replay
+cargo build -q -p sluice-dataplane --features testing --bin sluice-replay
 REPLAY=target/debug/sluice-replay
 
 ip netns add "$POD"; ip netns add "$NODE"

@@ -76,7 +76,7 @@ trap 'echo; echo "interrupted"; exit 130' INT TERM
 
 step "1/10 system packages and release build"
 scripts/setup.sh
-cargo build --release --locked -q -p sluice-dataplane -p sluice-control -p sluice-cni --bins
+cargo build --release --locked -q -p sluice-agent -p sluice-control -p sluice-cni --bins
 BIN=$ROOT/target/release
 for b in sluice-agent sluice-control sluicectl sluice-cni; do
   [ -x "$BIN/$b" ] || fail "$BIN/$b was not built"

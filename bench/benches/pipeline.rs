@@ -17,6 +17,7 @@ use std::hint::black_box;
 use std::net::Ipv4Addr;
 
 use sluice_dataplane::demo::{self, FrameSpec};
+use sluice_dataplane::events::{EventKind, EventSink, FlowEvent};
 use sluice_dataplane::frame::Frame;
 use sluice_dataplane::pipeline::{WorkerConfig, WorkerState, process, process_batch};
 use sluice_dataplane::tables::{LocalPod, Tables};
@@ -187,8 +188,8 @@ fn established(c: &mut Criterion) {
         // With events: the worker's ring, drained after every batch as the agent would.
         let mut consumer = None;
         if events {
-            let (p, c) = sluice_dataplane::events::ring(4096);
-            s.events = Some(p);
+            let (p, c) = ring(4096);
+            s.events = Some(Box::new(p));
             consumer = Some(c);
         }
         let mut i = 0usize;
@@ -205,7 +206,7 @@ fn established(c: &mut Criterion) {
                     &mut bufs,
                 ));
                 if let Some(c) = consumer.as_mut() {
-                    while let Some(e) = c.pop() {
+                    while let Ok(e) = c.pop() {
                         black_box(e);
                     }
                 }
@@ -224,8 +225,8 @@ fn new_flow(c: &mut Criterion) {
         // With events: the worker's ring, drained after every batch as the agent would.
         let mut consumer = None;
         if events {
-            let (p, c) = sluice_dataplane::events::ring(4096);
-            s.events = Some(p);
+            let (p, c) = ring(4096);
+            s.events = Some(Box::new(p));
             consumer = Some(c);
         }
         let template = demo::tcp_frame(&FrameSpec::from_pod(10, VIP, 1, 80), 0x02, b"");
@@ -273,7 +274,7 @@ fn new_flow(c: &mut Criterion) {
                 }
                 black_box(&verdicts);
                 if let Some(c) = consumer.as_mut() {
-                    while let Some(e) = c.pop() {
+                    while let Ok(e) = c.pop() {
                         black_box(e);
                     }
                 }
@@ -283,9 +284,26 @@ fn new_flow(c: &mut Criterion) {
     g.finish();
 }
 
-/// The cost of one flow event alone: a batch of pushes into a worker's ring and the drain.
+/// The worker's event ring as the agent builds it (`sluice_agent::events::RingSink`): a bounded
+/// lock-free SPSC ring (`rtrb`) whose writer counts an event lost when it is full.
+#[derive(Debug)]
+struct RingSink(rtrb::Producer<FlowEvent>, u64);
+
+impl EventSink for RingSink {
+    fn emit(&mut self, ev: FlowEvent) {
+        if self.0.push(ev).is_err() {
+            self.1 += 1;
+        }
+    }
+}
+
+fn ring(capacity: usize) -> (RingSink, rtrb::Consumer<FlowEvent>) {
+    let (p, c) = rtrb::RingBuffer::new(capacity);
+    (RingSink(p, 0), c)
+}
+
+/// The cost of one flow event alone: a batch of emits into a worker's ring and the drain.
 fn event_ring(c: &mut Criterion) {
-    use sluice_dataplane::events::{EventKind, FlowEvent, ring};
     let mut g = c.benchmark_group("events");
     g.throughput(Throughput::Elements(BATCH as u64));
     let (mut p, mut cons) = ring(4096);
@@ -302,12 +320,12 @@ fn event_ring(c: &mut Criterion) {
     g.bench_function("push_64_then_drain", |b| {
         b.iter(|| {
             for i in 0..BATCH as u64 {
-                p.push(FlowEvent {
+                p.emit(FlowEvent {
                     ts_ns: i,
                     ..black_box(ev)
                 });
             }
-            while let Some(e) = cons.pop() {
+            while let Ok(e) = cons.pop() {
                 black_box(e);
             }
         })

@@ -5,8 +5,6 @@
 //!
 //! Pure arithmetic; nothing here panics.
 
-#![forbid(unsafe_code)]
-
 use crate::frame::Frame;
 
 /// A running one's-complement sum that can be fed byte slices of any length in order (odd

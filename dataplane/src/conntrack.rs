@@ -57,8 +57,6 @@
 //! per connection of capacity: 1 M connections take about 160 MiB. Random lookups over a table that
 //! large are bound by cache and TLB misses; [`ConnTrack::lookup_batch`] overlaps them.
 
-#![forbid(unsafe_code)]
-
 /// IP protocol numbers with their own tracking.
 pub mod proto {
     pub const ICMP: u8 = 1;

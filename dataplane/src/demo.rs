@@ -11,8 +11,6 @@
 //! | `default/dns:53` | 10.96.0.53:53/UDP -> 10.244.2.3:5353, 10.244.2.4:5353; ClientIP affinity 10 s |
 //! | `default/empty:80` | 10.96.0.99:80/TCP, no backends |
 
-#![forbid(unsafe_code)]
-
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;

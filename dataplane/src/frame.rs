@@ -7,8 +7,6 @@
 //! input. After the pipeline, the AF_XDP layer rewrites its first descriptor from
 //! [`Frame::offset`] and [`Frame::len`] and forwards the tail descriptors unchanged, in order.
 
-#![forbid(unsafe_code)]
-
 /// Why a frame window change was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameError {

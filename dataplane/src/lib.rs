@@ -1,20 +1,23 @@
-//! Sluice's dataplane.
+//! Sluice's packet pipeline as pure code.
 //!
-//! The pipeline modules are pure: they take frames (`&mut [u8]` chains), immutable tables and the
-//! current time as arguments and return verdicts. They make no system calls, read no clock, take no
-//! lock and allocate nothing per packet; all I/O (AF_XDP rings, netlink, gRPC) lives in the agent
-//! and in `sluice-xdp`.
+//! Every module is pure: it takes frames (`&mut [u8]` chains), immutable tables and the current
+//! time as arguments and returns verdicts. Nothing here makes a system call, reads a clock (the
+//! crate's `clippy.toml` bans it), takes a lock or allocates per packet, and nothing is `unsafe`
+//! (forbidden crate-wide). All I/O (AF_XDP rings, netlink, gRPC) lives in the node agent
+//! (`sluice-agent`) and in `sluice-xdp`. See `README.md` for what lives where.
 
-#[cfg(feature = "agent")]
-pub mod agent;
+#![forbid(unsafe_code)]
+
 pub mod checksum;
 pub mod conntrack;
+#[cfg(any(test, feature = "testing"))]
 pub mod demo;
 pub mod events;
 pub mod frame;
 pub mod maglev;
 pub mod nat;
 pub mod parse;
+#[cfg(any(test, feature = "testing"))]
 pub mod pcap;
 pub mod pipeline;
 pub mod policy;

@@ -28,8 +28,6 @@
 //! indexed load: no allocation, no panic. Building allocates (the table plus `O(N)` scratch) and
 //! belongs off the hot path.
 
-#![forbid(unsafe_code)]
-
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 

@@ -14,8 +14,6 @@
 //! through would waste the bandwidth. Pods avoid fragmentation through their route MTUs (1450
 //! towards other nodes) and TCP's path MTU discovery.
 
-#![forbid(unsafe_code)]
-
 use crate::frame::Frame;
 use crate::policy::proto;
 use crate::tables::{Ipv6Handling, Tables};

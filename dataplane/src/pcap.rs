@@ -1,8 +1,6 @@
 //! A minimal reader and writer of classic pcap files (Ethernet link type), for golden test
 //! frames, the fuzz seed corpus and the `sluice-replay` demo. Not on the hot path.
 
-#![forbid(unsafe_code)]
-
 /// Why a pcap file could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PcapError {

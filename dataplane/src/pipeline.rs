@@ -20,7 +20,7 @@
 //! Every frame is counted once in [`WorkerState::counters`] (rx, and tx, passed or drops by
 //! reason), with its bytes in and, when forwarded, out.
 //!
-//! With [`WorkerState::events`] set, flow events go into that ring (see [`crate::events`]): a new
+//! With [`WorkerState::events`] set, flow events go into that sink (see [`crate::events`]): a new
 //! connection (service and backend after DNAT, egress port, policy verdict), a policy denial, every
 //! other drop with its reason, and connection end with its counts (a TCP close or reset as it
 //! happens; any other flow when [`WorkerState::expire`], called by the worker between batches,
@@ -31,12 +31,10 @@
 //! their entry. [`crate::steer::owner`] names that worker; NodePort SNAT takes its source port
 //! from the worker's share ([`WorkerState::steer`]) so replies name it too.
 
-#![forbid(unsafe_code)]
-
 use crate::conntrack::{
     ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState, FlowDir, FlowKey,
 };
-use crate::events::{EventKind, EventProducer, FlowCounts, FlowEvent};
+use crate::events::{EventKind, EventSink, FlowCounts, FlowEvent};
 use crate::frame::Frame;
 use crate::nat::{self, Tuple};
 use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
@@ -85,7 +83,7 @@ pub struct WorkerState {
     pub affinity: AffinityTable,
     pub counters: Counters,
     /// Where flow events go; `None`: no events.
-    pub events: Option<EventProducer>,
+    pub events: Option<Box<dyn EventSink>>,
     ip_id: u16,
     /// Bumped by every conntrack insert or removal of the pipeline (batch lookups compare it).
     ct_epoch: u64,
@@ -125,7 +123,7 @@ impl WorkerState {
             if let Some(p) = events.as_mut()
                 && !matches!(e.state(), CtState::TcpClose | CtState::TcpTimeWait)
             {
-                p.push(end_event(e, now_ns, PortId(0)));
+                p.emit(end_event(e, now_ns, PortId(0)));
             }
         });
         if n > 0 {
@@ -148,7 +146,7 @@ impl WorkerState {
     #[inline]
     fn emit(&mut self, ev: impl FnOnce() -> FlowEvent) {
         if let Some(p) = self.events.as_mut() {
-            p.push(ev());
+            p.emit(ev());
         }
     }
 

@@ -6,8 +6,6 @@
 //! worker remembers the client's backend in an [`AffinityTable`] for the service's timeout
 //! (refreshed by every new flow) so a client keeps its backend when backends come or go.
 
-#![forbid(unsafe_code)]
-
 use crate::conntrack::FlowKey;
 use crate::nat::Tuple;
 use crate::parse::Parsed;

@@ -33,8 +33,6 @@
 //! connection whose Maglev slot moved, or a sessionAffinity client whose remembered backend is no
 //! longer Maglev's choice.
 
-#![forbid(unsafe_code)]
-
 use crate::conntrack::FlowKey;
 use crate::nat::Tuple;
 use crate::policy::proto;

@@ -5,8 +5,6 @@
 //! whole (the agent swaps an `Arc<Tables>` with arc-swap between batches). Lookups never allocate
 //! and never panic. Maps use ahash with fixed seeds, so lookups cost the same on every run.
 
-#![forbid(unsafe_code)]
-
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;

@@ -1,7 +1,5 @@
 //! What the pipeline decides for a frame, and why it drops one.
 
-#![forbid(unsafe_code)]
-
 /// A port the pipeline can transmit on: one AF_XDP socket (a pod's host veth, or the uplink),
 /// numbered by the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -10,8 +10,6 @@
 //! checksum 0; VXLAN flags I, VNI 1. The inner Ethernet header goes from the local VTEP MAC to
 //! the remote VTEP MAC. Encap needs [`OVERHEAD`] bytes of headroom.
 
-#![forbid(unsafe_code)]
-
 use crate::frame::Frame;
 use crate::wire::{WireError, ethernet, ipv4, udp, vxlan};
 

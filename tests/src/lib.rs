@@ -22,9 +22,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use sluice_agent::config::{MacAddr, NodeConfig, PeerNode};
+use sluice_agent::counters::CountersFile;
 use sluice_control::agent_api::{AddPodRequest, DelPodRequest, StatusRequest};
-use sluice_dataplane::agent::config::{MacAddr, NodeConfig, PeerNode};
-use sluice_dataplane::agent::counters::CountersFile;
 
 /// A NetworkPolicy isolating pods labelled `app: db` in `default` for ingress, allowing nothing.
 pub const DENY_DB_INGRESS: &str = r#"
@@ -151,7 +151,7 @@ pub fn agent_binary() -> Result<PathBuf> {
         Ok(p)
     } else {
         Err(HarnessError::Setup(format!(
-            "sluice-agent not built at {}: run `cargo build -p sluice-dataplane --bin sluice-agent` or set SLUICE_AGENT_BIN",
+            "sluice-agent not built at {}: run `cargo build -p sluice-agent --bin sluice-agent` or set SLUICE_AGENT_BIN",
             p.display()
         )))
     }

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use sluice_agent::config::{ControlConfig, UNLEASED_POD_CIDR};
 use sluice_control::client::{ClientConfig, ControlClient};
-use sluice_dataplane::agent::config::{ControlConfig, UNLEASED_POD_CIDR};
 use sluice_e2e::{AgentOptions, Cluster, HarnessError, NodeKind, Result, in_ns, require_root, run};
 
 const SERVER_IP: &str = "192.168.77.254";

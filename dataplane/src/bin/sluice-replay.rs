@@ -8,8 +8,6 @@
 //!
 //! Usage: `sluice-replay FILE.pcap...`
 
-#![forbid(unsafe_code)]
-
 use std::process::ExitCode;
 
 use sluice_dataplane::demo;

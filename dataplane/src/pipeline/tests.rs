@@ -775,14 +775,24 @@ proptest! {
     }
 }
 
-fn with_events(s: &mut WorkerState) -> crate::events::EventConsumer {
-    let (p, c) = crate::events::ring(64);
-    s.events = Some(p);
-    c
+/// A test's event sink: what the pipeline emitted, in order.
+#[derive(Clone, Debug, Default)]
+struct Recorded(std::sync::Arc<std::sync::Mutex<Vec<FlowEvent>>>);
+
+impl crate::events::EventSink for Recorded {
+    fn emit(&mut self, ev: FlowEvent) {
+        self.0.lock().unwrap().push(ev);
+    }
 }
 
-fn drain(c: &mut crate::events::EventConsumer) -> Vec<FlowEvent> {
-    std::iter::from_fn(|| c.pop()).collect()
+fn with_events(s: &mut WorkerState) -> Recorded {
+    let r = Recorded::default();
+    s.events = Some(Box::new(r.clone()));
+    r
+}
+
+fn drain(c: &mut Recorded) -> Vec<FlowEvent> {
+    std::mem::take(&mut *c.0.lock().unwrap())
 }
 
 #[test]

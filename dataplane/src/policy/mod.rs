@@ -74,8 +74,6 @@
 //! direction policies that used them; namespace label changes re-evaluate every selector.
 //! IPv6 `ipBlock`s are accepted and match no (IPv4) address.
 
-#![forbid(unsafe_code)]
-
 mod bitset;
 mod builder;
 mod cidr;

@@ -7,8 +7,6 @@
 //! accessor panics. Semantic validation of IPv4, TCP and UDP headers is etherparse's (see
 //! `crate::parse`), not repeated here.
 
-#![forbid(unsafe_code)]
-
 pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;

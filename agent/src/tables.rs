@@ -20,8 +20,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::config::{MacAddr, NodeConfig};
 use super::manifests::ClusterObjects;
 use super::registry::PodRecord;
-use crate::policy::{ContainerPort, PodInfo, PolicyError, PolicyInputs, PolicyTable, Protocol};
-use crate::tables::{self, Backend, ServiceSpec, Tables, TablesBuilder, TablesError};
+use sluice_dataplane::policy::{
+    ContainerPort, PodInfo, PolicyError, PolicyInputs, PolicyTable, Protocol,
+};
+use sluice_dataplane::tables::{self, Backend, ServiceSpec, Tables, TablesBuilder, TablesError};
 
 /// The label an EndpointSlice carries to name its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -208,7 +210,7 @@ impl Snapshot {
         let mut pnode = tables::NodeConfig::new(
             config.underlay.address,
             links.uplink_mac.0,
-            crate::verdict::PortId(links.uplink.0),
+            sluice_dataplane::verdict::PortId(links.uplink.0),
             config.pod_cidr,
             config.vtep.mac.0,
         );
@@ -225,7 +227,7 @@ impl Snapshot {
             b = b.pod(
                 p.ip,
                 tables::LocalPod {
-                    port: crate::verdict::PortId(p.port.0),
+                    port: sluice_dataplane::verdict::PortId(p.port.0),
                     pod_mac: p.pod_mac.0,
                     host_mac: p.host_mac.0,
                 },
@@ -435,7 +437,7 @@ impl Publisher {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::agent::manifests::parse_documents;
+    use crate::manifests::parse_documents;
 
     const SVC: &str = r#"
 metadata: {name: web, namespace: default}

@@ -28,10 +28,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::Agent;
-use crate::events::{self, EventConsumer, EventProducer, FlowEvent};
-use crate::nat::Tuple;
-use crate::policy::{Direction, PolicyVerdict, proto};
-use crate::tables::Tables;
+use sluice_dataplane::events::{EventSink, FlowEvent};
+use sluice_dataplane::nat::Tuple;
+use sluice_dataplane::policy::{Direction, PolicyVerdict, proto};
+use sluice_dataplane::tables::Tables;
 
 /// Events a worker's ring holds.
 pub const RING_CAPACITY: usize = 8192;
@@ -50,20 +50,25 @@ fn unix_now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// One worker's event ring, as its counters carry it.
+/// One worker's event ring, as its counters carry it: a bounded lock-free single-producer
+/// single-consumer ring (`rtrb`) of [`RING_CAPACITY`] events. The worker writes through
+/// [`RingSink`] (the pipeline's [`EventSink`]); the drain task reads.
 pub struct WorkerRing {
-    producer: Mutex<Option<EventProducer>>,
-    consumer: Mutex<EventConsumer>,
+    producer: Mutex<Option<rtrb::Producer<FlowEvent>>>,
+    consumer: Mutex<rtrb::Consumer<FlowEvent>>,
+    /// Events the worker could not write because the ring was full, since start.
+    lost: Arc<AtomicU64>,
     /// Unix time in ns of the worker's time zero (set when the producer is taken).
     base_unix_ns: AtomicU64,
 }
 
 impl Default for WorkerRing {
     fn default() -> Self {
-        let (p, c) = events::ring(RING_CAPACITY);
+        let (p, c) = rtrb::RingBuffer::new(RING_CAPACITY);
         Self {
             producer: Mutex::new(Some(p)),
             consumer: Mutex::new(c),
+            lost: Arc::default(),
             base_unix_ns: AtomicU64::new(unix_now_ns()),
         }
     }
@@ -75,28 +80,50 @@ impl std::fmt::Debug for WorkerRing {
     }
 }
 
+/// The worker's end of its [`WorkerRing`]: never blocks or allocates; a full ring counts the
+/// event as lost.
+#[derive(Debug)]
+pub struct RingSink {
+    ring: rtrb::Producer<FlowEvent>,
+    lost: Arc<AtomicU64>,
+}
+
+impl EventSink for RingSink {
+    #[inline]
+    fn emit(&mut self, ev: FlowEvent) {
+        if self.ring.push(ev).is_err() {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl WorkerRing {
-    /// The producer, once (for `WorkerState::events`); `start` is the instant the worker's
+    /// The sink, once (for `WorkerState::events`); `start` is the instant the worker's
     /// timestamps count from.
-    pub fn take_producer(&self, start: Instant) -> Option<EventProducer> {
+    pub fn take_sink(&self, start: Instant) -> Option<Box<dyn EventSink>> {
         let elapsed = u64::try_from(start.elapsed().as_nanos()).unwrap_or(0);
         self.base_unix_ns
             .store(unix_now_ns().saturating_sub(elapsed), Ordering::Relaxed);
-        self.producer.lock().ok()?.take()
+        let ring = self.producer.lock().ok()?.take()?;
+        Some(Box::new(RingSink {
+            ring,
+            lost: self.lost.clone(),
+        }))
     }
 
     /// (events waiting, capacity, lost since start).
     pub fn stats(&self) -> (usize, usize, u64) {
+        let lost = self.lost.load(Ordering::Relaxed);
         self.consumer
             .lock()
-            .map(|c| (c.len(), c.capacity(), c.lost()))
+            .map(|c| (c.slots(), c.buffer().capacity(), lost))
             .unwrap_or_default()
     }
 
     fn drain_into(&self, out: &mut Vec<(u64, FlowEvent)>) {
         let base = self.base_unix_ns.load(Ordering::Relaxed);
         if let Ok(mut c) = self.consumer.lock() {
-            while let Some(e) = c.pop() {
+            while let Ok(e) = c.pop() {
                 out.push((base.saturating_add(e.ts_ns), e));
             }
         }
@@ -398,12 +425,12 @@ pub fn observe(agent: &Agent, req: ObserveRequest) -> ObserveStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::EventKind;
-    use crate::verdict::{DropReason, PortId};
+    use sluice_dataplane::events::EventKind;
+    use sluice_dataplane::verdict::{DropReason, PortId};
 
     #[test]
     fn message_names_pods_and_verdicts() {
-        let t = crate::demo::demo_tables();
+        let t = sluice_dataplane::demo::demo_tables();
         let names: HashMap<Ipv4Addr, String> =
             [(Ipv4Addr::new(10, 244, 1, 2), "default/client".to_owned())].into();
         let e = FlowEvent {

@@ -7,7 +7,7 @@
 //! means asking the owning worker to open the socket on its own UMEM and waiting for its answer.
 //! Tables arrive through [`Publisher::load`] between batches.
 //!
-//! Cross-worker handoff: a frame whose connection another worker owns (`crate::steer`), or whose
+//! Cross-worker handoff: a frame whose connection another worker owns (`sluice_dataplane::steer`), or whose
 //! verdict names a port only another worker has a socket on, is copied to that worker through the
 //! lock-free rings of [`super::handoff`]; producers wake the peer's [`Waker`] once per batch. On an
 //! interface with at least as many queues as workers, worker `q` owns the socket of queue `q`, so
@@ -280,8 +280,8 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::config::NodeConfig;
-    use crate::agent::manifests::ClusterObjects;
+    use crate::config::NodeConfig;
+    use crate::manifests::ClusterObjects;
 
     fn publisher() -> Publisher {
         let config: NodeConfig = serde_saphyr::from_str(
@@ -292,7 +292,7 @@ mod tests {
             Snapshot::build(
                 1,
                 &config,
-                crate::agent::tables::tests::LINKS,
+                crate::tables::tests::LINKS,
                 &ClusterObjects::default(),
                 [],
             )

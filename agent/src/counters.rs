@@ -14,7 +14,7 @@ use sluice_xdp::{FrameAccounting, KernelStats, SocketId, SocketStats, Xsk};
 use serde::Serialize;
 
 use super::tables::PortId;
-use crate::pipeline::WorkerState;
+use sluice_dataplane::pipeline::WorkerState;
 
 /// How often a worker copies its AF_XDP socket statistics and UMEM accounting for the metrics.
 pub const XDP_STATS_INTERVAL_NS: u64 = 500_000_000;
@@ -265,21 +265,24 @@ mod tests {
 
     #[test]
     fn end_round_stores_bytes_busy_time_and_expires() {
-        use crate::demo::{self, FrameSpec};
-        use crate::frame::Frame;
+        use sluice_dataplane::demo::{self, FrameSpec};
+        use sluice_dataplane::frame::Frame;
         let t = demo::demo_tables();
-        let mut s = WorkerState::new(crate::pipeline::WorkerConfig::default());
+        let mut s = WorkerState::new(sluice_dataplane::pipeline::WorkerConfig::default());
         let udp = demo::udp_frame(&FrameSpec::from_pod(2, [10, 244, 1, 3], 5000, 6000), b"x");
         let mut buf = udp.clone();
         let len = buf.len();
-        let v = crate::pipeline::process(
+        let v = sluice_dataplane::pipeline::process(
             &t,
             &mut s,
             0,
-            crate::verdict::PortId(1),
+            sluice_dataplane::verdict::PortId(1),
             &mut Frame::new(&mut buf, 0, len),
         );
-        assert!(matches!(v, crate::verdict::Verdict::Forward(_)), "{v:?}");
+        assert!(
+            matches!(v, sluice_dataplane::verdict::Verdict::Forward(_)),
+            "{v:?}"
+        );
         let c = WorkerCounters::default();
         let start = Instant::now();
         c.end_round(&mut s, start, 0, 1, |x| x.umem.total = 7);
@@ -289,9 +292,9 @@ mod tests {
         let busy = v.busy_ns;
         // Idle rounds long after: within one pass of the sweep hand over the table, the flow
         // expires; the busy time stays.
-        let pass = (s.conntrack.capacity() / crate::pipeline::EXPIRE_BUDGET) as u64;
+        let pass = (s.conntrack.capacity() / sluice_dataplane::pipeline::EXPIRE_BUDGET) as u64;
         for k in 0..pass {
-            let now = 1_000_000_000_000 + k * crate::pipeline::EXPIRE_INTERVAL_NS;
+            let now = 1_000_000_000_000 + k * sluice_dataplane::pipeline::EXPIRE_INTERVAL_NS;
             c.end_round(&mut s, start, now, 0, |x| x.umem.total += 1);
         }
         assert_eq!(c.ct_entries.load(Ordering::Relaxed), 0);
@@ -299,7 +302,7 @@ mod tests {
         assert_eq!(c.busy_ns.load(Ordering::Relaxed), busy);
         // The AF_XDP view is copied at most every XDP_STATS_INTERVAL_NS (the idle rounds above
         // were 100 ms apart).
-        let every = XDP_STATS_INTERVAL_NS / crate::pipeline::EXPIRE_INTERVAL_NS;
+        let every = XDP_STATS_INTERVAL_NS / sluice_dataplane::pipeline::EXPIRE_INTERVAL_NS;
         assert_eq!(c.xdp.lock().unwrap().umem.total, 7 + pass.div_ceil(every));
     }
 }

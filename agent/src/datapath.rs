@@ -74,7 +74,7 @@ pub trait Datapath: Send + Sync + Debug {
 pub struct PodIsolation {
     pub ifindex: u32,
     pub ip: std::net::Ipv4Addr,
-    pub isolation: crate::policy::Isolation,
+    pub isolation: sluice_dataplane::policy::Isolation,
 }
 
 /// The ifindex of `ifname` in the current network namespace.
@@ -116,7 +116,7 @@ pub enum Role {
 /// The name of drop reason index `i` for the counters export (the pipeline's `DropReason`
 /// names; indexes past them are the agent's own reasons, see [`AGENT_DROPS`]).
 pub fn drop_reason_name(i: u8) -> String {
-    use crate::verdict::DropReason;
+    use sluice_dataplane::verdict::DropReason;
     let i = usize::from(i);
     if let Some(r) = DropReason::ALL.get(i) {
         return r.as_str().to_owned();
@@ -147,7 +147,7 @@ pub const AGENT_DROPS: &[&str] = &[
 /// Index of an agent drop reason in the counters.
 pub fn agent_drop(name: &str) -> u8 {
     let i = AGENT_DROPS.iter().position(|s| *s == name).unwrap_or(0);
-    u8::try_from(crate::verdict::DropReason::COUNT + i).unwrap_or(u8::MAX)
+    u8::try_from(sluice_dataplane::verdict::DropReason::COUNT + i).unwrap_or(u8::MAX)
 }
 
 /// No XDP datapath in this build: the agent serves its API but cannot wire pods.

@@ -17,12 +17,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_dataplane::agent::config::BindMode;
-use sluice_dataplane::agent::config::NodeConfig;
-use sluice_dataplane::agent::datapath::{ControlOnly, Datapath, XdpDatapath};
-use sluice_dataplane::agent::workers::{NoIo, WorkerError, WorkerIo};
-use sluice_dataplane::agent::xsk_io::XskIo;
-use sluice_dataplane::agent::{Agent, PortSet, api, control_sync};
+use sluice_agent::config::BindMode;
+use sluice_agent::config::NodeConfig;
+use sluice_agent::datapath::{ControlOnly, Datapath, XdpDatapath};
+use sluice_agent::workers::{NoIo, WorkerError, WorkerIo};
+use sluice_agent::xsk_io::XskIo;
+use sluice_agent::{Agent, PortSet, api, control_sync};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -99,27 +99,26 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
         }),
         ..Default::default()
     };
-    let (datapath, io): (Arc<dyn Datapath>, Box<sluice_dataplane::agent::IoFactory>) =
-        if no_datapath {
-            (
-                Arc::new(ControlOnly),
-                Box::new(|_| Ok(Box::new(NoIo::default()) as Box<dyn WorkerIo>)),
-            )
-        } else {
-            let xdp = XdpDatapath::new(generic_xdp);
-            let loader = xdp.loader();
-            let ports = ports.clone();
-            (
-                Arc::new(xdp),
-                Box::new(move |_| -> Result<Box<dyn WorkerIo>, WorkerError> {
-                    Ok(Box::new(XskIo::new(
-                        &xsk_config,
-                        loader.clone(),
-                        ports.clone(),
-                    )?))
-                }),
-            )
-        };
+    let (datapath, io): (Arc<dyn Datapath>, Box<sluice_agent::IoFactory>) = if no_datapath {
+        (
+            Arc::new(ControlOnly),
+            Box::new(|_| Ok(Box::new(NoIo::default()) as Box<dyn WorkerIo>)),
+        )
+    } else {
+        let xdp = XdpDatapath::new(generic_xdp);
+        let loader = xdp.loader();
+        let ports = ports.clone();
+        (
+            Arc::new(xdp),
+            Box::new(move |_| -> Result<Box<dyn WorkerIo>, WorkerError> {
+                Ok(Box::new(XskIo::new(
+                    &xsk_config,
+                    loader.clone(),
+                    ports.clone(),
+                )?))
+            }),
+        )
+    };
     let socket = config.paths.socket.clone();
     let listener = api::bind(&socket)?;
     // Control-plane mode: register (the lease fills in the pod CIDR) before starting.
@@ -139,11 +138,11 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
     let server = tokio::spawn(api::serve(agent.clone(), listener, socket, async {
         let _ = stop_rx.await;
     }));
-    let drain = tokio::spawn(sluice_dataplane::agent::events::run(agent.clone()));
+    let drain = tokio::spawn(sluice_agent::events::run(agent.clone()));
     if let Some(addr) = agent.config.metrics_listen {
         let a = agent.clone();
         tokio::spawn(async move {
-            if let Err(e) = sluice_dataplane::agent::metrics::serve(a, addr).await {
+            if let Err(e) = sluice_agent::metrics::serve(a, addr).await {
                 tracing::warn!(%addr, "metrics server stopped: {e}");
             }
         });

@@ -1,9 +1,9 @@
 //! A worker's frame I/O over `sluice-xdp`: one UMEM ([`Xsk`]) shared by the sockets this worker
-//! owns, rx batch -> [`crate::pipeline::process`] -> tx batch.
+//! owns, rx batch -> [`sluice_dataplane::pipeline::process`] -> tx batch.
 //!
 //! Forwarding between two sockets of this worker moves the descriptor (no copy). With several
 //! workers ([`super::handoff`] attached), each received frame is first steered
-//! ([`crate::steer::owner`]): a frame whose connection another worker owns is copied to it raw,
+//! ([`sluice_dataplane::steer::owner`]): a frame whose connection another worker owns is copied to it raw,
 //! with its ingress port, and dropped here. A verdict naming a port whose socket another worker
 //! owns copies the processed frame to that worker ([`super::port_worker`]) for transmission.
 //! Frames other workers handed to this one are drained at the start of every round: processed
@@ -31,11 +31,11 @@ use super::datapath::{AGENT_DROPS, SharedLoader, agent_drop};
 use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
 use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
-use crate::frame::Frame;
-use crate::pipeline::{WorkerConfig, WorkerState, process};
-use crate::steer::{self, Steer};
-use crate::tables::Tables;
-use crate::verdict::{self, Verdict};
+use sluice_dataplane::frame::Frame;
+use sluice_dataplane::pipeline::{WorkerConfig, WorkerState, process};
+use sluice_dataplane::steer::{self, Steer};
+use sluice_dataplane::tables::Tables;
+use sluice_dataplane::verdict::{self, Verdict};
 
 /// Continuation chunks a packet may have (a 64 KiB packet in 4 KiB chunks needs 16; the kernel's
 /// limit is 17 fragments).
@@ -211,7 +211,7 @@ impl WorkerIo for XskIo {
             ..
         } = self;
         if state.events.is_none() {
-            state.events = counters.events.take_producer(*start);
+            state.events = counters.events.take_sink(*start);
         }
         let tables = &snapshot.tables;
         let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);

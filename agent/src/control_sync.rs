@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 use super::Agent;
 use super::config::{ControlConfig, MacAddr, NodeConfig, PeerNode, UNLEASED_POD_CIDR};
 use super::manifests::ClusterObjects;
-use crate::policy::{ContainerPort, PodInfo, Protocol};
+use sluice_dataplane::policy::{ContainerPort, PodInfo, Protocol};
 
 /// Control-plane mode could not start.
 #[derive(Debug, thiserror::Error)]

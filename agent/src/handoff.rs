@@ -2,7 +2,7 @@
 //!
 //! Two reasons, both per frame and both through the same rings:
 //! * [`HandoffKind::Process`]: the frame's connection belongs to another worker
-//!   ([`crate::steer::owner`]); it goes raw, with its ingress port, and the owner runs the pipeline.
+//!   ([`sluice_dataplane::steer::owner`]); it goes raw, with its ingress port, and the owner runs the pipeline.
 //! * [`HandoffKind::Transmit`]: the pipeline's verdict names a port whose socket only another
 //!   worker has; the processed frame goes with its egress port and that worker transmits it.
 //!

@@ -39,7 +39,7 @@ pub struct ClusterObjects {
     pub peers: Vec<super::config::PeerNode>,
     /// Pods learned from the control plane: other nodes' pods for policy selectors, and the
     /// labels and ports of this node's pods (they replace the registry's, matched by IP).
-    pub pods: Vec<crate::policy::PodInfo>,
+    pub pods: Vec<sluice_dataplane::policy::PodInfo>,
 }
 
 impl ClusterObjects {
