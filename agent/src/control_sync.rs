@@ -502,15 +502,6 @@ async fn sync_pods(
     done.retain(|k, _| desired.contains_key(k) || state.pods.contains_key(k));
 }
 
-fn protocol(s: &str) -> Option<Protocol> {
-    match s {
-        "" | "TCP" => Some(Protocol::Tcp),
-        "UDP" => Some(Protocol::Udp),
-        "SCTP" => Some(Protocol::Sctp),
-        _ => None,
-    }
-}
-
 /// The cluster objects of one watched revision, with the peers resolved.
 pub fn objects_of(state: &ClusterState, peers: Vec<PeerNode>, me: &str) -> ClusterObjects {
     let pods = state
@@ -529,7 +520,7 @@ pub fn objects_of(state: &ClusterState, peers: Vec<PeerNode>, me: &str) -> Clust
                         Some(ContainerPort {
                             name: (!cp.name.is_empty()).then(|| cp.name.clone()),
                             port: u16::try_from(cp.port).ok()?,
-                            protocol: protocol(&cp.protocol)?,
+                            protocol: Protocol::from_k8s(Some(&cp.protocol))?,
                         })
                     })
                     .collect(),

@@ -12,6 +12,7 @@
 //! plane's pods of every node (standalone, remote pods show as bare IPs); services and policies
 //! from the current table snapshot at drain time.
 
+use sluice_dataplane::flow::proto;
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::pin::Pin;
@@ -29,8 +30,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::Agent;
 use sluice_dataplane::events::{EventSink, FlowEvent};
-use sluice_dataplane::nat::Tuple;
-use sluice_dataplane::policy::{Direction, PolicyVerdict, proto};
+use sluice_dataplane::flow::FlowKey;
+use sluice_dataplane::flow::Protocol;
+use sluice_dataplane::policy::{Direction, PolicyVerdict};
 use sluice_dataplane::tables::Tables;
 
 /// Events a worker's ring holds.
@@ -202,12 +204,10 @@ impl EventHub {
 
 /// Stable protocol name.
 pub fn protocol_name(p: u8) -> String {
-    match p {
-        proto::TCP => "TCP".into(),
-        proto::UDP => "UDP".into(),
-        proto::ICMP => "ICMP".into(),
-        proto::SCTP => "SCTP".into(),
-        n => n.to_string(),
+    match (p, Protocol::from_number(p)) {
+        (_, Some(known)) => known.k8s_name().into(),
+        (proto::ICMP, None) => "ICMP".into(),
+        (n, None) => n.to_string(),
     }
 }
 
@@ -247,7 +247,7 @@ pub fn to_message(
         m.dst_pod = name(t.dst);
     }
     if let Some(x) = e.translated.filter(|x| Some(*x) != e.tuple) {
-        let Tuple { dst, dst_port, .. } = x;
+        let FlowKey { dst, dst_port, .. } = x;
         m.backend_ip = Ipv4Addr::from(dst).to_string();
         m.backend_port = u32::from(dst_port);
         m.backend_pod = name(dst);
@@ -434,7 +434,7 @@ mod tests {
         let names: HashMap<Ipv4Addr, String> =
             [(Ipv4Addr::new(10, 244, 1, 2), "default/client".to_owned())].into();
         let e = FlowEvent {
-            tuple: Some(Tuple {
+            tuple: Some(FlowKey {
                 src: [10, 244, 1, 2],
                 dst: [10, 244, 1, 3],
                 src_port: 5555,

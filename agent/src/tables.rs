@@ -52,34 +52,6 @@ pub struct RemoteNode {
     pub vtep_ip: Ipv4Addr,
 }
 
-/// L4 protocol of a service port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum L4 {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl L4 {
-    fn parse(s: Option<&str>) -> Option<Self> {
-        match s.unwrap_or("TCP") {
-            "TCP" => Some(Self::Tcp),
-            "UDP" => Some(Self::Udp),
-            "SCTP" => Some(Self::Sctp),
-            _ => None,
-        }
-    }
-
-    /// IP protocol number.
-    pub fn number(self) -> u8 {
-        match self {
-            Self::Tcp => 6,
-            Self::Udp => 17,
-            Self::Sctp => 132,
-        }
-    }
-}
-
 /// One port of one Service with its ready backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
@@ -87,7 +59,7 @@ pub struct ServicePort {
     pub name: String,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
-    pub protocol: L4,
+    pub protocol: Protocol,
     pub node_port: Option<u16>,
     /// Ready backends, sorted (the order Maglev tables are built from).
     pub backends: Vec<SocketAddrV4>,
@@ -140,15 +112,6 @@ pub struct NodeLinks {
     pub uplink: PortId,
     /// The uplink's MAC (outer source MAC).
     pub uplink_mac: MacAddr,
-}
-
-fn policy_protocol(s: &str) -> Option<Protocol> {
-    match s {
-        "" | "TCP" => Some(Protocol::Tcp),
-        "UDP" => Some(Protocol::Udp),
-        "SCTP" => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 impl Snapshot {
@@ -280,7 +243,7 @@ impl Snapshot {
                             Some(ContainerPort {
                                 name: (!cp.name.is_empty()).then(|| cp.name.clone()),
                                 port: cp.port,
-                                protocol: policy_protocol(&cp.protocol)?,
+                                protocol: Protocol::from_k8s(Some(&cp.protocol))?,
                             })
                         })
                         .collect(),
@@ -344,7 +307,7 @@ pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<Serv
             continue;
         };
         for sp in spec.ports.iter().flatten() {
-            let Some(protocol) = L4::parse(sp.protocol.as_deref()) else {
+            let Some(protocol) = Protocol::from_k8s(sp.protocol.as_deref()) else {
                 continue;
             };
             let Ok(port) = u16::try_from(sp.port) else {
@@ -363,7 +326,7 @@ pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<Serv
                 // The slice port with the same name (both unnamed for single-port services).
                 let Some(target) = slice.ports.iter().flatten().find_map(|p| {
                     (p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or("")
-                        && L4::parse(p.protocol.as_deref()) == Some(protocol))
+                        && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol))
                     .then_some(p.port)
                     .flatten()
                 }) else {
@@ -490,7 +453,7 @@ endpoints:
         );
         // No slice carries the UDP port.
         assert!(ports[1].backends.is_empty());
-        assert_eq!(ports[1].protocol, L4::Udp);
+        assert_eq!(ports[1].protocol, Protocol::Udp);
     }
 
     pub(crate) const LINKS: NodeLinks = NodeLinks {

@@ -18,7 +18,9 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sluice_dataplane::conntrack::{ConnTrack, CtConfig, FlowDir, FlowKey, proto, tcp_flags};
+use sluice_dataplane::conntrack::{ConnTrack, CtConfig, FlowDir};
+use sluice_dataplane::flow::{FlowKey, proto};
+use sluice_dataplane::wire::tcp::flags as tcp_flags;
 
 const BATCH: usize = 1024;
 const SEC: u64 = 1_000_000_000;
@@ -26,8 +28,8 @@ const SEC: u64 = 1_000_000_000;
 /// Distinct TCP flows: client pods talking to service backends.
 fn key(i: u32) -> FlowKey {
     FlowKey {
-        src: 0x0af4_0000 ^ (i >> 6),
-        dst: 0x0a60_0000 + (i & 63),
+        src: (0x0af4_0000 ^ (i >> 6)).to_be_bytes(),
+        dst: (0x0a60_0000 + (i & 63)).to_be_bytes(),
         src_port: 32768 + (i.wrapping_mul(2_654_435_761) >> 20) as u16 % 28000,
         dst_port: 8080,
         proto: proto::TCP,
@@ -36,7 +38,7 @@ fn key(i: u32) -> FlowKey {
 
 fn nat_reply(k: FlowKey) -> FlowKey {
     FlowKey {
-        src: k.dst ^ 0x0100_0000,
+        src: (u32::from_be_bytes(k.dst) ^ 0x0100_0000).to_be_bytes(),
         ..k.reversed()
     }
 }

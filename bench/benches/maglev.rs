@@ -14,7 +14,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sluice_dataplane::conntrack::{FlowKey, proto};
+use sluice_dataplane::flow::{FlowKey, proto};
 use sluice_dataplane::maglev::{MaglevBackend, MaglevTable};
 
 const BATCH: usize = 1024;
@@ -39,8 +39,8 @@ fn backends(names: &[String], weighted: bool) -> Vec<MaglevBackend<'_>> {
 fn flows() -> Vec<FlowKey> {
     (0..BATCH as u32)
         .map(|i| FlowKey {
-            src: 0x0af4_0000 + i * 7,
-            dst: 0x0a60_000a,
+            src: (0x0af4_0000 + i * 7).to_be_bytes(),
+            dst: [10, 96, 0, 10],
             src_port: 32768 + (i * 13 % 28000) as u16,
             dst_port: 443,
             proto: proto::TCP,

@@ -254,7 +254,7 @@ fn new_flow(c: &mut Criterion) {
                         sluice_dataplane::parse::ParseOutcome::Ipv4(p) => p,
                         _ => unreachable!(),
                     };
-                    let mut to = sluice_dataplane::nat::Tuple::of(&p);
+                    let mut to = p.key();
                     to.src = [10, 244, 1, pod];
                     to.src_port = sp;
                     sluice_dataplane::nat::rewrite(&mut f, &mut p, &to);
@@ -308,7 +308,7 @@ fn event_ring(c: &mut Criterion) {
     g.throughput(Throughput::Elements(BATCH as u64));
     let (mut p, mut cons) = ring(4096);
     let ev = FlowEvent {
-        tuple: Some(sluice_dataplane::nat::Tuple {
+        tuple: Some(sluice_dataplane::flow::FlowKey {
             src: [10, 244, 1, 2],
             dst: [10, 96, 0, 10],
             src_port: 1234,

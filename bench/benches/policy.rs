@@ -13,6 +13,7 @@
 //!   table to publish (< 10 ms).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sluice_dataplane::flow::proto;
 use sluice_dataplane::policy::k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
     NetworkPolicyPort, NetworkPolicySpec,
@@ -23,7 +24,7 @@ use sluice_dataplane::policy::k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use sluice_dataplane::policy::k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sluice_dataplane::policy::{
     ContainerPort, Namespace, NetworkPolicy, PodInfo, PolicyBuilder, PolicyInputs, PolicyQuery,
-    PolicyTable, PolicyVerdict, Protocol, proto,
+    PolicyTable, PolicyVerdict, Protocol,
 };
 use std::collections::BTreeMap;
 use std::hint::black_box;

@@ -15,7 +15,7 @@ use std::hint::black_box;
 use sluice_dataplane::checksum;
 use sluice_dataplane::demo::{self, FrameSpec};
 use sluice_dataplane::frame::Frame;
-use sluice_dataplane::nat::{self, Tuple};
+use sluice_dataplane::nat;
 use sluice_dataplane::parse::{self, ParseOutcome};
 use sluice_dataplane::vxlan;
 
@@ -82,7 +82,7 @@ fn checksum_bench(c: &mut Criterion) {
         ParseOutcome::Ipv4(p) => p,
         o => panic!("{o:?}"),
     };
-    let a = Tuple::of(&p0);
+    let a = p0.key();
     let mut bk = a;
     bk.dst = [10, 244, 2, 3];
     bk.dst_port = 8080;

@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::checksum;
-use crate::policy::proto;
+use crate::flow::proto;
 use crate::tables::{
     Backend, LocalPod, NodeConfig, RemoteNode, ServiceSpec, Tables, TablesBuilder,
 };

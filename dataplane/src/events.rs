@@ -15,7 +15,7 @@
 //! [`EventSink`] (a bounded ring that counts an event as lost when it is full). Events are rare
 //! (new flows, drops, ends), so the one dynamic call per event does not show on the hot path.
 
-use crate::nat::Tuple;
+use crate::flow::FlowKey;
 use crate::policy::PolicyVerdict;
 use crate::tables::ServiceId;
 use crate::verdict::{DropReason, PortId};
@@ -56,9 +56,9 @@ pub struct FlowEvent {
     pub ts_ns: u64,
     pub kind: EventKind,
     /// The packet's tuple as it arrived (`None` when it did not parse).
-    pub tuple: Option<Tuple>,
+    pub tuple: Option<FlowKey>,
     /// The tuple after NAT (for a service: the chosen backend in `dst`/`dst_port`).
-    pub translated: Option<Tuple>,
+    pub translated: Option<FlowKey>,
     /// The service the flow was balanced to (its VIP:port is `tuple`'s destination).
     pub service: Option<ServiceId>,
     pub ingress: PortId,

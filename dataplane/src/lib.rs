@@ -13,6 +13,7 @@ pub mod conntrack;
 #[cfg(any(test, feature = "testing"))]
 pub mod demo;
 pub mod events;
+pub mod flow;
 pub mod frame;
 pub mod maglev;
 pub mod nat;

@@ -194,7 +194,7 @@ impl MaglevTable {
     }
 
     /// The backend (an index into the slice given to [`Self::build`]) for a flow hash, such as
-    /// [`crate::conntrack::FlowKey::hash64`]; `None` when the table is empty.
+    /// [`crate::flow::FlowKey::hash64`]; `None` when the table is empty.
     #[inline]
     pub fn lookup(&self, flow_hash: u64) -> Option<u16> {
         self.entries

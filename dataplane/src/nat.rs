@@ -5,43 +5,11 @@
 //! Touches only the first buffer, except to complete a partial checksum (which walks the chain).
 
 use crate::checksum;
+use crate::flow::FlowKey;
+use crate::flow::proto;
 use crate::frame::Frame;
 use crate::parse::{IcmpKind, L3_OFFSET, Parsed};
-use crate::policy::proto;
 use crate::wire::{icmp, ipv4, tcp, udp};
-
-/// A flow's 5-tuple as the packet carries it (ICMP echo: the identifier in both ports).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub proto: u8,
-}
-
-impl Tuple {
-    /// The tuple of a parsed packet.
-    pub fn of(p: &Parsed) -> Self {
-        Self {
-            src: p.src,
-            dst: p.dst,
-            src_port: p.src_port,
-            dst_port: p.dst_port,
-            proto: p.proto,
-        }
-    }
-    /// The tuple of the other direction.
-    pub fn reversed(&self) -> Self {
-        Self {
-            src: self.dst,
-            dst: self.src,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: self.proto,
-        }
-    }
-}
 
 /// Offset of the checksum field inside the L4 header, for protocols whose checksum covers the
 /// pseudo-header.
@@ -90,7 +58,7 @@ pub fn complete_partial_checksum(frame: &mut Frame<'_>, p: &Parsed) -> bool {
 
 /// Rewrite the packet from its tuple to `to` (addresses, ports or echo id), updating the IPv4
 /// header checksum and the L4 checksum incrementally. `p` is updated to the new tuple.
-pub fn rewrite(frame: &mut Frame<'_>, p: &mut Parsed, to: &Tuple) {
+pub fn rewrite(frame: &mut Frame<'_>, p: &mut Parsed, to: &FlowKey) {
     let head = frame.head_mut();
     let l4 = p.l4_off;
     if let Ok(mut ip) = ipv4::Packet::new_checked(&mut head[L3_OFFSET..]) {
@@ -157,7 +125,7 @@ pub fn rewrite(frame: &mut Frame<'_>, p: &mut Parsed, to: &Tuple) {
 }
 
 /// The tuple of the datagram embedded in an ICMP error (TCP/UDP ports, or an echo id).
-pub fn embedded_tuple(frame: &Frame<'_>, p: &Parsed) -> Option<Tuple> {
+pub fn embedded_tuple(frame: &Frame<'_>, p: &Parsed) -> Option<FlowKey> {
     let IcmpKind::Error { inner_off } = p.icmp else {
         return None;
     };
@@ -172,7 +140,7 @@ pub fn embedded_tuple(frame: &Frame<'_>, p: &Parsed) -> Option<Tuple> {
         }
         _ => (0, 0),
     };
-    Some(Tuple {
+    Some(FlowKey {
         src: ip.src(),
         dst: ip.dst(),
         src_port: sp,
@@ -187,8 +155,8 @@ pub fn embedded_tuple(frame: &Frame<'_>, p: &Parsed) -> Option<Tuple> {
 pub fn rewrite_icmp_error(
     frame: &mut Frame<'_>,
     p: &mut Parsed,
-    from: &Tuple,
-    to: &Tuple,
+    from: &FlowKey,
+    to: &FlowKey,
     outer_src: [u8; 4],
     outer_dst: [u8; 4],
 ) {
@@ -249,7 +217,7 @@ pub fn rewrite_icmp_error(
             _ => {}
         }
     }
-    let outer = Tuple {
+    let outer = FlowKey {
         src: outer_src,
         dst: outer_dst,
         src_port: p.src_port,
@@ -295,7 +263,7 @@ mod tests {
         let mut f = tcp_syn([10, 244, 1, 2], [10, 96, 0, 10], 40000, 80);
         assert!(l4_ok(&mut f));
         let mut p = parsed(&mut f);
-        let mut to = Tuple::of(&p);
+        let mut to = p.key();
         to.dst = [10, 244, 2, 3];
         to.dst_port = 8080;
         to.src = [10, 244, 1, 0];
@@ -303,7 +271,7 @@ mod tests {
         let n = f.len();
         rewrite(&mut Frame::new(&mut f, 0, n), &mut p, &to);
         let q = parsed(&mut f);
-        assert_eq!(Tuple::of(&q), to);
+        assert_eq!(q.key(), to);
         assert!(l4_ok(&mut f));
     }
 

@@ -14,8 +14,9 @@
 //! through would waste the bandwidth. Pods avoid fragmentation through their route MTUs (1450
 //! towards other nodes) and TCP's path MTU discovery.
 
+use crate::flow::FlowKey;
+use crate::flow::proto;
 use crate::frame::Frame;
-use crate::policy::proto;
 use crate::tables::{Ipv6Handling, Tables};
 use crate::verdict::{DropReason, Verdict};
 use crate::wire::{ethernet, icmp, ipv4, tcp, udp};
@@ -56,6 +57,20 @@ pub struct Parsed {
     pub icmp: IcmpKind,
     pub ttl: u8,
     pub dont_frag: bool,
+}
+
+impl Parsed {
+    /// The packet's 5-tuple.
+    #[inline]
+    pub fn key(&self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            proto: self.proto,
+        }
+    }
 }
 
 /// The outcome of parsing.

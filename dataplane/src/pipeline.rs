@@ -31,14 +31,14 @@
 //! their entry. [`crate::steer::owner`] names that worker; NodePort SNAT takes its source port
 //! from the worker's share ([`WorkerState::steer`]) so replies name it too.
 
-use crate::conntrack::{
-    ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState, FlowDir, FlowKey,
-};
+use crate::conntrack::{ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState, FlowDir};
 use crate::events::{EventKind, EventSink, FlowCounts, FlowEvent};
+use crate::flow::FlowKey;
+use crate::flow::proto;
 use crate::frame::Frame;
-use crate::nat::{self, Tuple};
+use crate::nat;
 use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
-use crate::policy::{Direction, PolicyQuery, PolicyVerdict, proto};
+use crate::policy::{Direction, PolicyQuery, PolicyVerdict};
 use crate::route::{self, Route};
 use crate::service::{self, AffinityTable, ServiceOutcome};
 use crate::steer::Steer;
@@ -152,7 +152,7 @@ impl WorkerState {
 
     /// A drop event for a frame that did not reach conntrack.
     #[inline]
-    fn emit_early_drop(&mut self, now: u64, ingress: PortId, v: Verdict, tuple: Option<Tuple>) {
+    fn emit_early_drop(&mut self, now: u64, ingress: PortId, v: Verdict, tuple: Option<FlowKey>) {
         if let Verdict::Drop(r) = v {
             self.emit(|| FlowEvent {
                 tuple,
@@ -214,7 +214,7 @@ pub fn process_batch(
             match prepare(tables, ingress, f) {
                 Ok(p) => {
                     if p.tracked_key {
-                        keys[nkeys] = FlowKey::from(Tuple::of(&p.parsed));
+                        keys[nkeys] = p.parsed.key();
                         nkeys += 1;
                     }
                     preps[i] = Some(p);
@@ -243,30 +243,6 @@ pub fn process_batch(
             state
                 .counters
                 .count_frame(verdicts[i], rx[i], f.total_len());
-        }
-    }
-}
-
-impl From<Tuple> for FlowKey {
-    fn from(t: Tuple) -> Self {
-        FlowKey {
-            src: u32::from_be_bytes(t.src),
-            dst: u32::from_be_bytes(t.dst),
-            src_port: t.src_port,
-            dst_port: t.dst_port,
-            proto: t.proto,
-        }
-    }
-}
-
-impl From<FlowKey> for Tuple {
-    fn from(k: FlowKey) -> Self {
-        Tuple {
-            src: k.src.to_be_bytes(),
-            dst: k.dst.to_be_bytes(),
-            src_port: k.src_port,
-            dst_port: k.dst_port,
-            proto: k.proto,
         }
     }
 }
@@ -303,7 +279,7 @@ fn prepare(
     t: &Tables,
     ingress: PortId,
     frame: &mut Frame<'_>,
-) -> Result<Prepared, (Verdict, Option<Tuple>)> {
+) -> Result<Prepared, (Verdict, Option<FlowKey>)> {
     let uplink = ingress == t.node.uplink;
     let mut tunneled = false;
     if uplink && vxlan::is_vxlan_to(frame.head(), t.node.underlay_ip.octets(), t.node.vxlan_port) {
@@ -324,10 +300,7 @@ fn prepare(
         ParseOutcome::Done(v) => return Err((v, None)),
     };
     if !uplink && t.local_pod(p.src).is_none_or(|pod| pod.port != ingress) {
-        return Err((
-            Verdict::Drop(DropReason::SpoofedSource),
-            Some(Tuple::of(&p)),
-        ));
+        return Err((Verdict::Drop(DropReason::SpoofedSource), Some(p.key())));
     }
     let icmp_error = matches!(p.icmp, IcmpKind::Error { .. });
     if !icmp_error {
@@ -360,7 +333,7 @@ fn finish(
         )
     {
         s.emit(|| FlowEvent {
-            tuple: Some(Tuple::of(&prep.parsed)),
+            tuple: Some(prep.parsed.key()),
             drop: Some(r),
             ..FlowEvent::new(EventKind::Drop, now, ingress)
         });
@@ -381,8 +354,8 @@ fn finish_inner(
     if !prep.tracked_key {
         return icmp_error(t, s, now, frame, &mut p);
     }
-    let orig = Tuple::of(&p);
-    let key = FlowKey::from(orig);
+    let orig = p.key();
+    let key = orig;
     // A batch answer stands if its entry still holds this key, or for a miss if no earlier frame
     // of the batch inserted or removed an entry since; else look again.
     let hit = match hint {
@@ -427,7 +400,7 @@ fn finish_inner(
         let Some(e) = s.conntrack.get(h) else {
             return Verdict::Drop(DropReason::ConntrackInvalid);
         };
-        let to = Tuple::from(*e.key(dir.flip())).reversed();
+        let to = e.key(dir.flip()).reversed();
         let peer_mac = e.value().peer_mac;
         if to != orig {
             nat::rewrite(frame, &mut p, &to);
@@ -453,8 +426,8 @@ fn emit_end(s: &mut WorkerState, now: u64, ingress: PortId, h: CtHandle) {
 /// The end event of the flow of conntrack entry `e`, with its counts both ways.
 fn end_event(e: &CtEntry<FlowNat>, now: u64, ingress: PortId) -> FlowEvent {
     FlowEvent {
-        tuple: Some(Tuple::from(*e.key(FlowDir::Original))),
-        translated: Some(Tuple::from(*e.key(FlowDir::Reply)).reversed()),
+        tuple: Some(*e.key(FlowDir::Original)),
+        translated: Some(e.key(FlowDir::Reply).reversed()),
         service: e.value().service,
         counts: FlowCounts {
             packets: [e.packets(FlowDir::Original), e.packets(FlowDir::Reply)],
@@ -475,7 +448,7 @@ fn new_flow(
     external: bool,
     tcp_flags: Option<u8>,
 ) -> Verdict {
-    let orig = Tuple::of(&p);
+    let orig = p.key();
     let mut xlat = orig;
     let mut value = FlowNat::default();
     let mut snat = false;
@@ -543,11 +516,9 @@ fn new_flow(
         // program sends everything of (the rest it passes itself).
         return Verdict::PassToKernel;
     }
-    let okey = FlowKey::from(orig);
+    let okey = orig;
     s.ct_epoch += 1;
-    let mut inserted = s
-        .conntrack
-        .insert(okey, FlowKey::from(xlat).reversed(), value, now);
+    let mut inserted = s.conntrack.insert(okey, xlat.reversed(), value, now);
     if snat {
         // Another client may hold this source port towards the same backend: try others.
         let h = okey.hash64();
@@ -561,9 +532,7 @@ fn new_flow(
             if p.proto == proto::ICMP {
                 xlat.dst_port = port;
             }
-            inserted = s
-                .conntrack
-                .insert(okey, FlowKey::from(xlat).reversed(), value, now);
+            inserted = s.conntrack.insert(okey, xlat.reversed(), value, now);
         }
     }
     let h = match inserted {
@@ -612,7 +581,7 @@ fn icmp_error(
     let Some(emb) = nat::embedded_tuple(frame, p) else {
         return Verdict::Drop(DropReason::BadL4Header);
     };
-    let Some((h, dir)) = s.conntrack.lookup(&FlowKey::from(emb.reversed()), now) else {
+    let Some((h, dir)) = s.conntrack.lookup(&emb.reversed(), now) else {
         return Verdict::Drop(DropReason::IcmpErrorUnrelated);
     };
     let Some(e) = s.conntrack.get(h) else {
@@ -620,7 +589,7 @@ fn icmp_error(
     };
     // The embedded datagram went in direction `dir.flip()`, after translation; its sender saw it
     // as that direction's key.
-    let emb_to = Tuple::from(*e.key(dir.flip()));
+    let emb_to = *e.key(dir.flip());
     let peer_mac = e.value().peer_mac;
     if emb_to != emb {
         let outer_src = if p.src == emb.dst { emb_to.dst } else { p.src };

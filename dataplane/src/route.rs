@@ -103,7 +103,7 @@ pub fn forward(
             vni: tables.node.vni,
             dst_port: tables.node.vxlan_port,
         };
-        let h = crate::conntrack::FlowKey::from(crate::nat::Tuple::of(p)).hash64();
+        let h = p.key().hash64();
         match vxlan::encap(frame, &t, vxlan::src_port(h), ip_id) {
             Ok(()) => {}
             Err(vxlan::VxlanError::NoHeadroom) => return Verdict::Drop(DropReason::NoHeadroom),

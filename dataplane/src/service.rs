@@ -6,8 +6,7 @@
 //! worker remembers the client's backend in an [`AffinityTable`] for the service's timeout
 //! (refreshed by every new flow) so a client keeps its backend when backends come or go.
 
-use crate::conntrack::FlowKey;
-use crate::nat::Tuple;
+use crate::flow::FlowKey;
 use crate::parse::Parsed;
 use crate::tables::{ServiceId, Tables};
 
@@ -60,8 +59,8 @@ impl AffinityTable {
     }
     fn slot(&self, client: u32, svc: u32) -> usize {
         (FlowKey {
-            src: client,
-            dst: svc,
+            src: client.to_be_bytes(),
+            dst: svc.to_be_bytes(),
             src_port: 0,
             dst_port: 0,
             proto: 0,
@@ -83,29 +82,21 @@ impl AffinityTable {
 
 /// The Maglev hash of a flow to service `svc`: the client address alone with sessionAffinity,
 /// else the whole tuple.
-fn maglev_hash(affinity: bool, t: &Tuple) -> u64 {
-    let client = u32::from_be_bytes(t.src);
+fn maglev_hash(affinity: bool, t: &FlowKey) -> u64 {
     if affinity {
         return FlowKey {
-            src: client,
+            src: t.src,
             ..FlowKey::default()
         }
         .hash64();
     }
-    FlowKey {
-        src: client,
-        dst: u32::from_be_bytes(t.dst),
-        src_port: t.src_port,
-        dst_port: t.dst_port,
-        proto: t.proto,
-    }
-    .hash64()
+    t.hash64()
 }
 
 /// The backend (address, port) Maglev gives a new flow `t` to service `svc`, with no affinity
 /// memory: what [`select`] picks unless a sessionAffinity entry says otherwise. Read-only, for
 /// steering frames before any worker state is touched.
-pub fn maglev_choice(tables: &Tables, svc: ServiceId, t: &Tuple) -> Option<([u8; 4], u16)> {
+pub fn maglev_choice(tables: &Tables, svc: ServiceId, t: &FlowKey) -> Option<([u8; 4], u16)> {
     let s = tables.service(svc)?;
     let i = s.maglev.lookup(maglev_hash(s.affinity_timeout_ns > 0, t))?;
     let b = s.spec.backends.get(usize::from(i))?;
@@ -156,7 +147,7 @@ pub fn select(
             affinity.put(s);
             return found(s.backend).unwrap_or(ServiceOutcome::NoBackend);
         }
-        let Some(i) = svc.maglev.lookup(maglev_hash(true, &Tuple::of(p))) else {
+        let Some(i) = svc.maglev.lookup(maglev_hash(true, &p.key())) else {
             return ServiceOutcome::NoBackend;
         };
         let Some(b) = backends.get(usize::from(i)) else {
@@ -174,7 +165,7 @@ pub fn select(
         return found(i).unwrap_or(ServiceOutcome::NoBackend);
     }
     svc.maglev
-        .lookup(maglev_hash(false, &Tuple::of(p)))
+        .lookup(maglev_hash(false, &p.key()))
         .and_then(found)
         .unwrap_or(ServiceOutcome::NoBackend)
 }

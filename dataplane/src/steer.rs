@@ -33,9 +33,8 @@
 //! connection whose Maglev slot moved, or a sessionAffinity client whose remembered backend is no
 //! longer Maglev's choice.
 
-use crate::conntrack::FlowKey;
-use crate::nat::Tuple;
-use crate::policy::proto;
+use crate::flow::FlowKey;
+use crate::flow::proto;
 use crate::service;
 use crate::tables::Tables;
 use crate::verdict::PortId;
@@ -83,7 +82,7 @@ pub fn port_owner(port: u16, workers: usize) -> usize {
 }
 
 /// The endpoints of a frame's connection as seen on receive.
-fn tuple_of(tables: &Tables, head: &[u8], ingress: PortId) -> Option<Tuple> {
+fn tuple_of(tables: &Tables, head: &[u8], ingress: PortId) -> Option<FlowKey> {
     let mut l2 = head;
     if ingress == tables.node.uplink
         && crate::vxlan::is_vxlan_to(l2, tables.node.underlay_ip.octets(), tables.node.vxlan_port)
@@ -111,7 +110,7 @@ fn tuple_of(tables: &Tables, head: &[u8], ingress: PortId) -> Option<Tuple> {
 
 /// Addresses, ports (the echo identifier in both for ICMP echo) and protocol of an IPv4 header
 /// and the first bytes of its payload; `None` for fragments and short headers.
-fn ip_tuple(l3: &[u8]) -> Option<Tuple> {
+fn ip_tuple(l3: &[u8]) -> Option<FlowKey> {
     let ip = ipv4::Packet::new_checked(l3).ok()?;
     if ip.is_fragment() {
         return None;
@@ -135,7 +134,7 @@ fn ip_tuple(l3: &[u8]) -> Option<Tuple> {
         }
         _ => (0, 0),
     };
-    Some(Tuple {
+    Some(FlowKey {
         src: ip.src(),
         dst: ip.dst(),
         src_port,
@@ -145,9 +144,9 @@ fn ip_tuple(l3: &[u8]) -> Option<Tuple> {
 }
 
 /// A hash of the connection that is the same for both directions.
-fn symmetric_hash(t: &Tuple) -> u64 {
-    let a = (u32::from_be_bytes(t.src), t.src_port);
-    let b = (u32::from_be_bytes(t.dst), t.dst_port);
+fn symmetric_hash(t: &FlowKey) -> u64 {
+    let a = (t.src, t.src_port);
+    let b = (t.dst, t.dst_port);
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     FlowKey {
         src: lo.0,
@@ -162,7 +161,7 @@ fn symmetric_hash(t: &Tuple) -> u64 {
 /// A hash of one endpoint (a service's client).
 fn endpoint_hash(ip: [u8; 4], port: u16, proto: u8) -> u64 {
     FlowKey {
-        src: u32::from_be_bytes(ip),
+        src: ip,
         src_port: port,
         proto,
         ..FlowKey::default()
@@ -171,7 +170,7 @@ fn endpoint_hash(ip: [u8; 4], port: u16, proto: u8) -> u64 {
 }
 
 /// The steering hash of a connection tuple (rules 2 and 3 of the module doc).
-fn flow_hash(tables: &Tables, t: &Tuple) -> u64 {
+fn flow_hash(tables: &Tables, t: &FlowKey) -> u64 {
     let src_backend = tables.is_backend(t.src, t.src_port, t.proto);
     if let Some(svc) = tables.cluster_ip(t.dst, t.dst_port, t.proto) {
         if !src_backend {

@@ -99,7 +99,7 @@ pub fn encap(
     ipv4::Repr {
         src: t.src_ip,
         dst: t.dst_ip,
-        protocol: crate::policy::proto::UDP,
+        protocol: crate::flow::proto::UDP,
         tos: ecn_encapsulate(inner_tos),
         ident: ip_id,
         dont_frag: false,
@@ -148,7 +148,7 @@ pub fn is_vxlan_to(head: &[u8], local_ip: [u8; 4], port: u16) -> bool {
     let Ok(ip) = ipv4::Packet::new_checked(eth.payload()) else {
         return false;
     };
-    if ip.dst() != local_ip || ip.protocol() != crate::policy::proto::UDP || ip.is_fragment() {
+    if ip.dst() != local_ip || ip.protocol() != crate::flow::proto::UDP || ip.is_fragment() {
         return false;
     }
     let hl = ip.header_len();
@@ -263,9 +263,9 @@ mod tests {
     fn our_src_port_is_in_kernel_range_and_spreads() {
         let mut seen = std::collections::HashSet::new();
         for h in 0..1000u64 {
-            let key = crate::conntrack::FlowKey {
-                src: h as u32,
-                dst: 7,
+            let key = crate::flow::FlowKey {
+                src: (h as u32).to_be_bytes(),
+                dst: [0, 0, 0, 7],
                 src_port: 1,
                 dst_port: 2,
                 proto: 6,

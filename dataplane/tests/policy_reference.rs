@@ -10,9 +10,10 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proptest::prelude::*;
+use sluice_dataplane::flow::proto;
 use sluice_dataplane::policy::{
     ContainerPort, Direction, PodInfo, PolicyBuilder, PolicyId, PolicyInputs, PolicyQuery,
-    PolicyTable, PolicyVerdict, Protocol, proto,
+    PolicyTable, PolicyVerdict, Protocol,
 };
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

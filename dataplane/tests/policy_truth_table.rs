@@ -5,9 +5,10 @@
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use sluice_dataplane::flow::proto;
 use sluice_dataplane::policy::{
     ContainerPort, Direction, InvalidReason, PodInfo, PolicyBuilder, PolicyError, PolicyInputs,
-    PolicyQuery, PolicyTable, PolicyVerdict, Protocol, proto,
+    PolicyQuery, PolicyTable, PolicyVerdict, Protocol,
 };
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -12,7 +12,6 @@ use std::process::ExitCode;
 
 use sluice_dataplane::demo;
 use sluice_dataplane::frame::Frame;
-use sluice_dataplane::nat::Tuple;
 use sluice_dataplane::parse::{self, IcmpKind, ParseOutcome};
 use sluice_dataplane::pipeline::{WorkerConfig, WorkerState, process};
 use sluice_dataplane::tables::Tables;
@@ -110,7 +109,7 @@ fn describe(tables: &Tables, bytes: &[u8]) -> String {
     }
     match parse::parse(tables, &f) {
         ParseOutcome::Ipv4(p) => {
-            let t = Tuple::of(&p);
+            let t = p.key();
             let ip = |a: [u8; 4]| std::net::Ipv4Addr::from(a).to_string();
             let what = match (p.proto, p.icmp) {
                 (6, _) => format!("TCP {}", tcp_flags(p.tcp_flags)),

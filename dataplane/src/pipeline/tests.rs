@@ -56,12 +56,12 @@ fn checksums_ok(f: &[u8]) -> bool {
     c.fold() == 0xffff
 }
 
-fn tuple(f: &[u8]) -> Tuple {
+fn tuple(f: &[u8]) -> FlowKey {
     let t = demo_tables();
     let n = f.len();
     let mut b = f.to_vec();
     match parse::parse(&t, &Frame::new(&mut b, 0, n)) {
-        ParseOutcome::Ipv4(p) => Tuple::of(&p),
+        ParseOutcome::Ipv4(p) => p.key(),
         o => panic!("{o:?}"),
     }
 }
@@ -127,7 +127,7 @@ fn cluster_ip_to_local_backend_and_reply() {
     assert_eq!(v, Verdict::Forward(POD_B));
     assert_eq!(
         tuple(&out),
-        Tuple {
+        FlowKey {
             src: A,
             dst: B,
             src_port: sp,
@@ -151,7 +151,7 @@ fn cluster_ip_to_local_backend_and_reply() {
     assert_eq!(v, Verdict::Forward(POD_A));
     assert_eq!(
         tuple(&out),
-        Tuple {
+        FlowKey {
             src: VIP,
             dst: A,
             src_port: 80,
@@ -192,7 +192,7 @@ fn cluster_ip_to_remote_backend_encaps_and_reply_is_decapped() {
     );
     assert_eq!(
         tuple(&inner),
-        Tuple {
+        FlowKey {
             src: A,
             dst: R,
             src_port: sp,
@@ -218,7 +218,7 @@ fn cluster_ip_to_remote_backend_encaps_and_reply_is_decapped() {
     assert_eq!(v, Verdict::Forward(POD_A));
     assert_eq!(
         tuple(&out),
-        Tuple {
+        FlowKey {
             src: VIP,
             dst: A,
             src_port: 80,
@@ -362,7 +362,7 @@ fn node_port_snat_and_reply_to_client_mac() {
         .unwrap();
     assert_eq!(
         tuple(&out),
-        Tuple {
+        FlowKey {
             src: [10, 244, 1, 0],
             dst: B,
             src_port: sp,
@@ -400,7 +400,7 @@ fn node_port_snat_and_reply_to_client_mac() {
     assert_eq!((&out[..6], &out[6..12]), (&cmac[..], &demo::NODE_MAC[..]));
     assert_eq!(
         tuple(&out),
-        Tuple {
+        FlowKey {
             src: [192, 168, 50, 1],
             dst: client,
             src_port: 30080,
@@ -1189,7 +1189,7 @@ impl Conn {
 
 /// The state of the one conntrack entry of the client's key.
 fn ct_state(s: &mut WorkerState, c: &Conn) -> Option<CtState> {
-    let key = FlowKey::from(tuple(&demo::tcp_frame(&c.client, 0, b"")));
+    let key = tuple(&demo::tcp_frame(&c.client, 0, b""));
     let (h, _) = s.conntrack.lookup(&key, 0)?;
     s.conntrack.get(h).map(|e| e.state())
 }
@@ -1280,7 +1280,7 @@ fn reply_side_syn_over_a_closed_connection_meets_the_current_policy() {
                 Verdict::Forward(POD_A),
                 "{what}"
             );
-            let b_key = FlowKey::from(tuple(&demo::tcp_frame(&conn.server, 0, b"")));
+            let b_key = tuple(&demo::tcp_frame(&conn.server, 0, b""));
             assert_eq!(
                 s.conntrack.lookup(&b_key, 2).map(|(_, d)| d),
                 Some(FlowDir::Original),

@@ -769,7 +769,7 @@ impl PolicyBuilder {
                     continue;
                 };
                 for ps in ports {
-                    let slot = ps.protocol.slot();
+                    let slot = super::slot(ps.protocol);
                     match &ps.port {
                         PortMatch::Range(lo, hi) => {
                             grants.push(Grant {
@@ -877,7 +877,8 @@ fn resolve(ports: &[ContainerPort], name: &str, protocol: Protocol) -> Option<u1
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Direction, PolicyId, PolicyQuery, PolicyVerdict, proto};
+    use crate::flow::proto;
+    use crate::policy::{Direction, PolicyId, PolicyQuery, PolicyVerdict};
 
     fn pod(name: &str, app: &str, ip: [u8; 4], http: u16) -> PodInfo {
         PodInfo {

@@ -95,13 +95,8 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-/// IP protocol numbers the policy stage distinguishes.
-pub mod proto {
-    pub const ICMP: u8 = 1;
-    pub const TCP: u8 = 6;
-    pub const UDP: u8 = 17;
-    pub const SCTP: u8 = 132;
-}
+pub use crate::flow::Protocol;
+use crate::flow::proto;
 
 /// The first packet of a new flow, after service DNAT (so `dst` is the backend pod, not the VIP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -140,21 +135,12 @@ pub enum PolicyVerdict {
     Deny { direction: Direction },
 }
 
-/// Transport protocols of NetworkPolicy ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    fn slot(self) -> usize {
-        match self {
-            Protocol::Tcp => 0,
-            Protocol::Udp => 1,
-            Protocol::Sctp => 2,
-        }
+/// The per-protocol slot of a NetworkPolicy port's protocol.
+fn slot(p: Protocol) -> usize {
+    match p {
+        Protocol::Tcp => 0,
+        Protocol::Udp => 1,
+        Protocol::Sctp => 2,
     }
 }
 

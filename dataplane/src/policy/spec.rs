@@ -261,17 +261,12 @@ fn check_block(b: &IPBlock, path: &str) -> Result<CidrSet, FieldError> {
 }
 
 fn check_port(p: &NetworkPolicyPort, path: &str) -> Result<PortSpec, FieldError> {
-    let protocol = match p.protocol.as_deref() {
-        None | Some("TCP") => Protocol::Tcp,
-        Some("UDP") => Protocol::Udp,
-        Some("SCTP") => Protocol::Sctp,
-        Some(other) => {
-            return Err((
-                format!("{path}.protocol"),
-                InvalidReason::BadProtocol(other.to_owned()),
-            ));
-        }
-    };
+    let protocol = Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| {
+        (
+            format!("{path}.protocol"),
+            InvalidReason::BadProtocol(p.protocol.clone().unwrap_or_default()),
+        )
+    })?;
     let in_range = |n: i32, field: &str| -> Result<u16, FieldError> {
         u16::try_from(n).ok().filter(|n| *n >= 1).ok_or((
             format!("{path}.{field}"),

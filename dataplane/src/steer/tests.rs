@@ -20,11 +20,11 @@ fn run(t: &Tables, s: &mut WorkerState, port: PortId, bytes: &[u8]) -> (Verdict,
     (v, f.head().to_vec())
 }
 
-fn tuple(t: &Tables, f: &[u8]) -> Tuple {
+fn tuple(t: &Tables, f: &[u8]) -> FlowKey {
     let mut b = f.to_vec();
     let n = b.len();
     match parse::parse(t, &Frame::new(&mut b, 0, n)) {
-        ParseOutcome::Ipv4(p) => Tuple::of(&p),
+        ParseOutcome::Ipv4(p) => p.key(),
         o => panic!("{o:?}"),
     }
 }
@@ -65,7 +65,7 @@ fn frame(spec: &FrameSpec, proto_: u8, syn_ack: bool) -> Vec<u8> {
 }
 
 /// `t` sent by its source, as it reaches this node: (ingress port, frame).
-fn arriving(t: &Tuple, syn_ack: bool) -> (PortId, Vec<u8>) {
+fn arriving(t: &FlowKey, syn_ack: bool) -> (PortId, Vec<u8>) {
     match t.src {
         [10, 244, 1, n @ 2..=3] => {
             let spec = FrameSpec::from_pod(n, t.dst, t.src_port, t.dst_port);
@@ -186,13 +186,13 @@ fn flow() -> impl Strategy<Value = Flow> {
 
 /// The first packet's tuple: 0 = a pod to a ClusterIP, 1 = pod to pod, 2 = an outside client to a
 /// NodePort. `None` when the tables have no such target.
-fn first_tuple(svcs: &[Svc], f: &Flow) -> Option<Tuple> {
+fn first_tuple(svcs: &[Svc], f: &Flow) -> Option<FlowKey> {
     let client = PODS[f.client];
     match f.kind {
         0 => {
             let i = f.target % svcs.len();
             let s = &svcs[i];
-            Some(Tuple {
+            Some(FlowKey {
                 src: client,
                 dst: [10, 96, 1, i as u8],
                 src_port: f.sport,
@@ -203,7 +203,7 @@ fn first_tuple(svcs: &[Svc], f: &Flow) -> Option<Tuple> {
         1 => {
             let peer = PODS[f.target % 4];
             // One end must be on this node for the frame to come here at all.
-            (peer != client && (client[2] == 1 || peer[2] == 1)).then_some(Tuple {
+            (peer != client && (client[2] == 1 || peer[2] == 1)).then_some(FlowKey {
                 src: client,
                 dst: peer,
                 src_port: f.sport,
@@ -215,7 +215,7 @@ fn first_tuple(svcs: &[Svc], f: &Flow) -> Option<Tuple> {
             let i = (0..svcs.len())
                 .map(|k| (f.target + k) % svcs.len())
                 .find(|&k| svcs[k].node_port)?;
-            Some(Tuple {
+            Some(FlowKey {
                 src: [172, 16, (f.sport >> 8) as u8, f.sport as u8],
                 dst: UNDERLAY,
                 src_port: f.sport,

@@ -1,286 +1,7 @@
-//! Connection tracking: one table per worker, fixed capacity, no allocation after construction.
-//!
-//! This module owns the table of connections a worker has seen. A connection has two keys, the
-//! 5-tuple of its original direction and the 5-tuple its replies carry (after NAT they differ, e.g.
-//! client->VIP and backend->client); both lead to the same [`CtEntry`], which holds the caller's value
-//! (the NAT binding), per-direction counters and the protocol state.
-//!
-//! # Protocol state and timeouts
-//! TCP follows the Linux `nf_conntrack` state table (`nf_conntrack_proto_tcp.c`, states NONE,
-//! SYN_SENT, SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE, SYN_SENT2) and
-//! its flag validity check, without sequence-window tracking. A packet that the table calls invalid
-//! leaves the state and the expiry alone and [`CtEntry::on_packet`] answers [`CtState::Invalid`]; a
-//! packet it ignores (e.g. a retransmitted SYN/ACK) leaves them alone too and answers the current
-//! state.
-//!
-//! A closed connection is never reopened in place. A SYN (without ACK, either way) that meets an
-//! entry in TIME_WAIT or CLOSE starts a new connection over the same 5-tuple
-//! ([`CtEntry::is_reopened_by`]): the caller removes the entry and handles the packet as the first
-//! of a new flow, so that everything decided for new flows (service choice, NAT, NetworkPolicy) is
-//! decided again with the tables of now. Linux does the same: `tcp_packet` kills such an entry and
-//! answers `NF_REPEAT`, so the packet is looked up again as NEW ("Attempt to reopen a
-//! closed/aborted connection"). [`CtEntry::on_packet`] answers [`CtState::Invalid`] for such a SYN,
-//! so a caller that forgot to end the entry drops the packet rather than passes it as established. UDP is unreplied until a packet goes the reply way, then assured. ICMP (echo, keyed by
-//! its id) and other protocols have a single state. The timeouts default to Linux's
-//! `net.netfilter.nf_conntrack_*_timeout*` defaults; see [`CtTimeouts`].
-//!
-//! Every packet accounted moves the expiry to `now + timeout(new state)`. An entry is expired when
-//! `now >= expiry` (as Linux's `nf_ct_is_expired`); expired entries are misses.
-//!
-//! # Table
-//! Entries live in a preallocated pool of `capacity` slots. Keys are found through an open-addressing
-//! index (linear probing with backward-shift deletion, so no tombstones) of at least `4 * capacity`
-//! slots, so it is at most half full. A key is always within [`MAX_PROBE`] slots of its home. The
-//! hash is XXH3-64 of the key with [`CtConfig::hash_seed`]; set the seed at random per node so that
-//! remote hosts cannot aim flows at one probe window.
-//!
-//! When the pool is full an insert evicts one entry: among the entries referenced by the new key's
-//! probe window and the next [`EVICT_SCAN`] pool slots under the sweep hand, an expired one if there
-//! is one, else the one with the oldest last packet. If a key's probe window is full of live keys
-//! (rare at half load), an entry of that window is evicted the same way. [`ConnTrack::expire`]
-//! sweeps a bounded number of pool slots per call; lookups drop the expired entries they meet.
-//!
-//! # Handles
-//! A [`CtHandle`] names a pool slot and its generation. A slot's generation changes whenever its
-//! entry is removed, so a handle kept past the removal of its entry reads as `None`, never as another
-//! connection (unless the slot is reused 2^32 times in between).
-//!
-//! # Guarantees
-//! No method allocates, reads a clock or panics after [`ConnTrack::new`] (all storage is three boxed
-//! slices sized there). A lookup reads at most [`MAX_PROBE`] index slots; an insert at most that
-//! per key plus [`EVICT_SCAN`] pool slots, and in the rare full-window case evicts at most
-//! [`MAX_PROBE`] entries per key before giving up with [`CtError::Full`]. A removal shifts back the
-//! rest of its index cluster, which at half load is a few slots.
-//!
-//! # Memory
-//! 128 bytes per pool slot (for `V` up to 24 bytes) plus 8 bytes per index slot, about 160 bytes
-//! per connection of capacity: 1 M connections take about 160 MiB. Random lookups over a table that
-//! large are bound by cache and TLB misses; [`ConnTrack::lookup_batch`] overlaps them.
+//! The connection table of one worker: a preallocated pool of entries found through an
+//! open-addressing index (see the module doc of `conntrack` for the layout, eviction and costs).
 
-/// IP protocol numbers with their own tracking.
-pub mod proto {
-    pub const ICMP: u8 = 1;
-    pub const TCP: u8 = 6;
-    pub const UDP: u8 = 17;
-}
-
-/// TCP flag bits of the flags byte (offset 13 of the TCP header).
-pub mod tcp_flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-    pub const URG: u8 = 0x20;
-    pub const ECE: u8 = 0x40;
-    pub const CWR: u8 = 0x80;
-}
-
-/// The longest distance, in index slots, between a key's home slot and where it is stored.
-pub const MAX_PROBE: usize = 64;
-/// How many keys [`ConnTrack::lookup_batch`] brings into cache together.
-pub const LOOKUP_GROUP: usize = 32;
-/// How many pool slots an insert into a full pool examines under the sweep hand.
-pub const EVICT_SCAN: usize = 32;
-
-const NS: u64 = 1_000_000_000;
-
-/// An IPv4 flow 5-tuple. Addresses are host-order `u32` (`u32::from(Ipv4Addr)`); for ICMP echo both
-/// ports hold the echo identifier, so the reply's reversed key matches.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub struct FlowKey {
-    pub src: u32,
-    pub dst: u32,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub proto: u8,
-}
-
-impl FlowKey {
-    /// The key of a packet going the other way.
-    #[inline]
-    pub fn reversed(&self) -> FlowKey {
-        FlowKey {
-            src: self.dst,
-            dst: self.src,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: self.proto,
-        }
-    }
-
-    /// A hash of the key that is the same on every node and version: XXH3-64 with seed 0 of the 13
-    /// bytes `src, dst, src_port, dst_port` (big-endian) then `proto`. Used for Maglev backend choice
-    /// and the VXLAN source port.
-    #[inline]
-    pub fn hash64(&self) -> u64 {
-        self.hash64_seeded(0)
-    }
-
-    /// [`Self::hash64`] with another seed.
-    ///
-    /// This is XXH3-64's 9-to-16-byte path (default secret) computed straight from the fields: the
-    /// same value as `xxh3_64_with_seed(&key_bytes, seed)` (a test checks it against the crate), at
-    /// a fraction of the cost, because building the byte array first stalls store forwarding.
-    #[inline]
-    pub fn hash64_seeded(&self, seed: u64) -> u64 {
-        // XXH3 default secret: bytes 24..32 ^ 32..40, and 40..48 ^ 48..56, little-endian.
-        const FLIP1: u64 = 0x6782_737b_ea42_39b9;
-        const FLIP2: u64 = 0xaf56_bc3b_0996_523a;
-        // The 13 bytes read little-endian: bytes 0..8 and bytes 5..13.
-        let lo = u64::from(self.src.swap_bytes()) | u64::from(self.dst.swap_bytes()) << 32;
-        let hi = lo >> 40
-            | u64::from(self.src_port.swap_bytes()) << 24
-            | u64::from(self.dst_port.swap_bytes()) << 40
-            | u64::from(self.proto) << 56;
-        let input_lo = lo ^ FLIP1.wrapping_add(seed);
-        let input_hi = hi ^ FLIP2.wrapping_sub(seed);
-        let product = u128::from(input_lo) * u128::from(input_hi);
-        let mut h = 13u64
-            .wrapping_add(input_lo.swap_bytes())
-            .wrapping_add(input_hi)
-            .wrapping_add(product as u64 ^ (product >> 64) as u64);
-        // XXH3 avalanche.
-        h ^= h >> 37;
-        h = h.wrapping_mul(0x1656_6791_9e37_79f9);
-        h ^ (h >> 32)
-    }
-
-    /// The 13 bytes [`Self::hash64`] hashes.
-    pub fn to_bytes(self) -> [u8; 13] {
-        let mut b = [0u8; 13];
-        b[0..4].copy_from_slice(&self.src.to_be_bytes());
-        b[4..8].copy_from_slice(&self.dst.to_be_bytes());
-        b[8..10].copy_from_slice(&self.src_port.to_be_bytes());
-        b[10..12].copy_from_slice(&self.dst_port.to_be_bytes());
-        b[12] = self.proto;
-        b
-    }
-}
-
-/// Which way a packet goes relative to the connection's first packet.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-#[repr(u8)]
-pub enum FlowDir {
-    Original = 0,
-    Reply = 1,
-}
-
-impl FlowDir {
-    /// The other direction.
-    pub fn flip(self) -> FlowDir {
-        match self {
-            FlowDir::Original => FlowDir::Reply,
-            FlowDir::Reply => FlowDir::Original,
-        }
-    }
-}
-
-/// The state of a connection, or [`CtState::Invalid`] as the answer for a packet the state machine
-/// rejects (entries are never in that state).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-#[repr(u8)]
-pub enum CtState {
-    /// TCP, created and no packet accounted yet.
-    TcpNone,
-    TcpSynSent,
-    TcpSynRecv,
-    TcpEstablished,
-    /// A FIN seen.
-    TcpFinWait,
-    /// The ACK of the first FIN seen.
-    TcpCloseWait,
-    /// FINs seen both ways.
-    TcpLastAck,
-    /// The last ACK seen.
-    TcpTimeWait,
-    /// A RST seen.
-    TcpClose,
-    /// Simultaneous open: a SYN seen both ways.
-    TcpSynSent2,
-    /// UDP, no packet seen the reply way.
-    UdpUnreplied,
-    /// UDP, packets seen both ways.
-    UdpAssured,
-    /// ICMP echo.
-    Icmp,
-    /// Any other protocol.
-    Generic,
-    /// Answer only: the packet is invalid for the connection's state (bad TCP flags, a SYN/ACK from
-    /// the client, a TCP packet without flags); the entry is unchanged.
-    Invalid,
-}
-
-/// Timeouts per state, in nanoseconds. The defaults are Linux's (`nf_conntrack_tcp_timeout_*`,
-/// `nf_conntrack_udp_timeout{,_stream}`, `nf_conntrack_icmp_timeout`,
-/// `nf_conntrack_generic_timeout`).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct CtTimeouts {
-    /// SYN_SENT and SYN_SENT2 (and TCP before its first packet): 120 s.
-    pub tcp_syn_sent: u64,
-    /// SYN_RECV: 60 s.
-    pub tcp_syn_recv: u64,
-    /// ESTABLISHED: 5 days.
-    pub tcp_established: u64,
-    /// FIN_WAIT: 120 s.
-    pub tcp_fin_wait: u64,
-    /// CLOSE_WAIT: 60 s.
-    pub tcp_close_wait: u64,
-    /// LAST_ACK: 30 s.
-    pub tcp_last_ack: u64,
-    /// TIME_WAIT: 120 s.
-    pub tcp_time_wait: u64,
-    /// CLOSE: 10 s.
-    pub tcp_close: u64,
-    /// UDP unreplied: 30 s.
-    pub udp_unreplied: u64,
-    /// UDP assured (seen both ways): 120 s.
-    pub udp_assured: u64,
-    /// ICMP: 30 s.
-    pub icmp: u64,
-    /// Other protocols: 600 s.
-    pub generic: u64,
-}
-
-impl Default for CtTimeouts {
-    fn default() -> Self {
-        Self {
-            tcp_syn_sent: 120 * NS,
-            tcp_syn_recv: 60 * NS,
-            tcp_established: 5 * 24 * 3600 * NS,
-            tcp_fin_wait: 120 * NS,
-            tcp_close_wait: 60 * NS,
-            tcp_last_ack: 30 * NS,
-            tcp_time_wait: 120 * NS,
-            tcp_close: 10 * NS,
-            udp_unreplied: 30 * NS,
-            udp_assured: 120 * NS,
-            icmp: 30 * NS,
-            generic: 600 * NS,
-        }
-    }
-}
-
-impl CtTimeouts {
-    /// The timeout of a state ([`CtState::Invalid`] has none and gets 0).
-    pub fn of(&self, state: CtState) -> u64 {
-        match state {
-            CtState::TcpNone | CtState::TcpSynSent | CtState::TcpSynSent2 => self.tcp_syn_sent,
-            CtState::TcpSynRecv => self.tcp_syn_recv,
-            CtState::TcpEstablished => self.tcp_established,
-            CtState::TcpFinWait => self.tcp_fin_wait,
-            CtState::TcpCloseWait => self.tcp_close_wait,
-            CtState::TcpLastAck => self.tcp_last_ack,
-            CtState::TcpTimeWait => self.tcp_time_wait,
-            CtState::TcpClose => self.tcp_close,
-            CtState::UdpUnreplied => self.udp_unreplied,
-            CtState::UdpAssured => self.udp_assured,
-            CtState::Icmp => self.icmp,
-            CtState::Generic => self.generic,
-            CtState::Invalid => 0,
-        }
-    }
-}
+use super::{CtEntry, CtState, CtTimeouts, EVICT_SCAN, FlowDir, FlowKey, LOOKUP_GROUP, MAX_PROBE};
 
 /// Table configuration.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -337,236 +58,6 @@ pub struct CtStats {
     pub evictions: u64,
     /// Expired entries removed (by a sweep, a lookup, or to make room).
     pub expired: u64,
-}
-
-/// One connection.
-///
-/// `repr(C)` keeps what a lookup reads (keys, expiry) in the first cache line of its pool slot.
-#[derive(Clone, Copy, Debug)]
-#[repr(C)]
-pub struct CtEntry<V> {
-    keys: [FlowKey; 2],
-    expires: u64,
-    last_seen: u64,
-    state: CtState,
-    value: V,
-    created: u64,
-    packets: [u64; 2],
-    bytes: [u64; 2],
-}
-
-impl<V> CtEntry<V> {
-    fn new(orig: FlowKey, reply: FlowKey, value: V, now: u64, timeouts: &CtTimeouts) -> Self {
-        let state = match orig.proto {
-            proto::TCP => CtState::TcpNone,
-            proto::UDP => CtState::UdpUnreplied,
-            proto::ICMP => CtState::Icmp,
-            _ => CtState::Generic,
-        };
-        Self {
-            keys: [orig, reply],
-            value,
-            state,
-            created: now,
-            last_seen: now,
-            expires: now.saturating_add(timeouts.of(state)),
-            packets: [0; 2],
-            bytes: [0; 2],
-        }
-    }
-
-    pub fn value(&self) -> &V {
-        &self.value
-    }
-
-    pub fn value_mut(&mut self) -> &mut V {
-        &mut self.value
-    }
-
-    /// The key of a direction.
-    pub fn key(&self, dir: FlowDir) -> &FlowKey {
-        &self.keys[dir as usize]
-    }
-
-    pub fn state(&self) -> CtState {
-        self.state
-    }
-
-    /// When the entry was inserted.
-    pub fn created(&self) -> u64 {
-        self.created
-    }
-
-    /// When the last packet was accounted (or the insert, before any).
-    pub fn last_seen(&self) -> u64 {
-        self.last_seen
-    }
-
-    /// The first instant at which the entry is expired.
-    pub fn expires(&self) -> u64 {
-        self.expires
-    }
-
-    pub fn is_expired(&self, now: u64) -> bool {
-        now >= self.expires
-    }
-
-    /// Whether a packet with these TCP flags (`None`: not TCP) starts a new connection over this
-    /// closed one: a SYN without ACK, either way, while the entry is in TIME_WAIT or CLOSE. The
-    /// caller ends the entry and treats the packet as new (see the module doc).
-    #[inline]
-    pub fn is_reopened_by(&self, tcp_flags: Option<u8>) -> bool {
-        tcp_flags.is_some_and(is_syn_only)
-            && matches!(self.state, CtState::TcpTimeWait | CtState::TcpClose)
-    }
-
-    pub fn packets(&self, dir: FlowDir) -> u64 {
-        self.packets[dir as usize]
-    }
-
-    pub fn bytes(&self, dir: FlowDir) -> u64 {
-        self.bytes[dir as usize]
-    }
-
-    /// Accounts a packet: counts it, advances the state machine with its TCP flags byte (`None` for
-    /// UDP, ICMP and others) and moves the expiry. Returns the new state, the unchanged state when
-    /// the packet is ignored, or [`CtState::Invalid`] (entry unchanged but for the counters).
-    pub fn on_packet(
-        &mut self,
-        dir: FlowDir,
-        tcp_flags: Option<u8>,
-        bytes: u32,
-        now: u64,
-        timeouts: &CtTimeouts,
-    ) -> CtState {
-        let d = dir as usize;
-        self.packets[d] = self.packets[d].wrapping_add(1);
-        self.bytes[d] = self.bytes[d].wrapping_add(u64::from(bytes));
-        let next = match self.state {
-            CtState::UdpUnreplied | CtState::UdpAssured => match dir {
-                FlowDir::Original => self.state,
-                FlowDir::Reply => CtState::UdpAssured,
-            },
-            CtState::Icmp | CtState::Generic | CtState::Invalid => self.state,
-            tcp => match tcp_flags {
-                None => return CtState::Invalid,
-                Some(flags) => match tcp_next(tcp, dir, flags) {
-                    TcpNext::To(s) => s,
-                    TcpNext::Ignore => return self.state,
-                    TcpNext::Invalid => return CtState::Invalid,
-                },
-            },
-        };
-        self.state = next;
-        self.last_seen = now;
-        self.expires = now.saturating_add(timeouts.of(next));
-        next
-    }
-}
-
-enum TcpNext {
-    To(CtState),
-    Ignore,
-    Invalid,
-}
-
-/// A SYN without ACK, RST or FIN (ECE, CWR, PSH and URG aside): the packet that opens a connection.
-#[inline]
-fn is_syn_only(flags: u8) -> bool {
-    use tcp_flags::*;
-    flags & (SYN | ACK | RST | FIN) == SYN
-}
-
-/// Linux's TCP conntrack transition (`tcp_conntracks[dir][flag index][state]`) after its flag
-/// validity check (`tcp_valid_flags`, ECE, CWR and PSH masked).
-fn tcp_next(state: CtState, dir: FlowDir, flags: u8) -> TcpNext {
-    use CtState::*;
-    use tcp_flags::*;
-    let f = flags & !(ECE | CWR | PSH);
-    const VALID: [u8; 9] = [
-        SYN,
-        SYN | URG,
-        SYN | ACK,
-        RST,
-        RST | ACK,
-        FIN | ACK,
-        FIN | ACK | URG,
-        ACK,
-        ACK | URG,
-    ];
-    if !VALID.contains(&f) {
-        return TcpNext::Invalid;
-    }
-    // Flag index as in Linux's get_conntrack_index: rst, then syn(/ack), then fin, then ack.
-    #[derive(Clone, Copy)]
-    enum Ev {
-        Syn,
-        SynAck,
-        Fin,
-        Ack,
-        Rst,
-    }
-    if matches!(state, TcpTimeWait | TcpClose) && is_syn_only(f) {
-        // A new connection over a closed one: not this entry's packet (see the module doc).
-        return TcpNext::Invalid;
-    }
-    let ev = if f & RST != 0 {
-        Ev::Rst
-    } else if f & SYN != 0 {
-        if f & ACK != 0 { Ev::SynAck } else { Ev::Syn }
-    } else if f & FIN != 0 {
-        Ev::Fin
-    } else {
-        Ev::Ack
-    };
-    // Columns: sNO, sSS, sSR, sES, sFW, sCW, sLA, sTW, sCL, sS2.
-    let col = match state {
-        TcpNone => 0,
-        TcpSynSent => 1,
-        TcpSynRecv => 2,
-        TcpEstablished => 3,
-        TcpFinWait => 4,
-        TcpCloseWait => 5,
-        TcpLastAck => 6,
-        TcpTimeWait => 7,
-        TcpClose => 8,
-        TcpSynSent2 => 9,
-        _ => return TcpNext::Invalid,
-    };
-    // Cells: `None` is Linux's sIV (invalid), `Some(Invalid)` its sIG (ignore), else the next state.
-    // The SYN cells of sTW and sCL are never read: such a SYN reopens (returned above); Linux's
-    // table has sSS there and its caller kills the entry.
-    const IV: Option<CtState> = None;
-    const IG: Option<CtState> = Some(Invalid);
-    let (ss, sr, es, fw, cw, la, tw, cl, s2) = (
-        Some(TcpSynSent),
-        Some(TcpSynRecv),
-        Some(TcpEstablished),
-        Some(TcpFinWait),
-        Some(TcpCloseWait),
-        Some(TcpLastAck),
-        Some(TcpTimeWait),
-        Some(TcpClose),
-        Some(TcpSynSent2),
-    );
-    let row: [Option<CtState>; 10] = match (dir, ev) {
-        //                                sNO sSS sSR sES sFW sCW sLA sTW sCL sS2
-        (FlowDir::Original, Ev::Syn) => [ss, ss, IG, IG, IG, IG, IG, ss, ss, s2],
-        (FlowDir::Original, Ev::SynAck) => [IV, IV, sr, IV, IV, IV, IV, IV, IV, sr],
-        (FlowDir::Original, Ev::Fin) => [IV, IV, fw, fw, la, la, la, tw, cl, IV],
-        (FlowDir::Original, Ev::Ack) => [es, IV, es, es, cw, cw, tw, tw, cl, IV],
-        (FlowDir::Original, Ev::Rst) => [IV, cl, cl, cl, cl, cl, cl, cl, cl, cl],
-        (FlowDir::Reply, Ev::Syn) => [IV, s2, IV, IV, IV, IV, IV, ss, IV, s2],
-        (FlowDir::Reply, Ev::SynAck) => [IV, sr, IG, IG, IG, IG, IG, IG, IG, sr],
-        (FlowDir::Reply, Ev::Fin) => [IV, IV, fw, fw, la, la, la, tw, cl, IV],
-        (FlowDir::Reply, Ev::Ack) => [IV, IG, sr, es, cw, cw, tw, tw, cl, IG],
-        (FlowDir::Reply, Ev::Rst) => [IV, cl, cl, cl, cl, cl, cl, cl, cl, cl],
-    };
-    match row[col] {
-        None => TcpNext::Invalid,
-        Some(Invalid) => TcpNext::Ignore,
-        Some(s) => TcpNext::To(s),
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -1060,284 +551,16 @@ impl<V: Copy> ConnTrack<V> {
 
 #[cfg(test)]
 mod tests {
-    use super::tcp_flags::*;
-    use super::*;
+    use super::super::test_support::*;
+    use super::{IndexSlot, PoolSlot};
     use proptest::prelude::*;
-
-    const S: u64 = NS;
-
-    fn tcp(i: u32) -> FlowKey {
-        FlowKey {
-            src: 0x0af4_0000 + i,
-            dst: 0x0a60_0001,
-            src_port: 40000 + (i % 20000) as u16,
-            dst_port: 80,
-            proto: proto::TCP,
-        }
-    }
-
-    fn udp(i: u32) -> FlowKey {
-        FlowKey {
-            proto: proto::UDP,
-            ..tcp(i)
-        }
-    }
-
-    fn table(cap: usize) -> ConnTrack<u32> {
-        ConnTrack::new(CtConfig::with_capacity(cap))
-    }
-
-    /// Inserts a TCP flow and accounts its SYN.
-    fn open(ct: &mut ConnTrack<u32>, k: FlowKey, now: u64) -> CtHandle {
-        let h = ct.insert(k, k.reversed(), 7, now).unwrap();
-        assert_eq!(
-            ct.on_packet(h, FlowDir::Original, Some(SYN), 60, now),
-            Some(CtState::TcpSynSent)
-        );
-        h
-    }
-
-    fn step(ct: &mut ConnTrack<u32>, h: CtHandle, dir: FlowDir, flags: u8) -> CtState {
-        ct.on_packet(h, dir, Some(flags), 60, 1).unwrap()
-    }
-
-    use FlowDir::{Original as O, Reply as R};
-
-    #[test]
-    fn flow_key_reverse_and_hash() {
-        let k = tcp(1);
-        assert_eq!(k.reversed().reversed(), k);
-        assert_eq!(k.reversed().src, k.dst);
-        assert_eq!(k.reversed().src_port, k.dst_port);
-        assert_ne!(k.hash64(), k.reversed().hash64());
-        // Golden: the flow hash feeds Maglev and the VXLAN source port on every node.
-        let g = FlowKey {
-            src: 0x0af4_0105,
-            dst: 0x0a60_0001,
-            src_port: 43210,
-            dst_port: 80,
-            proto: 6,
-        };
-        assert_eq!(g.hash64(), GOLDEN_FLOW_HASH);
-        let icmp = FlowKey {
-            src: 1,
-            dst: 2,
-            src_port: 9,
-            dst_port: 9,
-            proto: proto::ICMP,
-        };
-        assert_eq!(icmp.reversed().src_port, 9);
-    }
-    proptest! {
-        /// The field-wise hash is XXH3-64 of the key bytes.
-        #[test]
-        fn hash_is_xxh3(src: u32, dst: u32, sp: u16, dp: u16, p: u8, seed: u64) {
-            let k = FlowKey { src, dst, src_port: sp, dst_port: dp, proto: p };
-            let b = k.to_bytes();
-            prop_assert_eq!(k.hash64_seeded(seed), xxhash_rust::xxh3::xxh3_64_with_seed(&b, seed));
-            prop_assert_eq!(k.hash64(), xxhash_rust::xxh3::xxh3_64(&b));
-        }
-    }
-
-    const GOLDEN_FLOW_HASH: u64 = 8606058817738423228;
-
-    #[test]
-    fn tcp_three_way_handshake_and_close() {
-        let mut ct = table(16);
-        let h = open(&mut ct, tcp(1), 0);
-        assert_eq!(step(&mut ct, h, R, SYN | ACK), CtState::TcpSynRecv);
-        assert_eq!(step(&mut ct, h, O, ACK), CtState::TcpEstablished);
-        assert_eq!(step(&mut ct, h, O, ACK | PSH), CtState::TcpEstablished);
-        assert_eq!(step(&mut ct, h, R, ACK), CtState::TcpEstablished);
-        assert_eq!(step(&mut ct, h, O, FIN | ACK), CtState::TcpFinWait);
-        assert_eq!(step(&mut ct, h, R, ACK), CtState::TcpCloseWait);
-        assert_eq!(step(&mut ct, h, R, FIN | ACK), CtState::TcpLastAck);
-        assert_eq!(step(&mut ct, h, O, ACK), CtState::TcpTimeWait);
-        // A new SYN on the same tuple starts a new connection: not accounted to this one.
-        assert!(ct.get(h).unwrap().is_reopened_by(Some(SYN)));
-        assert_eq!(step(&mut ct, h, O, SYN), CtState::Invalid);
-        assert_eq!(ct.get(h).unwrap().state(), CtState::TcpTimeWait);
-    }
-
-    #[test]
-    fn syn_over_a_closed_connection_reopens_either_way() {
-        for (close, dir) in [
-            (&[(O, FIN | ACK), (R, FIN | ACK), (O, ACK)][..], O),
-            (&[(O, FIN | ACK), (R, FIN | ACK), (O, ACK)][..], R),
-            (&[(R, RST)][..], O),
-            (&[(O, RST | ACK)][..], R),
-        ] {
-            let mut ct = table(16);
-            let h = open(&mut ct, tcp(1), 0);
-            step(&mut ct, h, R, SYN | ACK);
-            step(&mut ct, h, O, ACK);
-            for &(d, f) in close {
-                step(&mut ct, h, d, f);
-            }
-            let e = *ct.get(h).unwrap();
-            assert!(matches!(
-                e.state(),
-                CtState::TcpTimeWait | CtState::TcpClose
-            ));
-            for flags in [SYN, SYN | ECE | CWR, SYN | PSH] {
-                assert!(e.is_reopened_by(Some(flags)), "{flags:#x} {dir:?}");
-            }
-            for flags in [SYN | ACK, ACK, RST, FIN | ACK] {
-                assert!(!e.is_reopened_by(Some(flags)), "{flags:#x}");
-            }
-            assert!(!e.is_reopened_by(None));
-            assert_eq!(step(&mut ct, h, dir, SYN), CtState::Invalid);
-            assert_eq!(ct.get(h).unwrap().state(), e.state(), "left as it was");
-        }
-        // Live connections are not reopened: a SYN there is Linux's (ignored or invalid) packet.
-        let mut ct = table(16);
-        let h = open(&mut ct, tcp(1), 0);
-        for (d, f) in [(R, SYN | ACK), (O, ACK), (O, FIN | ACK)] {
-            step(&mut ct, h, d, f);
-            assert!(!ct.get(h).unwrap().is_reopened_by(Some(SYN)));
-        }
-    }
-
-    #[test]
-    fn tcp_simultaneous_fin() {
-        let mut ct = table(16);
-        let h = open(&mut ct, tcp(1), 0);
-        step(&mut ct, h, R, SYN | ACK);
-        step(&mut ct, h, O, ACK);
-        assert_eq!(step(&mut ct, h, O, FIN | ACK), CtState::TcpFinWait);
-        assert_eq!(step(&mut ct, h, R, FIN | ACK), CtState::TcpLastAck);
-        assert_eq!(step(&mut ct, h, O, ACK), CtState::TcpTimeWait);
-    }
-
-    #[test]
-    fn tcp_reset_closes_from_every_state() {
-        for (setup, dir) in [
-            (&[][..], O),
-            (&[(R, SYN | ACK)][..], R),
-            (&[(R, SYN | ACK), (O, ACK)][..], O),
-            (&[(R, SYN | ACK), (O, ACK), (O, FIN | ACK)][..], R),
-        ] {
-            let mut ct = table(16);
-            let h = open(&mut ct, tcp(1), 0);
-            for &(d, f) in setup {
-                step(&mut ct, h, d, f);
-            }
-            assert_eq!(step(&mut ct, h, dir, RST), CtState::TcpClose);
-            assert_eq!(ct.get(h).unwrap().expires(), 1 + 10 * S);
-        }
-        let mut ct = table(16);
-        let h = open(&mut ct, tcp(1), 0);
-        assert_eq!(step(&mut ct, h, R, RST | ACK), CtState::TcpClose);
-    }
-
-    #[test]
-    fn tcp_simultaneous_open() {
-        let mut ct = table(16);
-        let h = open(&mut ct, tcp(1), 0);
-        assert_eq!(step(&mut ct, h, R, SYN), CtState::TcpSynSent2);
-        assert_eq!(step(&mut ct, h, R, SYN | ACK), CtState::TcpSynRecv);
-    }
-
-    #[test]
-    fn tcp_invalid_and_ignored_packets_leave_state() {
-        let mut ct = table(16);
-        let h = open(&mut ct, tcp(1), 0);
-        let before = *ct.get(h).unwrap();
-        // SYN/ACK from the client, bad flag combinations, no flags, missing flags byte.
-        assert_eq!(step(&mut ct, h, O, SYN | ACK), CtState::Invalid);
-        assert_eq!(step(&mut ct, h, O, SYN | FIN), CtState::Invalid);
-        assert_eq!(step(&mut ct, h, O, FIN), CtState::Invalid);
-        assert_eq!(step(&mut ct, h, O, 0), CtState::Invalid);
-        assert_eq!(step(&mut ct, h, O, SYN | RST), CtState::Invalid);
-        assert_eq!(
-            ct.on_packet(h, O, None, 1, 1),
-            Some(CtState::Invalid),
-            "a TCP packet must carry flags"
-        );
-        // ACK from the server before its SYN/ACK is ignored.
-        assert_eq!(step(&mut ct, h, R, ACK), CtState::TcpSynSent);
-        let after = ct.get(h).unwrap();
-        assert_eq!(after.state(), CtState::TcpSynSent);
-        assert_eq!(after.expires(), before.expires());
-        assert_eq!(
-            after.packets(O),
-            before.packets(O) + 6,
-            "invalid packets still count"
-        );
-        // Retransmitted SYN/ACK in ESTABLISHED is ignored.
-        step(&mut ct, h, R, SYN | ACK);
-        step(&mut ct, h, O, ACK);
-        assert_eq!(step(&mut ct, h, R, SYN | ACK), CtState::TcpEstablished);
-        // ECE/CWR/PSH do not matter.
-        assert_eq!(
-            step(&mut ct, h, O, ACK | ECE | CWR | PSH),
-            CtState::TcpEstablished
-        );
-    }
-
-    #[test]
-    fn tcp_midstream_pickup() {
-        let mut ct = table(16);
-        let k = tcp(1);
-        let h = ct.insert(k, k.reversed(), 0, 0).unwrap();
-        assert_eq!(ct.get(h).unwrap().state(), CtState::TcpNone);
-        assert_eq!(step(&mut ct, h, O, ACK), CtState::TcpEstablished);
-        let h2 = ct.insert(tcp(2), tcp(2).reversed(), 0, 0).unwrap();
-        assert_eq!(step(&mut ct, h2, O, FIN | ACK), CtState::Invalid);
-        assert_eq!(step(&mut ct, h2, R, ACK), CtState::Invalid);
-    }
-
-    #[test]
-    fn udp_unreplied_then_assured() {
-        let mut ct = table(16);
-        let k = udp(1);
-        let h = ct.insert(k, k.reversed(), 0, 0).unwrap();
-        assert_eq!(ct.get(h).unwrap().state(), CtState::UdpUnreplied);
-        assert_eq!(ct.get(h).unwrap().expires(), 30 * S);
-        assert_eq!(
-            ct.on_packet(h, O, None, 100, 5),
-            Some(CtState::UdpUnreplied)
-        );
-        assert_eq!(ct.get(h).unwrap().expires(), 5 + 30 * S);
-        assert_eq!(ct.on_packet(h, R, None, 200, 6), Some(CtState::UdpAssured));
-        assert_eq!(ct.get(h).unwrap().expires(), 6 + 120 * S);
-        assert_eq!(ct.on_packet(h, O, None, 100, 7), Some(CtState::UdpAssured));
-        let e = ct.get(h).unwrap();
-        assert_eq!((e.packets(O), e.packets(R)), (2, 1));
-        assert_eq!((e.bytes(O), e.bytes(R)), (200, 200));
-    }
-
-    #[test]
-    fn icmp_and_generic() {
-        let mut ct = table(16);
-        let k = FlowKey {
-            src: 1,
-            dst: 2,
-            src_port: 77,
-            dst_port: 77,
-            proto: proto::ICMP,
-        };
-        let h = ct.insert(k, k.reversed(), 0, 0).unwrap();
-        assert_eq!(ct.lookup(&k.reversed(), 1), Some((h, R)));
-        assert_eq!(ct.on_packet(h, R, None, 64, 2), Some(CtState::Icmp));
-        assert_eq!(ct.get(h).unwrap().expires(), 2 + 30 * S);
-        let g = FlowKey {
-            proto: 47,
-            src_port: 0,
-            dst_port: 0,
-            ..k
-        };
-        let h = ct.insert(g, g.reversed(), 0, 0).unwrap();
-        assert_eq!(ct.on_packet(h, O, None, 64, 0), Some(CtState::Generic));
-        assert_eq!(ct.get(h).unwrap().expires(), 600 * S);
-    }
 
     #[test]
     fn nat_keys_and_duplicates() {
         let mut ct = table(16);
         let client_to_vip = tcp(1);
         let backend_to_client = FlowKey {
-            src: 0x0af4_0205,
+            src: [10, 244, 2, 5],
             src_port: 8080,
             dst: client_to_vip.src,
             dst_port: client_to_vip.src_port,
@@ -1363,7 +586,6 @@ mod tests {
         assert_eq!(ct.lookup(&k, 0), None);
         assert_eq!(ct.len(), 1);
     }
-
     #[test]
     fn stale_handles_do_not_alias() {
         let mut ct = table(1);
@@ -1377,7 +599,6 @@ mod tests {
         ct.remove(h1);
         assert_eq!(*ct.get(h2).unwrap().value(), 2);
     }
-
     #[test]
     fn expire_sweeps_with_budget() {
         let mut ct = table(100);
@@ -1400,7 +621,6 @@ mod tests {
         assert!(ct.lookup(&udp(51), now).is_some());
         assert!(ct.lookup(&udp(50), now).is_none());
     }
-
     #[test]
     fn lookup_drops_expired_entries() {
         let mut ct = table(4);
@@ -1415,7 +635,6 @@ mod tests {
         assert!(ct.insert(k, k.reversed(), 1, 30 * S).is_ok());
         assert_eq!(ct.len(), 1);
     }
-
     #[test]
     fn full_table_evicts_expired_first_then_oldest() {
         let mut ct = table(16);
@@ -1453,7 +672,6 @@ mod tests {
         assert_eq!(ct.stats().evictions, 1);
         assert_eq!(ct.len(), 16);
     }
-
     #[test]
     fn pool_slot_is_two_cache_lines() {
         assert_eq!(std::mem::size_of::<PoolSlot<u32>>(), 128);
@@ -1463,7 +681,6 @@ mod tests {
         let ct = table(1 << 10);
         assert_eq!(ct.memory_bytes(), (1 << 10) * (128 + 4) + (1 << 12) * 8);
     }
-
     #[test]
     fn capacity_one_and_clamping() {
         let mut ct = table(0);
@@ -1474,7 +691,6 @@ mod tests {
         assert!(ct.lookup(&udp(2), 0).is_some());
         assert!(ct.lookup(&udp(1), 0).is_none());
     }
-
     #[test]
     fn batch_lookup_matches_single() {
         let mut ct = table(300);
@@ -1508,7 +724,6 @@ mod tests {
         ct.lookup_batch(&keys[2..], now, &mut short);
         assert_eq!(&short[..], &want[2..5]);
     }
-
     #[derive(Clone, Copy, Debug)]
     enum Op {
         Insert(u16),
@@ -1517,7 +732,6 @@ mod tests {
         Expire(u8),
         Tick(u8),
     }
-
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => (0u16..400).prop_map(Op::Insert),
@@ -1527,18 +741,16 @@ mod tests {
             1 => any::<u8>().prop_map(Op::Tick),
         ]
     }
-
     fn reply_of(i: u16) -> FlowKey {
         // A NAT-style reply key, unrelated to the reversed original.
         FlowKey {
-            src: 0x0a00_0000 + u32::from(i),
-            dst: 0x0b00_0000,
+            src: (0x0a00_0000 + u32::from(i)).to_be_bytes(),
+            dst: [11, 0, 0, 0],
             src_port: i,
             dst_port: 53,
             proto: proto::UDP,
         }
     }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
