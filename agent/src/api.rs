@@ -19,7 +19,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
-use super::config::MacAddr;
+use super::config::Mac;
 use super::registry::{PodPort, PodRecord};
 use super::{Agent, AgentError};
 
@@ -60,9 +60,9 @@ pub fn pod_from_request(r: AddPodRequest) -> Result<PodRecord, Status> {
     let Ok(ip) = r.ip.parse() else {
         return bad(format!("ip {:?} is not an IPv4 address", r.ip));
     };
-    let pod_mac = MacAddr::try_from(&r.pod_mac[..])
+    let pod_mac = Mac::try_from(&r.pod_mac[..])
         .map_err(|_| Status::invalid_argument("pod_mac must be 6 bytes"))?;
-    let host_mac = MacAddr::try_from(&r.host_mac[..])
+    let host_mac = Mac::try_from(&r.host_mac[..])
         .map_err(|_| Status::invalid_argument("host_mac must be 6 bytes"))?;
     let mut ports = Vec::new();
     for p in r.ports {
@@ -228,7 +228,7 @@ mod tests {
     fn valid_request_becomes_a_record() {
         let p = pod_from_request(req()).unwrap();
         assert_eq!(p.ip, std::net::Ipv4Addr::new(10, 244, 1, 5));
-        assert_eq!(p.host_mac, MacAddr([2, 0, 0, 0, 0, 2]));
+        assert_eq!(p.host_mac, Mac([2, 0, 0, 0, 0, 2]));
     }
 
     #[test]

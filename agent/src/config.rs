@@ -6,13 +6,11 @@
 //! own network namespace. Loading validates the whole file once; the rest of the agent trusts it.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 /// The default agent socket.
 pub const DEFAULT_SOCKET: &str = "/run/sluice/agent.sock";
@@ -24,74 +22,8 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
 
-/// A MAC address, written `aa:bb:cc:dd:ee:ff`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
-pub struct MacAddr(pub [u8; 6]);
+pub use sluice_dataplane::wire::ethernet::{Mac, MacParseError};
 
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl fmt::Debug for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-/// A MAC address that does not read as six hex bytes separated by colons.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid MAC address {0:?} (expected aa:bb:cc:dd:ee:ff)")]
-pub struct MacParseError(pub String);
-
-impl FromStr for MacAddr {
-    type Err = MacParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut out {
-            let part = parts.next().ok_or_else(|| MacParseError(s.to_owned()))?;
-            if part.len() != 2 {
-                return Err(MacParseError(s.to_owned()));
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| MacParseError(s.to_owned()))?;
-        }
-        if parts.next().is_some() {
-            return Err(MacParseError(s.to_owned()));
-        }
-        Ok(Self(out))
-    }
-}
-
-impl TryFrom<&[u8]> for MacAddr {
-    type Error = MacParseError;
-    fn try_from(b: &[u8]) -> Result<Self, Self::Error> {
-        <[u8; 6]>::try_from(b)
-            .map(Self)
-            .map_err(|_| MacParseError(format!("{b:02x?}")))
-    }
-}
-
-impl Serialize for MacAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// The whole node configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -165,7 +97,7 @@ pub struct Underlay {
     pub mtu: u32,
     /// MAC of the uplink interface itself; read from the interface when absent.
     #[serde(default)]
-    pub mac: Option<MacAddr>,
+    pub mac: Option<Mac>,
     /// Next hops on the underlay for destinations that are not peer nodes (e.g. a gateway).
     #[serde(default)]
     pub next_hops: Vec<NextHop>,
@@ -176,7 +108,7 @@ pub struct Underlay {
 #[serde(deny_unknown_fields)]
 pub struct NextHop {
     pub address: Ipv4Addr,
-    pub mac: MacAddr,
+    pub mac: Mac,
 }
 
 /// This node's VXLAN endpoint, Flannel-compatible: VNI 1, port 8472, address `10.244.N.0`.
@@ -184,7 +116,7 @@ pub struct NextHop {
 #[serde(deny_unknown_fields)]
 pub struct Vtep {
     /// The inner source MAC of encapsulated frames (Flannel's `flannel.1` MAC).
-    pub mac: MacAddr,
+    pub mac: Mac,
     /// The VTEP address; the network address of the pod CIDR when absent.
     #[serde(default)]
     pub address: Option<Ipv4Addr>,
@@ -201,10 +133,10 @@ pub struct PeerNode {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
     /// The peer's underlay MAC (outer destination MAC when it is on the same segment).
-    pub underlay_mac: MacAddr,
+    pub underlay_mac: Mac,
     pub pod_cidr: Ipv4Net,
     /// The peer's VTEP MAC (inner destination MAC).
-    pub vtep_mac: MacAddr,
+    pub vtep_mac: Mac,
 }
 
 /// Manifest files standing in for the Kubernetes API in standalone mode. Each file holds one or
@@ -508,8 +440,8 @@ paths:
             "zz:00:00:00:00:00",
             "0e:0:00:00:00:000",
         ] {
-            assert!(s.parse::<MacAddr>().is_err(), "{s}");
+            assert!(s.parse::<Mac>().is_err(), "{s}");
         }
-        assert!(MacAddr::try_from(&[1u8, 2, 3][..]).is_err());
+        assert!(Mac::try_from(&[1u8, 2, 3][..]).is_err());
     }
 }

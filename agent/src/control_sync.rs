@@ -43,7 +43,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::Agent;
-use super::config::{ControlConfig, MacAddr, NodeConfig, PeerNode, UNLEASED_POD_CIDR};
+use super::config::{ControlConfig, Mac, NodeConfig, PeerNode, UNLEASED_POD_CIDR};
 use super::manifests::ClusterObjects;
 use sluice_dataplane::policy::{ContainerPort, PodInfo, Protocol};
 
@@ -540,7 +540,7 @@ pub fn objects_of(state: &ClusterState, peers: Vec<PeerNode>, me: &str) -> Clust
 
 /// A node of the control plane as a peer, without its underlay MAC yet; `None` for this node and
 /// for records that do not parse.
-fn peer_of(n: &api::Node, me: &str) -> Option<(String, Ipv4Addr, Ipv4Net, MacAddr)> {
+fn peer_of(n: &api::Node, me: &str) -> Option<(String, Ipv4Addr, Ipv4Net, Mac)> {
     if n.name == me {
         return None;
     }
@@ -548,7 +548,7 @@ fn peer_of(n: &api::Node, me: &str) -> Option<(String, Ipv4Addr, Ipv4Net, MacAdd
         n.name.clone(),
         n.underlay_ip.parse().ok()?,
         n.pod_cidr.parse().ok()?,
-        MacAddr::try_from(&n.vtep_mac[..]).ok()?,
+        Mac::try_from(&n.vtep_mac[..]).ok()?,
     ))
 }
 
@@ -558,9 +558,9 @@ fn peer_of(n: &api::Node, me: &str) -> Option<(String, Ipv4Addr, Ipv4Net, MacAdd
 /// old MAC); unresolved peers are left out and tried again next round.
 struct Resolver {
     handle: Option<rtnetlink::Handle>,
-    cache: HashMap<Ipv4Addr, MacAddr>,
+    cache: HashMap<Ipv4Addr, Mac>,
     /// The cache before the last refresh: the fallback when a refresh cannot resolve.
-    previous: HashMap<Ipv4Addr, MacAddr>,
+    previous: HashMap<Ipv4Addr, Mac>,
     refreshed: std::time::Instant,
     uplink: String,
 }
@@ -615,7 +615,7 @@ impl Resolver {
         out
     }
 
-    async fn mac_for(&mut self, dst: Ipv4Addr, config: &NodeConfig) -> Option<MacAddr> {
+    async fn mac_for(&mut self, dst: Ipv4Addr, config: &NodeConfig) -> Option<Mac> {
         if let Some(m) = self.cache.get(&dst) {
             return Some(*m);
         }
@@ -627,7 +627,7 @@ impl Resolver {
         Some(mac)
     }
 
-    async fn resolve(&self, dst: Ipv4Addr, config: &NodeConfig) -> Option<MacAddr> {
+    async fn resolve(&self, dst: Ipv4Addr, config: &NodeConfig) -> Option<Mac> {
         let handle = self.handle.clone();
         let hop = match &handle {
             Some(h) => gateway(h, dst).await.unwrap_or(dst),
@@ -672,7 +672,7 @@ async fn gateway(h: &rtnetlink::Handle, dst: Ipv4Addr) -> Option<Ipv4Addr> {
 }
 
 /// The MAC of neighbor `ip` on `ifindex`, if the kernel has a usable entry.
-async fn neighbor(h: &rtnetlink::Handle, ifindex: u32, ip: Ipv4Addr) -> Option<MacAddr> {
+async fn neighbor(h: &rtnetlink::Handle, ifindex: u32, ip: Ipv4Addr) -> Option<Mac> {
     let mut neighs = h.neighbours().get().execute();
     while let Ok(Some(m)) = neighs.try_next().await {
         if m.header.ifindex != ifindex
@@ -690,7 +690,7 @@ async fn neighbor(h: &rtnetlink::Handle, ifindex: u32, ip: Ipv4Addr) -> Option<M
             continue;
         }
         if let Some(mac) = m.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::LinkLayerAddress(b) => MacAddr::try_from(&b[..]).ok(),
+            NeighbourAttribute::LinkLayerAddress(b) => Mac::try_from(&b[..]).ok(),
             _ => None,
         }) {
             return Some(mac);

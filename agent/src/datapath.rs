@@ -84,7 +84,7 @@ pub fn ifindex(ifname: &str) -> Result<u32, DatapathError> {
 }
 
 /// The MAC of `ifname` in the current network namespace (from sysfs).
-pub fn mac_of(ifname: &str) -> Result<super::config::MacAddr, DatapathError> {
+pub fn mac_of(ifname: &str) -> Result<super::config::Mac, DatapathError> {
     std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))
         .ok()
         .and_then(|s| s.trim().parse().ok())

@@ -20,7 +20,7 @@ use netlink_packet_route::address::AddressScope;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec};
 
-use super::config::MacAddr;
+use super::config::Mac;
 use super::tables::PortId;
 
 /// The worker side of the pair (AF_XDP sockets transmit here).
@@ -36,7 +36,7 @@ pub const HOST_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 255,
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Punt {
     pub port: PortId,
-    pub host_mac: MacAddr,
+    pub host_mac: Mac,
 }
 
 impl Punt {
@@ -82,12 +82,12 @@ fn connect() -> Result<Handle, PuntError> {
 }
 
 /// (ifindex, MAC) of `name`, if it exists.
-async fn find(h: &Handle, name: &str) -> Result<Option<(u32, Option<MacAddr>)>, PuntError> {
+async fn find(h: &Handle, name: &str) -> Result<Option<(u32, Option<Mac>)>, PuntError> {
     let mut links = h.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(Some(m)) => {
             let mac = m.attributes.iter().find_map(|a| match a {
-                LinkAttribute::Address(b) => MacAddr::try_from(b.as_slice()).ok(),
+                LinkAttribute::Address(b) => Mac::try_from(b.as_slice()).ok(),
                 _ => None,
             });
             Ok(Some((m.header.index, mac)))
@@ -198,7 +198,7 @@ mod tests {
     fn readdress_sets_the_destination_mac_of_ethernet_frames_only() {
         let p = Punt {
             port: PortId(4),
-            host_mac: MacAddr([2, 0, 0, 0, 0, 9]),
+            host_mac: Mac([2, 0, 0, 0, 0, 9]),
         };
         let mut frame = [0xaau8; 60];
         assert!(p.readdress(&mut frame));

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::config::MacAddr;
+use super::config::Mac;
 
 /// A pod known to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,8 +22,8 @@ pub struct PodRecord {
     pub host_ifname: String,
     pub host_ifindex: u32,
     pub ip: Ipv4Addr,
-    pub pod_mac: MacAddr,
-    pub host_mac: MacAddr,
+    pub pod_mac: Mac,
+    pub host_mac: Mac,
     #[serde(default)]
     pub namespace: String,
     #[serde(default)]
@@ -165,8 +165,8 @@ mod tests {
             host_ifname: format!("veth{id}"),
             host_ifindex: 7,
             ip: ip.into(),
-            pod_mac: MacAddr([2, 0, 0, 0, 0, 1]),
-            host_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            pod_mac: Mac([2, 0, 0, 0, 0, 1]),
+            host_mac: Mac([2, 0, 0, 0, 0, 2]),
             namespace: "default".into(),
             name: id.into(),
             labels: [("app".to_string(), "web".to_string())].into(),

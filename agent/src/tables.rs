@@ -17,7 +17,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::config::{MacAddr, NodeConfig};
+use super::config::{Mac, NodeConfig};
 use super::manifests::ClusterObjects;
 use super::registry::PodRecord;
 use sluice_dataplane::policy::{
@@ -28,17 +28,16 @@ use sluice_dataplane::tables::{self, Backend, ServiceSpec, Tables, TablesBuilder
 /// The label an EndpointSlice carries to name its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// An interface the agent owns sockets on, by ifindex.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortId(pub u32);
+/// An interface the agent owns sockets on, by ifindex: the pipeline's port id.
+pub use sluice_dataplane::verdict::PortId;
 
 /// A pod on this node, as the route stage needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalPod {
     pub ip: Ipv4Addr,
     pub port: PortId,
-    pub pod_mac: MacAddr,
-    pub host_mac: MacAddr,
+    pub pod_mac: Mac,
+    pub host_mac: Mac,
 }
 
 /// Another node's pod CIDR and how to reach it over VXLAN.
@@ -47,8 +46,8 @@ pub struct RemoteNode {
     pub name: String,
     pub pod_cidr: Ipv4Net,
     pub underlay_ip: Ipv4Addr,
-    pub underlay_mac: MacAddr,
-    pub vtep_mac: MacAddr,
+    pub underlay_mac: Mac,
+    pub vtep_mac: Mac,
     pub vtep_ip: Ipv4Addr,
 }
 
@@ -74,7 +73,7 @@ pub struct LocalNode {
     pub cluster_cidr: Ipv4Net,
     pub service_cidr: Ipv4Net,
     pub vtep_ip: Ipv4Addr,
-    pub vtep_mac: MacAddr,
+    pub vtep_mac: Mac,
     pub vni: u32,
     pub vxlan_port: u16,
     pub overlay_mtu: u32,
@@ -111,7 +110,7 @@ pub struct NodeLinks {
     /// The uplink's port (its ifindex).
     pub uplink: PortId,
     /// The uplink's MAC (outer source MAC).
-    pub uplink_mac: MacAddr,
+    pub uplink_mac: Mac,
 }
 
 impl Snapshot {
@@ -172,10 +171,10 @@ impl Snapshot {
 
         let mut pnode = tables::NodeConfig::new(
             config.underlay.address,
-            links.uplink_mac.0,
-            sluice_dataplane::verdict::PortId(links.uplink.0),
+            links.uplink_mac,
+            links.uplink,
             config.pod_cidr,
-            config.vtep.mac.0,
+            config.vtep.mac,
         );
         pnode.underlay_mtu = u16::try_from(config.underlay.mtu).unwrap_or(u16::MAX);
         pnode.vtep_ip = node.vtep_ip;
@@ -190,9 +189,9 @@ impl Snapshot {
             b = b.pod(
                 p.ip,
                 tables::LocalPod {
-                    port: sluice_dataplane::verdict::PortId(p.port.0),
-                    pod_mac: p.pod_mac.0,
-                    host_mac: p.host_mac.0,
+                    port: p.port,
+                    pod_mac: p.pod_mac,
+                    host_mac: p.host_mac,
                 },
             );
         }
@@ -200,8 +199,8 @@ impl Snapshot {
             b = b.remote_node(tables::RemoteNode {
                 pod_cidr: r.pod_cidr,
                 underlay_ip: r.underlay_ip,
-                next_hop_mac: r.underlay_mac.0,
-                vtep_mac: r.vtep_mac.0,
+                next_hop_mac: r.underlay_mac,
+                vtep_mac: r.vtep_mac,
             });
         }
         for s in &services {
@@ -458,7 +457,7 @@ endpoints:
 
     pub(crate) const LINKS: NodeLinks = NodeLinks {
         uplink: PortId(2),
-        uplink_mac: MacAddr([0x0e, 0, 0, 0, 1, 1]),
+        uplink_mac: Mac([0x0e, 0, 0, 0, 1, 1]),
     };
 
     #[test]

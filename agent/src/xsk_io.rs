@@ -35,7 +35,7 @@ use sluice_dataplane::frame::Frame;
 use sluice_dataplane::pipeline::{WorkerConfig, WorkerState, process};
 use sluice_dataplane::steer::{self, Steer};
 use sluice_dataplane::tables::Tables;
-use sluice_dataplane::verdict::{self, Verdict};
+use sluice_dataplane::verdict::Verdict;
 
 /// Continuation chunks a packet may have (a 64 KiB packet in 4 KiB chunks needs 16; the kernel's
 /// limit is 17 fragments).
@@ -245,7 +245,7 @@ impl WorkerIo for XskIo {
                 }
                 // Steering: a connection another worker owns goes there raw, with its ingress.
                 if let Some(h) = handoff.as_mut()
-                    && let Some(owner) = steer::owner(tables, fm.data(), s.port_id(), h.workers)
+                    && let Some(owner) = steer::owner(tables, fm.data(), s.port, h.workers)
                     && owner != h.worker
                 {
                     let mut parts: [&[u8]; MAX_TAIL + 1] = [&[]; MAX_TAIL + 1];
@@ -266,12 +266,11 @@ impl WorkerIo for XskIo {
                     let mut tail: [&[u8]; MAX_TAIL] = [&[]; MAX_TAIL];
                     let (chunk, n) = fm.split_tail(&mut tail);
                     let mut frame = Frame::new(chunk, off, len).with_tail(&tail[..n]);
-                    let v = process(tables, state, now_ns, verdict::PortId(s.port.0), &mut frame);
+                    let v = process(tables, state, now_ns, s.port, &mut frame);
                     (v, frame.offset(), frame.len())
                 };
                 match v {
                     Verdict::Forward(to) => {
-                        let to = PortId(to.0);
                         // The uplink may have one socket per queue: any of ours transmits.
                         match sockets.iter().find(|o| o.port == to) {
                             Some(o) if fm.set_bounds(off, len).is_ok() => fm.forward(o.id),
@@ -361,12 +360,6 @@ impl WorkerIo for XskIo {
     }
 }
 
-impl OwnedSocket {
-    fn port_id(&self) -> verdict::PortId {
-        verdict::PortId(self.port.0)
-    }
-}
-
 /// Copy a frame to worker `to` (counted in `handoffs`, or dropped with its reason).
 fn hand_off(
     h: &mut Handoff,
@@ -426,14 +419,14 @@ fn drain_handoffs(
             let to = match f.kind {
                 HandoffKind::Transmit => Some(f.port),
                 HandoffKind::Process => {
-                    let ingress = verdict::PortId(f.port.0);
+                    let ingress = f.port;
                     let (buf, off, len) = f.window_mut();
                     let mut frame = Frame::new(buf, off, len);
                     let v = process(tables, state, now_ns, ingress, &mut frame);
                     let (off, len) = (frame.offset(), frame.len());
                     f.set_window(off, len);
                     match v {
-                        Verdict::Forward(to) => Some(PortId(to.0)),
+                        Verdict::Forward(to) => Some(to),
                         Verdict::Drop(_) => None,
                         // Back to the kernel through the punt link, addressed to its kernel side.
                         Verdict::PassToKernel => match snapshot.punt {

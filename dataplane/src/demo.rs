@@ -21,22 +21,23 @@ use crate::tables::{
     Backend, LocalPod, NodeConfig, RemoteNode, ServiceSpec, Tables, TablesBuilder,
 };
 use crate::verdict::PortId;
-use crate::wire::{ethernet, icmp, ipv4, tcp, udp};
+use crate::wire::ethernet::{self, Mac};
+use crate::wire::{icmp, ipv4, tcp, udp};
 
-pub const NODE_MAC: [u8; 6] = [2, 0, 0xc0, 0xa8, 0x32, 1];
-pub const PEER_MAC: [u8; 6] = [2, 0, 0xc0, 0xa8, 0x32, 2];
-pub const VTEP_MAC: [u8; 6] = [0x0e, 0, 0, 0, 1, 0];
-pub const PEER_VTEP_MAC: [u8; 6] = [0x0e, 0, 0, 0, 2, 0];
+pub const NODE_MAC: Mac = Mac([2, 0, 0xc0, 0xa8, 0x32, 1]);
+pub const PEER_MAC: Mac = Mac([2, 0, 0xc0, 0xa8, 0x32, 2]);
+pub const VTEP_MAC: Mac = Mac([0x0e, 0, 0, 0, 1, 0]);
+pub const PEER_VTEP_MAC: Mac = Mac([0x0e, 0, 0, 0, 2, 0]);
 pub const UPLINK: PortId = PortId(0);
 
 /// The MAC of local pod `10.244.1.n`'s eth0.
-pub fn pod_mac(n: u8) -> [u8; 6] {
-    [2, 0, 0x0a, 0xf4, 1, n]
+pub fn pod_mac(n: u8) -> Mac {
+    Mac([2, 0, 0x0a, 0xf4, 1, n])
 }
 
 /// The MAC of local pod `10.244.1.n`'s host veth.
-pub fn host_mac(n: u8) -> [u8; 6] {
-    [0xee, 0xee, 0, 0, 1, n]
+pub fn host_mac(n: u8) -> Mac {
+    Mac([0xee, 0xee, 0, 0, 1, n])
 }
 
 fn net(a: [u8; 4], len: u8) -> Ipv4Net {
@@ -119,8 +120,8 @@ pub fn demo_builder() -> TablesBuilder {
 /// Addresses and ports of a frame to build.
 #[derive(Clone, Copy, Debug)]
 pub struct FrameSpec {
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
+    pub src_mac: Mac,
+    pub dst_mac: Mac,
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub src_port: u16,

@@ -475,8 +475,8 @@ pub(crate) mod tests {
         // A pod outside the node's CIDR still resolves (through the map).
         let odd = LocalPod {
             port: PortId(9),
-            pod_mac: [1; 6],
-            host_mac: [2; 6],
+            pod_mac: Mac([1; 6]),
+            host_mac: Mac([2; 6]),
         };
         let t2 = crate::demo::demo_builder()
             .pod(Ipv4Addr::new(10, 244, 9, 9), odd)
@@ -522,8 +522,8 @@ pub(crate) mod tests {
             .remote_node(RemoteNode {
                 pod_cidr: n.pod_cidr,
                 underlay_ip: Ipv4Addr::new(1, 1, 1, 1),
-                next_hop_mac: [0; 6],
-                vtep_mac: [0; 6],
+                next_hop_mac: Mac([0; 6]),
+                vtep_mac: Mac([0; 6]),
             })
             .build();
         assert!(matches!(e, Err(TablesError::OverlappingCidr { .. })));

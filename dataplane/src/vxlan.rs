@@ -198,10 +198,11 @@ mod tests {
     use super::*;
     use crate::checksum;
     use crate::pcap;
+    use crate::wire::ethernet::Mac;
     use crate::wire::{icmp, tcp};
 
-    const UL_A_MAC: [u8; 6] = [2, 0, 0xc0, 0xa8, 0x32, 1];
-    const UL_B_MAC: [u8; 6] = [2, 0, 0xc0, 0xa8, 0x32, 2];
+    const UL_A_MAC: Mac = Mac([2, 0, 0xc0, 0xa8, 0x32, 1]);
+    const UL_B_MAC: Mac = Mac([2, 0, 0xc0, 0xa8, 0x32, 2]);
     const UL_A: [u8; 4] = [192, 168, 50, 1];
     const UL_B: [u8; 4] = [192, 168, 50, 2];
 
@@ -224,7 +225,7 @@ mod tests {
             frames.len()
         );
         for (i, orig) in frames.iter().enumerate() {
-            let a_to_b = orig[..6] == UL_B_MAC;
+            let a_to_b = orig[..6] == UL_B_MAC.0;
             let t = if a_to_b {
                 Tunnel {
                     src_mac: UL_A_MAC,
@@ -329,8 +330,8 @@ mod tests {
             encap(
                 &mut f,
                 &Tunnel {
-                    src_mac: [0; 6],
-                    dst_mac: [0; 6],
+                    src_mac: Mac([0; 6]),
+                    dst_mac: Mac([0; 6]),
                     src_ip: [0; 4],
                     dst_ip: [0; 4],
                     vni: 1,

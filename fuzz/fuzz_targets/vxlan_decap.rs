@@ -4,6 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 use sluice_dataplane::frame::Frame;
 use sluice_dataplane::vxlan;
+use sluice_dataplane::wire::ethernet::Mac;
 
 fuzz_target!(|data: &[u8]| {
     let mut buf = data.to_vec();
@@ -14,8 +15,8 @@ fuzz_target!(|data: &[u8]| {
         let len = f.len();
         assert!(len + vxlan::OVERHEAD <= n);
         let t = vxlan::Tunnel {
-            src_mac: [2; 6],
-            dst_mac: [4; 6],
+            src_mac: Mac([2; 6]),
+            dst_mac: Mac([4; 6]),
             src_ip: [1, 2, 3, 4],
             dst_ip: [5, 6, 7, 8],
             vni: 1,

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use sluice_agent::config::{MacAddr, NodeConfig, PeerNode};
+use sluice_agent::config::{Mac, NodeConfig, PeerNode};
 use sluice_agent::counters::CountersFile;
 use sluice_control::agent_api::{AddPodRequest, DelPodRequest, StatusRequest};
 
@@ -125,7 +125,7 @@ pub fn sh(ns: &str, script: &str) -> Result<Output> {
     run(&mut in_ns(ns, &["sh", "-c", script]))
 }
 
-fn mac_of(ns: &str, ifname: &str) -> Result<MacAddr> {
+fn mac_of(ns: &str, ifname: &str) -> Result<Mac> {
     let out = sh(ns, &format!("cat /sys/class/net/{ifname}/address"))?;
     String::from_utf8_lossy(&out.stdout)
         .trim()
@@ -201,9 +201,9 @@ pub struct Node {
     pub kind: NodeKind,
     pub ns: String,
     pub underlay_ip: Ipv4Addr,
-    pub underlay_mac: MacAddr,
+    pub underlay_mac: Mac,
     pub pod_cidr: String,
-    pub vtep_mac: MacAddr,
+    pub vtep_mac: Mac,
     pub dir: PathBuf,
     pub config_path: PathBuf,
     pub agent: Option<Child>,
@@ -400,8 +400,8 @@ impl Cluster {
         self.add_ns(&ns)?;
         let octet = i as u8 + 1;
         let underlay_ip = Ipv4Addr::new(192, 168, 77, octet);
-        let underlay_mac = MacAddr([0x0e, 0x5c, 0x01, 0, 0, octet]);
-        let vtep_mac = MacAddr([0x0e, 0x5c, 0x02, 0, 0, octet]);
+        let underlay_mac = Mac([0x0e, 0x5c, 0x01, 0, 0, octet]);
+        let vtep_mac = Mac([0x0e, 0x5c, 0x02, 0, 0, octet]);
         let q = self.options.uplink_queues.max(1);
         ip(
             Some(&ns),
@@ -724,7 +724,7 @@ impl Cluster {
             Some(&ns),
             &format!("addr add {}/32 dev flannel.1", n.vtep_ip()),
         )?;
-        let peers: Vec<(String, Ipv4Addr, MacAddr, Ipv4Addr)> = self
+        let peers: Vec<(String, Ipv4Addr, Mac, Ipv4Addr)> = self
             .nodes
             .iter()
             .filter(|p| p.index != i)

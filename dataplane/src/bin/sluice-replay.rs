@@ -84,7 +84,7 @@ fn main() -> ExitCode {
 fn ingress_of(tables: &Tables, bytes: &[u8]) -> PortId {
     let src_mac = bytes.get(6..12);
     for n in 1..=254u8 {
-        if src_mac == Some(&demo::pod_mac(n)[..])
+        if src_mac == Some(&demo::pod_mac(n).0[..])
             && let Some(pod) = tables.local_pod([10, 244, 1, n])
         {
             return pod.port;

@@ -70,8 +70,8 @@ fn tuple(f: &[u8]) -> FlowKey {
 fn from_remote(inner: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; 64 + inner.len()];
     buf[64..].copy_from_slice(inner);
-    buf[64..70].copy_from_slice(&demo::VTEP_MAC);
-    buf[70..76].copy_from_slice(&demo::PEER_VTEP_MAC);
+    buf[64..70].copy_from_slice(&demo::VTEP_MAC.0);
+    buf[70..76].copy_from_slice(&demo::PEER_VTEP_MAC.0);
     let mut f = Frame::new(&mut buf, 64, inner.len());
     let tun = vxlan::Tunnel {
         src_mac: demo::PEER_MAC,
@@ -137,7 +137,7 @@ fn cluster_ip_to_local_backend_and_reply() {
     );
     assert_eq!(
         (&out[..6], &out[6..12]),
-        (&pod_mac(3)[..], &host_mac(3)[..])
+        (&pod_mac(3).0[..], &host_mac(3).0[..])
     );
     assert_eq!(out[14 + 8], 63, "TTL decremented");
     assert!(checksums_ok(&out));
@@ -188,7 +188,7 @@ fn cluster_ip_to_remote_backend_encaps_and_reply_is_decapped() {
     let inner = decapped(&out);
     assert_eq!(
         (&inner[..6], &inner[6..12]),
-        (&demo::PEER_VTEP_MAC[..], &demo::VTEP_MAC[..])
+        (&demo::PEER_VTEP_MAC.0[..], &demo::VTEP_MAC.0[..])
     );
     assert_eq!(
         tuple(&inner),
@@ -204,8 +204,8 @@ fn cluster_ip_to_remote_backend_encaps_and_reply_is_decapped() {
     // The reply comes back over VXLAN from node 2.
     let synack = demo::tcp_frame(
         &FrameSpec {
-            src_mac: [0; 6],
-            dst_mac: [0; 6],
+            src_mac: Mac([0; 6]),
+            dst_mac: Mac([0; 6]),
             src: R,
             dst: A,
             src_port: 8080,
@@ -226,7 +226,7 @@ fn cluster_ip_to_remote_backend_encaps_and_reply_is_decapped() {
             proto: 6
         }
     );
-    assert_eq!(&out[..6], &pod_mac(2));
+    assert_eq!(&out[..6], &pod_mac(2).0);
     assert!(checksums_ok(&out));
 }
 
@@ -311,7 +311,7 @@ fn uplink_traffic_not_ours_goes_to_kernel() {
     let t = demo_tables();
     let mut s = state();
     let spec = FrameSpec {
-        src_mac: [9; 6],
+        src_mac: Mac([9; 6]),
         dst_mac: demo::NODE_MAC,
         src: [203, 0, 113, 5],
         dst: [192, 168, 50, 1],
@@ -342,7 +342,7 @@ fn node_port_snat_and_reply_to_client_mac() {
     let (sp, out) = (1000u16..3000)
         .find_map(|sp| {
             let spec = FrameSpec {
-                src_mac: cmac,
+                src_mac: Mac(cmac),
                 dst_mac: demo::NODE_MAC,
                 src: client,
                 dst: [192, 168, 50, 1],
@@ -372,7 +372,7 @@ fn node_port_snat_and_reply_to_client_mac() {
     );
     assert!(checksums_ok(&out));
     let spec = FrameSpec {
-        src_mac: cmac,
+        src_mac: Mac(cmac),
         dst_mac: demo::NODE_MAC,
         src: client,
         dst: [192, 168, 50, 1],
@@ -397,7 +397,7 @@ fn node_port_snat_and_reply_to_client_mac() {
     );
     let (v, out) = run(&t, &mut s, 2, POD_B, &synack);
     assert_eq!(v, Verdict::Forward(UPLINK));
-    assert_eq!((&out[..6], &out[6..12]), (&cmac[..], &demo::NODE_MAC[..]));
+    assert_eq!((&out[..6], &out[6..12]), (&cmac[..], &demo::NODE_MAC.0[..]));
     assert_eq!(
         tuple(&out),
         FlowKey {
@@ -424,8 +424,8 @@ fn icmp_error_about_translated_flow_is_translated() {
     // The backend's node answers "port unreachable" about the datagram it received.
     let err = demo::icmp_error_frame(
         &FrameSpec {
-            src_mac: [0; 6],
-            dst_mac: [0; 6],
+            src_mac: Mac([0; 6]),
+            dst_mac: Mac([0; 6]),
             src: backend,
             dst: A,
             src_port: 0,
@@ -595,7 +595,7 @@ fn kernel_made_vxlan_frames_are_delivered() {
                 continue;
             }
             assert_eq!(v, Verdict::Forward(POD_A), "frame {i}");
-            assert_eq!(&out[..6], &pod_mac(2));
+            assert_eq!(&out[..6], &pod_mac(2).0);
             assert!(checksums_ok(&out), "frame {i}");
             delivered += 1;
         } else {
@@ -629,8 +629,8 @@ fn established_flows_keep_their_backend_across_snapshots() {
     let syn = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::SYN, b"");
     assert_eq!(run(&t1, &mut s, 1, POD_A, &syn).0, Verdict::Forward(UPLINK));
     let spec = FrameSpec {
-        src_mac: [0; 6],
-        dst_mac: [0; 6],
+        src_mac: Mac([0; 6]),
+        dst_mac: Mac([0; 6]),
         src: R,
         dst: A,
         src_port: 8080,
@@ -693,8 +693,8 @@ fn flow_pool() -> Vec<Vec<u8>> {
             b"data",
         ));
         let spec = FrameSpec {
-            src_mac: [0; 6],
-            dst_mac: [0; 6],
+            src_mac: Mac([0; 6]),
+            dst_mac: Mac([0; 6]),
             src: R,
             dst: A,
             src_port: 8080,
@@ -1120,7 +1120,7 @@ impl Conn {
     /// address (the default steering share keeps the client's port).
     fn node_port(t: &Tables) -> Self {
         let spec = |sp| FrameSpec {
-            src_mac: [9; 6],
+            src_mac: Mac([9; 6]),
             dst_mac: demo::NODE_MAC,
             src: [203, 0, 113, 5],
             dst: [192, 168, 50, 1],

@@ -5,6 +5,7 @@ use crate::parse::{self, ParseOutcome};
 use crate::pipeline::{WorkerConfig, WorkerState, process};
 use crate::tables::{Backend, ServiceSpec};
 use crate::verdict::Verdict;
+use crate::wire::ethernet::Mac;
 use proptest::prelude::*;
 use std::net::Ipv4Addr;
 
@@ -84,7 +85,7 @@ fn arriving(t: &FlowKey, syn_ack: bool) -> (PortId, Vec<u8>) {
         }
         _ => {
             let spec = FrameSpec {
-                src_mac: [2, 0, 0, 0, 0, 9],
+                src_mac: Mac([2, 0, 0, 0, 0, 9]),
                 dst_mac: demo::NODE_MAC,
                 src: t.src,
                 dst: t.dst,

@@ -1,5 +1,10 @@
 //! Ethernet II header (no VLAN tags: tagged frames are passed to the kernel by `parse`).
 
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 use super::{WireError, be16, put16};
 
 /// Header length.
@@ -20,8 +25,72 @@ mod field {
     pub const ETHERTYPE: usize = 12;
 }
 
-/// A MAC address.
-pub type Mac = [u8; 6];
+/// A MAC address, written `aa:bb:cc:dd:ee:ff` (Display, FromStr, serde).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A MAC address that does not read as six hex bytes separated by colons.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid MAC address {0:?} (expected aa:bb:cc:dd:ee:ff)")]
+pub struct MacParseError(pub String);
+
+impl FromStr for Mac {
+    type Err = MacParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts.next().ok_or_else(|| MacParseError(s.to_owned()))?;
+            if part.len() != 2 {
+                return Err(MacParseError(s.to_owned()));
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| MacParseError(s.to_owned()))?;
+        }
+        if parts.next().is_some() {
+            return Err(MacParseError(s.to_owned()));
+        }
+        Ok(Self(out))
+    }
+}
+
+impl TryFrom<&[u8]> for Mac {
+    type Error = MacParseError;
+    fn try_from(b: &[u8]) -> Result<Self, Self::Error> {
+        <[u8; 6]>::try_from(b)
+            .map(Self)
+            .map_err(|_| MacParseError(format!("{b:02x?}")))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// A view over an Ethernet frame.
 #[derive(Debug)]
@@ -40,12 +109,12 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn dst(&self) -> Mac {
         let mut m = [0; 6];
         m.copy_from_slice(&self.buffer.as_ref()[field::DST]);
-        m
+        Mac(m)
     }
     pub fn src(&self) -> Mac {
         let mut m = [0; 6];
         m.copy_from_slice(&self.buffer.as_ref()[field::SRC]);
-        m
+        Mac(m)
     }
     pub fn ethertype(&self) -> u16 {
         be16(self.buffer.as_ref(), field::ETHERTYPE)
@@ -58,10 +127,10 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     pub fn set_dst(&mut self, mac: Mac) {
-        self.buffer.as_mut()[field::DST].copy_from_slice(&mac);
+        self.buffer.as_mut()[field::DST].copy_from_slice(&mac.0);
     }
     pub fn set_src(&mut self, mac: Mac) {
-        self.buffer.as_mut()[field::SRC].copy_from_slice(&mac);
+        self.buffer.as_mut()[field::SRC].copy_from_slice(&mac.0);
     }
     pub fn set_ethertype(&mut self, t: u16) {
         put16(self.buffer.as_mut(), field::ETHERTYPE, t);
@@ -102,7 +171,12 @@ mod tests {
             ethertype: p.ethertype(),
         };
         assert_eq!(r.ethertype, ethertype::IPV4);
-        assert_eq!(r.dst, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(r.dst, Mac([2, 0, 0, 0, 0, 1]));
+        assert_eq!(r.dst.to_string(), "02:00:00:00:00:01");
+        assert_eq!("02:00:00:00:00:01".parse::<Mac>(), Ok(r.dst));
+        assert!("02:00:00:00:00".parse::<Mac>().is_err());
+        assert!("02:00:00:00:00:01:02".parse::<Mac>().is_err());
+        assert!("zz:00:00:00:00:01".parse::<Mac>().is_err());
         let mut out = [0u8; 14];
         r.emit(&mut out).unwrap();
         assert_eq!(out, FRAME);
