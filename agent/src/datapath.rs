@@ -113,42 +113,22 @@ pub enum Role {
     Uplink,
 }
 
-/// The name of drop reason index `i` for the counters export (the pipeline's `DropReason`
-/// names; indexes past them are the agent's own reasons, see [`AGENT_DROPS`]).
+/// The name of drop reason index `i` for the counters export: the pipeline's [`DropReason`]
+/// names, then the agent's own ([`AgentDrop`]).
+///
+/// [`DropReason`]: sluice_dataplane::verdict::DropReason
 pub fn drop_reason_name(i: u8) -> String {
     use sluice_dataplane::verdict::DropReason;
     let i = usize::from(i);
     if let Some(r) = DropReason::ALL.get(i) {
         return r.as_str().to_owned();
     }
-    AGENT_DROPS
+    AgentDrop::ALL
         .get(i - DropReason::COUNT)
-        .map_or_else(|| format!("reason-{i}"), |s| (*s).to_owned())
+        .map_or_else(|| format!("reason-{i}"), |r| r.as_str().to_owned())
 }
 
-/// Drops the agent counts itself, indexed from `DropReason::COUNT`.
-pub const AGENT_DROPS: &[&str] = &[
-    // The frame belongs to another worker but this one has no handoff rings (see `handoff`).
-    "handoff_unsupported",
-    // The verdict named a port no worker has a socket for.
-    "no_socket",
-    // The pipeline said pass to the kernel, but the frame was already redirected to userspace.
-    "pass_after_redirect",
-    // The TX queue of the destination socket was full.
-    "tx_full",
-    // A multi-buffer packet of more continuation chunks than the worker reads (`xsk_io::MAX_TAIL`).
-    "too_many_fragments",
-    // The handoff ring to the owning worker was full (every buffer of the pair in flight).
-    "handoff_full",
-    // A frame too large for a handoff buffer, or for the destination's UMEM chunks.
-    "too_large",
-];
-
-/// Index of an agent drop reason in the counters.
-pub fn agent_drop(name: &str) -> u8 {
-    let i = AGENT_DROPS.iter().position(|s| *s == name).unwrap_or(0);
-    u8::try_from(sluice_dataplane::verdict::DropReason::COUNT + i).unwrap_or(u8::MAX)
-}
+pub use super::drops::AgentDrop;
 
 /// No XDP datapath in this build: the agent serves its API but cannot wire pods.
 #[derive(Debug, Default)]
@@ -388,7 +368,7 @@ mod tests {
         assert_eq!(rx_queue_count("no-such-if-xyz"), 1);
         assert!(Unavailable.attach("lo", Role::Pod).is_err());
         assert_eq!(drop_reason_name(0), "truncated");
-        assert_eq!(drop_reason_name(agent_drop("no_socket")), "no_socket");
+        assert_eq!(drop_reason_name(AgentDrop::NoSocket.index()), "no_socket");
         assert!(Unavailable.ready().is_err());
     }
 }

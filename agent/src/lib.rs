@@ -14,6 +14,7 @@ pub mod config;
 pub mod control_sync;
 pub mod counters;
 pub mod datapath;
+pub mod drops;
 pub mod events;
 pub mod handoff;
 pub mod manifests;

@@ -27,7 +27,8 @@ use sluice_xdp::{RxBatch, SendError, SocketId, Xsk, XskConfig};
 
 use super::PortSet;
 use super::counters::WorkerCounters;
-use super::datapath::{AGENT_DROPS, SharedLoader, agent_drop};
+use super::datapath::SharedLoader;
+use super::drops::{AgentDrop, AgentDropCounts};
 use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
 use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
@@ -62,23 +63,11 @@ pub fn pod_fill_share(frames: u32, ring: u32, pods: u32) -> u32 {
 /// Frames drained from each peer's handoff ring per round (the rest wait for the next round).
 const DRAIN_BUDGET: usize = 256;
 
-/// The agent's own drop reasons, as indexes into [`AGENT_DROPS`].
-mod agent_drops {
-    pub const HANDOFF_UNSUPPORTED: usize = 0;
-    pub const NO_SOCKET: usize = 1;
-    pub const PASS_AFTER_REDIRECT: usize = 2;
-    pub const TX_FULL: usize = 3;
-    pub const TOO_MANY_FRAGMENTS: usize = 4;
-    pub const HANDOFF_FULL: usize = 5;
-    pub const TOO_LARGE: usize = 6;
-}
-use agent_drops::*;
-
 /// What one round counts, flushed into the shared counters at its end (no atomic per frame).
 #[derive(Debug, Default)]
 struct RoundTally {
-    /// The agent's own drops, by index into [`AGENT_DROPS`].
-    drops: [u64; AGENT_DROPS.len()],
+    /// The agent's own drops, by [`AgentDrop`].
+    drops: AgentDropCounts,
     /// Frames handed to another worker.
     handoffs: u64,
 }
@@ -240,7 +229,7 @@ impl WorkerIo for XskIo {
                 let (off, len) = (fm.offset(), fm.len());
                 if fm.continuations() > MAX_TAIL {
                     fm.drop_frame();
-                    tally.drops[TOO_MANY_FRAGMENTS] += 1;
+                    tally.drops.add(AgentDrop::TooManyFragments);
                     continue;
                 }
                 // Steering: a connection another worker owns goes there raw, with its ingress.
@@ -284,9 +273,9 @@ impl WorkerIo for XskIo {
                                     let parts = &parts[..=n];
                                     hand_off(h, w, HandoffKind::Transmit, to, parts, &mut tally);
                                 } else if peers.read().map(|p| p.contains(&to)).unwrap_or(false) {
-                                    tally.drops[HANDOFF_UNSUPPORTED] += 1;
+                                    tally.drops.add(AgentDrop::HandoffUnsupported);
                                 } else {
-                                    tally.drops[NO_SOCKET] += 1;
+                                    tally.drops.add(AgentDrop::NoSocket);
                                 }
                                 fm.drop_frame();
                             }
@@ -308,7 +297,7 @@ impl WorkerIo for XskIo {
                             }
                             _ => {
                                 fm.drop_frame();
-                                tally.drops[PASS_AFTER_REDIRECT] += 1;
+                                tally.drops.add(AgentDrop::PassAfterRedirect);
                             }
                         }
                     }
@@ -327,10 +316,8 @@ impl WorkerIo for XskIo {
         if tally.handoffs > 0 {
             WorkerCounters::add(&counters.handoffs, tally.handoffs);
         }
-        for (n, name) in tally.drops.iter().zip(AGENT_DROPS) {
-            if *n > 0 {
-                counters.drop(agent_drop(name), *n);
-            }
+        for (reason, n) in tally.drops.nonzero() {
+            counters.drop(reason.index(), n);
         }
         if handled > 0 {
             let full: u64 = sockets
@@ -371,9 +358,9 @@ fn hand_off(
 ) {
     match h.send(to, kind, port, parts) {
         Ok(()) => tally.handoffs += 1,
-        Err(HandoffError::Full) => tally.drops[HANDOFF_FULL] += 1,
-        Err(HandoffError::TooLarge) => tally.drops[TOO_LARGE] += 1,
-        Err(HandoffError::NoPeer) => tally.drops[NO_SOCKET] += 1,
+        Err(HandoffError::Full) => tally.drops.add(AgentDrop::HandoffFull),
+        Err(HandoffError::TooLarge) => tally.drops.add(AgentDrop::TooLarge),
+        Err(HandoffError::NoPeer) => tally.drops.add(AgentDrop::NoSocket),
     }
 }
 
@@ -383,16 +370,16 @@ fn transmit_copy(
     sockets: &[OwnedSocket],
     to: PortId,
     data: &[u8],
-    drops: &mut [u64; AGENT_DROPS.len()],
+    drops: &mut AgentDropCounts,
 ) -> bool {
     let Some(o) = sockets.iter().find(|o| o.port == to) else {
         return false;
     };
     match xsk.send_copy(o.id, &[data]) {
         Ok(()) => {}
-        Err(SendError::QueueFull | SendError::NoFreeChunks) => drops[TX_FULL] += 1,
-        Err(SendError::TooLarge) => drops[TOO_LARGE] += 1,
-        Err(SendError::Empty | SendError::NoSuchSocket) => drops[NO_SOCKET] += 1,
+        Err(SendError::QueueFull | SendError::NoFreeChunks) => drops.add(AgentDrop::TxFull),
+        Err(SendError::TooLarge) => drops.add(AgentDrop::TooLarge),
+        Err(SendError::Empty | SendError::NoSuchSocket) => drops.add(AgentDrop::NoSocket),
     }
     true
 }
@@ -432,7 +419,7 @@ fn drain_handoffs(
                         Verdict::PassToKernel => match snapshot.punt {
                             Some(p) if p.readdress(f.data_mut()) => Some(p.port),
                             _ => {
-                                tally.drops[PASS_AFTER_REDIRECT] += 1;
+                                tally.drops.add(AgentDrop::PassAfterRedirect);
                                 None
                             }
                         },
@@ -447,7 +434,7 @@ fn drain_handoffs(
                 if f.kind == HandoffKind::Process && w != h.worker {
                     hand_off(h, w, HandoffKind::Transmit, to, &[f.data()], tally);
                 } else {
-                    tally.drops[NO_SOCKET] += 1;
+                    tally.drops.add(AgentDrop::NoSocket);
                 }
             }
             h.release(from, f);
