@@ -281,7 +281,8 @@ impl WorkerIo for XskIo {
                             }
                         }
                     }
-                    Verdict::Drop(_) => fm.drop_frame(),
+                    // `process` never steers (steering happened above).
+                    Verdict::Drop(_) | Verdict::Steer(_) => fm.drop_frame(),
                     Verdict::PassToKernel => {
                         // Back to the kernel through the punt link (see `punt`), addressed to
                         // its kernel side.
@@ -414,7 +415,8 @@ fn drain_handoffs(
                     f.set_window(off, len);
                     match v {
                         Verdict::Forward(to) => Some(to),
-                        Verdict::Drop(_) => None,
+                        // `process` never steers: handed-off frames stay here.
+                        Verdict::Drop(_) | Verdict::Steer(_) => None,
                         // Back to the kernel through the punt link, addressed to its kernel side.
                         Verdict::PassToKernel => match snapshot.punt {
                             Some(p) if p.readdress(f.data_mut()) => Some(p.port),

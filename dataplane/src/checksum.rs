@@ -3,9 +3,15 @@
 //! checksums veth delivers (CHECKSUM_PARTIAL: the L4 field holds the folded pseudo-header sum,
 //! not complemented).
 //!
+//! Also the completion of a partial L4 checksum in place ([`complete_partial`]), which every
+//! forwarded frame from a veth may need.
+//!
 //! Pure arithmetic; nothing here panics.
 
+use crate::flow::proto;
 use crate::frame::Frame;
+use crate::parse::Parsed;
+use crate::wire::{get16, set16, tcp, udp};
 
 /// A running one's-complement sum that can be fed byte slices of any length in order (odd
 /// lengths are carried across slices, so a chain sums as if contiguous).
@@ -176,6 +182,41 @@ pub fn update_udp32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
         0 => 0xffff,
         c => c,
     }
+}
+
+/// Offset of the checksum field inside the L4 header, for protocols whose checksum covers the
+/// pseudo-header.
+pub fn l4_checksum_offset(proto: u8) -> Option<usize> {
+    match proto {
+        proto::TCP => Some(tcp::CHECKSUM_OFFSET),
+        proto::UDP => Some(udp::CHECKSUM_OFFSET),
+        _ => None,
+    }
+}
+
+/// If the TCP/UDP checksum is partial (the field holds the folded pseudo-header sum, as veth
+/// delivers CHECKSUM_PARTIAL frames), replace it with the full checksum, walking the whole chain.
+/// A complete checksum that happens to equal that sum is recomputed too, which is still correct.
+/// Returns whether it computed.
+pub fn complete_partial(frame: &mut Frame<'_>, p: &Parsed) -> bool {
+    let Some(co) = l4_checksum_offset(p.proto) else {
+        return false;
+    };
+    let at = p.l4_off + co;
+    let Some(field) = get16(frame.head(), at) else {
+        return false;
+    };
+    let l4_len = p.l4_len as u16;
+    if field != pseudo_header_folded(p.src, p.dst, p.proto, l4_len) {
+        return false;
+    }
+    let pseudo = pseudo_header_sum(p.src, p.dst, p.proto, l4_len);
+    let mut c = l4_full(frame, p.l4_off, p.l4_len, co, pseudo);
+    if p.proto == proto::UDP && c == 0 {
+        c = 0xffff;
+    }
+    set16(frame.head_mut(), at, c);
+    true
 }
 
 #[cfg(test)]

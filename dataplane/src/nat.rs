@@ -1,60 +1,13 @@
 //! Stage `nat`: rewrite a packet's addresses and ports (service DNAT, NodePort SNAT, and the
-//! reverse translation of replies) with incremental checksum updates (RFC 1624), complete partial
-//! checksums first, and translate the embedded header of ICMP errors about a translated flow.
-//!
-//! Touches only the first buffer, except to complete a partial checksum (which walks the chain).
+//! reverse translation of replies) with incremental checksum updates (RFC 1624), and translate the
+//! embedded header of ICMP errors about a translated flow. Touches only the first buffer.
 
 use crate::checksum;
 use crate::flow::FlowKey;
 use crate::flow::proto;
 use crate::frame::Frame;
 use crate::parse::{IcmpKind, L3_OFFSET, Parsed};
-use crate::wire::{icmp, ipv4, tcp, udp};
-
-/// Offset of the checksum field inside the L4 header, for protocols whose checksum covers the
-/// pseudo-header.
-fn l4_csum_off(proto: u8) -> Option<usize> {
-    match proto {
-        proto::TCP => Some(tcp::CHECKSUM_OFFSET),
-        proto::UDP => Some(udp::CHECKSUM_OFFSET),
-        _ => None,
-    }
-}
-
-fn get16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    if let Some(s) = b.get_mut(at..at + 2) {
-        s.copy_from_slice(&v.to_be_bytes());
-    }
-}
-
-/// If the TCP/UDP checksum is partial (the field holds the folded pseudo-header sum, as veth
-/// delivers CHECKSUM_PARTIAL frames), replace it with the full checksum, walking the whole chain.
-/// A complete checksum that happens to equal that sum is recomputed too, which is still correct.
-/// Returns whether it computed.
-pub fn complete_partial_checksum(frame: &mut Frame<'_>, p: &Parsed) -> bool {
-    let Some(co) = l4_csum_off(p.proto) else {
-        return false;
-    };
-    let at = p.l4_off + co;
-    let Some(field) = get16(frame.head(), at) else {
-        return false;
-    };
-    let l4_len = p.l4_len as u16;
-    if field != checksum::pseudo_header_folded(p.src, p.dst, p.proto, l4_len) {
-        return false;
-    }
-    let pseudo = checksum::pseudo_header_sum(p.src, p.dst, p.proto, l4_len);
-    let mut c = checksum::l4_full(frame, p.l4_off, p.l4_len, co, pseudo);
-    if p.proto == proto::UDP && c == 0 {
-        c = 0xffff;
-    }
-    put16(frame.head_mut(), at, c);
-    true
-}
+use crate::wire::{get16, icmp, ipv4, set16, tcp, udp};
 
 /// Rewrite the packet from its tuple to `to` (addresses, ports or echo id), updating the IPv4
 /// header checksum and the L4 checksum incrementally. `p` is updated to the new tuple.
@@ -101,13 +54,13 @@ pub fn rewrite(frame: &mut Frame<'_>, p: &mut Parsed, to: &FlowKey) {
             }
             if p.src_port != to.src_port {
                 c = upd16(c, p.src_port, to.src_port);
-                put16(head, l4, to.src_port);
+                set16(head, l4, to.src_port);
             }
             if p.dst_port != to.dst_port {
                 c = upd16(c, p.dst_port, to.dst_port);
-                put16(head, l4 + 2, to.dst_port);
+                set16(head, l4 + 2, to.dst_port);
             }
-            put16(head, co, c);
+            set16(head, co, c);
         }
         (proto::ICMP, IcmpKind::Echo) if p.src_port != to.src_port => {
             if let Some(b) = head.get_mut(l4..l4 + icmp::HEADER_LEN)
@@ -182,8 +135,8 @@ pub fn rewrite_icmp_error(
         let l4 = hl;
         match from.proto {
             proto::TCP | proto::UDP => {
-                put16(inner, l4, to.src_port);
-                put16(inner, l4 + 2, to.dst_port);
+                set16(inner, l4, to.src_port);
+                set16(inner, l4 + 2, to.dst_port);
                 let udp = from.proto == proto::UDP;
                 let co = l4
                     + if udp {
@@ -198,7 +151,7 @@ pub fn rewrite_icmp_error(
                     c = checksum::update32(c, from.dst, to.dst);
                     c = checksum::update16(c, from.src_port, to.src_port);
                     c = checksum::update16(c, from.dst_port, to.dst_port);
-                    put16(inner, co, if udp && c == 0 { 0xffff } else { c });
+                    set16(inner, co, if udp && c == 0 { 0xffff } else { c });
                 }
             }
             proto::ICMP => {
@@ -206,13 +159,13 @@ pub fn rewrite_icmp_error(
                 if let Some(c) = get16(inner, l4 + 2)
                     && inner.len() >= l4 + 8
                 {
-                    put16(
+                    set16(
                         inner,
                         l4 + 2,
                         checksum::update16(c, from.src_port, to.src_port),
                     );
                 }
-                put16(inner, l4 + 4, to.src_port);
+                set16(inner, l4 + 4, to.src_port);
             }
             _ => {}
         }
@@ -227,7 +180,7 @@ pub fn rewrite_icmp_error(
     rewrite(frame, p, &outer);
     // ICMP checksum over the whole message (it covers the embedded bytes we changed).
     let c = checksum::l4_full(frame, p.l4_off, p.l4_len, 2, 0);
-    put16(frame.head_mut(), p.l4_off + 2, c);
+    set16(frame.head_mut(), p.l4_off + 2, c);
 }
 
 #[cfg(test)]
@@ -248,7 +201,7 @@ mod tests {
         let p = parsed(f);
         let n = f.len();
         let fr = Frame::new(f, 0, n);
-        let co = l4_csum_off(p.proto).unwrap_or(2);
+        let co = checksum::l4_checksum_offset(p.proto).unwrap_or(2);
         let pseudo = if p.proto == proto::ICMP {
             0
         } else {
@@ -283,10 +236,13 @@ mod tests {
         assert!(!l4_ok(&mut f));
         let p = parsed(&mut f);
         let n = f.len();
-        assert!(complete_partial_checksum(&mut Frame::new(&mut f, 0, n), &p));
+        assert!(checksum::complete_partial(
+            &mut Frame::new(&mut f, 0, n),
+            &p
+        ));
         assert!(l4_ok(&mut f));
         // A complete one is left alone.
-        assert!(!complete_partial_checksum(
+        assert!(!checksum::complete_partial(
             &mut Frame::new(&mut f, 0, n),
             &p
         ));
@@ -302,7 +258,7 @@ mod tests {
         {
             let p = parsed(&mut inner);
             let n = inner.len();
-            complete_partial_checksum(&mut Frame::new(&mut inner, 0, n), &p);
+            checksum::complete_partial(&mut Frame::new(&mut inner, 0, n), &p);
             assert!(l4_ok(&mut inner));
         }
     }

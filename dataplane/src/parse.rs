@@ -1,8 +1,10 @@
 //! Stage `parse`: validate a frame's headers and extract what later stages need.
 //!
-//! Validation of IPv4 and TCP headers is etherparse's (`Ipv4HeaderSlice`, `TcpHeaderSlice`); this
-//! stage adds what etherparse leaves to the caller: the IPv4 header checksum, the total length
-//! against the frame, and the rule that every header lies in the frame's first buffer. L4
+//! IPv4 headers are validated once, by etherparse (`Ipv4HeaderSlice`: version, header length, total
+//! length); this stage adds what etherparse leaves to the caller: the IPv4 header checksum, the
+//! total length against the frame, and the rule that every header lies in the frame's first
+//! buffer. TCP, UDP and ICMP are read through the `wire` views. Later stages work from [`Parsed`]
+//! and do not read these headers again. L4
 //! checksums are not verified (the receiving pod does; partial ones are completed by `nat`).
 //!
 //! Not IPv4: ARP and other EtherTypes (VLAN tags included) go to the kernel; IPv6 is recognised
@@ -14,12 +16,14 @@
 //! through would waste the bandwidth. Pods avoid fragmentation through their route MTUs (1450
 //! towards other nodes) and TCP's path MTU discovery.
 
+use crate::checksum;
 use crate::flow::FlowKey;
 use crate::flow::proto;
 use crate::frame::Frame;
 use crate::tables::{Ipv6Handling, Tables};
 use crate::verdict::{DropReason, Verdict};
-use crate::wire::{ethernet, icmp, ipv4, tcp, udp};
+use crate::wire::ethernet::{self, Mac};
+use crate::wire::{icmp, ipv4, tcp, udp};
 
 /// Offset of the IPv4 header in the frame (no VLAN tags).
 pub const L3_OFFSET: usize = ethernet::HEADER_LEN;
@@ -57,6 +61,8 @@ pub struct Parsed {
     pub icmp: IcmpKind,
     pub ttl: u8,
     pub dont_frag: bool,
+    /// The Ethernet source (where a NodePort client's frames came from on the uplink).
+    pub src_mac: Mac,
 }
 
 impl Parsed {
@@ -119,8 +125,8 @@ fn parse_ipv4(frame: &Frame<'_>) -> Result<Parsed, NotIpv4> {
         ethernet::ethertype::IPV6 => return Err(NotIpv4::Ipv6),
         _ => return Err(NotIpv4::Other),
     }
-    let l3 = eth.payload();
-    let hdr = match etherparse::Ipv4HeaderSlice::from_slice(l3) {
+    // etherparse validates version, header length and total length against the header length.
+    let ip = match etherparse::Ipv4HeaderSlice::from_slice(eth.payload()) {
         Ok(h) => h,
         Err(etherparse::err::ipv4::HeaderSliceError::Len(e)) => {
             return Err(short(frame, L3_OFFSET + e.required_len));
@@ -129,19 +135,15 @@ fn parse_ipv4(frame: &Frame<'_>) -> Result<Parsed, NotIpv4> {
             return Err(NotIpv4::Drop(DropReason::BadIpHeader));
         }
     };
-    let ip = ipv4::Packet::new_checked(l3).map_err(|_| NotIpv4::Drop(DropReason::BadIpHeader))?;
-    let hl = usize::from(hdr.ihl()) * 4;
-    let total = usize::from(hdr.total_len());
-    if total < hl {
-        return Err(NotIpv4::Drop(DropReason::BadIpHeader));
-    }
+    let hl = usize::from(ip.ihl()) * 4;
+    let total = usize::from(ip.total_len());
     if total > frame.total_len() - L3_OFFSET {
         return Err(NotIpv4::Drop(DropReason::BadIpLength));
     }
-    if !ip.verify_checksum() {
+    if checksum::checksum(ip.slice()) != 0 {
         return Err(NotIpv4::Drop(DropReason::BadIpChecksum));
     }
-    if ip.is_fragment() {
+    if ip.is_fragmenting_payload() {
         return Err(NotIpv4::Drop(DropReason::Fragment));
     }
     let l4_off = L3_OFFSET + hl;
@@ -149,16 +151,17 @@ fn parse_ipv4(frame: &Frame<'_>) -> Result<Parsed, NotIpv4> {
     let mut p = Parsed {
         l4_off,
         l4_len,
-        ip_len: hdr.total_len(),
-        proto: ip.protocol(),
-        src: ip.src(),
-        dst: ip.dst(),
+        ip_len: ip.total_len(),
+        proto: ip.protocol().0,
+        src: ip.source(),
+        dst: ip.destination(),
         src_port: 0,
         dst_port: 0,
         tcp_flags: 0,
         icmp: IcmpKind::None,
         ttl: ip.ttl(),
-        dont_frag: ip.dont_frag(),
+        dont_frag: ip.dont_fragment(),
+        src_mac: eth.src(),
     };
     // The L4 header must lie inside the IP datagram and inside the first buffer.
     let l4_in_head = |need: usize| -> Result<&[u8], NotIpv4> {
@@ -170,14 +173,14 @@ fn parse_ipv4(frame: &Frame<'_>) -> Result<Parsed, NotIpv4> {
     };
     match p.proto {
         proto::TCP => {
-            let min = l4_in_head(tcp::MIN_HEADER_LEN)?;
-            let declared = usize::from(min[12] >> 4) * 4;
-            let seg = l4_in_head(declared.max(tcp::MIN_HEADER_LEN))?;
-            let t = etherparse::TcpHeaderSlice::from_slice(seg)
+            let declared = tcp::declared_header_len(l4_in_head(tcp::MIN_HEADER_LEN)?)
+                .unwrap_or(tcp::MIN_HEADER_LEN);
+            // The whole header, options included, in the datagram and the first buffer.
+            let t = tcp::Packet::new_checked(l4_in_head(declared.max(tcp::MIN_HEADER_LEN))?)
                 .map_err(|_| NotIpv4::Drop(DropReason::BadL4Header))?;
-            p.src_port = t.source_port();
-            p.dst_port = t.destination_port();
-            p.tcp_flags = seg[13];
+            p.src_port = t.src_port();
+            p.dst_port = t.dst_port();
+            p.tcp_flags = t.flags();
         }
         proto::UDP => {
             let u = udp::Packet::new_checked(l4_in_head(udp::HEADER_LEN)?)

@@ -5,7 +5,7 @@
 //!    ours if it belongs to a tracked flow or addresses a NodePort, else it goes to the kernel.
 //! 2. `parse` validates and extracts the tuple; frames from a pod port must carry that pod's
 //!    source address.
-//! 3. Partial L4 checksums are completed (`nat::complete_partial_checksum`).
+//! 3. Partial L4 checksums are completed (`checksum::complete_partial`).
 //! 4. `conntrack` lookup: a packet of a known flow is accounted (TCP state machine), translated as
 //!    its entry says (DNAT original / reverse NAT replies) and routed; policy is not consulted. A
 //!    TCP SYN that meets a closed connection (TIME_WAIT or CLOSE) ends that entry and goes on as a
@@ -31,6 +31,7 @@
 //! their entry. [`crate::steer::owner`] names that worker; NodePort SNAT takes its source port
 //! from the worker's share ([`WorkerState::steer`]) so replies name it too.
 
+use crate::checksum;
 use crate::conntrack::{ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState, FlowDir};
 use crate::events::{EventKind, EventSink, FlowCounts, FlowEvent};
 use crate::flow::FlowKey;
@@ -41,11 +42,11 @@ use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
 use crate::policy::{Direction, PolicyQuery, PolicyVerdict};
 use crate::route::{self, Route};
 use crate::service::{self, AffinityTable, ServiceOutcome};
-use crate::steer::Steer;
+use crate::steer::{self, Steer};
 use crate::tables::{ServiceId, Tables};
 use crate::verdict::{Counters, DropReason, PortId, Verdict};
 use crate::vxlan::{self, VxlanError};
-use crate::wire::ethernet::{self, Mac};
+use crate::wire::ethernet::Mac;
 
 /// What conntrack keeps per flow besides its two keys (the original tuple, and the reply tuple
 /// which is the reversed translated tuple).
@@ -150,18 +151,6 @@ impl WorkerState {
         }
     }
 
-    /// A drop event for a frame that did not reach conntrack.
-    #[inline]
-    fn emit_early_drop(&mut self, now: u64, ingress: PortId, v: Verdict, tuple: Option<FlowKey>) {
-        if let Verdict::Drop(r) = v {
-            self.emit(|| FlowEvent {
-                tuple,
-                drop: Some(r),
-                ..FlowEvent::new(EventKind::Drop, now, ingress)
-            });
-        }
-    }
-
     fn next_ip_id(&mut self) -> u16 {
         self.ip_id = self.ip_id.wrapping_add(1);
         self.ip_id
@@ -170,7 +159,8 @@ impl WorkerState {
 
 /// Run one frame through the pipeline. `ingress` is the port it arrived on; `now_ns` a monotonic
 /// time in nanoseconds. The frame is rewritten in place (and may grow into its headroom for VXLAN
-/// encap or shrink for decap); the verdict is counted.
+/// encap or shrink for decap); the verdict is counted. Never steers: this is the path for frames
+/// another worker handed to this one (and for tests).
 pub fn process(
     tables: &Tables,
     state: &mut WorkerState,
@@ -179,8 +169,17 @@ pub fn process(
     frame: &mut Frame<'_>,
 ) -> Verdict {
     let rx = frame.total_len();
-    let v = process_one(tables, state, now_ns, ingress, frame);
-    state.counters.count_frame(v, rx, frame.total_len());
+    let mut cx = Ctx {
+        t: tables,
+        s: state,
+        now: now_ns,
+        ingress,
+    };
+    let v = match cx.prepare(frame) {
+        Ok(p) => cx.finish(frame, p, CtHint::Unknown),
+        Err(v) => v,
+    };
+    cx.s.counters.count_frame(v, rx, frame.total_len());
     v
 }
 
@@ -188,9 +187,15 @@ pub fn process(
 /// as one [`ConnTrack::lookup_batch`] so their cache misses overlap).
 pub const BATCH: usize = 64;
 
-/// [`process`] over a batch of frames from one port, writing one verdict per frame into
-/// `verdicts` (frames beyond `verdicts.len()` are left unprocessed). Same verdicts and rewrites as
-/// calling [`process`] on each frame in order.
+/// The pipeline over a batch of frames received on one port, writing one verdict per frame into
+/// `verdicts` (frames beyond `verdicts.len()` are left unprocessed).
+///
+/// With one worker ([`WorkerState::steer`]), the same verdicts and rewrites as [`process`] on each
+/// frame in order. With several, a frame whose connection another worker owns
+/// ([`crate::steer::owner`], computed from the parsed headers) gets [`Verdict::Steer`] with that
+/// worker and is not otherwise processed: its bytes are as they arrived (only its window may have
+/// moved, so the caller hands off the frame as received), and it is counted in
+/// [`Counters::steered`], not `rx`.
 pub fn process_batch(
     tables: &Tables,
     state: &mut WorkerState,
@@ -200,6 +205,12 @@ pub fn process_batch(
     verdicts: &mut [Verdict],
 ) {
     let n = frames.len().min(verdicts.len());
+    let mut cx = Ctx {
+        t: tables,
+        s: state,
+        now: now_ns,
+        ingress,
+    };
     for (frames, verdicts) in frames[..n]
         .chunks_mut(BATCH)
         .zip(verdicts[..n].chunks_mut(BATCH))
@@ -211,7 +222,7 @@ pub fn process_batch(
         let mut rx = [0usize; BATCH];
         for (i, f) in frames.iter_mut().enumerate() {
             rx[i] = f.total_len();
-            match prepare(tables, ingress, f) {
+            match cx.prepare_steered(f) {
                 Ok(p) => {
                     if p.tracked_key {
                         keys[nkeys] = p.parsed.key();
@@ -219,30 +230,27 @@ pub fn process_batch(
                     }
                     preps[i] = Some(p);
                 }
-                Err((v, tuple)) => {
-                    state.emit_early_drop(now_ns, ingress, v, tuple);
-                    verdicts[i] = v;
-                }
+                Err(v) => verdicts[i] = v,
             }
         }
-        state
-            .conntrack
+        cx.s.conntrack
             .lookup_batch(&keys[..nkeys], now_ns, &mut found[..nkeys]);
-        let epoch = state.ct_epoch;
+        let epoch = cx.s.ct_epoch;
         let mut k = 0;
         for (i, f) in frames.iter_mut().enumerate() {
             if let Some(p) = preps[i] {
                 let hint = if p.tracked_key {
                     k += 1;
-                    found[k - 1]
+                    match found[k - 1] {
+                        Some((h, dir)) => CtHint::Found(h, dir),
+                        None => CtHint::Missing { epoch },
+                    }
                 } else {
-                    None
+                    CtHint::Unknown
                 };
-                verdicts[i] = finish(tables, state, now_ns, ingress, f, p, Some((hint, epoch)));
+                verdicts[i] = cx.finish(f, p, hint);
             }
-            state
-                .counters
-                .count_frame(verdicts[i], rx[i], f.total_len());
+            cx.s.counters.count_frame(verdicts[i], rx[i], f.total_len());
         }
     }
 }
@@ -257,135 +265,176 @@ struct Prepared {
     tracked_key: bool,
 }
 
-fn process_one(
-    t: &Tables,
-    s: &mut WorkerState,
-    now: u64,
-    ingress: PortId,
-    frame: &mut Frame<'_>,
-) -> Verdict {
-    match prepare(t, ingress, frame) {
-        Ok(p) => finish(t, s, now, ingress, frame, p, None),
-        Err((v, tuple)) => {
-            s.emit_early_drop(now, ingress, v, tuple);
-            v
-        }
-    }
+/// What is known of a frame's conntrack entry before the conntrack stage runs.
+#[derive(Clone, Copy, Debug)]
+enum CtHint {
+    /// Not looked up: look it up.
+    Unknown,
+    /// A batch lookup found this entry; it stands if the entry still holds the frame's key (an
+    /// earlier frame of the batch may have removed it).
+    Found(CtHandle, FlowDir),
+    /// A batch lookup found nothing at conntrack epoch `epoch`; it stands if no earlier frame of
+    /// the batch inserted or removed an entry since.
+    Missing { epoch: u64 },
 }
 
-/// Decap, parse, source check and partial checksum completion: everything before conntrack. On
-/// failure, the verdict and the tuple if the frame parsed.
-fn prepare(
-    t: &Tables,
-    ingress: PortId,
-    frame: &mut Frame<'_>,
-) -> Result<Prepared, (Verdict, Option<FlowKey>)> {
-    let uplink = ingress == t.node.uplink;
-    let mut tunneled = false;
-    if uplink && vxlan::is_vxlan_to(frame.head(), t.node.underlay_ip.octets(), t.node.vxlan_port) {
-        if let Err(e) = vxlan::decap(frame, t.node.vni) {
-            return Err((
-                Verdict::Drop(match e {
-                    VxlanError::BadChecksum => DropReason::VxlanBadChecksum,
-                    VxlanError::WrongVni => DropReason::VxlanWrongVni,
-                    VxlanError::Malformed | VxlanError::NoHeadroom => DropReason::VxlanMalformed,
-                }),
-                None,
-            ));
-        }
-        tunneled = true;
-    }
-    let p = match parse::parse(t, frame) {
-        ParseOutcome::Ipv4(p) => p,
-        ParseOutcome::Done(v) => return Err((v, None)),
-    };
-    if !uplink && t.local_pod(p.src).is_none_or(|pod| pod.port != ingress) {
-        return Err((Verdict::Drop(DropReason::SpoofedSource), Some(p.key())));
-    }
-    let icmp_error = matches!(p.icmp, IcmpKind::Error { .. });
-    if !icmp_error {
-        nat::complete_partial_checksum(frame, &p);
-    }
-    Ok(Prepared {
-        parsed: p,
-        external: uplink && !tunneled,
-        tracked_key: !icmp_error,
-    })
-}
-
-/// Conntrack onwards. `hint` is a batch lookup's answer for the frame's key with the conntrack
-/// epoch it was made at, `None` when not looked up.
-fn finish(
-    t: &Tables,
-    s: &mut WorkerState,
+/// What every stage of one frame's way reads: the tables, the worker's state, the time and the
+/// port the frame arrived on.
+struct Ctx<'a> {
+    t: &'a Tables,
+    s: &'a mut WorkerState,
     now: u64,
     ingress: PortId,
-    frame: &mut Frame<'_>,
-    prep: Prepared,
-    hint: Option<(Option<(CtHandle, FlowDir)>, u64)>,
-) -> Verdict {
-    let v = finish_inner(t, s, now, ingress, frame, prep, hint);
-    // Policy denials were emitted by `new_flow` with their verdict.
-    if let Verdict::Drop(r) = v
-        && !matches!(
-            r,
-            DropReason::PolicyDeniedEgress | DropReason::PolicyDeniedIngress
-        )
-    {
-        s.emit(|| FlowEvent {
-            tuple: Some(prep.parsed.key()),
+}
+
+impl Ctx<'_> {
+    /// A drop event for a frame that did not reach conntrack (`key` when it parsed).
+    fn drop_early(&mut self, r: DropReason, key: Option<FlowKey>) -> Verdict {
+        let (now, ingress) = (self.now, self.ingress);
+        self.s.emit(|| FlowEvent {
+            tuple: key,
             drop: Some(r),
             ..FlowEvent::new(EventKind::Drop, now, ingress)
         });
+        Verdict::Drop(r)
     }
-    v
-}
 
-fn finish_inner(
-    t: &Tables,
-    s: &mut WorkerState,
-    now: u64,
-    ingress: PortId,
-    frame: &mut Frame<'_>,
-    prep: Prepared,
-    hint: Option<(Option<(CtHandle, FlowDir)>, u64)>,
-) -> Verdict {
-    let mut p = prep.parsed;
-    if !prep.tracked_key {
-        return icmp_error(t, s, now, frame, &mut p);
-    }
-    let orig = p.key();
-    let key = orig;
-    // A batch answer stands if its entry still holds this key, or for a miss if no earlier frame
-    // of the batch inserted or removed an entry since; else look again.
-    let hit = match hint {
-        Some((Some((h, dir)), _)) if s.conntrack.get(h).is_some_and(|e| *e.key(dir) == key) => {
-            Some((h, dir))
+    /// Decap and parse: the frame's inner packet (`Ok`), or the final verdict.
+    fn decap_and_parse(&mut self, frame: &mut Frame<'_>) -> Result<(Parsed, bool), Verdict> {
+        let t = self.t;
+        let mut tunneled = false;
+        if self.ingress == t.node.uplink
+            && vxlan::is_vxlan_to(frame.head(), t.node.underlay_ip.octets(), t.node.vxlan_port)
+        {
+            if let Err(e) = vxlan::decap(frame, t.node.vni) {
+                let r = match e {
+                    VxlanError::BadChecksum => DropReason::VxlanBadChecksum,
+                    VxlanError::WrongVni => DropReason::VxlanWrongVni,
+                    VxlanError::Malformed | VxlanError::NoHeadroom => DropReason::VxlanMalformed,
+                };
+                return Err(self.drop_early(r, None));
+            }
+            tunneled = true;
         }
-        Some((None, epoch)) if epoch == s.ct_epoch => None,
-        _ => s.conntrack.lookup(&key, now),
-    };
-    let tcp_flags = (p.proto == proto::TCP).then_some(p.tcp_flags);
-    if let Some((h, _)) = hit
-        && s.conntrack
+        match parse::parse(t, frame) {
+            ParseOutcome::Ipv4(p) => Ok((p, tunneled)),
+            ParseOutcome::Done(Verdict::Drop(r)) => Err(self.drop_early(r, None)),
+            ParseOutcome::Done(v) => Err(v),
+        }
+    }
+
+    /// The source check and partial checksum completion, after parse.
+    fn admit(
+        &mut self,
+        frame: &mut Frame<'_>,
+        p: Parsed,
+        tunneled: bool,
+    ) -> Result<Prepared, Verdict> {
+        let uplink = self.ingress == self.t.node.uplink;
+        if !uplink
+            && self
+                .t
+                .local_pod(p.src)
+                .is_none_or(|pod| pod.port != self.ingress)
+        {
+            return Err(self.drop_early(DropReason::SpoofedSource, Some(p.key())));
+        }
+        let icmp_error = matches!(p.icmp, IcmpKind::Error { .. });
+        if !icmp_error {
+            checksum::complete_partial(frame, &p);
+        }
+        Ok(Prepared {
+            parsed: p,
+            external: uplink && !tunneled,
+            tracked_key: !icmp_error,
+        })
+    }
+
+    /// Decap, parse, source check and partial checksum completion: everything before conntrack.
+    fn prepare(&mut self, frame: &mut Frame<'_>) -> Result<Prepared, Verdict> {
+        let (p, tunneled) = self.decap_and_parse(frame)?;
+        self.admit(frame, p, tunneled)
+    }
+
+    /// [`Self::prepare`], stopping with [`Verdict::Steer`] after parse for a frame whose
+    /// connection another worker owns (before anything but its window changed).
+    fn prepare_steered(&mut self, frame: &mut Frame<'_>) -> Result<Prepared, Verdict> {
+        let (p, tunneled) = self.decap_and_parse(frame)?;
+        let me = self.s.steer;
+        if me.workers > 1 {
+            let key = match p.icmp {
+                // The datagram an error is about went the other way.
+                IcmpKind::Error { .. } => nat::embedded_tuple(frame, &p).map(|e| e.reversed()),
+                _ => Some(p.key()),
+            };
+            if let Some(key) = key {
+                let owner = steer::owner_of(self.t, &key, usize::from(me.workers));
+                if owner != usize::from(me.worker) {
+                    return Err(Verdict::Steer(owner as u16));
+                }
+            }
+        }
+        self.admit(frame, p, tunneled)
+    }
+
+    /// Conntrack onwards; emits the drop event of any drop but a policy denial (`new_flow` emits
+    /// that with its verdict).
+    fn finish(&mut self, frame: &mut Frame<'_>, prep: Prepared, hint: CtHint) -> Verdict {
+        let v = self.track(frame, prep, hint);
+        if let Verdict::Drop(r) = v
+            && !matches!(
+                r,
+                DropReason::PolicyDeniedEgress | DropReason::PolicyDeniedIngress
+            )
+        {
+            let (now, ingress) = (self.now, self.ingress);
+            self.s.emit(|| FlowEvent {
+                tuple: Some(prep.parsed.key()),
+                drop: Some(r),
+                ..FlowEvent::new(EventKind::Drop, now, ingress)
+            });
+        }
+        v
+    }
+
+    /// The conntrack stage: a packet of a known flow is accounted and translated as its entry
+    /// says; anything else goes to [`Self::new_flow`].
+    fn track(&mut self, frame: &mut Frame<'_>, prep: Prepared, hint: CtHint) -> Verdict {
+        let mut p = prep.parsed;
+        if !prep.tracked_key {
+            return self.icmp_error(frame, &mut p);
+        }
+        let key = p.key();
+        let s = &mut *self.s;
+        let hit = match hint {
+            CtHint::Found(h, dir) if s.conntrack.get(h).is_some_and(|e| *e.key(dir) == key) => {
+                Some((h, dir))
+            }
+            CtHint::Missing { epoch } if epoch == s.ct_epoch => None,
+            _ => s.conntrack.lookup(&key, self.now),
+        };
+        let tcp_flags = (p.proto == proto::TCP).then_some(p.tcp_flags);
+        let Some((h, dir)) = hit else {
+            return self.new_flow(frame, p, prep.external, tcp_flags);
+        };
+        if s.conntrack
             .get(h)
             .is_some_and(|e| e.is_reopened_by(tcp_flags))
-    {
-        // A SYN over a closed connection (TIME_WAIT or CLOSE, either way) opens a new one: the
-        // old entry goes (its end was emitted when it closed; a NodePort SNAT port is freed) and
-        // the packet takes the new-flow path, so service, NAT and policy are decided anew.
-        s.conntrack.remove(h);
-        s.ct_epoch += 1;
-        return new_flow(t, s, now, ingress, frame, p, prep.external, tcp_flags);
-    }
-    if let Some((h, dir)) = hit {
+        {
+            // A SYN over a closed connection (TIME_WAIT or CLOSE, either way) opens a new one: the
+            // old entry goes (its end was emitted when it closed; a NodePort SNAT port is freed)
+            // and the packet takes the new-flow path, so service, NAT and policy are decided anew.
+            s.conntrack.remove(h);
+            s.ct_epoch += 1;
+            return self.new_flow(frame, p, prep.external, tcp_flags);
+        }
         let before = match (&s.events, tcp_flags) {
             (Some(_), Some(_)) => s.conntrack.get(h).map(|e| e.state()),
             _ => None,
         };
         match s
             .conntrack
-            .on_packet(h, dir, tcp_flags, u32::from(p.ip_len), now)
+            .on_packet(h, dir, tcp_flags, u32::from(p.ip_len), self.now)
         {
             None | Some(CtState::Invalid) => return Verdict::Drop(DropReason::ConntrackInvalid),
             Some(after) => {
@@ -393,34 +442,190 @@ fn finish_inner(
                     && before != after
                     && matches!(after, CtState::TcpClose | CtState::TcpTimeWait)
                 {
-                    emit_end(s, now, ingress, h);
+                    self.emit_end(h);
                 }
             }
         }
-        let Some(e) = s.conntrack.get(h) else {
+        let Some(e) = self.s.conntrack.get(h) else {
             return Verdict::Drop(DropReason::ConntrackInvalid);
         };
         let to = e.key(dir.flip()).reversed();
         let peer_mac = e.value().peer_mac;
-        if to != orig {
+        if to != key {
             nat::rewrite(frame, &mut p, &to);
         }
-        let r = route::lookup(t, p.dst);
+        let r = route::lookup(self.t, p.dst);
         if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
-            return route::forward_external(t, frame, &p, mac);
+            return route::forward_external(self.t, frame, &p, mac);
         }
-        return route::forward(t, frame, &p, r, s.next_ip_id());
+        route::forward(self.t, frame, &p, r, self.s.next_ip_id())
     }
-    new_flow(t, s, now, ingress, frame, p, prep.external, tcp_flags)
-}
 
-/// A TCP flow closed: its end event with counts.
-fn emit_end(s: &mut WorkerState, now: u64, ingress: PortId, h: CtHandle) {
-    let Some(e) = s.conntrack.get(h) else {
-        return;
-    };
-    let ev = end_event(e, now, ingress);
-    s.emit(|| ev);
+    /// A TCP flow closed: its end event with counts.
+    fn emit_end(&mut self, h: CtHandle) {
+        let Some(e) = self.s.conntrack.get(h) else {
+            return;
+        };
+        let ev = end_event(e, self.now, self.ingress);
+        self.s.emit(|| ev);
+    }
+
+    /// The first packet of a flow: service selection, NAT, route, policy, conntrack insert.
+    fn new_flow(
+        &mut self,
+        frame: &mut Frame<'_>,
+        mut p: Parsed,
+        external: bool,
+        tcp_flags: Option<u8>,
+    ) -> Verdict {
+        let (t, now, ingress) = (self.t, self.now, self.ingress);
+        let s = &mut *self.s;
+        let orig = p.key();
+        let mut xlat = orig;
+        let mut value = FlowNat::default();
+        let mut snat = false;
+        match service::select(t, &mut s.affinity, now, &p, external) {
+            ServiceOutcome::NotService if external => return Verdict::PassToKernel,
+            ServiceOutcome::NotService => {}
+            ServiceOutcome::NoBackend => return Verdict::Drop(DropReason::NoBackend),
+            ServiceOutcome::Backend {
+                svc,
+                ip,
+                port,
+                node_port,
+            } => {
+                xlat.dst = ip;
+                xlat.dst_port = port;
+                value.service = Some(svc);
+                if node_port {
+                    snat = true;
+                    xlat.src = t.node.vtep_ip.octets();
+                    // From this worker's share of the port space, so replies are steered back.
+                    xlat.src_port = s.steer.snat_port(xlat.src_port);
+                    value.peer_mac = Some(p.src_mac);
+                }
+            }
+        }
+        if p.proto == proto::ICMP {
+            // An echo's identifier stands in both ports.
+            xlat.dst_port = xlat.src_port;
+        }
+        let r = route::lookup(t, xlat.dst);
+        if let Route::NoRoute = r {
+            return Verdict::Drop(DropReason::NoRoute);
+        }
+        let q = PolicyQuery {
+            src: orig.src.into(),
+            dst: xlat.dst.into(),
+            proto: p.proto,
+            dst_port: if p.proto == proto::ICMP {
+                0
+            } else {
+                xlat.dst_port
+            },
+        };
+        let decision = t.policy.decide(&q);
+        if let PolicyVerdict::Deny { direction } = decision {
+            let r = match direction {
+                Direction::Egress => DropReason::PolicyDeniedEgress,
+                Direction::Ingress => DropReason::PolicyDeniedIngress,
+            };
+            s.emit(|| FlowEvent {
+                tuple: Some(orig),
+                translated: Some(xlat),
+                service: value.service,
+                policy: Some(decision),
+                drop: Some(r),
+                ..FlowEvent::new(EventKind::PolicyVerdict, now, ingress)
+            });
+            return Verdict::Drop(r);
+        }
+        if let Route::Kernel = r {
+            // Host-bound or leaving the cluster, and allowed: the kernel routes (and masquerades)
+            // it; untracked. Such frames reach a worker only from pods whose egress policy the XDP
+            // program sends everything of (the rest it passes itself).
+            return Verdict::PassToKernel;
+        }
+        s.ct_epoch += 1;
+        let mut inserted = s.conntrack.insert(orig, xlat.reversed(), value, now);
+        if snat {
+            // Another client may hold this source port towards the same backend: try others.
+            let h = orig.hash64();
+            let mut i = 0u64;
+            while inserted == Err(CtError::Exists) && i < 16 {
+                i += 1;
+                let port = s.steer.snat_port(
+                    1024 + ((h.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % 64511) as u16,
+                );
+                xlat.src_port = port;
+                if p.proto == proto::ICMP {
+                    xlat.dst_port = port;
+                }
+                inserted = s.conntrack.insert(orig, xlat.reversed(), value, now);
+            }
+        }
+        let h = match inserted {
+            Ok(h) => h,
+            Err(CtError::Full) => return Verdict::Drop(DropReason::ConntrackFull),
+            Err(CtError::Exists) if snat => return Verdict::Drop(DropReason::NatPortExhausted),
+            Err(CtError::Exists) => return Verdict::Drop(DropReason::ConntrackInvalid),
+        };
+        match s
+            .conntrack
+            .on_packet(h, FlowDir::Original, tcp_flags, u32::from(p.ip_len), now)
+        {
+            None | Some(CtState::Invalid) => {
+                s.conntrack.remove(h);
+                return Verdict::Drop(DropReason::ConntrackInvalid);
+            }
+            Some(_) => {}
+        }
+        if xlat != orig {
+            nat::rewrite(frame, &mut p, &xlat);
+        }
+        let v = route::forward(t, frame, &p, r, s.next_ip_id());
+        if let Verdict::Forward(port) = v {
+            s.emit(|| FlowEvent {
+                tuple: Some(orig),
+                translated: Some(xlat),
+                service: value.service,
+                egress: Some(port),
+                policy: Some(decision),
+                ..FlowEvent::new(EventKind::NewConnection, now, ingress)
+            });
+        }
+        v
+    }
+
+    /// An ICMP error: find the flow of the datagram it carries (that datagram went the other way,
+    /// so its reversed tuple is a key of the flow), translate the embedded datagram back to what
+    /// its sender saw and the outer addresses with it, then route.
+    fn icmp_error(&mut self, frame: &mut Frame<'_>, p: &mut Parsed) -> Verdict {
+        let Some(emb) = nat::embedded_tuple(frame, p) else {
+            return Verdict::Drop(DropReason::BadL4Header);
+        };
+        let s = &mut *self.s;
+        let Some((h, dir)) = s.conntrack.lookup(&emb.reversed(), self.now) else {
+            return Verdict::Drop(DropReason::IcmpErrorUnrelated);
+        };
+        let Some(e) = s.conntrack.get(h) else {
+            return Verdict::Drop(DropReason::IcmpErrorUnrelated);
+        };
+        // The embedded datagram went in direction `dir.flip()`, after translation; its sender saw
+        // it as that direction's key.
+        let emb_to = *e.key(dir.flip());
+        let peer_mac = e.value().peer_mac;
+        if emb_to != emb {
+            let outer_src = if p.src == emb.dst { emb_to.dst } else { p.src };
+            let outer_dst = if p.dst == emb.src { emb_to.src } else { p.dst };
+            nat::rewrite_icmp_error(frame, p, &emb, &emb_to, outer_src, outer_dst);
+        }
+        let r = route::lookup(self.t, p.dst);
+        if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
+            return route::forward_external(self.t, frame, p, mac);
+        }
+        route::forward(self.t, frame, p, r, self.s.next_ip_id())
+    }
 }
 
 /// The end event of the flow of conntrack entry `e`, with its counts both ways.
@@ -435,172 +640,6 @@ fn end_event(e: &CtEntry<FlowNat>, now: u64, ingress: PortId) -> FlowEvent {
         },
         ..FlowEvent::new(EventKind::ConnectionEnd, now, ingress)
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn new_flow(
-    t: &Tables,
-    s: &mut WorkerState,
-    now: u64,
-    ingress: PortId,
-    frame: &mut Frame<'_>,
-    mut p: Parsed,
-    external: bool,
-    tcp_flags: Option<u8>,
-) -> Verdict {
-    let orig = p.key();
-    let mut xlat = orig;
-    let mut value = FlowNat::default();
-    let mut snat = false;
-    match service::select(t, &mut s.affinity, now, &p, external) {
-        ServiceOutcome::NotService if external => return Verdict::PassToKernel,
-        ServiceOutcome::NotService => {}
-        ServiceOutcome::NoBackend => return Verdict::Drop(DropReason::NoBackend),
-        ServiceOutcome::Backend {
-            svc,
-            ip,
-            port,
-            node_port,
-        } => {
-            xlat.dst = ip;
-            xlat.dst_port = port;
-            value.service = Some(svc);
-            if node_port {
-                snat = true;
-                xlat.src = t.node.vtep_ip.octets();
-                // From this worker's share of the port space, so replies are steered back here.
-                xlat.src_port = s.steer.snat_port(xlat.src_port);
-                value.peer_mac = ethernet::Packet::new_checked(frame.head())
-                    .ok()
-                    .map(|e| e.src());
-            }
-        }
-    }
-    if p.proto == proto::ICMP {
-        // An echo's identifier stands in both ports.
-        xlat.dst_port = xlat.src_port;
-    }
-    let r = route::lookup(t, xlat.dst);
-    if let Route::NoRoute = r {
-        return Verdict::Drop(DropReason::NoRoute);
-    }
-    let q = PolicyQuery {
-        src: orig.src.into(),
-        dst: xlat.dst.into(),
-        proto: p.proto,
-        dst_port: if p.proto == proto::ICMP {
-            0
-        } else {
-            xlat.dst_port
-        },
-    };
-    let decision = t.policy.decide(&q);
-    if let PolicyVerdict::Deny { direction } = decision {
-        let r = match direction {
-            Direction::Egress => DropReason::PolicyDeniedEgress,
-            Direction::Ingress => DropReason::PolicyDeniedIngress,
-        };
-        s.emit(|| FlowEvent {
-            tuple: Some(orig),
-            translated: Some(xlat),
-            service: value.service,
-            policy: Some(decision),
-            drop: Some(r),
-            ..FlowEvent::new(EventKind::PolicyVerdict, now, ingress)
-        });
-        return Verdict::Drop(r);
-    }
-    if let Route::Kernel = r {
-        // Host-bound or leaving the cluster, and allowed: the kernel routes (and masquerades) it;
-        // untracked. Such frames reach a worker only from pods whose egress policy the XDP
-        // program sends everything of (the rest it passes itself).
-        return Verdict::PassToKernel;
-    }
-    let okey = orig;
-    s.ct_epoch += 1;
-    let mut inserted = s.conntrack.insert(okey, xlat.reversed(), value, now);
-    if snat {
-        // Another client may hold this source port towards the same backend: try others.
-        let h = okey.hash64();
-        let mut i = 0u64;
-        while inserted == Err(CtError::Exists) && i < 16 {
-            i += 1;
-            let port = s
-                .steer
-                .snat_port(1024 + ((h.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % 64511) as u16);
-            xlat.src_port = port;
-            if p.proto == proto::ICMP {
-                xlat.dst_port = port;
-            }
-            inserted = s.conntrack.insert(okey, xlat.reversed(), value, now);
-        }
-    }
-    let h = match inserted {
-        Ok(h) => h,
-        Err(CtError::Full) => return Verdict::Drop(DropReason::ConntrackFull),
-        Err(CtError::Exists) if snat => return Verdict::Drop(DropReason::NatPortExhausted),
-        Err(CtError::Exists) => return Verdict::Drop(DropReason::ConntrackInvalid),
-    };
-    match s
-        .conntrack
-        .on_packet(h, FlowDir::Original, tcp_flags, u32::from(p.ip_len), now)
-    {
-        None | Some(CtState::Invalid) => {
-            s.conntrack.remove(h);
-            return Verdict::Drop(DropReason::ConntrackInvalid);
-        }
-        Some(_) => {}
-    }
-    if xlat != orig {
-        nat::rewrite(frame, &mut p, &xlat);
-    }
-    let v = route::forward(t, frame, &p, r, s.next_ip_id());
-    if let Verdict::Forward(port) = v {
-        s.emit(|| FlowEvent {
-            tuple: Some(orig),
-            translated: Some(xlat),
-            service: value.service,
-            egress: Some(port),
-            policy: Some(decision),
-            ..FlowEvent::new(EventKind::NewConnection, now, ingress)
-        });
-    }
-    v
-}
-
-/// An ICMP error: find the flow of the datagram it carries (that datagram went the other way, so
-/// its reversed tuple is a key of the flow), translate the embedded datagram back to what its
-/// sender saw and the outer addresses with it, then route.
-fn icmp_error(
-    t: &Tables,
-    s: &mut WorkerState,
-    now: u64,
-    frame: &mut Frame<'_>,
-    p: &mut Parsed,
-) -> Verdict {
-    let Some(emb) = nat::embedded_tuple(frame, p) else {
-        return Verdict::Drop(DropReason::BadL4Header);
-    };
-    let Some((h, dir)) = s.conntrack.lookup(&emb.reversed(), now) else {
-        return Verdict::Drop(DropReason::IcmpErrorUnrelated);
-    };
-    let Some(e) = s.conntrack.get(h) else {
-        return Verdict::Drop(DropReason::IcmpErrorUnrelated);
-    };
-    // The embedded datagram went in direction `dir.flip()`, after translation; its sender saw it
-    // as that direction's key.
-    let emb_to = *e.key(dir.flip());
-    let peer_mac = e.value().peer_mac;
-    if emb_to != emb {
-        let outer_src = if p.src == emb.dst { emb_to.dst } else { p.src };
-        let outer_dst = if p.dst == emb.src { emb_to.src } else { p.dst };
-        nat::rewrite_icmp_error(frame, p, &emb, &emb_to, outer_src, outer_dst);
-    }
-    let r = route::lookup(t, p.dst);
-    if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
-        return route::forward_external(t, frame, p, mac);
-    }
-    route::forward(t, frame, p, r, s.next_ip_id())
 }
 
 #[cfg(test)]

@@ -11,8 +11,6 @@
 //! needed": pods carry per-route MTUs (DESIGN, MTU strategy), so such packets only come from
 //! misconfiguration, and a drop counter shows it.
 
-#![forbid(unsafe_code)]
-
 use crate::frame::Frame;
 use crate::parse::{L3_OFFSET, Parsed};
 use crate::tables::{LocalPod, RemoteNode, Tables};

@@ -189,6 +189,7 @@ mod tests {
             icmp: IcmpKind::None,
             ttl: 64,
             dont_frag: true,
+            src_mac: crate::wire::ethernet::Mac::default(),
         }
     }
 

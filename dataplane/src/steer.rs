@@ -1,9 +1,11 @@
 //! Steering: which worker of a node processes a frame, so that both directions of a connection
 //! meet the same worker (conntrack, affinity and SNAT ports are per worker).
 //!
-//! [`owner`] is a pure function of the frame's headers (the first buffer only), the ingress port,
-//! the read-only tables and the number of workers. A worker computes it on receive; a frame it
-//! does not own goes, raw and with its ingress port, to the owner (the agent's `handoff`).
+//! [`owner_of`] is a pure function of the packet's tuple as parsed, the read-only tables and the
+//! number of workers. The pipeline computes it on receive (`process_batch`, right after parse): a
+//! frame another worker owns gets `Verdict::Steer` and goes, raw and with its ingress port, to the
+//! owner (the agent's `handoff`), which processes it without steering again. [`owner`] reads the
+//! headers itself (tests and tools).
 //!
 //! The rule, on the connection's tuple (the inner packet for VXLAN to this node on the uplink; the
 //! embedded datagram, reversed, for an ICMP error):
@@ -194,16 +196,28 @@ fn flow_hash(tables: &Tables, t: &FlowKey) -> u64 {
 /// The worker (of `workers`) that processes this frame: see the module doc. `head` is the frame's
 /// first buffer (all headers are there), `ingress` the port it arrived on. `None`: any worker (not
 /// a connection the pipeline tracks). With one worker, always `Some(0)` without reading the frame.
+/// The pipeline steers from the headers it parsed ([`owner_of`]); this reads them itself, for
+/// tests and tools.
 pub fn owner(tables: &Tables, head: &[u8], ingress: PortId, workers: usize) -> Option<usize> {
     if workers <= 1 {
         return Some(0);
     }
     let t = tuple_of(tables, head, ingress)?;
-    if t.dst == tables.node.vtep_ip.octets() {
-        return Some(port_owner(t.dst_port, workers));
+    Some(owner_of(tables, &t, workers))
+}
+
+/// The worker (of `workers`, at least 1) that owns the connection of `key`, the tuple of a packet
+/// as it arrived (the inner packet for VXLAN to this node; for an ICMP error, the reversed tuple
+/// of the datagram it carries). See the module doc.
+pub fn owner_of(tables: &Tables, key: &FlowKey, workers: usize) -> usize {
+    if workers <= 1 {
+        return 0;
     }
-    let h = flow_hash(tables, &t);
-    Some(((u128::from(h) * workers as u128) >> 64) as usize)
+    if key.dst == tables.node.vtep_ip.octets() {
+        return port_owner(key.dst_port, workers);
+    }
+    let h = flow_hash(tables, key);
+    ((u128::from(h) * workers as u128) >> 64) as usize
 }
 
 #[cfg(test)]

@@ -18,6 +18,10 @@ pub enum Verdict {
     /// completed and that VXLAN from another node has been decapsulated: the frame window is then
     /// the inner frame.
     PassToKernel,
+    /// Another worker of the node owns this frame's connection (`steer`): hand the frame to worker
+    /// `.0` as it arrived, with its ingress port. The pipeline changed none of its bytes (only its
+    /// window may have moved) and counted it in [`Counters::steered`] only.
+    Steer(u16),
 }
 
 macro_rules! drop_reasons {
@@ -93,8 +97,10 @@ drop_reasons! {
 /// Per-worker counters. Plain integers: each worker owns its own, the agent sums them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Counters {
-    /// Frames processed.
+    /// Frames processed (not counting those steered to another worker).
     pub rx: u64,
+    /// Frames left to the worker that owns their connection ([`Verdict::Steer`]).
+    pub steered: u64,
     /// Frames forwarded.
     pub tx: u64,
     /// Frames passed to the kernel.
@@ -111,6 +117,7 @@ impl Default for Counters {
     fn default() -> Self {
         Self {
             rx: 0,
+            steered: 0,
             tx: 0,
             passed: 0,
             drops: [0; DropReason::COUNT],
@@ -124,17 +131,25 @@ impl Counters {
     /// Count one verdict.
     #[inline]
     pub fn count(&mut self, v: Verdict) {
+        if let Verdict::Steer(_) = v {
+            self.steered += 1;
+            return;
+        }
         self.rx += 1;
         match v {
             Verdict::Forward(_) => self.tx += 1,
             Verdict::PassToKernel => self.passed += 1,
             Verdict::Drop(r) => self.drops[r as usize] += 1,
+            Verdict::Steer(_) => {}
         }
     }
     /// Count one verdict and the frame's bytes in (`rx`) and, when forwarded, out (`tx`).
     #[inline]
     pub fn count_frame(&mut self, v: Verdict, rx: usize, tx: usize) {
         self.count(v);
+        if let Verdict::Steer(_) = v {
+            return;
+        }
         self.rx_bytes += rx as u64;
         if let Verdict::Forward(_) = v {
             self.tx_bytes += tx as u64;

@@ -60,6 +60,7 @@ fn main() -> ExitCode {
                 }
                 Verdict::Drop(r) => format!("DROP {}", r.as_str()),
                 Verdict::PassToKernel => "PASS to kernel".to_string(),
+                Verdict::Steer(w) => format!("STEER to worker {w}"),
             };
             println!("{n:4} in port {:<2} {before:<58} -> {verdict}", port.0);
         }

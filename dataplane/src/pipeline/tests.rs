@@ -110,6 +110,7 @@ fn sport_for(t: &Tables, ip: [u8; 4]) -> u16 {
                 icmp: IcmpKind::None,
                 ttl: 64,
                 dont_frag: true,
+                src_mac: pod_mac(2),
             };
             matches!(service::select(t, &mut AffinityTable::new(1), 0, &p, false),
                 ServiceOutcome::Backend { ip: b, .. } if b == ip)
@@ -772,6 +773,58 @@ proptest! {
             i = j;
         }
         prop_assert_eq!(one.counters, many.counters);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// With two workers, `process_batch` leaves every frame another worker owns (by
+    /// `steer::owner` of the frame as it arrived) untouched with `Verdict::Steer(owner)`, counted
+    /// only as steered, and processes the others exactly as `process` does one by one.
+    #[test]
+    fn batch_steers_what_another_worker_owns(
+        picks in proptest::collection::vec(0usize..64, 1..100),
+        worker in 0u16..2,
+    ) {
+        let t = shared_tables();
+        let pool = flow_pool();
+        let seq: Vec<(Vec<u8>, PortId)> = picks
+            .iter()
+            .map(|&i| {
+                let f = pool[i % pool.len()].clone();
+                let port = if f.len() > 50 && f[30..34] == [192, 168, 50, 1] { UPLINK } else { POD_A };
+                (f, port)
+            })
+            .collect();
+        let me = Steer { worker, workers: 2 };
+        let mut one = state();
+        one.steer = me;
+        let mut many = state();
+        many.steer = me;
+        let mut steered = 0;
+        for (f, port) in &seq {
+            let mut b = vec![0u8; HEADROOM + f.len()];
+            b[HEADROOM..].copy_from_slice(f);
+            let mut frames = [Frame::new(&mut b, HEADROOM, f.len())];
+            let mut v = [Verdict::PassToKernel];
+            process_batch(t, &mut many, 5, *port, &mut frames, &mut v);
+            match crate::steer::owner(t, f, *port, 2) {
+                Some(o) if o != usize::from(worker) => {
+                    prop_assert_eq!(v[0], Verdict::Steer(o as u16));
+                    prop_assert_eq!(&b[HEADROOM..], &f[..], "a steered frame is left as it came");
+                    steered += 1;
+                }
+                _ => {
+                    let (want, bytes) = run(t, &mut one, 5, *port, f);
+                    prop_assert_eq!(v[0], want);
+                    prop_assert_eq!(frames[0].head(), &bytes[..]);
+                }
+            }
+        }
+        prop_assert_eq!(many.counters.steered, steered);
+        prop_assert_eq!(many.counters.rx, one.counters.rx);
+        prop_assert_eq!(many.counters.tx, one.counters.tx);
     }
 }
 

@@ -38,3 +38,15 @@ pub(crate) fn put16(b: &mut [u8], at: usize, v: u16) {
 pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
+
+/// A big-endian `u16` at `at`, or `None` past the end (for callers without a checked view).
+pub fn get16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+/// Write a big-endian `u16` at `at`; nothing past the end.
+pub fn set16(b: &mut [u8], at: usize, v: u16) {
+    if let Some(s) = b.get_mut(at..at + 2) {
+        s.copy_from_slice(&v.to_be_bytes());
+    }
+}

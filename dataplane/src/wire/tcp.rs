@@ -29,6 +29,14 @@ pub mod flags {
     pub const CWR: u8 = 0x80;
 }
 
+/// The header length a TCP header declares (data offset x 4), read from its first
+/// [`MIN_HEADER_LEN`] bytes; `None` if fewer are given. Not validated: [`Packet::new_checked`]
+/// checks it.
+pub fn declared_header_len(b: &[u8]) -> Option<usize> {
+    b.get(..MIN_HEADER_LEN)
+        .map(|h| usize::from(h[field::DATA_OFF] >> 4) * 4)
+}
+
 /// A view over a TCP segment.
 #[derive(Debug)]
 pub struct Packet<T: AsRef<[u8]>> {
