@@ -23,18 +23,23 @@ use super::config::NodeConfig;
 pub type SharedLoader = Arc<Mutex<Option<XdpLoader>>>;
 
 /// Loading or attaching the XDP program failed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("no interface named {0} in this network namespace")]
     NoSuchInterface(String),
     #[error("the XDP datapath is not available in this build: {0}")]
     Unavailable(&'static str),
-    #[error("cannot {what} on {ifname}: {message}")]
-    Attach {
+    #[error("cannot {what} on {ifname}: {source}")]
+    Loader {
         what: &'static str,
         ifname: String,
-        message: String,
+        #[source]
+        source: sluice_xdp::LoaderError,
     },
+    #[error("cannot {what} on {ifname}: the XDP program is not loaded")]
+    NotLoaded { what: &'static str, ifname: String },
+    #[error("cannot {what} on {ifname}: a thread panicked holding the XDP loader")]
+    Poisoned { what: &'static str, ifname: String },
 }
 
 /// What the agent needs from the XDP program's loader.
@@ -203,22 +208,30 @@ impl XdpDatapath {
         what: &'static str,
         ifname: &str,
     ) -> Result<T, DatapathError> {
-        let mut guard = self.loader.lock().map_err(|_| DatapathError::Attach {
-            what,
-            ifname: ifname.to_owned(),
-            message: "loader lock poisoned".into(),
-        })?;
-        let loader = guard.as_mut().ok_or(DatapathError::Attach {
-            what,
-            ifname: ifname.to_owned(),
-            message: "the XDP program is not loaded".into(),
-        })?;
-        f(loader).map_err(|e| DatapathError::Attach {
-            what,
-            ifname: ifname.to_owned(),
-            message: e.to_string(),
-        })
+        with_loader(&self.loader, what, ifname, f)
     }
+}
+
+/// Run `f` on the shared loader (`what` on `ifname` names the operation in the error).
+pub fn with_loader<T>(
+    loader: &SharedLoader,
+    what: &'static str,
+    ifname: &str,
+    f: impl FnOnce(&mut XdpLoader) -> Result<T, sluice_xdp::LoaderError>,
+) -> Result<T, DatapathError> {
+    let mut guard = loader.lock().map_err(|_| DatapathError::Poisoned {
+        what,
+        ifname: ifname.to_owned(),
+    })?;
+    let loader = guard.as_mut().ok_or_else(|| DatapathError::NotLoaded {
+        what,
+        ifname: ifname.to_owned(),
+    })?;
+    f(loader).map_err(|source| DatapathError::Loader {
+        what,
+        ifname: ifname.to_owned(),
+        source,
+    })
 }
 
 fn cidr(n: ipnet::Ipv4Net) -> Ipv4Cidr {
@@ -230,10 +243,10 @@ fn cidr(n: ipnet::Ipv4Net) -> Ipv4Cidr {
 
 impl Datapath for XdpDatapath {
     fn load(&self, config: &NodeConfig) -> Result<(), DatapathError> {
-        let err = |e: sluice_xdp::LoaderError| DatapathError::Attach {
+        let err = |source: sluice_xdp::LoaderError| DatapathError::Loader {
             what: "load the XDP program",
-            ifname: String::new(),
-            message: e.to_string(),
+            ifname: config.underlay.interface.clone(),
+            source,
         };
         let bpffs = config.paths.bpffs.clone();
         let opts = LoaderOptions {

@@ -50,13 +50,23 @@ pub enum PortKind {
 }
 
 /// A worker could not do what it was asked.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("cannot open an AF_XDP socket on {ifname} queue {queue}: {message}")]
+    #[error("cannot set up the worker's UMEM: {0}")]
+    Umem(#[source] sluice_xdp::XskError),
+    #[error("cannot open an AF_XDP socket on {ifname} queue {queue}: {source}")]
     Open {
         ifname: String,
         queue: u32,
-        message: String,
+        #[source]
+        source: sluice_xdp::XskError,
+    },
+    #[error("cannot register the AF_XDP socket of {ifname} queue {queue}: {source}")]
+    Register {
+        ifname: String,
+        queue: u32,
+        #[source]
+        source: super::datapath::DatapathError,
     },
     #[error("worker {0} has stopped")]
     Stopped(usize),
@@ -333,5 +343,26 @@ mod tests {
             .await,
             Err(WorkerError::Stopped(0))
         ));
+    }
+
+    #[test]
+    fn errors_say_where_and_keep_their_source() {
+        use std::error::Error;
+        let e = WorkerError::Register {
+            ifname: "vp0".into(),
+            queue: 1,
+            source: crate::datapath::DatapathError::NotLoaded {
+                what: "register an AF_XDP socket",
+                ifname: "vp0".into(),
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot register the AF_XDP socket of vp0 queue 1: cannot register an AF_XDP socket on vp0: the XDP program is not loaded"
+        );
+        assert!(
+            e.source()
+                .is_some_and(|s| s.to_string().contains("not loaded"))
+        );
     }
 }

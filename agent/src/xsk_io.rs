@@ -27,7 +27,7 @@ use sluice_xdp::{RxBatch, SendError, SocketId, Xsk, XskConfig};
 
 use super::PortSet;
 use super::counters::WorkerCounters;
-use super::datapath::SharedLoader;
+use super::datapath::{SharedLoader, with_loader};
 use super::drops::{AgentDrop, AgentDropCounts};
 use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
@@ -99,11 +99,7 @@ pub struct XskIo {
 impl XskIo {
     /// A worker's UMEM (`cfg`), registering its sockets through `loader`.
     pub fn new(cfg: &XskConfig, loader: SharedLoader, peers: PortSet) -> Result<Self, WorkerError> {
-        let xsk = Xsk::new(cfg).map_err(|e| WorkerError::Open {
-            ifname: String::new(),
-            queue: 0,
-            message: e.to_string(),
-        })?;
+        let xsk = Xsk::new(cfg).map_err(WorkerError::Umem)?;
         let batch = xsk.batch();
         Ok(Self {
             xsk,
@@ -118,11 +114,11 @@ impl XskIo {
     }
 }
 
-fn open_err(spec: &PortSpec, message: String) -> WorkerError {
+fn open_err(spec: &PortSpec, source: sluice_xdp::XskError) -> WorkerError {
     WorkerError::Open {
         ifname: spec.ifname.clone(),
         queue: spec.queue,
-        message,
+        source,
     }
 }
 
@@ -139,22 +135,22 @@ impl WorkerIo for XskIo {
         let id = self
             .xsk
             .open_socket_with(&spec.ifname, spec.queue, fill)
-            .map_err(|e| open_err(spec, e.to_string()))?;
-        let fd = self.xsk.fd(id).map_err(|e| open_err(spec, e.to_string()))?;
-        let registered = match self.loader.lock() {
-            Ok(mut g) => match g.as_mut() {
-                Some(l) => l
-                    .register_socket(spec.port.0, spec.queue, fd)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => Err("the XDP program is not loaded".to_owned()),
-            },
-            Err(_) => Err("loader lock poisoned".to_owned()),
-        };
+            .map_err(|e| open_err(spec, e))?;
+        let fd = self.xsk.fd(id).map_err(|e| open_err(spec, e))?;
         let raw = fd.as_raw_fd();
-        if let Err(m) = registered {
+        let registered = with_loader(
+            &self.loader,
+            "register an AF_XDP socket",
+            &spec.ifname,
+            |l| l.register_socket(spec.port.0, spec.queue, fd),
+        );
+        if let Err(source) = registered {
             let _ = self.xsk.close_socket(id);
-            return Err(open_err(spec, format!("registering in the XSKMAP: {m}")));
+            return Err(WorkerError::Register {
+                ifname: spec.ifname.clone(),
+                queue: spec.queue,
+                source,
+            });
         }
         self.sockets.push(OwnedSocket {
             port: spec.port,

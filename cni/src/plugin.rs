@@ -342,17 +342,12 @@ async fn add(conf: &NetConf, stdin: &[u8], env: &CniEnv) -> Result<Value, CniErr
     };
     crash_point("reserved");
 
-    let outcome = wire_and_register(
-        conf,
-        env,
-        &netns,
-        &host,
-        &pod,
-        agent.as_mut(),
-        &node,
-        &record,
-    )
-    .await;
+    let sides = Sides {
+        netns: &netns,
+        host: &host,
+        pod: &pod,
+    };
+    let outcome = wire_and_register(conf, env, sides, agent.as_mut(), &node, &record).await;
     let result = match outcome {
         Ok(mut result) => {
             result.dns = dns;
@@ -378,19 +373,25 @@ async fn add(conf: &NetConf, stdin: &[u8], env: &CniEnv) -> Result<Value, CniErr
     Ok(result.to_json(&conf.cni_version))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The two ends of the veth being wired: the pod's netns and the netlink sockets on each side.
+#[derive(Clone, Copy)]
+struct Sides<'a> {
+    netns: &'a PodNetns,
+    host: &'a NetnsSockets,
+    pod: &'a NetnsSockets,
+}
+
 async fn wire_and_register(
     conf: &NetConf,
     env: &CniEnv,
-    netns: &PodNetns,
-    host: &NetnsSockets,
-    pod: &NetnsSockets,
+    sides: Sides<'_>,
     agent: Option<&mut Agent>,
     node: &NodeNet,
     record: &Record,
 ) -> Result<CniResult, CniError> {
     let ip: Ipv4Addr = record.ip.ok_or_else(|| again("no address reserved"))?;
     // A leftover host veth of this very attachment (e.g. an IPAM directory that was wiped).
+    let Sides { netns, host, pod } = sides;
     wire::delete_link(&host.handle, &record.host_ifname).await?;
     let plan = Plan {
         host_ifname: record.host_ifname.clone(),
