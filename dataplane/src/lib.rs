@@ -25,3 +25,4 @@ pub mod tables;
 pub mod verdict;
 pub mod vxlan;
 pub mod wire;
+pub mod wordsum;
