@@ -19,6 +19,7 @@ pub mod pcap;
 pub mod pipeline;
 pub mod policy;
 pub mod route;
+pub mod segment;
 pub mod service;
 pub mod steer;
 pub mod tables;
