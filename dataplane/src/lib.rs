@@ -8,6 +8,7 @@
 #[cfg(feature = "agent")]
 pub mod agent;
 pub mod checksum;
+pub mod coalesce;
 pub mod conntrack;
 pub mod demo;
 pub mod events;
