@@ -23,7 +23,9 @@
 //! next merge): per flow, the order of frames never changes; frames of different flows may be
 //! reordered against each other, as GRO does. At most 8 merges are open at once (the oldest is
 //! closed to make room); all are closed at the end of the batch. Frames that are not TCP pass
-//! unchanged, each its own entry.
+//! unchanged, each its own entry. A frame whose flow cannot be told (headers continuing past its
+//! first buffer, a fragment, a malformed IPv4 header) passes alone and closes every open merge, so
+//! that no flow's later segments overtake it.
 //!
 //! The merged frame keeps its first segment's headers, with: IP total length (the IP checksum
 //! updated incrementally, so a bad one stays bad); PSH if a member had it; the newest member's
@@ -194,29 +196,58 @@ struct Segment {
     payload: usize,
     csum: u16,
     partial: bool,
+    /// Sum of the fixed 20-byte TCP header, checksum field included.
+    hdr_sum: u64,
     /// Buffers its payload spans as a later member.
     bufs: usize,
 }
 
-/// Read a frame's IPv4/TCP headers: the flow key of any unfragmented TCP frame whose ports are
-/// in its first buffer, and the segment if it may take part in a merge at all.
-fn inspect(f: &Frame<'_>) -> (Option<Key>, Option<Segment>) {
+/// What a frame is to the coalescer.
+enum Seen {
+    /// Readable and not TCP over IPv4: no flow's business.
+    NotTcp,
+    /// Possibly TCP of any flow, but its flow cannot be told (headers beyond the first buffer, a
+    /// fragment, a malformed header): it closes every open merge, so no flow is reordered past it.
+    Unknown,
+    /// TCP of flow `Key`; the segment if it may take part in a merge at all.
+    Tcp(Key, Option<Segment>),
+}
+
+/// Read a frame's Ethernet, IPv4 and TCP headers.
+fn inspect(f: &Frame<'_>) -> Seen {
     let h = f.head();
-    if h.len() < L4 + tcp::MIN_HEADER_LEN
-        || h[12..14] != ethernet::ethertype::IPV4.to_be_bytes()
-        || h[L3] >> 4 != 4
-        || h[L3 + 9] != proto::TCP
-        || u16::from_be_bytes([h[L3 + 6], h[L3 + 7]]) & !ipv4::FLAG_DF != 0
-    {
-        return (None, None);
+    let Some(ip) = h.get(L3..L3 + ipv4::MIN_HEADER_LEN) else {
+        return match h.get(12..14) {
+            Some(t) if t != ethernet::ethertype::IPV4.to_be_bytes() => Seen::NotTcp,
+            _ => Seen::Unknown,
+        };
+    };
+    if h[12..14] != ethernet::ethertype::IPV4.to_be_bytes() {
+        return Seen::NotTcp;
     }
-    let ip_hl = usize::from(h[L3] & 0x0f) * 4;
-    let key = h.get(L3 + ip_hl..L3 + ip_hl + 4).map(|p| {
-        let w = |b: &[u8]| u128::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-        w(&h[L3 + 12..]) << 64 | w(&h[L3 + 16..]) << 32 | w(p)
-    });
-    if ip_hl != ipv4::MIN_HEADER_LEN {
-        return (key, None);
+    let ip_hl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ip_hl < ipv4::MIN_HEADER_LEN {
+        return Seen::Unknown;
+    }
+    if ip[9] != proto::TCP {
+        return Seen::NotTcp;
+    }
+    let Some(ports) = h.get(L3 + ip_hl..L3 + ip_hl + 4) else {
+        return Seen::Unknown;
+    };
+    if u16::from_be_bytes([ip[6], ip[7]]) & !ipv4::FLAG_DF != 0 {
+        return Seen::Unknown;
+    }
+    let w = |b: &[u8]| u128::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let key = w(&ip[12..]) << 64 | w(&ip[16..]) << 32 | w(ports);
+    Seen::Tcp(key, segment(f, key, ip_hl))
+}
+
+/// The segment of TCP frame `f` of flow `key` if it may take part in a merge at all.
+fn segment(f: &Frame<'_>, key: Key, ip_hl: usize) -> Option<Segment> {
+    let h = f.head();
+    if ip_hl != ipv4::MIN_HEADER_LEN || h.len() < L4 + tcp::MIN_HEADER_LEN {
+        return None;
     }
     let ip_len = usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]));
     let tcp_hl = usize::from(h[L4 + 12] >> 4) * 4;
@@ -227,7 +258,7 @@ fn inspect(f: &Frame<'_>) -> (Option<Key>, Option<Segment>) {
         L3 + ip_len <= total
     };
     if !fits || tcp_hl < tcp::MIN_HEADER_LEN || L4 + tcp_hl > h.len() || 20 + tcp_hl >= ip_len {
-        return (key, None);
+        return None;
     }
     let t = &h[L4..];
     let be32 = |at: usize| u32::from_be_bytes([t[at], t[at + 1], t[at + 2], t[at + 3]]);
@@ -237,8 +268,8 @@ fn inspect(f: &Frame<'_>) -> (Option<Key>, Option<Segment>) {
         csum == checksum::pseudo_header_folded(src(h), dst(h), proto::TCP, (ip_len - 20) as u16);
     let head_payload = h.len().min(L3 + ip_len) - (L4 + tcp_hl);
     let bufs = usize::from(head_payload > 0) + f.tail().iter().filter(|b| !b.is_empty()).count();
-    let seg = Segment {
-        key: key.unwrap_or_default(),
+    Some(Segment {
+        key,
         seq: be32(4),
         ack: be32(8),
         flags: t[13],
@@ -249,9 +280,9 @@ fn inspect(f: &Frame<'_>) -> (Option<Key>, Option<Segment>) {
         payload,
         csum,
         partial,
+        hdr_sum: words_sum(&t[..tcp::MIN_HEADER_LEN]),
         bufs,
-    };
-    (key, Some(seg))
+    })
 }
 
 fn src(h: &[u8]) -> [u8; 4] {
@@ -262,38 +293,44 @@ fn dst(h: &[u8]) -> [u8; 4] {
     [h[L3 + 16], h[L3 + 17], h[L3 + 18], h[L3 + 19]]
 }
 
-fn fold(mut s: u64) -> u16 {
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
+/// Fold a sum to 16 bits (any `u64`: four steps suffice).
+fn fold(s: u64) -> u16 {
+    let s = (s & 0xffff_ffff) + (s >> 32);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    ((s & 0xffff) + (s >> 16)) as u16
 }
 
-/// The sum of the fixed TCP header's words but the checksum, at `t` (20 bytes at least).
-fn fixed_header_sum(t: &[u8]) -> u64 {
-    t[..tcp::MIN_HEADER_LEN]
-        .chunks_exact(2)
-        .enumerate()
-        .filter(|&(i, _)| 2 * i != tcp::CHECKSUM_OFFSET)
-        .map(|(_, w)| u64::from(u16::from_be_bytes([w[0], w[1]])))
+/// The sum of the 16-bit words of `b` (a multiple of 4 bytes long), read 32 bits at a time.
+fn words_sum(b: &[u8]) -> u64 {
+    b.chunks_exact(4)
+        .map(|w| {
+            let w = u32::from_be_bytes([w[0], w[1], w[2], w[3]]);
+            u64::from(w >> 16) + u64::from(w & 0xffff)
+        })
         .sum()
 }
 
-/// The sum of the bytes of `t` from 20 on (the options; a multiple of 4 bytes).
-fn options_sum(t: &[u8]) -> u64 {
-    t[tcp::MIN_HEADER_LEN..]
-        .chunks_exact(2)
-        .map(|w| u64::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum()
+/// Whether two TCP option blocks (multiples of 4 bytes) are the same, compared in words.
+fn same_options(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.chunks_exact(4)
+            .zip(b.chunks_exact(4))
+            .all(|(x, y)| x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3])
 }
 
-/// The folded payload sum of segment `s` (frame `f`) that its checksum field implies (complete
-/// checksums only): D = ~C + ~P + ~H.
-fn derived_payload_sum(f: &Frame<'_>, s: &Segment, opt_sum: u64) -> u16 {
-    let h = f.head();
-    let p = checksum::pseudo_header_sum(src(h), dst(h), proto::TCP, (s.ip_len - 20) as u16);
-    let hdr = fold(fixed_header_sum(&h[L4..]) + opt_sum);
-    fold(u64::from(!s.csum) + u64::from(!fold(u64::from(p))) + u64::from(!hdr))
+/// The pseudo-header's sum without its length, plus the options' sum: what every member of a
+/// merge shares.
+fn shared_sum(h: &[u8], tcp_hl: usize) -> u64 {
+    u64::from(checksum::pseudo_header_sum(src(h), dst(h), proto::TCP, 0))
+        + words_sum(&h[L4 + tcp::MIN_HEADER_LEN..L4 + tcp_hl])
+}
+
+/// The folded payload sum that segment `s`'s complete checksum implies: the checksum verifies
+/// when pseudo-header, header (checksum field included) and payload sum to zero, so the payload
+/// sums to the complement of the rest. `shared` is [`shared_sum`].
+fn derived_payload_sum(s: &Segment, shared: u64) -> u16 {
+    !fold(shared + (s.ip_len - ipv4::MIN_HEADER_LEN) as u64 + s.hdr_sum)
 }
 
 /// The payload sum of segment `s` of frame `f`, summed.
@@ -332,8 +369,8 @@ struct Open {
     ip_len: usize,
     bufs: usize,
     partial: bool,
-    /// Sum of the TCP options (the same in every member).
-    opt_sum: u64,
+    /// [`shared_sum`] of the members.
+    shared: u64,
     /// Sum of the members' payload sums, each swapped into place.
     payload_sum: u64,
     payload: usize,
@@ -349,8 +386,14 @@ pub fn coalesce(frames: &mut [Frame<'_>], trust: ChecksumTrust, out: &mut [Merge
     let mut open: [Option<Open>; OPEN] = [None; OPEN];
     let mut entries = 0;
     for i in 0..n {
-        let (key, seg) = inspect(&frames[i]);
-        let seg = seg.and_then(|s| checked(&frames[i], s, trust));
+        let (key, seg) = match inspect(&frames[i]) {
+            Seen::NotTcp => (None, None),
+            Seen::Unknown => {
+                open.iter_mut().for_each(|o| close(o, frames, out));
+                (None, None)
+            }
+            Seen::Tcp(k, s) => (Some(k), s.and_then(|s| checked(&frames[i], s, trust))),
+        };
         let slot = key.and_then(|k| open.iter().position(|o| o.is_some_and(|o| o.key == k)));
         if let (Some(j), Some(s)) = (slot, seg)
             && let Some(o) = open[j].as_mut()
@@ -396,16 +439,16 @@ fn checked(f: &Frame<'_>, s: Segment, trust: ChecksumTrust) -> Option<Segment> {
     if trust == ChecksumTrust::Derive || s.partial {
         return Some(s);
     }
-    let opt = options_sum(&f.head()[L4..L4 + s.tcp_hl]);
-    same_sum(derived_payload_sum(f, &s, opt), summed_payload(f, &s)).then_some(s)
+    let shared = shared_sum(f.head(), s.tcp_hl);
+    same_sum(derived_payload_sum(&s, shared), summed_payload(f, &s)).then_some(s)
 }
 
 fn begin(f: &Frame<'_>, i: usize, entry: usize, s: &Segment) -> Open {
-    let opt_sum = options_sum(&f.head()[L4..L4 + s.tcp_hl]);
+    let shared = shared_sum(f.head(), s.tcp_hl);
     let payload_sum = if s.partial {
         0
     } else {
-        u64::from(derived_payload_sum(f, s, opt_sum))
+        u64::from(derived_payload_sum(s, shared))
     };
     Open {
         entry,
@@ -421,7 +464,7 @@ fn begin(f: &Frame<'_>, i: usize, entry: usize, s: &Segment) -> Open {
         ip_len: s.ip_len,
         bufs: 1 + f.tail().len(),
         partial: s.partial,
-        opt_sum,
+        shared,
         payload_sum,
         payload: s.payload,
         psh: false,
@@ -441,8 +484,10 @@ fn joins(o: &Open, frames: &[Frame<'_>], i: usize, s: &Segment) -> bool {
         && s.partial == o.partial
         && o.ip_len + s.payload <= MAX_IP_LEN
         && o.bufs + s.bufs <= MAX_BUFFERS
-        && frames[i].head()[L4 + 20..L4 + s.tcp_hl]
-            == frames[o.first].head()[L4 + 20..L4 + o.tcp_hl]
+        && same_options(
+            &frames[i].head()[L4 + 20..L4 + s.tcp_hl],
+            &frames[o.first].head()[L4 + 20..L4 + o.tcp_hl],
+        )
 }
 
 /// Add segment `s` (frame `f`, index `i`) to merge `o` and its entry; returns whether the merge
@@ -471,7 +516,7 @@ fn join(o: &mut Open, e: &mut Merged, f: &Frame<'_>, i: usize, s: &Segment) -> b
     }
     e.segments += 1;
     if !o.partial {
-        let d = derived_payload_sum(f, s, o.opt_sum);
+        let d = derived_payload_sum(s, o.shared);
         // Payload landing at an odd offset of the merged payload is summed byte-swapped.
         let d = if o.payload % 2 == 1 {
             d.swap_bytes()
@@ -513,16 +558,16 @@ fn close(slot: &mut Option<Open>, frames: &mut [Frame<'_>], out: &[Merged]) {
         t[13] |= tcp::flags::PSH;
     }
     t[14..16].copy_from_slice(&o.window.to_be_bytes());
-    let tcp_len = (o.ip_len - ipv4::MIN_HEADER_LEN) as u16;
-    let (s, d) = (
-        [ip[12], ip[13], ip[14], ip[15]],
-        [ip[16], ip[17], ip[18], ip[19]],
-    );
+    let tcp_len = (o.ip_len - ipv4::MIN_HEADER_LEN) as u64;
+    t[16..18].copy_from_slice(&[0, 0]);
     let c = if o.partial {
-        checksum::pseudo_header_folded(s, d, proto::TCP, tcp_len)
+        let (s, d) = (
+            [ip[12], ip[13], ip[14], ip[15]],
+            [ip[16], ip[17], ip[18], ip[19]],
+        );
+        checksum::pseudo_header_folded(s, d, proto::TCP, tcp_len as u16)
     } else {
-        let p = u64::from(checksum::pseudo_header_sum(s, d, proto::TCP, tcp_len));
-        !fold(p + fixed_header_sum(t) + o.opt_sum + o.payload_sum)
+        !fold(o.shared + tcp_len + words_sum(&t[..tcp::MIN_HEADER_LEN]) + o.payload_sum)
     };
     t[16..18].copy_from_slice(&c.to_be_bytes());
 }

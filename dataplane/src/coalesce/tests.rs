@@ -271,6 +271,20 @@ fn segments_that_must_not_merge() {
     }
 }
 
+/// A frame whose headers continue past its first buffer could be of any flow: the merge before
+/// it ends, so the segments after it are not moved in front of it (found by the property test).
+#[test]
+fn frame_of_unknown_flow_closes_open_merges() {
+    let inputs = bulk(3, 1000, &Seg::default());
+    let mut b = Batch::default();
+    b.push(&inputs[0], inputs[0].len(), 1);
+    b.push(&inputs[1], 40, 1000);
+    b.push(&inputs[2], inputs[2].len(), 1);
+    let outs = b.coalesce(ChecksumTrust::Derive);
+    check_plan(&inputs, &outs);
+    assert_eq!(outs.len(), 3);
+}
+
 /// A corrupt segment: Derive merges it into a packet that fails verification; Verify keeps it
 /// out.
 #[test]
