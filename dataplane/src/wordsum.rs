@@ -73,56 +73,63 @@ fn fold_native(mut s: u64) -> u16 {
     s as u16
 }
 
+/// Bytes per step of the bulk loops: 8 native 32-bit words into 8 accumulators, which the
+/// compiler turns into two vector lanes' worth of zero-extending adds (measured fastest of the
+/// safe variants on this machine: 16-byte blocks, one load per block, 64-bit add-with-carry).
+const BLOCK: usize = 32;
+
 /// Sum `data` as native-order 32-bit words (a trailing 1..3 bytes as 16-bit words and a last
 /// byte padded with zero, each at its even offset), unfolded.
 #[inline]
 fn sum_native(data: &[u8]) -> u64 {
-    let mut acc = [0u64; 4];
-    let mut blocks = data.chunks_exact(16);
+    let mut acc = [0u64; BLOCK / 4];
+    let mut blocks = data.chunks_exact(BLOCK);
     for b in &mut blocks {
-        for (i, a) in acc.iter_mut().enumerate() {
-            *a += u64::from(u32::from_ne_bytes([
-                b[4 * i],
-                b[4 * i + 1],
-                b[4 * i + 2],
-                b[4 * i + 3],
-            ]));
-        }
+        add_block(&mut acc, b);
     }
-    acc[0] + acc[1] + acc[2] + acc[3] + sum_tail(blocks.remainder())
+    acc.iter().sum::<u64>() + sum_tail(blocks.remainder())
 }
 
 /// As [`sum_native`], writing each block to `dst` as it is read.
 #[inline]
 fn copy_sum_native(dst: &mut [u8], src: &[u8]) -> u64 {
-    let mut acc = [0u64; 4];
-    let mut d = dst.chunks_exact_mut(16);
-    let mut s = src.chunks_exact(16);
+    let mut acc = [0u64; BLOCK / 4];
+    let mut d = dst.chunks_exact_mut(BLOCK);
+    let mut s = src.chunks_exact(BLOCK);
     for (db, sb) in (&mut d).zip(&mut s) {
         db.copy_from_slice(sb);
-        for (i, a) in acc.iter_mut().enumerate() {
-            *a += u64::from(u32::from_ne_bytes([
-                sb[4 * i],
-                sb[4 * i + 1],
-                sb[4 * i + 2],
-                sb[4 * i + 3],
-            ]));
-        }
+        add_block(&mut acc, sb);
     }
     let rest = s.remainder();
     d.into_remainder().copy_from_slice(rest);
-    acc[0] + acc[1] + acc[2] + acc[3] + sum_tail(rest)
+    acc.iter().sum::<u64>() + sum_tail(rest)
 }
 
-/// The sum of fewer than 16 bytes that start at an even offset.
+#[inline(always)]
+fn add_block(acc: &mut [u64; BLOCK / 4], b: &[u8]) {
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a += u64::from(u32::from_ne_bytes([
+            b[4 * i],
+            b[4 * i + 1],
+            b[4 * i + 2],
+            b[4 * i + 3],
+        ]));
+    }
+}
+
+/// The sum of fewer than [`BLOCK`] bytes that start at an even offset.
 #[inline]
 fn sum_tail(rest: &[u8]) -> u64 {
     let mut s = 0u64;
-    let mut words = rest.chunks_exact(2);
+    let mut words = rest.chunks_exact(4);
     for w in &mut words {
+        s += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let mut halves = words.remainder().chunks_exact(2);
+    for w in &mut halves {
         s += u64::from(u16::from_ne_bytes([w[0], w[1]]));
     }
-    if let [b] = words.remainder() {
+    if let [b] = halves.remainder() {
         s += u64::from(u16::from_ne_bytes([*b, 0]));
     }
     s
