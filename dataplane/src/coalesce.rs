@@ -194,7 +194,6 @@ struct Segment {
     tcp_hl: usize,
     ip_len: usize,
     payload: usize,
-    csum: u16,
     partial: bool,
     /// Sum of the fixed 20-byte TCP header, checksum field included.
     hdr_sum: u64,
@@ -278,7 +277,6 @@ fn segment(f: &Frame<'_>, key: Key, ip_hl: usize) -> Option<Segment> {
         tcp_hl,
         ip_len,
         payload,
-        csum,
         partial,
         hdr_sum: words_sum(&t[..tcp::MIN_HEADER_LEN]),
         bufs,
