@@ -79,7 +79,9 @@
 use crate::checksum;
 use crate::frame::Frame;
 use crate::policy::proto;
-use crate::wire::{ethernet, ipv4, tcp};
+use crate::wire::ipv4::field as ipf;
+use crate::wire::tcp::field as tf;
+use crate::wire::{be16, be32, ethernet, ipv4, put16, tcp};
 use crate::wordsum::WordSum;
 
 /// At most this many buffers make one AF_XDP multi-buffer frame (`XDP_USE_SG`: the first
@@ -93,11 +95,11 @@ pub const MAX_IP_LEN: usize = 65_535;
 const OPEN: usize = 8;
 
 const L3: usize = ethernet::HEADER_LEN;
+/// Offset of the EtherType (the last field of the Ethernet header).
+const ETHERTYPE: usize = L3 - 2;
 const L4: usize = L3 + ipv4::MIN_HEADER_LEN;
-const FLAG_URG: u8 = 0x20;
-const FLAG_CWR: u8 = 0x80;
 /// Flags that keep a segment out of any merge.
-const NEVER: u8 = tcp::flags::SYN | tcp::flags::FIN | tcp::flags::RST | FLAG_URG;
+const NEVER: u8 = tcp::flags::SYN | tcp::flags::FIN | tcp::flags::RST | tcp::flags::URG;
 
 /// What the coalescer trusts about a segment's complete checksum (see the module doc).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -216,29 +218,29 @@ enum Seen {
 fn inspect(f: &Frame<'_>) -> Seen {
     let h = f.head();
     let Some(ip) = h.get(L3..L3 + ipv4::MIN_HEADER_LEN) else {
-        return match h.get(12..14) {
+        return match h.get(ETHERTYPE..L3) {
             Some(t) if t != ethernet::ethertype::IPV4.to_be_bytes() => Seen::NotTcp,
             _ => Seen::Unknown,
         };
     };
-    if h[12..14] != ethernet::ethertype::IPV4.to_be_bytes() {
+    if be16(h, ETHERTYPE) != ethernet::ethertype::IPV4 {
         return Seen::NotTcp;
     }
-    let ip_hl = usize::from(ip[0] & 0x0f) * 4;
-    if ip[0] >> 4 != 4 || ip_hl < ipv4::MIN_HEADER_LEN {
+    let ip_hl = usize::from(ip[ipf::VER_IHL] & 0x0f) * 4;
+    if ip[ipf::VER_IHL] >> 4 != 4 || ip_hl < ipv4::MIN_HEADER_LEN {
         return Seen::Unknown;
     }
-    if ip[9] != proto::TCP {
+    if ip[ipf::PROTOCOL] != proto::TCP {
         return Seen::NotTcp;
     }
     let Some(ports) = h.get(L3 + ip_hl..L3 + ip_hl + 4) else {
         return Seen::Unknown;
     };
-    if u16::from_be_bytes([ip[6], ip[7]]) & !ipv4::FLAG_DF != 0 {
+    if be16(ip, ipf::FLAGS_FRAG) & !ipv4::FLAG_DF != 0 {
         return Seen::Unknown;
     }
-    let w = |b: &[u8]| u128::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-    let key = w(&ip[12..]) << 64 | w(&ip[16..]) << 32 | w(ports);
+    let w = |b: &[u8], at: usize| u128::from(be32(b, at));
+    let key = w(ip, ipf::SRC.start) << 64 | w(ip, ipf::DST.start) << 32 | w(ports, 0);
     Seen::Tcp(key, segment(f, key, ip_hl))
 }
 
@@ -248,8 +250,8 @@ fn segment(f: &Frame<'_>, key: Key, ip_hl: usize) -> Option<Segment> {
     if ip_hl != ipv4::MIN_HEADER_LEN || h.len() < L4 + tcp::MIN_HEADER_LEN {
         return None;
     }
-    let ip_len = usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]));
-    let tcp_hl = usize::from(h[L4 + 12] >> 4) * 4;
+    let ip_len = usize::from(be16(h, L3 + ipf::TOTAL_LEN));
+    let tcp_hl = usize::from(h[L4 + tf::DATA_OFF] >> 4) * 4;
     let total = f.total_len();
     let fits = if f.is_chained() {
         L3 + ip_len == total
@@ -262,7 +264,7 @@ fn segment(f: &Frame<'_>, key: Key, ip_hl: usize) -> Option<Segment> {
     let t = &h[L4..];
     let be32 = |at: usize| u32::from_be_bytes([t[at], t[at + 1], t[at + 2], t[at + 3]]);
     let payload = ip_len - 20 - tcp_hl;
-    let csum = u16::from_be_bytes([t[16], t[17]]);
+    let csum = be16(t, tf::CHECKSUM);
     let partial =
         csum == checksum::pseudo_header_folded(src(h), dst(h), proto::TCP, (ip_len - 20) as u16);
     let head_payload = h.len().min(L3 + ip_len) - (L4 + tcp_hl);
@@ -271,9 +273,13 @@ fn segment(f: &Frame<'_>, key: Key, ip_hl: usize) -> Option<Segment> {
         key,
         seq: be32(4),
         ack: be32(8),
-        flags: t[13],
-        window: u16::from_be_bytes([t[14], t[15]]),
-        ip_match: [h[L3 + 1], h[L3 + 8], h[L3 + 6] & 0x40],
+        flags: t[tf::FLAGS],
+        window: be16(t, tf::WINDOW),
+        ip_match: [
+            h[L3 + ipf::TOS],
+            h[L3 + ipf::TTL],
+            u8::from(be16(h, L3 + ipf::FLAGS_FRAG) & ipv4::FLAG_DF != 0),
+        ],
         tcp_hl,
         ip_len,
         payload,
@@ -283,12 +289,17 @@ fn segment(f: &Frame<'_>, key: Key, ip_hl: usize) -> Option<Segment> {
     })
 }
 
+/// The IPv4 address at `at` in `b`.
+fn addr(b: &[u8], at: usize) -> [u8; 4] {
+    be32(b, at).to_be_bytes()
+}
+
 fn src(h: &[u8]) -> [u8; 4] {
-    [h[L3 + 12], h[L3 + 13], h[L3 + 14], h[L3 + 15]]
+    addr(h, L3 + ipf::SRC.start)
 }
 
 fn dst(h: &[u8]) -> [u8; 4] {
-    [h[L3 + 16], h[L3 + 17], h[L3 + 18], h[L3 + 19]]
+    addr(h, L3 + ipf::DST.start)
 }
 
 /// Fold a sum to 16 bits (any `u64`: four steps suffice).
@@ -472,8 +483,8 @@ fn begin(f: &Frame<'_>, i: usize, entry: usize, s: &Segment) -> Open {
 
 /// Whether segment `s` (frame `i`) may join merge `o`.
 fn joins(o: &Open, frames: &[Frame<'_>], i: usize, s: &Segment) -> bool {
-    s.flags & (NEVER | FLAG_CWR) == 0
-        && (s.flags ^ o.first_flags) & !(tcp::flags::PSH | FLAG_CWR) == 0
+    s.flags & (NEVER | tcp::flags::CWR) == 0
+        && (s.flags ^ o.first_flags) & !(tcp::flags::PSH | tcp::flags::CWR) == 0
         && s.seq == o.next_seq
         && s.ack == o.ack
         && s.ip_match == o.ip_match
@@ -483,8 +494,8 @@ fn joins(o: &Open, frames: &[Frame<'_>], i: usize, s: &Segment) -> bool {
         && o.ip_len + s.payload <= MAX_IP_LEN
         && o.bufs + s.bufs <= MAX_BUFFERS
         && same_options(
-            &frames[i].head()[L4 + 20..L4 + s.tcp_hl],
-            &frames[o.first].head()[L4 + 20..L4 + o.tcp_hl],
+            &frames[i].head()[L4 + tcp::MIN_HEADER_LEN..L4 + s.tcp_hl],
+            &frames[o.first].head()[L4 + tcp::MIN_HEADER_LEN..L4 + o.tcp_hl],
         )
 }
 
@@ -547,27 +558,23 @@ fn close(slot: &mut Option<Open>, frames: &mut [Frame<'_>], out: &[Merged]) {
     }
     let h = f.head_mut();
     let (ip, t) = h[L3..].split_at_mut(ipv4::MIN_HEADER_LEN);
-    let old_len = u16::from_be_bytes([ip[2], ip[3]]);
     let ip_len = o.ip_len as u16;
-    let ip_csum = checksum::update16(u16::from_be_bytes([ip[10], ip[11]]), old_len, ip_len);
-    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    let ip_csum = checksum::update16(be16(ip, ipf::CHECKSUM), be16(ip, ipf::TOTAL_LEN), ip_len);
+    put16(ip, ipf::TOTAL_LEN, ip_len);
+    put16(ip, ipf::CHECKSUM, ip_csum);
     if o.psh {
-        t[13] |= tcp::flags::PSH;
+        t[tf::FLAGS] |= tcp::flags::PSH;
     }
-    t[14..16].copy_from_slice(&o.window.to_be_bytes());
+    put16(t, tf::WINDOW, o.window);
     let tcp_len = (o.ip_len - ipv4::MIN_HEADER_LEN) as u64;
-    t[16..18].copy_from_slice(&[0, 0]);
+    put16(t, tf::CHECKSUM, 0);
     let c = if o.partial {
-        let (s, d) = (
-            [ip[12], ip[13], ip[14], ip[15]],
-            [ip[16], ip[17], ip[18], ip[19]],
-        );
+        let (s, d) = (addr(ip, ipf::SRC.start), addr(ip, ipf::DST.start));
         checksum::pseudo_header_folded(s, d, proto::TCP, tcp_len as u16)
     } else {
         !fold(o.shared + tcp_len + words_sum(&t[..tcp::MIN_HEADER_LEN]) + o.payload_sum)
     };
-    t[16..18].copy_from_slice(&c.to_be_bytes());
+    put16(t, tf::CHECKSUM, c);
 }
 
 #[cfg(test)]

@@ -67,7 +67,9 @@ use crate::conntrack::FlowKey;
 use crate::frame::Frame;
 use crate::policy::proto;
 use crate::vxlan::{self, Tunnel, VxlanError};
-use crate::wire::{WireError, ethernet, icmp, ipv4, tcp};
+use crate::wire::ipv4::field as ip_field;
+use crate::wire::tcp::field as tcp_field;
+use crate::wire::{WireError, be16, ethernet, icmp, ipv4, put16, tcp};
 use crate::wordsum::WordSum;
 
 /// The smallest IP packet every IPv4 link must carry (RFC 791); a smaller `max_ip_len` is refused.
@@ -174,7 +176,7 @@ pub fn plan<'f>(frame: &'f Frame<'_>, max_ip_len: usize) -> Result<Oversize<'f>,
     if per == 0 {
         return Err(SegmentError::MtuTooSmall);
     }
-    let frag_word = u16::from_be_bytes([head[L3 + 6], head[L3 + 7]]);
+    let frag_word = be16(head, L3 + ip_field::FLAGS_FRAG);
     Ok(Oversize::Split(Segmenter::new(
         frame,
         &head[..l4],
@@ -235,7 +237,7 @@ struct TcpCut {
     ip_hl: usize,
     ident: u16,
     seq: u32,
-    /// Data offset and flags, as the 16-bit word at TCP offset 12.
+    /// Data offset and flags, as the 16-bit word at `tcp_field::DATA_OFF`.
     off_flags: u16,
     urg_ptr: u16,
     /// Sum of the IP header without total length, identification and checksum.
@@ -243,21 +245,6 @@ struct TcpCut {
     /// Sum of the TCP header without sequence number, data offset and flags, checksum and urgent
     /// pointer, plus the pseudo-header without its length.
     tcp_sum: u32,
-}
-
-/// TCP header field offsets used here (those not exported by `wire::tcp`).
-mod tcp_field {
-    pub const SEQ: usize = 4;
-    pub const OFF_FLAGS: usize = 12;
-    pub const URG_PTR: usize = 18;
-}
-
-/// IPv4 header field offsets used here.
-mod ip_field {
-    pub const TOTAL_LEN: usize = 2;
-    pub const IDENT: usize = 4;
-    pub const FRAG: usize = 6;
-    pub const CHECKSUM: usize = 10;
 }
 
 /// The unfolded sum of the 16-bit words of `b`, leaving out the words at the offsets in `skip`.
@@ -276,30 +263,19 @@ fn fold32(mut s: u32) -> u16 {
     s as u16
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
-}
-
 impl TcpCut {
     /// `hdr` is Ethernet + IPv4 (`ip_hl` bytes) + TCP header, checked by [`plan`].
     fn new(hdr: &[u8], ip_hl: usize) -> Self {
         let ip = &hdr[L3..L3 + ip_hl];
         let t = &hdr[L3 + ip_hl..];
-        let pseudo = checksum::pseudo_header_sum(
-            [ip[12], ip[13], ip[14], ip[15]],
-            [ip[16], ip[17], ip[18], ip[19]],
-            proto::TCP,
-            0,
-        );
+        let (src, dst) =
+            ipv4::Packet::new_checked(ip).map_or(([0; 4], [0; 4]), |p| (p.src(), p.dst()));
+        let pseudo = checksum::pseudo_header_sum(src, dst, proto::TCP, 0);
         Self {
             ip_hl,
             ident: be16(ip, ip_field::IDENT),
-            seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-            off_flags: be16(t, tcp_field::OFF_FLAGS),
+            seq: tcp::Packet::new_checked(t).map_or(0, |p| p.seq()),
+            off_flags: be16(t, tcp_field::DATA_OFF),
             urg_ptr: be16(t, tcp_field::URG_PTR),
             ip_sum: words_sum(
                 ip,
@@ -311,8 +287,8 @@ impl TcpCut {
                     &[
                         tcp_field::SEQ,
                         tcp_field::SEQ + 2,
-                        tcp_field::OFF_FLAGS,
-                        tcp::CHECKSUM_OFFSET,
+                        tcp_field::DATA_OFF,
+                        tcp_field::CHECKSUM,
                         tcp_field::URG_PTR,
                     ],
                 ),
@@ -343,21 +319,21 @@ impl TcpCut {
         let seq = self.seq.wrapping_add(done as u32);
         let mut off_flags = self.off_flags;
         if index > 0 {
-            off_flags &= !u16::from(FLAG_CWR);
+            off_flags &= !u16::from(tcp::flags::CWR);
         }
         if !last {
             off_flags &= !u16::from(tcp::flags::FIN | tcp::flags::PSH);
         }
         let mut urg_ptr = 0;
-        if off_flags & u16::from(FLAG_URG) != 0 {
+        if off_flags & u16::from(tcp::flags::URG) != 0 {
             // The urgent pointer is an offset from the segment's sequence number.
             match usize::from(self.urg_ptr).checked_sub(done) {
                 Some(p) if p > 0 => urg_ptr = p as u16,
-                _ => off_flags &= !u16::from(FLAG_URG),
+                _ => off_flags &= !u16::from(tcp::flags::URG),
             }
         }
         t[tcp_field::SEQ..tcp_field::SEQ + 4].copy_from_slice(&seq.to_be_bytes());
-        put16(t, tcp_field::OFF_FLAGS, off_flags);
+        put16(t, tcp_field::DATA_OFF, off_flags);
         put16(t, tcp_field::URG_PTR, urg_ptr);
         let sum = self.tcp_sum
             + (seq >> 16)
@@ -366,13 +342,9 @@ impl TcpCut {
             + u32::from(urg_ptr)
             + tcp_len as u32
             + u32::from(payload);
-        put16(t, tcp::CHECKSUM_OFFSET, !fold32(sum));
+        put16(t, tcp_field::CHECKSUM, !fold32(sum));
     }
 }
-
-/// TCP flags not named in `wire::tcp::flags`.
-const FLAG_URG: u8 = 0x20;
-const FLAG_CWR: u8 = 0x80;
 
 /// Reads a frame's payload, from an offset in its first buffer on through its tail buffers, never
 /// past the IP total length.
@@ -548,7 +520,7 @@ impl<'f> Segmenter<'f> {
         let offset = ((frag_word & 0x1fff) + (self.done / 8) as u16) & 0x1fff;
         let more = !last || frag_word & ipv4::FLAG_MF != 0;
         let flags = (frag_word & !(0x1fff | ipv4::FLAG_MF)) | if more { ipv4::FLAG_MF } else { 0 };
-        put16(ip, ip_field::FRAG, flags | offset);
+        put16(ip, ip_field::FLAGS_FRAG, flags | offset);
         if self.index > 0 {
             strip_uncopied_options(&mut ip[ipv4::MIN_HEADER_LEN..]);
         }

@@ -134,7 +134,7 @@ fn check_plan(inputs: &[Vec<u8>], outs: &[Out]) {
             assert_eq!(inputs[i][L3 + 12..L3 + 20], o.bytes[L3 + 12..L3 + 20]);
             if o.segments > 1 {
                 assert_eq!(fl & NEVER, 0);
-                assert!(k == 0 || fl & FLAG_CWR == 0);
+                assert!(k == 0 || fl & tcp::flags::CWR == 0);
                 assert!(k + 1 == o.members.len() || fl & tcp::flags::PSH == 0);
             }
             next = s.wrapping_add(pay.len() as u32);
@@ -229,9 +229,9 @@ fn segments_that_must_not_merge() {
         ("syn", second(&|s| s.flags |= tcp::flags::SYN)),
         ("fin", second(&|s| s.flags |= tcp::flags::FIN)),
         ("rst", second(&|s| s.flags |= tcp::flags::RST)),
-        ("urg", second(&|s| s.flags |= FLAG_URG)),
-        ("cwr", second(&|s| s.flags |= FLAG_CWR)),
-        ("ece", second(&|s| s.flags |= 0x40)),
+        ("urg", second(&|s| s.flags |= tcp::flags::URG)),
+        ("cwr", second(&|s| s.flags |= tcp::flags::CWR)),
+        ("ece", second(&|s| s.flags |= tcp::flags::ECE)),
         ("tos", second(&|s| s.tos = 4)),
         ("ttl", second(&|s| s.ttl = 63)),
         ("df", second(&|s| s.df = false)),
@@ -363,7 +363,7 @@ proptest! {
             match e.what {
                 70..=74 => s.seq = s.seq.wrapping_add(1 + e.len as u32),
                 75..=81 => s.flags |= [tcp::flags::PSH, tcp::flags::FIN, tcp::flags::SYN,
-                    tcp::flags::RST, FLAG_URG, FLAG_CWR, 0x40][usize::from(e.what - 75)],
+                    tcp::flags::RST, tcp::flags::URG, tcp::flags::CWR, tcp::flags::ECE][usize::from(e.what - 75)],
                 82..=85 => fl.ack = fl.ack.wrapping_add(1 + e.len as u32),
                 86..=88 => fl.options = if fl.options.is_empty() { ts_option(1, 2) } else { vec![] },
                 89..=90 => s.ttl = 1,

@@ -261,7 +261,7 @@ fn check_segments(orig: &[u8], segs: &[Vec<u8>], max_ip_len: usize) {
         assert_eq!(t.seq(), ot.seq().wrapping_add(stream.len() as u32));
         let mut want = oflags;
         if i > 0 {
-            want &= !FLAG_CWR;
+            want &= !tcp::flags::CWR;
         }
         if !last {
             want &= !(tcp::flags::FIN | tcp::flags::PSH);
@@ -271,11 +271,11 @@ fn check_segments(orig: &[u8], segs: &[Vec<u8>], max_ip_len: usize) {
             orig[hdr - tcp_hl + 19],
         ]));
         let urg_ptr = u16::from_be_bytes([s[hdr - tcp_hl + 18], s[hdr - tcp_hl + 19]]);
-        if oflags & FLAG_URG != 0 && ourg > stream.len() {
+        if oflags & tcp::flags::URG != 0 && ourg > stream.len() {
             assert_eq!(usize::from(urg_ptr), ourg - stream.len());
         } else {
-            want &= !FLAG_URG;
-            assert!(oflags & FLAG_URG == 0 || urg_ptr == 0);
+            want &= !tcp::flags::URG;
+            assert!(oflags & tcp::flags::URG == 0 || urg_ptr == 0);
         }
         assert_eq!(t.flags(), want, "segment {i} flags");
         // Everything else is the original's.
@@ -295,9 +295,9 @@ fn tcp_flags_strategy() -> impl Strategy<Value = u8> {
     // ACK always; any of CWR, ECE, URG, PSH, FIN.
     (0u8..32).prop_map(|b| {
         tcp::flags::ACK
-            | if b & 1 != 0 { FLAG_CWR } else { 0 }
-            | if b & 2 != 0 { 0x40 } else { 0 }
-            | if b & 4 != 0 { FLAG_URG } else { 0 }
+            | if b & 1 != 0 { tcp::flags::CWR } else { 0 }
+            | if b & 2 != 0 { tcp::flags::ECE } else { 0 }
+            | if b & 4 != 0 { tcp::flags::URG } else { 0 }
             | if b & 8 != 0 { tcp::flags::PSH } else { 0 }
             | if b & 16 != 0 { tcp::flags::FIN } else { 0 }
     })
