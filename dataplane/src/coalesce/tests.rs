@@ -85,10 +85,10 @@ impl Batch {
 /// What a TCP frame says: (flow ports, seq, flags, payload).
 fn tcp_of(f: &[u8]) -> (u32, u32, u8, &[u8]) {
     let ip = ipv4::Packet::new_checked(&f[L3..]).unwrap();
-    let end = L3 + usize::from(ip.total_len());
-    let t = tcp::Packet::new_checked(&f[L4..end]).unwrap();
+    let (l4, end) = (L3 + ip.header_len(), L3 + usize::from(ip.total_len()));
+    let t = tcp::Packet::new_checked(&f[l4..end]).unwrap();
     let ports = u32::from(t.src_port()) << 16 | u32::from(t.dst_port());
-    (ports, t.seq(), t.flags(), &f[L4 + t.header_len()..end])
+    (ports, t.seq(), t.flags(), &f[l4 + t.header_len()..end])
 }
 
 /// Whether the TCP checksum of `f` verifies; `None` if it is partial.
@@ -120,6 +120,11 @@ fn check_plan(inputs: &[Vec<u8>], outs: &[Out]) {
         assert_eq!(o.members.len(), o.segments);
         let ip = ipv4::Packet::new_checked(&o.bytes[L3..]).unwrap();
         assert!(ip.verify_checksum());
+        if ip.protocol() != proto::TCP {
+            assert_eq!(o.bytes, inputs[o.members[0]], "not TCP: passed as it was");
+            seen[o.members[0]] = true;
+            continue;
+        }
         let (ports, seq, _, payload) = tcp_of(&o.bytes);
         let mut want = Vec::new();
         let mut next = seq;
@@ -149,6 +154,15 @@ fn check_plan(inputs: &[Vec<u8>], outs: &[Out]) {
     assert!(seen.iter().all(|&s| s), "a frame was left out");
 }
 
+/// Plan `inputs` (each in one buffer) and check the plan.
+fn plan_single(inputs: &[Vec<u8>], trust: ChecksumTrust) -> Vec<Out> {
+    let mut b = Batch::default();
+    inputs.iter().for_each(|f| b.push(f, f.len(), 1));
+    let outs = b.coalesce(trust);
+    check_plan(inputs, &outs);
+    outs
+}
+
 fn bulk(n: usize, mss: usize, s: &Seg) -> Vec<Vec<u8>> {
     (0..n)
         .map(|k| {
@@ -168,10 +182,7 @@ fn bulk_stream_merges_into_18_buffer_frames() {
         ..Seg::default()
     };
     let inputs = bulk(45, 1398, &s);
-    let mut b = Batch::default();
-    inputs.iter().for_each(|f| b.push(f, f.len(), 1));
-    let outs = b.coalesce(ChecksumTrust::Derive);
-    check_plan(&inputs, &outs);
+    let outs = plan_single(&inputs, ChecksumTrust::Derive);
     let sizes: Vec<usize> = outs.iter().map(|o| o.segments).collect();
     assert_eq!(sizes, vec![18, 18, 9]);
     for o in &outs {
@@ -195,10 +206,7 @@ fn psh_window_and_padding() {
         f.resize(60, 0xee);
         inputs.push(f);
     }
-    let mut b = Batch::default();
-    inputs.iter().for_each(|f| b.push(f, f.len(), 1));
-    let outs = b.coalesce(ChecksumTrust::Derive);
-    check_plan(&inputs, &outs);
+    let outs = plan_single(&inputs, ChecksumTrust::Derive);
     assert_eq!(
         outs.iter().map(|o| o.segments).collect::<Vec<_>>(),
         vec![3, 1]
@@ -242,9 +250,7 @@ fn segments_that_must_not_merge() {
     ];
     for (what, s2) in cases {
         let inputs = [tcp_frame(&base, &[1; 100]), tcp_frame(&s2, &[2; 100])];
-        let mut b = Batch::default();
-        inputs.iter().for_each(|f| b.push(f, f.len(), 1));
-        let outs = b.coalesce(ChecksumTrust::Derive);
+        let outs = plan_single(&inputs, ChecksumTrust::Derive);
         assert_eq!(outs.len(), 2, "{what} merged");
     }
     // Larger than the first segment's payload; a pure ACK; not TCP.
@@ -265,9 +271,11 @@ fn segments_that_must_not_merge() {
     let udp = udp_frame(&base, &[3; 100]);
     for (what, f) in [("bigger", big), ("pure ack", ack), ("udp", udp)] {
         let inputs = [tcp_frame(&base, &[1; 100]), f];
-        let mut b = Batch::default();
-        inputs.iter().for_each(|f| b.push(f, f.len(), 1));
-        assert_eq!(b.coalesce(ChecksumTrust::Derive).len(), 2, "{what} merged");
+        assert_eq!(
+            plan_single(&inputs, ChecksumTrust::Derive).len(),
+            2,
+            "{what} merged"
+        );
     }
 }
 
@@ -291,16 +299,10 @@ fn frame_of_unknown_flow_closes_open_merges() {
 fn corrupt_segment_never_yields_a_valid_looking_merge() {
     let mut inputs = bulk(4, 1000, &Seg::default());
     inputs[2][L4 + 20 + 7] ^= 0x10;
-    let mut b = Batch::default();
-    inputs.iter().for_each(|f| b.push(f, f.len(), 1));
-    let outs = b.coalesce(ChecksumTrust::Derive);
-    check_plan(&inputs, &outs);
+    let outs = plan_single(&inputs, ChecksumTrust::Derive);
     assert_eq!(outs.len(), 1);
     assert_eq!(tcp_verifies(&outs[0].bytes), Some(false));
-    let mut b = Batch::default();
-    inputs.iter().for_each(|f| b.push(f, f.len(), 1));
-    let outs = b.coalesce(ChecksumTrust::Verify);
-    check_plan(&inputs, &outs);
+    let outs = plan_single(&inputs, ChecksumTrust::Verify);
     let sizes: Vec<usize> = outs.iter().map(|o| o.segments).collect();
     assert_eq!(sizes, vec![2, 1, 1]);
     assert_eq!(tcp_verifies(&outs[0].bytes), Some(true));
@@ -458,10 +460,7 @@ fn kernel_flannel_frames_coalesce() {
                         |f| tcp_of(f).3.is_empty() || tcp_verifies(f).is_none() == want_partial
                     )
                 );
-                let mut b = Batch::default();
-                inputs.iter().for_each(|f| b.push(f, f.len(), 1));
-                let outs = b.coalesce(trust);
-                check_plan(&inputs, &outs);
+                let outs = plan_single(&inputs, trust);
                 for o in outs.iter().filter(|o| o.segments > 1) {
                     merged_segments += o.segments;
                     let mut m = o.bytes.clone();
