@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checksum;
+pub mod coalesce;
 pub mod conntrack;
 #[cfg(any(test, feature = "testing"))]
 pub mod demo;
@@ -23,9 +24,11 @@ pub mod pcap;
 pub mod pipeline;
 pub mod policy;
 pub mod route;
+pub mod segment;
 pub mod service;
 pub mod steer;
 pub mod tables;
 pub mod verdict;
 pub mod vxlan;
 pub mod wire;
+pub mod wordsum;

@@ -7,7 +7,8 @@ use crate::checksum;
 /// Length of a header without options.
 pub const MIN_HEADER_LEN: usize = 20;
 
-mod field {
+/// Field offsets in the header.
+pub mod field {
     use core::ops::Range;
     pub const VER_IHL: usize = 0;
     pub const TOS: usize = 1;

@@ -7,14 +7,17 @@ pub const MIN_HEADER_LEN: usize = 20;
 /// Offset of the checksum field.
 pub const CHECKSUM_OFFSET: usize = 16;
 
-mod field {
+/// Field offsets in the header.
+pub mod field {
     pub const SRC_PORT: usize = 0;
     pub const DST_PORT: usize = 2;
     pub const SEQ: usize = 4;
     pub const ACK: usize = 8;
     pub const DATA_OFF: usize = 12;
     pub const FLAGS: usize = 13;
+    pub const WINDOW: usize = 14;
     pub const CHECKSUM: usize = super::CHECKSUM_OFFSET;
+    pub const URG_PTR: usize = 18;
 }
 
 /// TCP flag bits.
