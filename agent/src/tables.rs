@@ -367,6 +367,24 @@ pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<Serv
     out
 }
 
+/// One worker's view of the published snapshot: it keeps its own `Arc` and only checks, with one
+/// atomic load, whether a newer one was published (`arc_swap::Cache`), so workers reading every
+/// round do not contend on the snapshot's reference count.
+pub struct SnapshotReader(arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>);
+
+impl std::fmt::Debug for SnapshotReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotReader").finish_non_exhaustive()
+    }
+}
+
+impl SnapshotReader {
+    /// The current snapshot; the same `Arc` as last time unless a new one was published.
+    pub fn current(&mut self) -> &Arc<Snapshot> {
+        self.0.load()
+    }
+}
+
 /// The read-copy-update cell holding the current snapshot.
 #[derive(Debug, Clone)]
 pub struct Publisher {
@@ -385,9 +403,15 @@ impl Publisher {
         self.current.store(Arc::new(next));
     }
 
-    /// The current snapshot (lock-free).
+    /// The current snapshot (lock-free; one shared reference count update).
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// A worker's reader: [`SnapshotReader::current`] touches no shared reference count while the
+    /// snapshot is unchanged.
+    pub fn reader(&self) -> SnapshotReader {
+        SnapshotReader(arc_swap::Cache::new(self.current.clone()))
     }
 
     /// The generation of the current snapshot.

@@ -240,6 +240,7 @@ fn run(
     }
     let mut events = Events::with_capacity(64);
     let mut fds: Vec<(PortId, RawFd)> = Vec::new();
+    let mut tables = tables.reader();
     loop {
         // Commands first: they are rare and a port change must not wait behind traffic.
         while let Ok(cmd) = rx.try_recv() {
@@ -277,8 +278,7 @@ fn run(
                 }
             }
         }
-        let snapshot = tables.load();
-        let handled = io.poll_once(&snapshot, &counters);
+        let handled = io.poll_once(tables.current(), &counters);
         if handled == 0 && !params.busy_poll {
             // Idle: sleep until a socket is readable or a command arrives. The timeout bounds how
             // long TX completions and fill refills can wait when nothing else happens.
@@ -293,21 +293,36 @@ mod tests {
     use crate::config::NodeConfig;
     use crate::manifests::ClusterObjects;
 
-    fn publisher() -> Publisher {
+    fn snapshot(generation: u64) -> Snapshot {
         let config: NodeConfig = serde_saphyr::from_str(
             "node_name: a\nunderlay: {interface: up0, address: 192.168.1.1}\npod_cidr: 10.244.1.0/24\nvtep: {mac: \"0e:00:00:00:01:00\"}\n",
         )
         .unwrap();
-        Publisher::new(
-            Snapshot::build(
-                1,
-                &config,
-                crate::tables::tests::LINKS,
-                &ClusterObjects::default(),
-                [],
-            )
-            .unwrap(),
+        Snapshot::build(
+            generation,
+            &config,
+            crate::tables::tests::LINKS,
+            &ClusterObjects::default(),
+            [],
         )
+        .unwrap()
+    }
+
+    fn publisher() -> Publisher {
+        Publisher::new(snapshot(1))
+    }
+
+    #[test]
+    fn a_reader_keeps_its_snapshot_until_a_new_one_is_published() {
+        let p = publisher();
+        let mut r = p.reader();
+        let first = r.current().clone();
+        assert_eq!(first.generation, 1);
+        assert!(Arc::ptr_eq(r.current(), &first), "unchanged: the same Arc");
+        p.publish(snapshot(2));
+        assert_eq!(r.current().generation, 2);
+        assert!(!Arc::ptr_eq(r.current(), &first));
+        assert_eq!(p.generation(), 2);
     }
 
     #[tokio::test]
