@@ -279,6 +279,12 @@ impl WorkerIo for XskIo {
                     }
                     // `process` never steers (steering happened above).
                     Verdict::Drop(_) | Verdict::Steer(_) => fm.drop_frame(),
+                    // Not sent yet by this worker (pods' routes to other nodes carry the
+                    // underlay MTU until it segments).
+                    Verdict::Segment(_) | Verdict::FragNeeded(_) => {
+                        fm.drop_frame();
+                        tally.drops.add(AgentDrop::TooLarge);
+                    }
                     Verdict::PassToKernel => {
                         // Back to the kernel through the punt link (see `punt`), addressed to
                         // its kernel side.
@@ -413,6 +419,10 @@ fn drain_handoffs(
                         Verdict::Forward(to) => Some(to),
                         // `process` never steers: handed-off frames stay here.
                         Verdict::Drop(_) | Verdict::Steer(_) => None,
+                        Verdict::Segment(_) | Verdict::FragNeeded(_) => {
+                            tally.drops.add(AgentDrop::TooLarge);
+                            None
+                        }
                         // Back to the kernel through the punt link, addressed to its kernel side.
                         Verdict::PassToKernel => match snapshot.punt {
                             Some(p) if p.readdress(f.data_mut()) => Some(p.port),

@@ -451,10 +451,13 @@ impl Ctx<'_> {
         };
         let to = e.key(dir.flip()).reversed();
         let peer_mac = e.value().peer_mac;
+        let r = route::lookup(self.t, to.dst);
+        if route::needs_frag_answer(self.t, &p, &r) {
+            return Verdict::FragNeeded(self.t.vxlan_mtu);
+        }
         if to != key {
             nat::rewrite(frame, &mut p, &to);
         }
-        let r = route::lookup(self.t, p.dst);
         if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
             return route::forward_external(self.t, frame, &p, mac);
         }
@@ -545,6 +548,10 @@ impl Ctx<'_> {
             // it; untracked. Such frames reach a worker only from pods whose egress policy the XDP
             // program sends everything of (the rest it passes itself).
             return Verdict::PassToKernel;
+        }
+        if route::needs_frag_answer(t, &p, &r) {
+            // Not tracked: the sender retries smaller, and that packet opens the flow.
+            return Verdict::FragNeeded(t.vxlan_mtu);
         }
         s.ct_epoch += 1;
         let mut inserted = s.conntrack.insert(orig, xlat.reversed(), value, now);

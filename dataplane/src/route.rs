@@ -6,9 +6,14 @@
 //! Addresses in the cluster CIDR that no pod or node owns get [`DropReason::NoRoute`]; this node's
 //! VTEP and underlay addresses and addresses outside the cluster go to the kernel.
 //!
-//! MTU: a packet larger than its route's MTU (the pod MTU for local pods, underlay MTU - 50 over
-//! VXLAN) is dropped with [`DropReason::FrameTooBig`] rather than answered with ICMP "fragmentation
-//! needed": pods carry per-route MTUs (DESIGN, MTU strategy), so such packets only come from
+//! MTU (DESIGN, MTU strategy): pods send up to the large pod MTU on every cluster route. A packet
+//! for another node that is larger than VXLAN carries (underlay MTU - 50) is rewritten for its
+//! route but not encapsulated, and gets [`Verdict::Segment`]: the transmitter cuts it (software TSO
+//! for TCP, IPv4 fragments otherwise; `segment`) and encapsulates each piece with
+//! [`tunnel_to`]. One that may not be fragmented (DF, not TCP) is answered before NAT with ICMP
+//! "fragmentation needed" ([`Verdict::FragNeeded`], see [`needs_frag_answer`]). A packet larger
+//! than a local pod's MTU, or than the underlay towards an outside client, is dropped with
+//! [`DropReason::FrameTooBig`]: pods carry per-route MTUs, so those only come from
 //! misconfiguration, and a drop counter shows it.
 
 use crate::frame::Frame;
@@ -61,7 +66,7 @@ pub fn forward(
 ) -> Verdict {
     let (mtu, port) = match route {
         Route::Local(pod) => (tables.node.pod_mtu, pod.port),
-        Route::Remote(_) => (tables.vxlan_mtu, tables.node.uplink),
+        Route::Remote(_) => (tables.node.pod_mtu, tables.node.uplink),
         Route::Kernel => return Verdict::PassToKernel,
         Route::NoRoute => return Verdict::Drop(DropReason::NoRoute),
     };
@@ -93,14 +98,10 @@ pub fn forward(
         if !frame.is_chained() {
             frame.truncate_head(L3_OFFSET + usize::from(p.ip_len));
         }
-        let t = vxlan::Tunnel {
-            src_mac: tables.node.underlay_mac,
-            dst_mac: node.next_hop_mac,
-            src_ip: tables.node.underlay_ip.octets(),
-            dst_ip: node.underlay_ip.octets(),
-            vni: tables.node.vni,
-            dst_port: tables.node.vxlan_port,
-        };
+        if p.ip_len > tables.vxlan_mtu {
+            return Verdict::Segment(port);
+        }
+        let t = tunnel(tables, &node);
         let h = p.key().hash64();
         match vxlan::encap(frame, &t, vxlan::src_port(h), ip_id) {
             Ok(()) => {}
@@ -109,6 +110,34 @@ pub fn forward(
         }
     }
     Verdict::Forward(port)
+}
+
+/// The VXLAN tunnel towards another node.
+fn tunnel(tables: &Tables, node: &RemoteNode) -> vxlan::Tunnel {
+    vxlan::Tunnel {
+        src_mac: tables.node.underlay_mac,
+        dst_mac: node.next_hop_mac,
+        src_ip: tables.node.underlay_ip.octets(),
+        dst_ip: node.underlay_ip.octets(),
+        vni: tables.node.vni,
+        dst_port: tables.node.vxlan_port,
+    }
+}
+
+/// The tunnel towards the node that owns `dst` (a pod of another node), for the pieces of a
+/// [`Verdict::Segment`] frame; `None` if no node does.
+pub fn tunnel_to(tables: &Tables, dst: [u8; 4]) -> Option<vxlan::Tunnel> {
+    tables.remote_node(dst).map(|n| tunnel(tables, n))
+}
+
+/// Whether a packet on `route` must be answered with ICMP "fragmentation needed" instead of being
+/// sent: it is larger than VXLAN carries towards another node, has DF set and is not TCP (TCP is
+/// segmented whatever its DF). Checked before NAT, so the answer quotes what the sender sent.
+pub fn needs_frag_answer(tables: &Tables, p: &Parsed, route: &Route) -> bool {
+    matches!(route, Route::Remote(_))
+        && p.ip_len > tables.vxlan_mtu
+        && p.dont_frag
+        && p.proto != crate::flow::proto::TCP
 }
 
 /// Send a reply to a client outside the cluster (a NodePort client) back out of the uplink to

@@ -22,6 +22,18 @@ pub enum Verdict {
     /// `.0` as it arrived, with its ingress port. The pipeline changed none of its bytes (only its
     /// window may have moved) and counted it in [`Counters::steered`] only.
     Steer(u16),
+    /// The frame, rewritten for its route to another node (NAT, TTL, inner MACs) but not yet
+    /// encapsulated, is larger than that route carries: the transmitter cuts it with
+    /// `segment::plan` (the tables' `vxlan_mtu`; software TSO for TCP, IPv4 fragments for the rest)
+    /// and VXLAN-encapsulates every piece towards `route::tunnel_to` of its destination, on this
+    /// port. Counted as one forwarded frame.
+    Segment(PortId),
+    /// The frame may not be fragmented (DF, not TCP) and is larger than its route to another node
+    /// carries (`.0` bytes): the transmitter answers its sender with ICMP "fragmentation needed"
+    /// (`segment::frag_needed`, from this node's VTEP address) on the ingress port and drops the
+    /// frame. The frame is as it arrived (no NAT applied), so the ICMP quotes what the sender
+    /// sent. Counted as a drop [`DropReason::FragmentationNeeded`].
+    FragNeeded(u16),
 }
 
 macro_rules! drop_reasons {
@@ -88,6 +100,9 @@ drop_reasons! {
     ConntrackFull = "conntrack_full",
     /// No free source port for NodePort SNAT to this backend.
     NatPortExhausted = "nat_port_exhausted",
+    /// A frame larger than its route carries with DF set (not TCP): answered with ICMP
+    /// "fragmentation needed" ([`Verdict::FragNeeded`]).
+    FragmentationNeeded = "fragmentation_needed",
     /// An ICMP error about no tracked flow.
     IcmpErrorUnrelated = "icmp_error_unrelated",
     /// A packet conntrack judges invalid for the flow's TCP state.
@@ -137,9 +152,10 @@ impl Counters {
         }
         self.rx += 1;
         match v {
-            Verdict::Forward(_) => self.tx += 1,
+            Verdict::Forward(_) | Verdict::Segment(_) => self.tx += 1,
             Verdict::PassToKernel => self.passed += 1,
             Verdict::Drop(r) => self.drops[r as usize] += 1,
+            Verdict::FragNeeded(_) => self.drops[DropReason::FragmentationNeeded as usize] += 1,
             Verdict::Steer(_) => {}
         }
     }
@@ -151,7 +167,7 @@ impl Counters {
             return;
         }
         self.rx_bytes += rx as u64;
-        if let Verdict::Forward(_) = v {
+        if let Verdict::Forward(_) | Verdict::Segment(_) = v {
             self.tx_bytes += tx as u64;
         }
     }

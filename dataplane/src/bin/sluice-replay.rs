@@ -61,6 +61,8 @@ fn main() -> ExitCode {
                 Verdict::Drop(r) => format!("DROP {}", r.as_str()),
                 Verdict::PassToKernel => "PASS to kernel".to_string(),
                 Verdict::Steer(w) => format!("STEER to worker {w}"),
+                Verdict::Segment(p) => format!("SEGMENT for port {}", p.0),
+                Verdict::FragNeeded(mtu) => format!("FRAG-NEEDED back to sender (mtu {mtu})"),
             };
             println!("{n:4} in port {:<2} {before:<58} -> {verdict}", port.0);
         }

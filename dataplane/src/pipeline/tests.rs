@@ -289,9 +289,10 @@ fn drops_with_reasons() {
         .fill_checksum();
     let (v, _) = run(&t, &mut s, 1, POD_A, &f);
     assert_eq!(v, Verdict::Drop(DropReason::TtlExceeded));
+    // Larger than VXLAN carries, DF set, not TCP: answered with fragmentation-needed.
     let big = demo::udp_frame(&FrameSpec::from_pod(2, R, 1, 2), &[0u8; 1500]);
     let (v, _) = run(&t, &mut s, 1, POD_A, &big);
-    assert_eq!(v, Verdict::Drop(DropReason::FrameTooBig));
+    assert_eq!(v, Verdict::FragNeeded(1450));
     // A TCP packet with invalid flags for a new flow.
     let f = demo::tcp_frame(
         &FrameSpec::from_pod(2, B, 3, 80),
@@ -305,6 +306,76 @@ fn drops_with_reasons() {
     assert_eq!(s.counters.rx, 7);
     assert_eq!(s.counters.drops.iter().sum::<u64>(), 7);
     assert_eq!(s.counters.dropped(DropReason::NoRoute), 1);
+    assert_eq!(s.counters.dropped(DropReason::FragmentationNeeded), 1);
+}
+
+/// Pods send up to the large pod MTU on cluster routes. Towards another node, a frame larger than
+/// VXLAN carries is rewritten for its route (NAT, TTL, VTEP MACs) but left for the transmitter
+/// to cut and encapsulate: TCP whatever its DF, other protocols when DF is clear. With DF set,
+/// a UDP datagram is answered with fragmentation-needed before NAT (the frame is as it came).
+#[test]
+fn oversized_frames_to_other_nodes_are_segmented_or_answered() {
+    let t = demo_tables();
+    let mut s = state();
+    // TCP through the ClusterIP to the remote backend: established first, then a 9000-byte segment.
+    let sp = sport_for(&t, R);
+    let syn = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::SYN, b"");
+    assert_eq!(run(&t, &mut s, 1, POD_A, &syn).0, Verdict::Forward(UPLINK));
+    let synack = FrameSpec {
+        src_mac: Mac([0; 6]),
+        dst_mac: Mac([0; 6]),
+        src: R,
+        dst: A,
+        src_port: 8080,
+        dst_port: sp,
+    };
+    let synack = demo::tcp_frame(&synack, tcp::flags::SYN | tcp::flags::ACK, b"");
+    assert_eq!(
+        run(&t, &mut s, 1, UPLINK, &from_remote(&synack)).0,
+        Verdict::Forward(POD_A)
+    );
+    let data = demo::tcp_frame(
+        &FrameSpec::from_pod(2, VIP, sp, 80),
+        tcp::flags::ACK,
+        &[7u8; 9000],
+    );
+    let (v, out) = run(&t, &mut s, 2, POD_A, &data);
+    assert_eq!(v, Verdict::Segment(UPLINK));
+    assert_eq!(out.len(), data.len(), "not encapsulated");
+    assert_eq!(tuple(&out).dst, R, "DNATed to the backend");
+    assert_eq!(
+        (&out[..6], &out[6..12]),
+        (&demo::PEER_VTEP_MAC.0[..], &demo::VTEP_MAC.0[..])
+    );
+    assert_eq!(out[14 + 8], 63, "TTL decremented");
+    assert!(checksums_ok(&out));
+    let tun = route::tunnel_to(&t, R).expect("a tunnel to the backend's node");
+    assert_eq!(tun.dst_ip, [192, 168, 50, 2]);
+    // UDP with DF clear: fragmented by the transmitter.
+    let mut udp = demo::udp_frame(&FrameSpec::from_pod(2, R, 5, 6), &[1u8; 3000]);
+    udp[14 + 6] &= !0x40;
+    ipv4::Packet::new_checked(&mut udp[14..])
+        .unwrap()
+        .fill_checksum();
+    assert_eq!(run(&t, &mut s, 3, POD_A, &udp).0, Verdict::Segment(UPLINK));
+    // UDP with DF set to the web VIP's remote backend is answered, NAT not applied.
+    let dns = demo::udp_frame(
+        &FrameSpec::from_pod(2, [10, 96, 0, 53], 4444, 53),
+        &[2u8; 3000],
+    );
+    let (v, out) = run(&t, &mut s, 4, POD_A, &dns);
+    assert_eq!(v, Verdict::FragNeeded(1450));
+    assert_eq!(out, dns, "left as it came");
+    // To a local pod the large MTU is fine.
+    let local = demo::tcp_frame(&FrameSpec::from_pod(2, B, 9, 80), tcp::flags::SYN, b"");
+    assert_eq!(run(&t, &mut s, 5, POD_A, &local).0, Verdict::Forward(POD_B));
+    let local = demo::udp_frame(&FrameSpec::from_pod(2, B, 9, 81), &[3u8; 9000]);
+    assert_eq!(run(&t, &mut s, 6, POD_A, &local).0, Verdict::Forward(POD_B));
+    assert_eq!(
+        s.counters.tx, 6,
+        "a segmented frame counts as one forwarded"
+    );
+    assert_eq!(s.counters.dropped(DropReason::FragmentationNeeded), 1);
 }
 
 #[test]
