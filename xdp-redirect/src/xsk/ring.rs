@@ -1,0 +1,277 @@
+//! The four rings of a socket, as the rest of the AF_XDP layer drives them:
+//! fill (chunks to the kernel), rx (packets from it), tx (packets to it) and
+//! completion (chunks back from tx), plus the kicks (`sendto`/`recvfrom`).
+//!
+//! Owns every ring access (libxdp's inline producer/consumer helpers over
+//! the mapped rings). Guarantees: nothing is produced beyond the room the
+//! ring has (libxdp reserves all or nothing); a tx ring only ever receives
+//! whole packets; every chunk taken from or given to a ring is counted in
+//! the socket's `fill_out`/`tx_out`.
+
+use std::io;
+use std::ptr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use libxdp_sys::{xdp_desc, xsk_ring_cons, xsk_ring_prod};
+
+use super::XskError;
+use super::socket::Socket;
+use super::umem::Memory;
+
+pub(super) fn zeroed_prod() -> Box<xsk_ring_prod> {
+    // SAFETY: xsk_ring_prod is a C struct of integers and raw pointers, for
+    // which all-zero is the "not set up" value libxdp expects.
+    Box::new(unsafe { std::mem::zeroed() })
+}
+
+pub(super) fn zeroed_cons() -> Box<xsk_ring_cons> {
+    // SAFETY: as in `zeroed_prod`.
+    Box::new(unsafe { std::mem::zeroed() })
+}
+
+/// A range of rx descriptors peeked and not yet released.
+#[derive(Debug)]
+pub(super) struct RxPeek {
+    idx: u32,
+    n: u32,
+}
+
+impl RxPeek {
+    /// Descriptors in the range.
+    pub(super) fn len(&self) -> u32 {
+        self.n
+    }
+
+    /// Descriptor `k` of the range (`None` past its end).
+    pub(super) fn desc(&self, sock: &Socket, k: u32) -> Option<xdp_desc> {
+        if k >= self.n {
+            return None;
+        }
+        // SAFETY: `idx + k` lies within the range peeked from this socket's
+        // rx ring and not released, which the kernel does not write.
+        Some(unsafe { *libxdp_sys::xsk_ring_cons__rx_desc(&*sock.rx, self.idx.wrapping_add(k)) })
+    }
+}
+
+/// Peeks at most `max` descriptors of `sock`'s rx ring.
+pub(super) fn rx_peek(sock: &mut Socket, max: u32) -> RxPeek {
+    let mut idx = 0;
+    // SAFETY: the rx ring of a live socket.
+    let n = unsafe { libxdp_sys::xsk_ring_cons__peek(&mut *sock.rx, max, &mut idx) };
+    RxPeek { idx, n }
+}
+
+/// Releases the first `used` descriptors of `peek` to the kernel and leaves
+/// the rest in the ring for the next peek.
+pub(super) fn rx_finish(sock: &mut Socket, peek: RxPeek, used: u32) {
+    let used = used.min(peek.n);
+    if peek.n > used {
+        // SAFETY: cancels the peeked but unused tail.
+        unsafe { libxdp_sys::xsk_ring_cons__cancel(&mut *sock.rx, peek.n - used) };
+    }
+    if used > 0 {
+        // SAFETY: releases the consumed descriptors.
+        unsafe { libxdp_sys::xsk_ring_cons__release(&mut *sock.rx, used) };
+    }
+}
+
+/// Takes everything out of `sock`'s rx ring: the chunks go to `free`.
+pub(super) fn drain_rx(sock: &mut Socket, mem: &Memory, free: &mut Vec<u64>) {
+    loop {
+        let peek = rx_peek(sock, 64);
+        if peek.len() == 0 {
+            break;
+        }
+        for k in 0..peek.len() {
+            if let Some(d) = peek.desc(sock, k)
+                && mem.contains(&d)
+            {
+                free.push(mem.chunk_base(d.addr));
+            }
+            sock.fill_out = sock.fill_out.saturating_sub(1);
+        }
+        let n = peek.len();
+        rx_finish(sock, peek, n);
+    }
+}
+
+/// The chunk addresses between the kernel's consumer and our producer.
+pub(super) fn fill_ring_entries(fill: &xsk_ring_prod) -> Vec<u64> {
+    if fill.ring.is_null() || fill.consumer.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: `consumer` points into the mapped fill ring of a live socket;
+    // the kernel updates it concurrently, hence the atomic (acquire) read.
+    let cons = unsafe { (*(fill.consumer as *const AtomicU32)).load(Ordering::Acquire) };
+    let prod = fill.cached_prod;
+    let n = prod.wrapping_sub(cons);
+    (0..n)
+        .map(|k| {
+            let i = cons.wrapping_add(k) & fill.mask;
+            // SAFETY: `i <= mask` indexes the ring of `size` u64 entries;
+            // entries in [cons, prod) were written by us and not consumed.
+            unsafe { *(fill.ring as *const u64).add(i as usize) }
+        })
+        .collect()
+}
+
+/// Tops `sock`'s fill ring up to its fill target from `free`.
+pub(super) fn refill(sock: &mut Socket, free: &mut Vec<u64>) {
+    let fill = &mut *sock.fill;
+    // SAFETY: the fill ring of a live socket.
+    let room = unsafe { libxdp_sys::xsk_prod_nb_free(fill, fill.size) };
+    let want = u64::from(sock.fill_target).saturating_sub(sock.fill_out);
+    let n = room
+        .min(free.len() as u32)
+        .min(u32::try_from(want).unwrap_or(u32::MAX));
+    if n == 0 {
+        return;
+    }
+    let mut idx = 0;
+    // SAFETY: reserving at most the free room, so the call cannot fail
+    // partially (libxdp reserves all or nothing).
+    let got = unsafe { libxdp_sys::xsk_ring_prod__reserve(fill, n, &mut idx) };
+    for k in 0..got {
+        let Some(addr) = free.pop() else { break };
+        // SAFETY: `idx + k` is within the reserved range.
+        unsafe { *libxdp_sys::xsk_ring_prod__fill_addr(fill, idx.wrapping_add(k)) = addr };
+    }
+    // SAFETY: submits exactly the reserved entries, each written above
+    // (`free` had at least `n >= got` entries).
+    unsafe { libxdp_sys::xsk_ring_prod__submit(fill, got) };
+    sock.fill_out += u64::from(got);
+}
+
+/// Moves queued descriptors onto `sock`'s tx ring: as many whole packets,
+/// in order, as the ring has room for.
+pub(super) fn produce_tx(sock: &mut Socket) {
+    if sock.pending.is_empty() {
+        return;
+    }
+    let tx = &mut *sock.tx;
+    // SAFETY: the tx ring of a live socket.
+    let room = unsafe { libxdp_sys::xsk_prod_nb_free(tx, tx.size) } as usize;
+    // Whole packets only: cut after the last descriptor that ends one.
+    let mut n = 0;
+    for (k, d) in sock.pending.iter().take(room).enumerate() {
+        if d.options & libc::XDP_PKT_CONTD == 0 {
+            n = k + 1;
+        }
+    }
+    if n == 0 {
+        return;
+    }
+    let mut idx = 0;
+    // SAFETY: `n <= room`, so the reservation succeeds in full.
+    let got = unsafe { libxdp_sys::xsk_ring_prod__reserve(tx, n as u32, &mut idx) };
+    for k in 0..got {
+        let Some(d) = sock.pending.pop_front() else {
+            break;
+        };
+        if d.options & libc::XDP_PKT_CONTD == 0 {
+            sock.stats.tx_packets += 1;
+        }
+        // SAFETY: `idx + k` is within the reserved range.
+        unsafe { *libxdp_sys::xsk_ring_prod__tx_desc(tx, idx.wrapping_add(k)) = d };
+    }
+    // SAFETY: submits the reserved entries, all written above.
+    unsafe { libxdp_sys::xsk_ring_prod__submit(tx, got) };
+}
+
+/// Kicks the kernel (`sendto`) while `sock`'s tx ring is not empty.
+pub(super) fn kick_tx(sock: &mut Socket) -> Result<(), XskError> {
+    // Copy mode sends at most 32 frames per sendto: kick until the kernel
+    // has consumed the ring, or it reports it is busy.
+    let size = sock.tx.size;
+    for _ in 0..(size / 32 + 2) {
+        // SAFETY: the tx ring of a live socket.
+        let free = unsafe { libxdp_sys::xsk_prod_nb_free(&mut *sock.tx, size) };
+        if free == size {
+            break;
+        }
+        // Without XDP_USE_NEED_WAKEUP the kernel never sets the flag and
+        // every non-empty ring needs a kick.
+        // SAFETY: as above.
+        if sock.need_wakeup && unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.tx) } == 0 {
+            break;
+        }
+        sock.stats.tx_kicks += 1;
+        // SAFETY: sendto with a null buffer of length 0 on an AF_XDP socket
+        // is the documented tx kick.
+        let rc =
+            unsafe { libc::sendto(sock.fd, ptr::null(), 0, libc::MSG_DONTWAIT, ptr::null(), 0) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR) => break,
+                _ => {
+                    return Err(XskError::Wakeup {
+                        ifname: sock.ifname.clone(),
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Wakes the kernel's fill ring side when it asks for it.
+pub(super) fn wake_fill(sock: &mut Socket) -> Result<(), XskError> {
+    // SAFETY: the fill ring of a live socket.
+    if unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.fill) } == 0 {
+        return Ok(());
+    }
+    recv_kick(sock)
+}
+
+/// `recvfrom` with no buffer: the rx/fill wakeup (and busy poll).
+pub(super) fn recv_kick(sock: &mut Socket) -> Result<(), XskError> {
+    // SAFETY: recvfrom with a null buffer of length 0 on an AF_XDP socket
+    // is the documented rx/fill wakeup.
+    let rc = unsafe {
+        libc::recvfrom(
+            sock.fd,
+            ptr::null_mut(),
+            0,
+            libc::MSG_DONTWAIT,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR)
+        ) {
+            return Err(XskError::Wakeup {
+                ifname: sock.ifname.clone(),
+                source: e,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Takes every completed tx chunk back onto `free`.
+pub(super) fn reap(sock: &mut Socket, mem: &Memory, free: &mut Vec<u64>) {
+    loop {
+        let mut idx = 0;
+        // SAFETY: the completion ring of a live socket.
+        let n = unsafe { libxdp_sys::xsk_ring_cons__peek(&mut *sock.comp, 256, &mut idx) };
+        if n == 0 {
+            return;
+        }
+        for k in 0..n {
+            // SAFETY: index within the peeked range.
+            let addr =
+                unsafe { *libxdp_sys::xsk_ring_cons__comp_addr(&*sock.comp, idx.wrapping_add(k)) };
+            free.push(mem.chunk_base(addr));
+        }
+        // SAFETY: releases what was peeked.
+        unsafe { libxdp_sys::xsk_ring_cons__release(&mut *sock.comp, n) };
+        sock.tx_out = sock.tx_out.saturating_sub(u64::from(n));
+        sock.stats.tx_completed += u64::from(n);
+    }
+}

@@ -1,0 +1,379 @@
+//! The AF_XDP sockets of a worker: opening and binding one on (interface,
+//! queue) over the shared UMEM, its options, closing it, and its counters
+//! (ours in [`SocketStats`], the kernel's in [`KernelStats`]).
+//!
+//! Owns the libxdp socket object and its four ring structs (boxed: libxdp
+//! keeps pointers to them). Guarantees: a socket's fill ring is topped up
+//! on open; closing one gives back every chunk userspace can still see and
+//! counts the rest as lost.
+
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::ptr::{self, NonNull};
+
+use libxdp_sys::{xdp_desc, xsk_ring_cons, xsk_ring_prod, xsk_socket};
+
+use super::ring::{self, zeroed_cons, zeroed_prod};
+use super::{BindMode, SocketId, Xsk, XskError};
+
+const XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD: u32 = 1;
+const SO_PREFER_BUSY_POLL: libc::c_int = 69;
+const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+
+/// Per-socket counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketStats {
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Descriptors received (more than packets with multi-buffer).
+    pub rx_descs: u64,
+    /// Packets put on the tx ring.
+    pub tx_packets: u64,
+    /// Descriptors completed by the kernel.
+    pub tx_completed: u64,
+    /// Packets dropped because the tx queue was full.
+    pub tx_queue_full: u64,
+    /// RX descriptors outside the UMEM or with a broken chain (dropped).
+    pub rx_invalid: u64,
+    /// `sendto` kicks.
+    pub tx_kicks: u64,
+    /// Packets queued by [`Xsk::send_copy`] (copied in, not forwarded).
+    pub tx_copied: u64,
+}
+
+/// The kernel's own counters of a socket (`XDP_STATISTICS`): what it
+/// dropped or found missing on its side of the rings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Frames dropped for reasons other than the two below (e.g. too big).
+    pub rx_dropped: u64,
+    /// Invalid descriptors found on the fill ring.
+    pub rx_invalid_descs: u64,
+    /// Invalid descriptors found on the tx ring.
+    pub tx_invalid_descs: u64,
+    /// Frames dropped because the rx ring was full.
+    pub rx_ring_full: u64,
+    /// Frames dropped because the fill ring was empty.
+    pub rx_fill_ring_empty_descs: u64,
+    /// Times the kernel found the tx ring empty on a kick.
+    pub tx_ring_empty_descs: u64,
+}
+
+impl KernelStats {
+    /// `(name, value)` of every counter, named as the kernel names them.
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
+        [
+            ("rx_dropped", self.rx_dropped),
+            ("rx_invalid_descs", self.rx_invalid_descs),
+            ("tx_invalid_descs", self.tx_invalid_descs),
+            ("rx_ring_full", self.rx_ring_full),
+            ("rx_fill_ring_empty_descs", self.rx_fill_ring_empty_descs),
+            ("tx_ring_empty_descs", self.tx_ring_empty_descs),
+        ]
+    }
+}
+
+pub(super) struct Socket {
+    xsk: NonNull<xsk_socket>,
+    // Boxed: libxdp keeps pointers to the fill and completion rings in its
+    // per-(interface, queue) context until `xsk_socket__delete`.
+    pub(super) rx: Box<xsk_ring_cons>,
+    pub(super) tx: Box<xsk_ring_prod>,
+    pub(super) fill: Box<xsk_ring_prod>,
+    pub(super) comp: Box<xsk_ring_cons>,
+    pub(super) fd: RawFd,
+    pub(super) ifname: String,
+    pub(super) queue: u32,
+    /// Descriptors queued for the tx ring (whole packets, in order).
+    pub(super) pending: VecDeque<xdp_desc>,
+    pub(super) pending_cap: usize,
+    pub(super) need_wakeup: bool,
+    /// Chunks given to the fill ring and not received back.
+    pub(super) fill_out: u64,
+    /// How many chunks this socket's fill ring is kept at (see
+    /// [`Xsk::open_socket_with`]).
+    pub(super) fill_target: u32,
+    /// Chunks queued or on the tx ring, not completed.
+    pub(super) tx_out: u64,
+    pub(super) stats: SocketStats,
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("ifname", &self.ifname)
+            .field("queue", &self.queue)
+            .field("fd", &self.fd)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: `xsk` came from `xsk_socket__create_shared`; the rings it
+        // points at are still alive (fields dropped after this body).
+        unsafe { libxdp_sys::xsk_socket__delete(self.xsk.as_ptr()) };
+    }
+}
+
+impl Xsk {
+    /// Opens and binds a socket on (`ifname`, `queue`) sharing this UMEM and
+    /// fills its fill ring. Register its fd with
+    /// [`crate::XdpLoader::register_socket`] to receive.
+    pub fn open_socket(&mut self, ifname: &str, queue: u32) -> Result<SocketId, XskError> {
+        self.open_socket_with(ifname, queue, self.cfg.fill_size)
+    }
+
+    /// [`Self::open_socket`], keeping at most `fill_target` chunks in its
+    /// fill ring. Chunks in a fill ring are idle until that socket receives,
+    /// so with many sockets on one UMEM (a worker's pods) each gets a share:
+    /// the busy uplink a full ring, a pod a few batches, a transmit-only
+    /// socket none.
+    pub fn open_socket_with(
+        &mut self,
+        ifname: &str,
+        queue: u32,
+        fill_target: u32,
+    ) -> Result<SocketId, XskError> {
+        let sock_err = |source: io::Error| XskError::Socket {
+            ifname: ifname.to_string(),
+            queue,
+            mode: self.cfg.bind_mode,
+            source,
+        };
+        let cname = CString::new(ifname)
+            .map_err(|e| sock_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let mut bind_flags: u16 = match self.cfg.bind_mode {
+            BindMode::Copy => libc::XDP_COPY,
+            BindMode::ZeroCopy => libc::XDP_ZEROCOPY,
+        };
+        if self.cfg.need_wakeup {
+            bind_flags |= libc::XDP_USE_NEED_WAKEUP;
+        }
+        if self.cfg.multi_buffer {
+            bind_flags |= libc::XDP_USE_SG;
+        }
+        let scfg = libxdp_sys::xsk_socket_config {
+            rx_size: self.cfg.rx_size,
+            tx_size: self.cfg.tx_size,
+            __bindgen_anon_1: libxdp_sys::xsk_socket_config__bindgen_ty_1 {
+                libxdp_flags: XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD,
+            },
+            xdp_flags: 0,
+            bind_flags,
+        };
+        let mut rx = zeroed_cons();
+        let mut tx = zeroed_prod();
+        let mut fill = zeroed_prod();
+        let mut comp = zeroed_cons();
+        let mut xptr = ptr::null_mut();
+        // SAFETY: all ring structs are boxed (stable addresses) and kept in
+        // the `Socket` until after `xsk_socket__delete`; the UMEM outlives
+        // the socket (field order of `Xsk`).
+        let rc = unsafe {
+            libxdp_sys::xsk_socket__create_shared(
+                &mut xptr,
+                cname.as_ptr(),
+                queue,
+                self.umem.ptr.as_ptr(),
+                &mut *rx,
+                &mut *tx,
+                &mut *fill,
+                &mut *comp,
+                &scfg,
+            )
+        };
+        if rc != 0 {
+            return Err(sock_err(io::Error::from_raw_os_error(-rc)));
+        }
+        let xsk = NonNull::new(xptr).ok_or_else(|| sock_err(io::Error::other("null socket")))?;
+        // SAFETY: `xsk` is a live socket.
+        let fd = unsafe { libxdp_sys::xsk_socket__fd(xsk.as_ptr()) };
+        let mut sock = Socket {
+            xsk,
+            rx,
+            tx,
+            fill,
+            comp,
+            fd,
+            ifname: ifname.to_string(),
+            queue,
+            pending: VecDeque::with_capacity(self.cfg.tx_size as usize),
+            pending_cap: self.cfg.tx_size as usize,
+            need_wakeup: self.cfg.need_wakeup,
+            fill_out: 0,
+            fill_target: fill_target.min(self.cfg.fill_size),
+            tx_out: 0,
+            stats: SocketStats::default(),
+        };
+        if let Some(bp) = self.cfg.busy_poll {
+            for (option, name, value) in [
+                (SO_PREFER_BUSY_POLL, "SO_PREFER_BUSY_POLL", 1),
+                (libc::SO_BUSY_POLL, "SO_BUSY_POLL", bp.usecs as libc::c_int),
+                (
+                    SO_BUSY_POLL_BUDGET,
+                    "SO_BUSY_POLL_BUDGET",
+                    bp.budget as libc::c_int,
+                ),
+            ] {
+                setsockopt_int(fd, libc::SOL_SOCKET, option, value).map_err(|source| {
+                    XskError::SockOpt {
+                        ifname: ifname.to_string(),
+                        option: name,
+                        source,
+                    }
+                })?;
+            }
+        }
+        ring::refill(&mut sock, &mut self.free);
+        let id = match self.sockets.iter().position(Option::is_none) {
+            Some(i) => {
+                self.sockets[i] = Some(sock);
+                i
+            }
+            None => {
+                self.sockets.push(Some(sock));
+                self.sockets.len() - 1
+            }
+        };
+        Ok(SocketId(id as u16))
+    }
+
+    /// Closes a socket. Chunks still in its rings are reclaimed where
+    /// userspace can see them (unconsumed fill entries, rx, completions,
+    /// queued tx); the rest is counted as lost.
+    ///
+    /// Unregister the socket from the XSKMAP first
+    /// ([`crate::XdpLoader::unregister_socket`]): the unconsumed fill entries
+    /// are reclaimed on the assumption that no redirect into this socket
+    /// takes one meanwhile. Its [`SocketId`] may be reused by the next
+    /// [`Xsk::open_socket`].
+    pub fn close_socket(&mut self, id: SocketId) -> Result<(), XskError> {
+        let mut sock = self
+            .sockets
+            .get_mut(id.0 as usize)
+            .and_then(Option::take)
+            .ok_or(XskError::NoSuchSocket(id))?;
+        ring::reap(&mut sock, &self.mem, &mut self.free);
+        // Drain rx: those chunks are ours again.
+        ring::drain_rx(&mut sock, &self.mem, &mut self.free);
+        // Fill entries the kernel has not consumed yet.
+        let in_fill = ring::fill_ring_entries(&sock.fill);
+        for a in in_fill.iter().copied() {
+            self.free.push(self.mem.chunk_base(a));
+        }
+        sock.fill_out = sock.fill_out.saturating_sub(in_fill.len() as u64);
+        let queued = sock.pending.len() as u64;
+        while let Some(d) = sock.pending.pop_front() {
+            self.free.push(self.mem.chunk_base(d.addr));
+        }
+        sock.tx_out = sock.tx_out.saturating_sub(queued);
+        self.lost += sock.fill_out + sock.tx_out;
+        drop(sock);
+        Ok(())
+    }
+
+    pub(super) fn socket(&self, id: SocketId) -> Result<&Socket, XskError> {
+        self.sockets
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .ok_or(XskError::NoSuchSocket(id))
+    }
+
+    /// The socket's fd, for registering in the XSKMAP and polling (mio).
+    pub fn fd(&self, id: SocketId) -> Result<BorrowedFd<'_>, XskError> {
+        let s = self.socket(id)?;
+        // SAFETY: the fd stays open as long as the socket, which the
+        // returned borrow of `self` keeps alive.
+        Ok(unsafe { BorrowedFd::borrow_raw(s.fd) })
+    }
+
+    /// The (interface, queue) a socket is bound to.
+    pub fn binding(&self, id: SocketId) -> Result<(&str, u32), XskError> {
+        let s = self.socket(id)?;
+        Ok((&s.ifname, s.queue))
+    }
+
+    /// Enters the kernel for `id`'s rx side (`recvfrom`, non-blocking):
+    /// drives NAPI when busy polling is configured, and wakes the fill ring
+    /// when the kernel asks for it.
+    pub fn poll_kernel(&mut self, id: SocketId) -> Result<(), XskError> {
+        let sock = self
+            .sockets
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(XskError::NoSuchSocket(id))?;
+        ring::recv_kick(sock)
+    }
+
+    /// Counters of one socket.
+    pub fn stats(&self, id: SocketId) -> Result<SocketStats, XskError> {
+        Ok(self.socket(id)?.stats)
+    }
+
+    /// The kernel's counters of socket `id` (`getsockopt(XDP_STATISTICS)`:
+    /// one syscall; for metrics, not the hot path).
+    pub fn kernel_stats(&self, id: SocketId) -> Result<KernelStats, XskError> {
+        let sock = self.socket(id)?;
+        let mut st = libc::xdp_statistics {
+            rx_dropped: 0,
+            rx_invalid_descs: 0,
+            tx_invalid_descs: 0,
+            rx_ring_full: 0,
+            rx_fill_ring_empty_descs: 0,
+            tx_ring_empty_descs: 0,
+        };
+        let mut len = size_of::<libc::xdp_statistics>() as libc::socklen_t;
+        // SAFETY: `sock.fd` is a live AF_XDP socket; `st` and `len` are live
+        // and `len` is the size of `st`, which the kernel fills at most.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.fd,
+                libc::SOL_XDP,
+                libc::XDP_STATISTICS,
+                (&mut st as *mut libc::xdp_statistics).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(XskError::SockOpt {
+                ifname: sock.ifname.clone(),
+                option: "XDP_STATISTICS",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(KernelStats {
+            rx_dropped: st.rx_dropped,
+            rx_invalid_descs: st.rx_invalid_descs,
+            tx_invalid_descs: st.tx_invalid_descs,
+            rx_ring_full: st.rx_ring_full,
+            rx_fill_ring_empty_descs: st.rx_fill_ring_empty_descs,
+            tx_ring_empty_descs: st.tx_ring_empty_descs,
+        })
+    }
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and its size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

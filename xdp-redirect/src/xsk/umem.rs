@@ -1,0 +1,175 @@
+//! The UMEM: the anonymous mapping that holds every chunk, its registration
+//! with the kernel, the initial free list and the chunk arithmetic.
+//!
+//! Owns: the memory (unmapped on drop, after the registration is gone) and
+//! the libxdp UMEM object. Guarantees: [`Memory::slice`] and
+//! [`Memory::chunk_mut`] never reach outside the mapping; a chunk address is
+//! always `index * frame_size` (aligned mode), and a descriptor address
+//! `chunk base + offset in chunk`.
+
+use std::io;
+use std::ptr::{self, NonNull};
+
+use libxdp_sys::{xdp_desc, xsk_ring_cons, xsk_ring_prod, xsk_umem};
+
+use super::ring::{zeroed_cons, zeroed_prod};
+use super::{XskConfig, XskError};
+
+/// The UMEM memory region (anonymous mapping).
+#[derive(Debug)]
+pub(super) struct Memory {
+    pub(super) base: NonNull<u8>,
+    pub(super) len: usize,
+    pub(super) frame_size: u64,
+}
+
+impl Memory {
+    /// Maps `frame_count * frame_size` bytes, populated.
+    pub(super) fn map(cfg: &XskConfig) -> Result<Self, XskError> {
+        let len = cfg.frame_count as usize * cfg.frame_size as usize;
+        // SAFETY: a fresh anonymous private mapping; no existing memory is
+        // affected. The result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(XskError::Mmap {
+                bytes: len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            base: NonNull::new(p.cast()).ok_or(XskError::Config("mmap returned null"))?,
+            len,
+            frame_size: u64::from(cfg.frame_size),
+        })
+    }
+
+    /// The chunk base addresses of the whole UMEM, as the initial free list
+    /// (popped from the end: chunk 0 first).
+    pub(super) fn all_chunks(&self) -> Vec<u64> {
+        (0..self.len as u64 / self.frame_size)
+            .rev()
+            .map(|i| i * self.frame_size)
+            .collect()
+    }
+
+    pub(super) fn chunk_base(&self, addr: u64) -> u64 {
+        addr & !(self.frame_size - 1)
+    }
+
+    pub(super) fn offset_in_chunk(&self, addr: u64) -> usize {
+        (addr & (self.frame_size - 1)) as usize
+    }
+
+    /// True if `d` lies inside one chunk of this memory.
+    pub(super) fn contains(&self, d: &xdp_desc) -> bool {
+        let off = self.offset_in_chunk(d.addr) as u64;
+        d.addr < self.len as u64 && off + u64::from(d.len) <= self.frame_size
+    }
+
+    /// The data of a descriptor already checked with [`Self::contains`].
+    pub(super) fn slice(&self, d: &xdp_desc) -> &[u8] {
+        if !self.contains(d) {
+            return &[];
+        }
+        // SAFETY: `contains` checked that [addr, addr+len) lies in the
+        // mapping; the descriptor belongs to a batch, so the chunk is owned
+        // by userspace (not in any ring) and nobody writes it meanwhile.
+        unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().add(d.addr as usize), d.len as usize)
+        }
+    }
+
+    /// The whole chunk at `addr` (a chunk base from the free list), writable.
+    pub(super) fn chunk_mut(&mut self, addr: u64) -> &mut [u8] {
+        let base = self.chunk_base(addr);
+        if base + self.frame_size > self.len as u64 {
+            return &mut [];
+        }
+        // SAFETY: [base, base + frame_size) lies in the mapping (checked above); the chunk comes
+        // from the free list, so it is in no ring and no batch: neither the kernel nor any
+        // `FrameMut` touches it, and the `&mut self` borrow makes this the only reference.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.as_ptr().add(base as usize),
+                self.frame_size as usize,
+            )
+        }
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly the mapping made in `Memory::map`,
+        // unmapped once, after every socket and the UMEM were deleted (field
+        // order of `Xsk`).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The UMEM registered with the kernel (libxdp's `xsk_umem`).
+#[derive(Debug)]
+pub(super) struct UmemHandle {
+    pub(super) ptr: NonNull<xsk_umem>,
+    // The rings created with the UMEM; libxdp hands them to the first
+    // socket's context and may dereference them until then.
+    _fill: Box<xsk_ring_prod>,
+    _comp: Box<xsk_ring_cons>,
+}
+
+impl UmemHandle {
+    /// Registers `mem` as a UMEM of `cfg.frame_size` chunks with
+    /// `cfg.headroom` (`xsk_umem__create`).
+    pub(super) fn register(mem: &Memory, cfg: &XskConfig) -> Result<Self, XskError> {
+        let ucfg = libxdp_sys::xsk_umem_config {
+            fill_size: cfg.fill_size,
+            comp_size: cfg.comp_size,
+            frame_size: cfg.frame_size,
+            frame_headroom: cfg.headroom,
+            flags: 0,
+        };
+        let mut fill = zeroed_prod();
+        let mut comp = zeroed_cons();
+        let mut uptr = ptr::null_mut();
+        // SAFETY: the memory region is mapped, page aligned and `len` long;
+        // the ring structs are boxed and outlive the UMEM (`UmemHandle`).
+        let rc = unsafe {
+            libxdp_sys::xsk_umem__create(
+                &mut uptr,
+                mem.base.as_ptr().cast(),
+                mem.len as u64,
+                &mut *fill,
+                &mut *comp,
+                &ucfg,
+            )
+        };
+        if rc != 0 {
+            return Err(XskError::Umem(io::Error::from_raw_os_error(-rc)));
+        }
+        let ptr = NonNull::new(uptr).ok_or(XskError::Config("xsk_umem__create returned null"))?;
+        Ok(Self {
+            ptr,
+            _fill: fill,
+            _comp: comp,
+        })
+    }
+}
+
+impl Drop for UmemHandle {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `xsk_umem__create` and every socket on it
+        // was deleted before (field order of `Xsk`).
+        let rc = unsafe { libxdp_sys::xsk_umem__delete(self.ptr.as_ptr()) };
+        if rc != 0 {
+            tracing::warn!(error = %io::Error::from_raw_os_error(-rc), "deleting the UMEM");
+        }
+    }
+}
