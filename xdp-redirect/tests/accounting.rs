@@ -1,9 +1,10 @@
 //! Frame accounting under pressure: a pod floods UDP of mixed sizes (single
-//! and multi-buffer) into a small UMEM; the loop drops a third, moves the
-//! data offset of some, and sends the rest back out through a tx ring too
-//! small for the load (queue-full drops). The accounting balances after
-//! every batch; at the end every chunk is found exactly once, and closing
-//! the socket gives every chunk back.
+//! and multi-buffer) into a small UMEM; the loop drops some, moves the data
+//! offset of some, copies some and sends the rest back out through a tx ring
+//! too small for the load (queue-full drops). Every other batch goes through
+//! the whole-batch path (`Xsk::frames`, bounds and verdicts by index). The
+//! accounting balances after every batch; at the end every chunk is found
+//! exactly once, and closing the socket gives every chunk back.
 
 mod common;
 
@@ -13,8 +14,48 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sluice_xdp::{
-    AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, LoaderOptions, XdpLoader, Xsk, XskConfig,
+    AttachMode, BoundsError, ClassifierConfig, IfaceConfig, IfaceRole, LoaderOptions, RxBatch,
+    SocketId, Verdict, XdpLoader, Xsk, XskConfig,
 };
+
+/// One batch through `Xsk::frames`: every frame lent at once; packet `k` is
+/// dropped, moved 50 bytes to the front of its chunk and forwarded, or
+/// forwarded as it is, by `seen % 3`; bounds and verdicts then by index.
+/// Returns (packets, multi-buffer packets).
+fn whole_batch(xsk: &Xsk, batch: &mut RxBatch, s: SocketId, seen: u64) -> (u64, u64) {
+    let mut moved = [None; 32];
+    let mut multi = 0;
+    let n = batch.len();
+    for (k, f) in xsk.frames(batch).enumerate() {
+        let total = f.total_len();
+        let (chunk, off, len, conts) = f.into_parts();
+        assert_eq!(len + conts.clone().map(<[u8]>::len).sum::<usize>(), total);
+        if conts.len() > 0 {
+            multi += 1;
+        }
+        if (seen + k as u64) % 3 == 1 {
+            chunk.copy_within(off..off + len, off - 50);
+            moved[k] = Some((off - 50, len, chunk.len()));
+        }
+    }
+    for (k, moved) in moved.into_iter().enumerate().take(n) {
+        let verdict = match ((seen + k as u64) % 3, moved) {
+            (0, _) => Verdict::Drop,
+            (_, Some((off, len, chunk_len))) => {
+                assert_eq!(
+                    batch.set_bounds(k, off, chunk_len),
+                    Err(BoundsError::OutOfChunk)
+                );
+                batch.set_bounds(k, off, len).unwrap();
+                Verdict::Forward(s)
+            }
+            _ => Verdict::Forward(s),
+        };
+        batch.set_verdict(k, verdict);
+    }
+    assert_eq!(batch.set_bounds(n, 0, 1), Err(BoundsError::NoSuchPacket));
+    (n as u64, multi)
+}
 
 #[test]
 fn every_frame_is_accounted_for() {
@@ -85,7 +126,7 @@ fn every_frame_is_accounted_for() {
     let (mut copied, mut copy_refused, mut copied_chained) = (0u64, 0u64, 0u64);
     let mut copy = Vec::with_capacity(16 * 1024);
     let mut quiet_since = Instant::now();
-    let mut rounds = 0u64;
+    let (mut rounds, mut batched) = (0u64, 0u64);
     loop {
         let mut pfd = libc::pollfd {
             fd,
@@ -95,7 +136,14 @@ fn every_frame_is_accounted_for() {
         // SAFETY: one live pollfd.
         unsafe { libc::poll(&mut pfd, 1, 5) };
         let n = xsk.recv(s, &mut batch).unwrap();
-        for i in 0..n {
+        rounds += 1;
+        if rounds % 2 == 1 {
+            let (got, m) = whole_batch(&xsk, &mut batch, s, seen);
+            seen += got;
+            multi += m;
+            batched += got;
+        }
+        for i in (0..n).filter(|_| rounds % 2 == 0) {
             // `send_copy` needs the UMEM mutably while a frame borrows it: copy out first.
             let to_copy = {
                 let mut f = xsk.frame(&mut batch, i).unwrap();
@@ -155,7 +203,6 @@ fn every_frame_is_accounted_for() {
         xsk.complete(&mut batch).unwrap();
         // Kick the tx ring only every fourth busy round: forwards pile up past the tx ring and
         // its queue, so the queue-full path runs whatever the machine's speed.
-        rounds += 1;
         if n == 0 || rounds.is_multiple_of(4) {
             xsk.flush().unwrap();
         }
@@ -173,14 +220,15 @@ fn every_frame_is_accounted_for() {
     let stats = xsk.stats(s).unwrap();
     let kernel = xsk.kernel_stats(s).unwrap();
     eprintln!(
-        "seen {seen}, multi-buffer {multi}, copied {copied} ({copied_chained} chained, \
-         {copy_refused} refused), stats {stats:?}, kernel {kernel:?}"
+        "seen {seen} ({batched} as whole batches), multi-buffer {multi}, copied {copied} \
+         ({copied_chained} chained, {copy_refused} refused), stats {stats:?}, kernel {kernel:?}"
     );
     assert!(copied_chained > 0, "no copy spanned several chunks");
     assert_eq!(stats.tx_copied, copied);
     // Every descriptor we gave the kernel (fill and tx) was valid.
     assert_eq!((kernel.rx_invalid_descs, kernel.tx_invalid_descs), (0, 0));
     assert!(seen > 100, "only {seen} frames arrived");
+    assert!(batched > 0, "no batch went through Xsk::frames");
     assert!(multi > 0, "no multi-buffer frame");
     assert!(
         stats.tx_queue_full > 0,

@@ -38,7 +38,7 @@ impl Xsk {
         let mut a = FrameAccounting {
             total: u64::from(self.cfg.frame_count),
             free: self.free.len() as u64,
-            held: self.held,
+            held: self.held.len() as u64,
             lost: self.lost,
             ..FrameAccounting::default()
         };

@@ -1,13 +1,25 @@
-//! Batches of received packets: [`Xsk::recv`] fills an [`RxBatch`],
-//! [`Xsk::frame`] lends one packet as a [`FrameMut`], [`Xsk::complete`]
-//! applies the verdicts.
+//! Batches of received packets: [`Xsk::recv`] fills an [`RxBatch`];
+//! [`Xsk::frame`] lends one packet as a [`FrameMut`], [`Xsk::frames`] all of
+//! them at once; [`Xsk::complete`] applies the verdicts.
 //!
 //! Owns the descriptors of the packets in a batch (a packet is one first
 //! chunk plus its continuation chunks, chained with `XDP_PKT_CONTD`).
-//! Guarantees: a batch holds whole packets only, every descriptor in it lies
-//! inside one UMEM chunk, a packet spans at most [`MAX_SEGMENTS`] chunks;
-//! bounds moved by the caller stay inside the chunk. No allocation after
-//! [`Xsk::batch`].
+//! Guarantees: a batch holds whole packets only, in the order received, its
+//! packets' descriptors tile the batch's descriptor list in order; every
+//! descriptor lies inside one UMEM chunk and names a chunk no other
+//! descriptor of any live batch names ([`super::umem::HeldChunks`]); a packet
+//! spans at most [`MAX_SEGMENTS`] chunks; bounds moved by the caller stay
+//! inside the chunk. No allocation after [`Xsk::batch`].
+//!
+//! Two ways through a batch, same effect:
+//! * one packet at a time: `xsk.frame(&mut batch, i)`, then
+//!   [`FrameMut::set_bounds`] and [`FrameMut::forward`] on it;
+//! * all at once (a pipeline's `process_batch`): `xsk.frames(&mut batch)`
+//!   yields every packet as its own [`FrameMut`], in batch order, all alive
+//!   together; [`FrameMut::into_parts`] turns one into its first chunk, data
+//!   window and continuation slices for the whole borrow. When the frames
+//!   are dropped, [`RxBatch::set_bounds`] and [`RxBatch::set_verdict`] record
+//!   each packet's new window and verdict by index.
 
 use libxdp_sys::xdp_desc;
 
@@ -25,12 +37,32 @@ pub enum Verdict {
     Forward(SocketId),
 }
 
-/// Why setting frame bounds was refused.
+/// Why setting frame bounds was refused (the old bounds stay).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BoundsError {
     /// Offset plus length exceed the chunk, or the length is zero.
     #[error("data bounds outside the chunk")]
     OutOfChunk,
+    /// The batch has no packet with this index.
+    #[error("no packet with this index in the batch")]
+    NoSuchPacket,
+}
+
+/// Moves the data window of a first descriptor to `[offset, offset + len)`
+/// of its chunk (`chunk_size` bytes), or leaves it as it is.
+fn move_bounds(
+    d: &mut xdp_desc,
+    chunk_size: u64,
+    offset: usize,
+    len: usize,
+) -> Result<(), BoundsError> {
+    let end = offset.checked_add(len).ok_or(BoundsError::OutOfChunk)?;
+    if len == 0 || end as u64 > chunk_size {
+        return Err(BoundsError::OutOfChunk);
+    }
+    d.addr = (d.addr & !(chunk_size - 1)) + offset as u64;
+    d.len = len as u32;
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +81,8 @@ pub struct RxBatch {
     pub(super) descs: Vec<xdp_desc>,
     pub(super) packets: Vec<Packet>,
     pub(super) max_packets: usize,
+    /// The UMEM's chunk size (for [`Self::set_bounds`]).
+    pub(super) chunk_size: u64,
 }
 
 impl RxBatch {
@@ -73,6 +107,30 @@ impl RxBatch {
             p.verdict = verdict;
         }
     }
+
+    /// Moves packet `i`'s data window in its first chunk to `[offset,
+    /// offset + len)` (after a push or pull), as [`FrameMut::set_bounds`]
+    /// does; on error the old window stays.
+    pub fn set_bounds(&mut self, i: usize, offset: usize, len: usize) -> Result<(), BoundsError> {
+        let p = self.packets.get(i).ok_or(BoundsError::NoSuchPacket)?;
+        let d = self
+            .descs
+            .get_mut(p.first as usize)
+            .ok_or(BoundsError::NoSuchPacket)?;
+        move_bounds(d, self.chunk_size, offset, len)
+    }
+
+    /// True if the packets tile the descriptor list in order (the shape
+    /// [`Xsk::recv`] builds), each with at least one descriptor.
+    fn is_tiled(&self) -> bool {
+        let mut next = 0usize;
+        let tiled = self.packets.iter().all(|p| {
+            let here = p.first as usize == next && p.nsegs > 0;
+            next += p.nsegs as usize;
+            here
+        });
+        tiled && next == self.descs.len()
+    }
 }
 
 /// One received packet, borrowed from a batch.
@@ -85,7 +143,39 @@ pub struct FrameMut<'a> {
     mem: &'a Memory,
 }
 
-impl FrameMut<'_> {
+impl<'a> FrameMut<'a> {
+    /// Lends the packet whose descriptors are `segs` (first chunk, then the
+    /// continuations): its whole first chunk mutably, the continuations
+    /// read-only. `None` if `segs` is empty.
+    ///
+    /// # Safety
+    /// Every descriptor of `segs` lies inside `mem` ([`Memory::contains`]),
+    /// and for `'a` nothing else references the first descriptor's chunk:
+    /// no other `FrameMut`, no ring (the chunk was received and not yet
+    /// completed), no descriptor of another packet of any live batch.
+    unsafe fn lend(
+        mem: &'a Memory,
+        segs: &'a mut [xdp_desc],
+        verdict: &'a mut Verdict,
+    ) -> Option<Self> {
+        let (first, conts) = segs.split_first_mut()?;
+        let base = mem.chunk_base(first.addr) as usize;
+        // SAFETY: `first` lies in the mapping (caller), which is a whole
+        // number of chunks, so its whole chunk does too; nothing else
+        // references that chunk for `'a` (caller), and the mapping lives as
+        // long as the `&'a Memory`.
+        let chunk = unsafe {
+            std::slice::from_raw_parts_mut(mem.base.as_ptr().add(base), mem.frame_size as usize)
+        };
+        Some(Self {
+            chunk,
+            first,
+            conts,
+            verdict,
+            mem,
+        })
+    }
+
     /// The whole first chunk: headroom, data and tailroom.
     pub fn chunk(&mut self) -> &mut [u8] {
         self.chunk
@@ -119,19 +209,10 @@ impl FrameMut<'_> {
         self.chunk.get_mut(o..o + l).unwrap_or(&mut [])
     }
 
-    /// Moves the data bounds of the first chunk (push or pull a header).
+    /// Moves the data bounds of the first chunk (push or pull a header); on
+    /// error the old bounds stay.
     pub fn set_bounds(&mut self, offset: usize, len: usize) -> Result<(), BoundsError> {
-        if len == 0
-            || offset
-                .checked_add(len)
-                .is_none_or(|end| end > self.chunk.len())
-        {
-            return Err(BoundsError::OutOfChunk);
-        }
-        let base = self.mem.chunk_base(self.first.addr);
-        self.first.addr = base + offset as u64;
-        self.first.len = len as u32;
-        Ok(())
+        move_bounds(self.first, self.mem.frame_size, offset, len)
     }
 
     /// Number of continuation chunks.
@@ -181,7 +262,89 @@ impl FrameMut<'_> {
     pub fn drop_frame(&mut self) {
         *self.verdict = Verdict::Drop;
     }
+
+    /// The frame as its parts, for the whole borrow of the batch: the first
+    /// chunk (mutable), the data offset and length in it, and the data of the
+    /// continuation chunks in order. Bounds and verdict are then set on the
+    /// batch by index ([`RxBatch::set_bounds`], [`RxBatch::set_verdict`])
+    /// once the frames are gone.
+    pub fn into_parts(self) -> (&'a mut [u8], usize, usize, Continuations<'a>) {
+        let (offset, len) = (self.offset(), self.len());
+        let conts = Continuations {
+            descs: self.conts.iter(),
+            mem: self.mem,
+        };
+        (self.chunk, offset, len, conts)
+    }
 }
+
+/// The data of a packet's continuation chunks, in order (from
+/// [`FrameMut::into_parts`]).
+#[derive(Debug, Clone)]
+pub struct Continuations<'a> {
+    descs: std::slice::Iter<'a, xdp_desc>,
+    mem: &'a Memory,
+}
+
+impl<'a> Iterator for Continuations<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let mem = self.mem;
+        self.descs.next().map(|d| mem.slice(d))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.descs.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Continuations<'_> {}
+
+impl DoubleEndedIterator for Continuations<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        let mem = self.mem;
+        self.descs.next_back().map(|d| mem.slice(d))
+    }
+}
+
+/// Every packet of a batch as its own [`FrameMut`], in batch order, all
+/// alive at once (from [`Xsk::frames`]).
+#[derive(Debug)]
+pub struct Frames<'a> {
+    packets: std::slice::IterMut<'a, Packet>,
+    /// The descriptors of the packets not yet yielded, first to last.
+    descs: &'a mut [xdp_desc],
+    mem: &'a Memory,
+}
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = FrameMut<'a>;
+
+    fn next(&mut self) -> Option<FrameMut<'a>> {
+        let p = self.packets.next()?;
+        // The packets tile the descriptors in order (checked in `Xsk::frames`),
+        // so this packet's descriptors are the next `nsegs`.
+        let (segs, rest) = std::mem::take(&mut self.descs).split_at_mut_checked(p.nsegs.into())?;
+        self.descs = rest;
+        // SAFETY: `Xsk::frames` checked every descriptor of the batch with
+        // `Memory::contains` (bounds only ever move inside a chunk). `Xsk::recv`
+        // claimed the chunk of each descriptor of every live batch in
+        // `HeldChunks`, refusing one claimed already, and claims end only in
+        // `Xsk::complete`, which takes the batch by `&mut`: so the chunks of
+        // all descriptors of all live batches are pairwise distinct, and this
+        // packet's first chunk is lent once (each packet is yielded once, and
+        // `Frames` holds the batch's `&'a mut` borrow, so neither `Xsk::frame`
+        // nor another `Frames` reaches this batch meanwhile).
+        unsafe { FrameMut::lend(self.mem, segs, &mut p.verdict) }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.packets.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Frames<'_> {}
 
 impl Xsk {
     /// A batch sized for this UMEM (the only allocation of the cycle).
@@ -192,6 +355,7 @@ impl Xsk {
             descs: Vec::with_capacity(self.cfg.batch_size + MAX_SEGMENTS),
             packets: Vec::with_capacity(self.cfg.batch_size),
             max_packets: self.cfg.batch_size,
+            chunk_size: self.mem.frame_size,
         }
     }
 
@@ -210,6 +374,7 @@ impl Xsk {
         batch.socket = id;
         let mem = &self.mem;
         let free = &mut self.free;
+        let held = &mut self.held;
         let sock = self
             .sockets
             .get_mut(id.0 as usize)
@@ -240,6 +405,11 @@ impl Xsk {
                         }
                     }
                     sock.stats.rx_invalid += 1;
+                } else if !held.claim(mem, &batch.descs[first..]) {
+                    // A chunk some batch holds already (the rings would be corrupt): none of
+                    // the chain's chunks is trusted or reclaimed; the accounting shows it.
+                    batch.descs.truncate(first);
+                    sock.stats.rx_invalid += 1;
                 } else {
                     batch.packets.push(Packet {
                         first: first as u32,
@@ -263,7 +433,6 @@ impl Xsk {
                 .map_or(0, |p| p.first as usize + p.nsegs as usize);
         batch.descs.truncate(batch.descs.len() - tail);
         ring::rx_finish(sock, peek, used);
-        self.held += batch.descs.len() as u64;
         Ok(batch.packets.len())
     }
 
@@ -274,31 +443,38 @@ impl Xsk {
         }
         let p = batch.packets.get_mut(i)?;
         let first = p.first as usize;
-        let (head, rest) = batch
-            .descs
-            .get_mut(first..first + p.nsegs as usize)?
-            .split_first_mut()?;
-        let base = self.mem.chunk_base(head.addr) as usize;
-        if !self.mem.contains(head) {
+        let segs = batch.descs.get_mut(first..first + p.nsegs as usize)?;
+        if !segs.iter().all(|d| self.mem.contains(d)) {
             return None;
         }
-        // SAFETY: `contains` checked the chunk lies in the mapping; the
-        // chunk belongs to this batch (received, not in any ring, in no
-        // other batch), and the `&mut` borrow of the batch makes this the
-        // only reference to it.
-        let chunk = unsafe {
-            std::slice::from_raw_parts_mut(
-                self.mem.base.as_ptr().add(base),
-                self.mem.frame_size as usize,
-            )
+        // SAFETY: every descriptor lies in the mapping (checked above). The
+        // first chunk belongs to this batch: received, in no ring, claimed in
+        // `HeldChunks` (so named by no other descriptor of any live batch);
+        // the `&'a mut` borrow of the batch makes this the only frame lent
+        // from it during `'a`.
+        unsafe { FrameMut::lend(&self.mem, segs, &mut p.verdict) }
+    }
+
+    /// Every packet of `batch` as its own [`FrameMut`], in batch order, all
+    /// alive at once: their first chunks are distinct chunks, lent mutably
+    /// together (what a pipeline's `process_batch` needs). Packet `k` of the
+    /// iteration is packet `k` of the batch, for [`RxBatch::set_bounds`] and
+    /// [`RxBatch::set_verdict`] afterwards. Nothing is allocated. Yields
+    /// nothing for a batch of another [`Xsk`].
+    pub fn frames<'a>(&'a self, batch: &'a mut RxBatch) -> Frames<'a> {
+        let whole = batch.owner == self.id
+            && batch.is_tiled()
+            && batch.descs.iter().all(|d| self.mem.contains(d));
+        let (packets, descs): (&mut [Packet], &mut [xdp_desc]) = if whole {
+            (&mut batch.packets, &mut batch.descs)
+        } else {
+            (&mut [], &mut [])
         };
-        Some(FrameMut {
-            chunk,
-            first: head,
-            conts: rest,
-            verdict: &mut p.verdict,
+        Frames {
+            packets: packets.iter_mut(),
+            descs,
             mem: &self.mem,
-        })
+        }
     }
 
     /// Applies the verdicts of `batch`: forwarded packets go to their
@@ -339,8 +515,103 @@ impl Xsk {
                 }
             }
         }
-        self.held -= batch.descs.len() as u64;
+        self.held.release(&self.mem, &batch.descs);
         batch.descs.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(addr: u64, len: u32) -> xdp_desc {
+        xdp_desc {
+            addr,
+            len,
+            options: 0,
+        }
+    }
+
+    /// A batch of chained packets `(first, nsegs)` over `descs`, as recv builds one.
+    fn batch(descs: Vec<xdp_desc>, packets: &[(u32, u16)]) -> RxBatch {
+        RxBatch {
+            owner: 0,
+            socket: SocketId(0),
+            descs,
+            packets: packets
+                .iter()
+                .map(|&(first, nsegs)| Packet {
+                    first,
+                    nsegs,
+                    verdict: Verdict::Drop,
+                })
+                .collect(),
+            max_packets: 64,
+            chunk_size: 4096,
+        }
+    }
+
+    #[test]
+    fn bounds_move_inside_the_chunk_only() {
+        let mut d = desc(4096 + 320, 100);
+        // A 50-byte push in front, as VXLAN encapsulation does.
+        assert_eq!(move_bounds(&mut d, 4096, 270, 150), Ok(()));
+        assert_eq!((d.addr, d.len), (4096 + 270, 150));
+        for (offset, len) in [(270, 0), (4000, 97), (4096, 1), (usize::MAX, 2)] {
+            assert_eq!(
+                move_bounds(&mut d, 4096, offset, len),
+                Err(BoundsError::OutOfChunk),
+                "({offset}, {len})"
+            );
+            assert_eq!(
+                (d.addr, d.len),
+                (4096 + 270, 150),
+                "refused bounds keep the old"
+            );
+        }
+        assert_eq!(move_bounds(&mut d, 4096, 0, 4096), Ok(()));
+        assert_eq!((d.addr, d.len), (4096, 4096));
+    }
+
+    #[test]
+    fn batch_bounds_are_set_by_packet_index_on_its_first_chunk() {
+        let descs = vec![
+            desc(320, 60),
+            desc(4096 + 320, 3776),
+            desc(8192 + 320, 1000),
+        ];
+        let mut b = batch(descs, &[(0, 1), (1, 2)]);
+        assert_eq!(b.set_bounds(1, 270, 3826), Ok(()));
+        assert_eq!((b.descs[1].addr, b.descs[1].len), (4096 + 270, 3826));
+        assert_eq!(
+            (b.descs[2].addr, b.descs[2].len),
+            (8192 + 320, 1000),
+            "tail untouched"
+        );
+        assert_eq!((b.descs[0].addr, b.descs[0].len), (320, 60));
+        assert_eq!(b.set_bounds(2, 0, 1), Err(BoundsError::NoSuchPacket));
+        assert_eq!(b.set_bounds(0, 4000, 100), Err(BoundsError::OutOfChunk));
+        b.set_verdict(1, Verdict::Forward(SocketId(3)));
+        b.set_verdict(9, Verdict::Forward(SocketId(3)));
+        assert_eq!(b.packets[1].verdict, Verdict::Forward(SocketId(3)));
+        assert_eq!(b.packets[0].verdict, Verdict::Drop);
+    }
+
+    #[test]
+    fn packets_must_tile_the_descriptors_in_order() {
+        let three = || vec![desc(320, 60), desc(4096 + 320, 60), desc(8192 + 320, 60)];
+        assert!(batch(three(), &[(0, 1), (1, 2)]).is_tiled());
+        assert!(batch(Vec::new(), &[]).is_tiled());
+        assert!(!batch(three(), &[(0, 1), (2, 1)]).is_tiled(), "a gap");
+        assert!(!batch(three(), &[(0, 2), (1, 2)]).is_tiled(), "an overlap");
+        assert!(
+            !batch(three(), &[(0, 1), (1, 1)]).is_tiled(),
+            "descriptors left over"
+        );
+        assert!(
+            !batch(three(), &[(0, 0), (0, 3)]).is_tiled(),
+            "an empty packet"
+        );
     }
 }

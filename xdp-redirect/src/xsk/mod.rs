@@ -14,6 +14,9 @@
 //!    data) mutably, the data offset and length, the continuation chunks
 //!    read-only. The caller may move the data bounds (push or pull a VXLAN
 //!    header) and sets the verdict: forward to a socket or drop.
+//!    [`Xsk::frames`] gives every packet of the batch at once (distinct
+//!    chunks, all borrowed together); bounds and verdicts are then set on
+//!    the batch by index ([`RxBatch::set_bounds`], [`RxBatch::set_verdict`]).
 //! 3. [`Xsk::complete`] moves forwarded frames to their socket's tx queue and
 //!    dropped ones to the free list; [`Xsk::flush`] produces tx descriptors
 //!    (whole packets, in order), kicks the kernel while the tx ring is not
@@ -57,13 +60,13 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use accounting::FrameAccounting;
-pub use batch::{BoundsError, FrameMut, RxBatch, Verdict};
+pub use batch::{BoundsError, Continuations, FrameMut, Frames, RxBatch, Verdict};
 pub use config::{BindMode, BusyPoll, XskConfig};
 pub use copy::{SendError, chunks_for};
 pub use socket::{KernelStats, SocketStats};
 
 use socket::Socket;
-use umem::{Memory, UmemHandle};
+use umem::{HeldChunks, Memory, UmemHandle};
 
 /// Kernel headroom in front of rx data (`XDP_PACKET_HEADROOM`).
 pub const XDP_PACKET_HEADROOM: u32 = libxdp_sys::XDP_PACKET_HEADROOM;
@@ -147,7 +150,8 @@ pub struct Xsk {
     id: u64,
     cfg: XskConfig,
     free: Vec<u64>,
-    held: u64,
+    /// The chunks user batches hold (see [`HeldChunks`]).
+    held: HeldChunks,
     lost: u64,
 }
 
@@ -162,6 +166,7 @@ impl Xsk {
         let mem = Memory::map(cfg)?;
         let umem = UmemHandle::register(&mem, cfg)?;
         let free = mem.all_chunks();
+        let held = HeldChunks::new(free.len());
         Ok(Self {
             sockets: Vec::new(),
             umem,
@@ -169,7 +174,7 @@ impl Xsk {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             cfg: cfg.clone(),
             free,
-            held: 0,
+            held,
             lost: 0,
         })
     }

@@ -69,6 +69,11 @@ impl Memory {
         (addr & (self.frame_size - 1)) as usize
     }
 
+    /// Index of the chunk holding `addr`.
+    pub(super) fn chunk_index(&self, addr: u64) -> usize {
+        (addr / self.frame_size) as usize
+    }
+
     /// True if `d` lies inside one chunk of this memory.
     pub(super) fn contains(&self, d: &xdp_desc) -> bool {
         let off = self.offset_in_chunk(d.addr) as u64;
@@ -82,7 +87,9 @@ impl Memory {
         }
         // SAFETY: `contains` checked that [addr, addr+len) lies in the
         // mapping; the descriptor belongs to a batch, so the chunk is owned
-        // by userspace (not in any ring) and nobody writes it meanwhile.
+        // by userspace (not in any ring) and nobody writes it meanwhile: the
+        // only mutable loans are of first chunks (`FrameMut`), and no chunk
+        // is in two places of the live batches (`HeldChunks`).
         unsafe {
             std::slice::from_raw_parts(self.base.as_ptr().add(d.addr as usize), d.len as usize)
         }
@@ -112,6 +119,69 @@ impl Drop for Memory {
         // unmapped once, after every socket and the UMEM were deleted (field
         // order of `Xsk`).
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The chunks user batches hold, one bit each: a chunk is claimed when
+/// [`super::Xsk::recv`] puts it in a batch and released when
+/// [`super::Xsk::complete`] takes it out. A chunk claimed twice is refused,
+/// which is what makes the chunks of all live batches pairwise distinct
+/// (the `FrameMut`s of a batch borrow them mutably, all at once).
+#[derive(Debug)]
+pub(super) struct HeldChunks {
+    bits: Vec<u64>,
+    count: usize,
+}
+
+impl HeldChunks {
+    /// No chunk held, room for `chunks` chunks.
+    pub(super) fn new(chunks: usize) -> Self {
+        Self {
+            bits: vec![0; chunks.div_ceil(64)],
+            count: 0,
+        }
+    }
+
+    /// Claims the chunks of `descs` (each inside `mem`, see
+    /// [`Memory::contains`]). If one is already held (by any batch, or twice
+    /// in `descs`), nothing is claimed and the answer is false.
+    pub(super) fn claim(&mut self, mem: &Memory, descs: &[xdp_desc]) -> bool {
+        for (j, d) in descs.iter().enumerate() {
+            if !self.insert(mem.chunk_index(d.addr)) {
+                self.release(mem, &descs[..j]);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Releases the chunks of `descs` (claimed before).
+    pub(super) fn release(&mut self, mem: &Memory, descs: &[xdp_desc]) {
+        for d in descs {
+            let i = mem.chunk_index(d.addr);
+            if let Some(w) = self.bits.get_mut(i / 64)
+                && *w & (1 << (i % 64)) != 0
+            {
+                *w &= !(1 << (i % 64));
+                self.count -= 1;
+            }
+        }
+    }
+
+    /// Chunks held now.
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
+    fn insert(&mut self, i: usize) -> bool {
+        match self.bits.get_mut(i / 64) {
+            Some(w) if *w & (1 << (i % 64)) == 0 => {
+                *w |= 1 << (i % 64);
+                self.count += 1;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -171,5 +241,44 @@ impl Drop for UmemHandle {
         if rc != 0 {
             tracing::warn!(error = %io::Error::from_raw_os_error(-rc), "deleting the UMEM");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(chunk: u64, offset: u64) -> xdp_desc {
+        xdp_desc {
+            addr: chunk * 4096 + offset,
+            len: 60,
+            options: 0,
+        }
+    }
+
+    #[test]
+    fn a_chunk_is_held_once_until_released() {
+        let mem = Memory::map(&XskConfig {
+            frame_count: 130,
+            ..XskConfig::default()
+        })
+        .unwrap();
+        assert_eq!(mem.all_chunks().len(), 130);
+        let mut held = HeldChunks::new(130);
+        assert!(held.claim(&mem, &[d(0, 320), d(129, 320), d(64, 0)]));
+        assert_eq!(held.len(), 3);
+        // Any chunk already held refuses the whole chain and claims nothing of it.
+        assert!(!held.claim(&mem, &[d(5, 320), d(129, 270)]));
+        assert!(
+            !held.claim(&mem, &[d(6, 320), d(6, 1000)]),
+            "twice in one chain"
+        );
+        assert_eq!(held.len(), 3);
+        assert!(held.claim(&mem, &[d(5, 320), d(6, 320)]));
+        held.release(&mem, &[d(0, 270), d(129, 320), d(64, 0), d(5, 1), d(6, 2)]);
+        assert_eq!(held.len(), 0);
+        held.release(&mem, &[d(0, 0)]);
+        assert_eq!(held.len(), 0, "releasing a free chunk changes nothing");
+        assert!(held.claim(&mem, &[d(129, 320)]));
     }
 }
