@@ -85,5 +85,6 @@ pub use loader::{
 };
 pub use xsk::{
     BindMode, BoundsError, BusyPoll, Continuations, FrameAccounting, FrameMut, Frames, KernelStats,
-    RxBatch, SendError, SocketId, SocketStats, Verdict, Xsk, XskConfig, XskError, chunks_for,
+    RxBatch, SendError, SocketId, SocketStats, TxSkbBudget, Verdict, Xsk, XskConfig, XskError,
+    chunks_for,
 };

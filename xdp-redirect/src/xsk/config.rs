@@ -1,7 +1,7 @@
 //! What a worker's UMEM and sockets are made with: [`XskConfig`] and its
 //! checks, done before any syscall.
 
-use super::{XDP_PACKET_HEADROOM, XskError};
+use super::{KERNEL_TX_BATCH, XDP_PACKET_HEADROOM, XskError};
 
 /// Copy or zero-copy bind. All sockets on one UMEM share it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,6 +50,12 @@ pub struct XskConfig {
     pub need_wakeup: bool,
     /// Busy polling, if wanted.
     pub busy_poll: Option<BusyPoll>,
+    /// Copy mode: how many tx descriptors one kick (`sendto`) may turn into
+    /// skbs, `32..=tx_size` (`XDP_MAX_TX_SKB_BUDGET`, Linux 6.17+; the
+    /// kernel's fixed 32 before, and when `None`). A kernel without the
+    /// option keeps 32 and the socket opens anyway; see
+    /// [`super::Xsk::tx_skb_budget`].
+    pub tx_skb_budget: Option<u32>,
 }
 
 impl Default for XskConfig {
@@ -67,6 +73,7 @@ impl Default for XskConfig {
             multi_buffer: true,
             need_wakeup: true,
             busy_poll: None,
+            tx_skb_budget: None,
         }
     }
 }
@@ -101,6 +108,12 @@ impl XskConfig {
         if self.batch_size == 0 || self.frame_count == 0 {
             return Err(XskError::Config("batch_size and frame_count must be > 0"));
         }
+        if self
+            .tx_skb_budget
+            .is_some_and(|b| !(KERNEL_TX_BATCH..=self.tx_size).contains(&b))
+        {
+            return Err(XskError::Config("tx_skb_budget must be 32..=tx_size"));
+        }
         Ok(())
     }
 }
@@ -119,56 +132,23 @@ mod tests {
 
     #[test]
     fn invalid_configs_are_refused_before_any_syscall() {
-        let d = XskConfig::default();
+        let with = |change: fn(&mut XskConfig)| {
+            let mut cfg = XskConfig::default();
+            change(&mut cfg);
+            cfg
+        };
         let cases = [
+            (with(|c| c.frame_size = 3000), "power of two"),
+            (with(|c| c.frame_size = 1024), "2048"),
+            (with(|c| c.fill_size = 1000), "fill_size"),
+            (with(|c| c.tx_size = 3), "tx_size"),
+            (with(|c| c.headroom = 4096), "headroom"),
+            (with(|c| c.batch_size = 0), "batch_size"),
+            (with(|c| c.frame_count = 0), "frame_count"),
+            (with(|c| c.tx_skb_budget = Some(31)), "tx_skb_budget"),
             (
-                XskConfig {
-                    frame_size: 3000,
-                    ..d.clone()
-                },
-                "power of two",
-            ),
-            (
-                XskConfig {
-                    frame_size: 1024,
-                    ..d.clone()
-                },
-                "2048",
-            ),
-            (
-                XskConfig {
-                    fill_size: 1000,
-                    ..d.clone()
-                },
-                "fill_size",
-            ),
-            (
-                XskConfig {
-                    tx_size: 3,
-                    ..d.clone()
-                },
-                "tx_size",
-            ),
-            (
-                XskConfig {
-                    headroom: 4096,
-                    ..d.clone()
-                },
-                "headroom",
-            ),
-            (
-                XskConfig {
-                    batch_size: 0,
-                    ..d.clone()
-                },
-                "batch_size",
-            ),
-            (
-                XskConfig {
-                    frame_count: 0,
-                    ..d
-                },
-                "frame_count",
+                with(|c| c.tx_skb_budget = Some(c.tx_size * 2)),
+                "tx_skb_budget",
             ),
         ];
         for (cfg, field) in cases {

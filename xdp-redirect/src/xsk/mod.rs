@@ -63,7 +63,7 @@ pub use accounting::FrameAccounting;
 pub use batch::{BoundsError, Continuations, FrameMut, Frames, RxBatch, Verdict};
 pub use config::{BindMode, BusyPoll, XskConfig};
 pub use copy::{SendError, chunks_for};
-pub use socket::{KernelStats, SocketStats};
+pub use socket::{KernelStats, SocketStats, TxSkbBudget};
 
 use socket::Socket;
 use umem::{HeldChunks, Memory, UmemHandle};
@@ -74,6 +74,10 @@ pub const XDP_PACKET_HEADROOM: u32 = libxdp_sys::XDP_PACKET_HEADROOM;
 pub const VXLAN_ENCAP_LEN: u32 = 50;
 /// Most chunks one packet may span (the kernel's `MAX_SKB_FRAGS` + 1).
 pub const MAX_SEGMENTS: usize = 18;
+/// Tx descriptors one copy-mode kick turns into skbs unless
+/// `XDP_MAX_TX_SKB_BUDGET` says otherwise (`TX_BATCH_SIZE` in
+/// `net/xdp/xsk.c`).
+pub const KERNEL_TX_BATCH: u32 = 32;
 
 /// AF_XDP errors (control path).
 #[derive(Debug, thiserror::Error)]

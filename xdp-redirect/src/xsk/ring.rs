@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use libxdp_sys::{xdp_desc, xsk_ring_cons, xsk_ring_prod};
 
-use super::XskError;
 use super::socket::Socket;
 use super::umem::Memory;
+use super::{KERNEL_TX_BATCH, XskError};
 
 pub(super) fn zeroed_prod() -> Box<xsk_ring_prod> {
     // SAFETY: xsk_ring_prod is a C struct of integers and raw pointers, for
@@ -178,20 +178,32 @@ pub(super) fn produce_tx(sock: &mut Socket) {
     unsafe { libxdp_sys::xsk_ring_prod__submit(tx, got) };
 }
 
-/// Kicks the kernel (`sendto`) while `sock`'s tx ring is not empty.
-pub(super) fn kick_tx(sock: &mut Socket) -> Result<(), XskError> {
-    // Copy mode sends at most 32 frames per sendto: kick until the kernel
-    // has consumed the ring, or it reports it is busy.
+/// Tx ring entries the kernel has not consumed yet (refreshes the cached
+/// consumer).
+fn tx_in_ring(sock: &mut Socket) -> u32 {
     let size = sock.tx.size;
-    for _ in 0..(size / 32 + 2) {
-        // SAFETY: the tx ring of a live socket.
-        let free = unsafe { libxdp_sys::xsk_prod_nb_free(&mut *sock.tx, size) };
-        if free == size {
+    // SAFETY: the tx ring of a live socket.
+    size - unsafe { libxdp_sys::xsk_prod_nb_free(&mut *sock.tx, size) }
+}
+
+/// Kicks the kernel (`sendto`) while `sock`'s tx ring is not empty.
+///
+/// In copy mode one kick turns at most the socket's budget of descriptors
+/// into skbs ([`KERNEL_TX_BATCH`] unless `XDP_MAX_TX_SKB_BUDGET` raised it)
+/// and answers EAGAIN when it stopped at the budget; it answers EAGAIN too
+/// when it could take nothing (completion ring or socket buffer full). So
+/// an EAGAIN after which the ring holds fewer entries kicks again; one that
+/// took nothing, EBUSY, ENOBUFS and EINTR end the round (the next flush
+/// tries again).
+pub(super) fn kick_tx(sock: &mut Socket) -> Result<(), XskError> {
+    let mut in_ring = tx_in_ring(sock);
+    for _ in 0..(sock.tx.size / KERNEL_TX_BATCH + 2) {
+        if in_ring == 0 {
             break;
         }
         // Without XDP_USE_NEED_WAKEUP the kernel never sets the flag and
         // every non-empty ring needs a kick.
-        // SAFETY: as above.
+        // SAFETY: the tx ring of a live socket.
         if sock.need_wakeup && unsafe { libxdp_sys::xsk_ring_prod__needs_wakeup(&*sock.tx) } == 0 {
             break;
         }
@@ -200,9 +212,12 @@ pub(super) fn kick_tx(sock: &mut Socket) -> Result<(), XskError> {
         // is the documented tx kick.
         let rc =
             unsafe { libc::sendto(sock.fd, ptr::null(), 0, libc::MSG_DONTWAIT, ptr::null(), 0) };
+        let before = in_ring;
+        in_ring = tx_in_ring(sock);
         if rc < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
+                Some(libc::EAGAIN) if in_ring < before => {}
                 Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR) => break,
                 _ => {
                     return Err(XskError::Wakeup {

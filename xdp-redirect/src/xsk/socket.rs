@@ -16,11 +16,45 @@ use std::ptr::{self, NonNull};
 use libxdp_sys::{xdp_desc, xsk_ring_cons, xsk_ring_prod, xsk_socket};
 
 use super::ring::{self, zeroed_cons, zeroed_prod};
-use super::{BindMode, SocketId, Xsk, XskError};
+use super::{BindMode, KERNEL_TX_BATCH, SocketId, Xsk, XskError};
 
 const XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD: u32 = 1;
 const SO_PREFER_BUSY_POLL: libc::c_int = 69;
 const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+/// `#define XDP_MAX_TX_SKB_BUDGET 9` in `include/uapi/linux/if_xdp.h`
+/// (Linux 6.17, commit 45e359be1ce8 "net: xsk: introduce
+/// XDP_MAX_TX_SKB_BUDGET setsockopt"); not in libc 0.2.191. The kernel takes
+/// an `unsigned int` in `32..=tx ring entries` (EACCES otherwise) and
+/// answers ENOPROTOOPT where it does not know the option.
+const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
+
+/// A socket's copy-mode transmit budget: how many tx descriptors one kick
+/// (`sendto`) turns into skbs before the kernel answers EAGAIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxSkbBudget {
+    /// Not asked for ([`super::XskConfig::tx_skb_budget`] is `None`): the
+    /// kernel's [`KERNEL_TX_BATCH`].
+    KernelDefault,
+    /// Set with `XDP_MAX_TX_SKB_BUDGET`.
+    Set(u32),
+    /// Asked for, but the kernel has no `XDP_MAX_TX_SKB_BUDGET` (before
+    /// Linux 6.17: the setsockopt answered ENOPROTOOPT or EINVAL); the
+    /// socket works with the kernel's [`KERNEL_TX_BATCH`].
+    Unsupported {
+        /// The budget the configuration asked for.
+        asked: u32,
+    },
+}
+
+impl TxSkbBudget {
+    /// Tx descriptors one kick may turn into skbs.
+    pub fn per_kick(&self) -> u32 {
+        match self {
+            Self::Set(n) => *n,
+            Self::KernelDefault | Self::Unsupported { .. } => KERNEL_TX_BATCH,
+        }
+    }
+}
 
 /// Per-socket counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -97,6 +131,8 @@ pub(super) struct Socket {
     pub(super) fill_target: u32,
     /// Chunks queued or on the tx ring, not completed.
     pub(super) tx_out: u64,
+    /// What one tx kick may send (see [`Xsk::tx_skb_budget`]).
+    pub(super) tx_budget: TxSkbBudget,
     pub(super) stats: SocketStats,
 }
 
@@ -207,6 +243,7 @@ impl Xsk {
             fill_out: 0,
             fill_target: fill_target.min(self.cfg.fill_size),
             tx_out: 0,
+            tx_budget: TxSkbBudget::KernelDefault,
             stats: SocketStats::default(),
         };
         if let Some(bp) = self.cfg.busy_poll {
@@ -227,6 +264,26 @@ impl Xsk {
                     }
                 })?;
             }
+        }
+        if let Some(asked) = self.cfg.tx_skb_budget {
+            sock.tx_budget = match setsockopt_int(
+                fd,
+                libc::SOL_XDP,
+                XDP_MAX_TX_SKB_BUDGET,
+                asked as libc::c_int,
+            ) {
+                Ok(()) => TxSkbBudget::Set(asked),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EINVAL)) => {
+                    TxSkbBudget::Unsupported { asked }
+                }
+                Err(source) => {
+                    return Err(XskError::SockOpt {
+                        ifname: ifname.to_string(),
+                        option: "XDP_MAX_TX_SKB_BUDGET",
+                        source,
+                    });
+                }
+            };
         }
         ring::refill(&mut sock, &mut self.free);
         let id = match self.sockets.iter().position(Option::is_none) {
@@ -307,6 +364,14 @@ impl Xsk {
             .and_then(Option::as_mut)
             .ok_or(XskError::NoSuchSocket(id))?;
         ring::recv_kick(sock)
+    }
+
+    /// Socket `id`'s copy-mode transmit budget: what
+    /// [`super::XskConfig::tx_skb_budget`] asked for and whether the kernel
+    /// took it (for the agent's log: [`TxSkbBudget::Unsupported`] on kernels
+    /// before 6.17).
+    pub fn tx_skb_budget(&self, id: SocketId) -> Result<TxSkbBudget, XskError> {
+        Ok(self.socket(id)?.tx_budget)
     }
 
     /// Counters of one socket.
