@@ -27,9 +27,13 @@
 //! awaiting completion, or lost with a closed socket. [`Xsk::accounting`]
 //! counts them, [`Xsk::audit_quiescent`] checks chunk by chunk.
 //!
-//! Built on `libxdp-sys` (the C library under xsk-rs, same version): xsk-rs
-//! 0.11 keeps a descriptor's address crate-private, so a frame's data offset
-//! cannot move there (no push/pull of a header in front without memmove).
+//! Built on `libxdp-sys` (the C library under xsk-rs, same version) for the
+//! descriptor and ring types and the inline ring helpers: xsk-rs 0.11 keeps
+//! a descriptor's address crate-private, so a frame's data offset cannot
+//! move there (no push/pull of a header in front without memmove). The UMEM
+//! registration and the socket setup (ring options, mmap, bind) are done
+//! here with `libc`, not with libxdp's `xsk_umem__create` and
+//! `xsk_socket__create_shared` (see `umem` and `socket` for why).
 //! Multi-buffer uses the kernel's `XDP_USE_SG` bind flag and the
 //! `XDP_PKT_CONTD` descriptor option (both from `libc`).
 //!
@@ -41,9 +45,11 @@
 //!
 //! Files, one concept each:
 //! * `config`: [`XskConfig`] and its checks;
-//! * `umem`: the mapping, its registration, chunk arithmetic;
+//! * `umem`: the mapping, its registration, chunk arithmetic, the chunks
+//!   batches hold;
 //! * `socket`: open, bind, options, close, counters;
-//! * `ring`: fill, rx, tx and completion ring operations and kicks;
+//! * `ring`: creating and mapping the rings, fill, rx, tx and completion ring
+//!   operations, kicks;
 //! * `batch`: [`RxBatch`], [`FrameMut`], recv/frame/complete;
 //! * `copy`: [`Xsk::send_copy`] and [`chunks_for`];
 //! * `accounting`: [`FrameAccounting`] and the audit.
@@ -57,6 +63,7 @@ mod socket;
 mod umem;
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use accounting::FrameAccounting;
@@ -66,7 +73,7 @@ pub use copy::{SendError, chunks_for};
 pub use socket::{KernelStats, SocketStats, TxSkbBudget};
 
 use socket::Socket;
-use umem::{HeldChunks, Memory, UmemHandle};
+use umem::{HeldChunks, Memory};
 
 /// Kernel headroom in front of rx data (`XDP_PACKET_HEADROOM`).
 pub const XDP_PACKET_HEADROOM: u32 = libxdp_sys::XDP_PACKET_HEADROOM;
@@ -149,7 +156,9 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Xsk {
     // Field order is drop order: sockets, then the UMEM, then the memory.
     sockets: Vec<Option<Socket>>,
-    umem: UmemHandle,
+    /// The AF_XDP socket the UMEM is registered on while no socket of ours
+    /// is bound: the next [`Xsk::open_socket`] binds it.
+    unbound: Option<OwnedFd>,
     mem: Memory,
     id: u64,
     cfg: XskConfig,
@@ -159,8 +168,8 @@ pub struct Xsk {
     lost: u64,
 }
 
-// SAFETY: an `Xsk` is owned by one worker thread at a time; the raw pointers
-// are to libxdp objects and mappings that are not tied to a thread.
+// SAFETY: an `Xsk` is owned by one worker thread at a time; its raw pointers
+// are into mappings (UMEM, rings) that are not tied to a thread.
 unsafe impl Send for Xsk {}
 
 impl Xsk {
@@ -168,12 +177,12 @@ impl Xsk {
     pub fn new(cfg: &XskConfig) -> Result<Self, XskError> {
         cfg.validate()?;
         let mem = Memory::map(cfg)?;
-        let umem = UmemHandle::register(&mem, cfg)?;
+        let unbound = umem::register(&mem, cfg).map_err(XskError::Umem)?;
         let free = mem.all_chunks();
         let held = HeldChunks::new(free.len());
         Ok(Self {
             sockets: Vec::new(),
-            umem,
+            unbound: Some(unbound),
             mem,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             cfg: cfg.clone(),

@@ -2,23 +2,33 @@
 //! queue) over the shared UMEM, its options, closing it, and its counters
 //! (ours in [`SocketStats`], the kernel's in [`KernelStats`]).
 //!
-//! Owns the libxdp socket object and its four ring structs (boxed: libxdp
-//! keeps pointers to them). Guarantees: a socket's fill ring is topped up
-//! on open; closing one gives back every chunk userspace can still see and
-//! counts the rest as lost.
+//! Owns each socket's fd and its four mapped rings. Guarantees: a socket's
+//! fill ring is topped up on open; a failed open leaves nothing behind (the
+//! next one starts clean); closing a socket closes its fd (the kernel
+//! unbinds it), gives back every chunk userspace can still see and counts
+//! the rest as lost.
+//!
+//! The setup is done here with `libc` (socket, ring options, mmap, bind),
+//! as libxdp's `xsk_socket__create_shared` does it, without libxdp's object
+//! lifecycle: with libxdp 1.6.0, when the first socket of a UMEM fails to
+//! bind, `xsk_put_ctx` unmaps the UMEM's fill and completion rings while
+//! `umem->fill_save` still points at them, and the next socket copies those
+//! dangling rings (seen here: 966656 completions read from a ring that had
+//! 256). The first socket binds on the fd the UMEM is registered on; each
+//! further one binds with `XDP_SHARED_UMEM` to a live socket of this UMEM,
+//! with its own fill and completion ring (one per (interface, queue)).
 
 use std::collections::VecDeque;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{BorrowedFd, RawFd};
-use std::ptr::{self, NonNull};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use libxdp_sys::{xdp_desc, xsk_ring_cons, xsk_ring_prod, xsk_socket};
+use libxdp_sys::{xdp_desc, xsk_ring_cons, xsk_ring_prod};
 
-use super::ring::{self, zeroed_cons, zeroed_prod};
+use super::ring::{self, MappedRing, RingKind};
+use super::umem;
 use super::{BindMode, KERNEL_TX_BATCH, SocketId, Xsk, XskError};
 
-const XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD: u32 = 1;
 const SO_PREFER_BUSY_POLL: libc::c_int = 69;
 const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
 /// `#define XDP_MAX_TX_SKB_BUDGET 9` in `include/uapi/linux/if_xdp.h`
@@ -110,15 +120,16 @@ impl KernelStats {
 }
 
 pub(super) struct Socket {
-    xsk: NonNull<xsk_socket>,
-    // Boxed: libxdp keeps pointers to the fill and completion rings in its
-    // per-(interface, queue) context until `xsk_socket__delete`.
-    pub(super) rx: Box<xsk_ring_cons>,
-    pub(super) tx: Box<xsk_ring_prod>,
-    pub(super) fill: Box<xsk_ring_prod>,
-    pub(super) comp: Box<xsk_ring_cons>,
-    pub(super) fd: RawFd,
+    // Views into `rings`, dropped before them.
+    pub(super) rx: xsk_ring_cons,
+    pub(super) tx: xsk_ring_prod,
+    pub(super) fill: xsk_ring_prod,
+    pub(super) comp: xsk_ring_cons,
+    /// Fill, completion, rx, tx: unmapped before the fd closes.
+    _rings: [MappedRing; 4],
+    pub(super) fd: OwnedFd,
     pub(super) ifname: String,
+    ifindex: u32,
     pub(super) queue: u32,
     /// Descriptors queued for the tx ring (whole packets, in order).
     pub(super) pending: VecDeque<xdp_desc>,
@@ -147,12 +158,66 @@ impl std::fmt::Debug for Socket {
     }
 }
 
-impl Drop for Socket {
-    fn drop(&mut self) {
-        // SAFETY: `xsk` came from `xsk_socket__create_shared`; the rings it
-        // points at are still alive (fields dropped after this body).
-        unsafe { libxdp_sys::xsk_socket__delete(self.xsk.as_ptr()) };
+/// A new AF_XDP socket (close-on-exec).
+pub(super) fn xdp_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The four rings of a socket, created on `fd` with the configured sizes
+/// and mapped, as (fill, completion, rx, tx).
+fn map_rings(fd: BorrowedFd<'_>, sizes: [(RingKind, u32); 4]) -> io::Result<[MappedRing; 4]> {
+    for (kind, entries) in sizes {
+        kind.create(fd, entries)?;
+    }
+    let off = ring::mmap_offsets(fd)?;
+    let [f, c, r, t] = sizes;
+    Ok([
+        MappedRing::map(fd, f.0, f.1, &off)?,
+        MappedRing::map(fd, c.0, c.1, &off)?,
+        MappedRing::map(fd, r.0, r.1, &off)?,
+        MappedRing::map(fd, t.0, t.1, &off)?,
+    ])
+}
+
+/// Binds `fd` to (`ifindex`, `queue`): with `flags`, or sharing the UMEM of
+/// the bound socket `shared` (then the kernel allows no other flag).
+fn bind(
+    fd: BorrowedFd<'_>,
+    ifindex: u32,
+    queue: u32,
+    flags: u16,
+    shared: Option<RawFd>,
+) -> io::Result<()> {
+    let sxdp = libc::sockaddr_xdp {
+        sxdp_family: libc::AF_XDP as u16,
+        sxdp_flags: if shared.is_some() {
+            libc::XDP_SHARED_UMEM
+        } else {
+            flags
+        },
+        sxdp_ifindex: ifindex,
+        sxdp_queue_id: queue,
+        sxdp_shared_umem_fd: shared.map_or(0, |s| s as u32),
+    };
+    // SAFETY: `sxdp` is a live `struct sockaddr_xdp` and its size is passed
+    // along.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sxdp as *const libc::sockaddr_xdp).cast(),
+            size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Xsk {
@@ -182,6 +247,22 @@ impl Xsk {
         };
         let cname = CString::new(ifname)
             .map_err(|e| sock_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        // SAFETY: `cname` is NUL-terminated and outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(sock_err(io::Error::last_os_error()));
+        }
+        if self
+            .sockets
+            .iter()
+            .flatten()
+            .any(|s| (s.ifindex, s.queue, s.ifname.as_str()) == (ifindex, queue, ifname))
+        {
+            return Err(sock_err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "this UMEM has a socket on this queue already",
+            )));
+        }
         let mut bind_flags: u16 = match self.cfg.bind_mode {
             BindMode::Copy => libc::XDP_COPY,
             BindMode::ZeroCopy => libc::XDP_ZEROCOPY,
@@ -192,50 +273,43 @@ impl Xsk {
         if self.cfg.multi_buffer {
             bind_flags |= libc::XDP_USE_SG;
         }
-        let scfg = libxdp_sys::xsk_socket_config {
-            rx_size: self.cfg.rx_size,
-            tx_size: self.cfg.tx_size,
-            __bindgen_anon_1: libxdp_sys::xsk_socket_config__bindgen_ty_1 {
-                libxdp_flags: XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD,
-            },
-            xdp_flags: 0,
-            bind_flags,
+        // The first socket binds on the fd the UMEM is registered on (again
+        // after every socket closed); the others share the UMEM of a live one.
+        let shared = self
+            .sockets
+            .iter()
+            .flatten()
+            .next()
+            .map(|s| s.fd.as_raw_fd());
+        let fd = match (shared, self.unbound.take()) {
+            (None, Some(fd)) => fd,
+            (None, None) => umem::register(&self.mem, &self.cfg).map_err(XskError::Umem)?,
+            (Some(_), unbound) => {
+                self.unbound = unbound;
+                xdp_socket().map_err(sock_err)?
+            }
         };
-        let mut rx = zeroed_cons();
-        let mut tx = zeroed_prod();
-        let mut fill = zeroed_prod();
-        let mut comp = zeroed_cons();
-        let mut xptr = ptr::null_mut();
-        // SAFETY: all ring structs are boxed (stable addresses) and kept in
-        // the `Socket` until after `xsk_socket__delete`; the UMEM outlives
-        // the socket (field order of `Xsk`).
-        let rc = unsafe {
-            libxdp_sys::xsk_socket__create_shared(
-                &mut xptr,
-                cname.as_ptr(),
-                queue,
-                self.umem.ptr.as_ptr(),
-                &mut *rx,
-                &mut *tx,
-                &mut *fill,
-                &mut *comp,
-                &scfg,
-            )
-        };
-        if rc != 0 {
-            return Err(sock_err(io::Error::from_raw_os_error(-rc)));
-        }
-        let xsk = NonNull::new(xptr).ok_or_else(|| sock_err(io::Error::other("null socket")))?;
-        // SAFETY: `xsk` is a live socket.
-        let fd = unsafe { libxdp_sys::xsk_socket__fd(xsk.as_ptr()) };
+        let rings = map_rings(
+            fd.as_fd(),
+            [
+                (RingKind::Fill, self.cfg.fill_size),
+                (RingKind::Completion, self.cfg.comp_size),
+                (RingKind::Rx, self.cfg.rx_size),
+                (RingKind::Tx, self.cfg.tx_size),
+            ],
+        )
+        .map_err(sock_err)?;
+        bind(fd.as_fd(), ifindex, queue, bind_flags, shared).map_err(sock_err)?;
+        let [fill, comp, rx, tx] = &rings;
         let mut sock = Socket {
-            xsk,
-            rx,
-            tx,
-            fill,
-            comp,
+            rx: rx.consumer(),
+            tx: tx.producer(),
+            fill: fill.producer(),
+            comp: comp.consumer(),
+            _rings: rings,
             fd,
             ifname: ifname.to_string(),
+            ifindex,
             queue,
             pending: VecDeque::with_capacity(self.cfg.tx_size as usize),
             pending_cap: self.cfg.tx_size as usize,
@@ -246,6 +320,7 @@ impl Xsk {
             tx_budget: TxSkbBudget::KernelDefault,
             stats: SocketStats::default(),
         };
+        let fd = sock.fd.as_raw_fd();
         if let Some(bp) = self.cfg.busy_poll {
             for (option, name, value) in [
                 (SO_PREFER_BUSY_POLL, "SO_PREFER_BUSY_POLL", 1),
@@ -343,9 +418,7 @@ impl Xsk {
     /// The socket's fd, for registering in the XSKMAP and polling (mio).
     pub fn fd(&self, id: SocketId) -> Result<BorrowedFd<'_>, XskError> {
         let s = self.socket(id)?;
-        // SAFETY: the fd stays open as long as the socket, which the
-        // returned borrow of `self` keeps alive.
-        Ok(unsafe { BorrowedFd::borrow_raw(s.fd) })
+        Ok(s.fd.as_fd())
     }
 
     /// The (interface, queue) a socket is bound to.
@@ -396,7 +469,7 @@ impl Xsk {
         // and `len` is the size of `st`, which the kernel fills at most.
         let rc = unsafe {
             libc::getsockopt(
-                sock.fd,
+                sock.fd.as_raw_fd(),
                 libc::SOL_XDP,
                 libc::XDP_STATISTICS,
                 (&mut st as *mut libc::xdp_statistics).cast(),

@@ -1,18 +1,25 @@
 //! The UMEM: the anonymous mapping that holds every chunk, its registration
 //! with the kernel, the initial free list and the chunk arithmetic.
 //!
-//! Owns: the memory (unmapped on drop, after the registration is gone) and
-//! the libxdp UMEM object. Guarantees: [`Memory::slice`] and
-//! [`Memory::chunk_mut`] never reach outside the mapping; a chunk address is
-//! always `index * frame_size` (aligned mode), and a descriptor address
+//! Owns: the memory (unmapped on drop, after every socket: field order of
+//! [`super::Xsk`]). Guarantees: [`Memory::slice`] and [`Memory::chunk_mut`]
+//! never reach outside the mapping; a chunk address is always
+//! `index * frame_size` (aligned mode), and a descriptor address
 //! `chunk base + offset in chunk`.
+//!
+//! The registration (`XDP_UMEM_REG`) is done here with `libc`, not with
+//! libxdp's `xsk_umem__create`: that cannot pass `tx_metadata_len`, and its
+//! socket setup corrupts the UMEM's saved rings when the first socket fails
+//! to bind (see `super::socket`). The UMEM lives on the AF_XDP socket it is
+//! registered on and, once sockets bind to it, as long as any of them.
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::{self, NonNull};
 
-use libxdp_sys::{xdp_desc, xsk_ring_cons, xsk_ring_prod, xsk_umem};
+use libxdp_sys::xdp_desc;
 
-use super::ring::{zeroed_cons, zeroed_prod};
+use super::socket::xdp_socket;
 use super::{XskConfig, XskError};
 
 /// The UMEM memory region (anonymous mapping).
@@ -185,63 +192,36 @@ impl HeldChunks {
     }
 }
 
-/// The UMEM registered with the kernel (libxdp's `xsk_umem`).
-#[derive(Debug)]
-pub(super) struct UmemHandle {
-    pub(super) ptr: NonNull<xsk_umem>,
-    // The rings created with the UMEM; libxdp hands them to the first
-    // socket's context and may dereference them until then.
-    _fill: Box<xsk_ring_prod>,
-    _comp: Box<xsk_ring_cons>,
-}
-
-impl UmemHandle {
-    /// Registers `mem` as a UMEM of `cfg.frame_size` chunks with
-    /// `cfg.headroom` (`xsk_umem__create`).
-    pub(super) fn register(mem: &Memory, cfg: &XskConfig) -> Result<Self, XskError> {
-        let ucfg = libxdp_sys::xsk_umem_config {
-            fill_size: cfg.fill_size,
-            comp_size: cfg.comp_size,
-            frame_size: cfg.frame_size,
-            frame_headroom: cfg.headroom,
-            flags: 0,
-        };
-        let mut fill = zeroed_prod();
-        let mut comp = zeroed_cons();
-        let mut uptr = ptr::null_mut();
-        // SAFETY: the memory region is mapped, page aligned and `len` long;
-        // the ring structs are boxed and outlive the UMEM (`UmemHandle`).
-        let rc = unsafe {
-            libxdp_sys::xsk_umem__create(
-                &mut uptr,
-                mem.base.as_ptr().cast(),
-                mem.len as u64,
-                &mut *fill,
-                &mut *comp,
-                &ucfg,
-            )
-        };
-        if rc != 0 {
-            return Err(XskError::Umem(io::Error::from_raw_os_error(-rc)));
-        }
-        let ptr = NonNull::new(uptr).ok_or(XskError::Config("xsk_umem__create returned null"))?;
-        Ok(Self {
-            ptr,
-            _fill: fill,
-            _comp: comp,
-        })
+/// Registers `mem` as a UMEM of `cfg.frame_size` chunks with
+/// `cfg.headroom` on a new AF_XDP socket (`XDP_UMEM_REG`), which is returned:
+/// the first socket to bind uses it.
+pub(super) fn register(mem: &Memory, cfg: &XskConfig) -> io::Result<OwnedFd> {
+    let fd = xdp_socket()?;
+    let reg = libc::xdp_umem_reg {
+        addr: mem.base.as_ptr() as u64,
+        len: mem.len as u64,
+        chunk_size: cfg.frame_size,
+        headroom: cfg.headroom,
+        flags: 0,
+        tx_metadata_len: 0,
+    };
+    // SAFETY: `fd` is an AF_XDP socket; `reg` is a live `struct
+    // xdp_umem_reg` whose size is passed along; the memory it names is
+    // mapped, page aligned and `len` long, and stays mapped as long as the
+    // kernel can use it (every socket is closed before `Memory` unmaps it).
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_XDP,
+            libc::XDP_UMEM_REG,
+            (&reg as *const libc::xdp_umem_reg).cast(),
+            size_of::<libc::xdp_umem_reg>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
-}
-
-impl Drop for UmemHandle {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` came from `xsk_umem__create` and every socket on it
-        // was deleted before (field order of `Xsk`).
-        let rc = unsafe { libxdp_sys::xsk_umem__delete(self.ptr.as_ptr()) };
-        if rc != 0 {
-            tracing::warn!(error = %io::Error::from_raw_os_error(-rc), "deleting the UMEM");
-        }
-    }
+    Ok(fd)
 }
 
 #[cfg(test)]
