@@ -84,7 +84,7 @@ pub use loader::{
     LoaderError, LoaderOptions, XdpLoader,
 };
 pub use xsk::{
-    BindMode, BoundsError, BusyPoll, Continuations, FrameAccounting, FrameMut, Frames, KernelStats,
-    RxBatch, SendError, SocketId, SocketStats, TxSkbBudget, Verdict, Xsk, XskConfig, XskError,
-    chunks_for,
+    BindMode, BoundsError, BusyPoll, ChecksumError, Continuations, FrameAccounting, FrameMut,
+    Frames, KernelStats, RxBatch, SendChecksumError, SendError, SocketId, SocketStats,
+    TX_METADATA_LEN, TxMetadata, TxSkbBudget, Verdict, Xsk, XskConfig, XskError, chunks_for,
 };

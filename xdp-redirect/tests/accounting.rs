@@ -13,16 +13,20 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sluice_xdp::{
-    AttachMode, BoundsError, ClassifierConfig, IfaceConfig, IfaceRole, LoaderOptions, RxBatch,
-    SocketId, Verdict, XdpLoader, Xsk, XskConfig,
-};
+use sluice_xdp::{BoundsError, RxBatch, SocketId, Verdict, Xsk, XskConfig};
 
 /// One batch through `Xsk::frames`: every frame lent at once; packet `k` is
-/// dropped, moved 50 bytes to the front of its chunk and forwarded, or
-/// forwarded as it is, by `seen % 3`; bounds and verdicts then by index.
-/// Returns (packets, multi-buffer packets).
-fn whole_batch(xsk: &Xsk, batch: &mut RxBatch, s: SocketId, seen: u64) -> (u64, u64) {
+/// copied out (into `copies`, sent once the frames are gone) and dropped,
+/// moved 50 bytes to the front of its chunk and forwarded, or forwarded as it
+/// is, by `(seen + k) % 3`; bounds and verdicts then by index. Returns the
+/// multi-buffer packets.
+fn whole_batch(
+    xsk: &Xsk,
+    batch: &mut RxBatch,
+    s: SocketId,
+    seen: u64,
+    copies: &mut Vec<Vec<u8>>,
+) -> u64 {
     let mut moved = [None; 32];
     let mut multi = 0;
     let n = batch.len();
@@ -33,9 +37,19 @@ fn whole_batch(xsk: &Xsk, batch: &mut RxBatch, s: SocketId, seen: u64) -> (u64, 
         if conts.len() > 0 {
             multi += 1;
         }
-        if (seen + k as u64) % 3 == 1 {
-            chunk.copy_within(off..off + len, off - 50);
-            moved[k] = Some((off - 50, len, chunk.len()));
+        match (seen + k as u64) % 3 {
+            0 => copies.push(
+                std::iter::once(&chunk[off..off + len])
+                    .chain(conts)
+                    .flatten()
+                    .copied()
+                    .collect(),
+            ),
+            1 => {
+                chunk.copy_within(off..off + len, off - 50);
+                moved[k] = Some((off - 50, len, chunk.len()));
+            }
+            _ => {}
         }
     }
     for (k, moved) in moved.into_iter().enumerate().take(n) {
@@ -54,7 +68,7 @@ fn whole_batch(xsk: &Xsk, batch: &mut RxBatch, s: SocketId, seen: u64) -> (u64, 
         batch.set_verdict(k, verdict);
     }
     assert_eq!(batch.set_bounds(n, 0, 1), Err(BoundsError::NoSuchPacket));
-    (n as u64, multi)
+    multi
 }
 
 #[test]
@@ -70,20 +84,8 @@ fn every_frame_is_accounted_for() {
         "9000",
     );
 
-    let opts = LoaderOptions::new(format!("slx-acc-{pid}"));
-    let _pins = PinGuard {
-        dir: opts.pin_dir(),
-    };
-    let mut loader = XdpLoader::load(&opts).unwrap();
-    loader.set_config(&ClassifierConfig::default()).unwrap();
-    let pod_cfg = IfaceConfig {
-        role: IfaceRole::Pod,
-        fail_closed: false,
-        redirect_all: false,
-    };
-    let ifindex = loader
-        .attach(&veth.host, pod_cfg, AttachMode::Native)
-        .unwrap();
+    let mut node = classifier_on_pods(format!("slx-acc-{pid}"), &[&veth.host]);
+    let ifindex = node.ifindexes[0];
 
     let cfg = XskConfig {
         frame_count: 256,
@@ -99,7 +101,7 @@ fn every_frame_is_accounted_for() {
     // and the frames still all come back.
     let s = xsk.open_socket_with(&veth.host, 0, 96).unwrap();
     assert_eq!(xsk.accounting().fill, 96);
-    loader
+    node.loader
         .register_socket(ifindex, 0, xsk.fd(s).unwrap())
         .unwrap();
     let fd = xsk.fd(s).unwrap().as_raw_fd();
@@ -124,9 +126,11 @@ fn every_frame_is_accounted_for() {
     let mut batch = xsk.batch();
     let (mut seen, mut multi, mut k) = (0u64, 0u64, 0u64);
     let (mut copied, mut copy_refused, mut copied_chained) = (0u64, 0u64, 0u64);
-    let mut copy = Vec::with_capacity(16 * 1024);
+    // Frames to send as copies once a batch's frames are gone (`send_copy` needs the UMEM
+    // mutably); their original chunks are still held by the batch: the copies take others.
+    let mut copies: Vec<Vec<u8>> = Vec::new();
     let mut quiet_since = Instant::now();
-    let (mut rounds, mut batched) = (0u64, 0u64);
+    let (mut rounds, mut batches, mut batched) = (0u64, 0u64, 0u64);
     loop {
         let mut pfd = libc::pollfd {
             fd,
@@ -137,66 +141,61 @@ fn every_frame_is_accounted_for() {
         unsafe { libc::poll(&mut pfd, 1, 5) };
         let n = xsk.recv(s, &mut batch).unwrap();
         rounds += 1;
-        if rounds % 2 == 1 {
-            let (got, m) = whole_batch(&xsk, &mut batch, s, seen);
-            seen += got;
-            multi += m;
-            batched += got;
+        batches += u64::from(n > 0);
+        if batches % 2 == 1 {
+            multi += whole_batch(&xsk, &mut batch, s, seen, &mut copies);
+            seen += n as u64;
+            batched += n as u64;
         }
-        for i in (0..n).filter(|_| rounds % 2 == 0) {
-            // `send_copy` needs the UMEM mutably while a frame borrows it: copy out first.
-            let to_copy = {
-                let mut f = xsk.frame(&mut batch, i).unwrap();
-                seen += 1;
-                k += 1;
-                if f.continuations() > 0 {
-                    multi += 1;
-                }
-                match k % 4 {
-                    0 => f.drop_frame(),
-                    1 => {
-                        let (off, len) = (f.offset(), f.len());
-                        f.chunk().copy_within(off..off + len, off - 50);
-                        f.set_bounds(off - 50, len).unwrap();
-                        let chunk_len = f.chunk().len();
-                        assert!(
-                            f.set_bounds(off, chunk_len).is_err(),
-                            "bounds past the chunk"
-                        );
-                        assert_eq!(
-                            (f.offset(), f.len()),
-                            (off - 50, len),
-                            "refused bounds keep the old"
-                        );
-                        f.forward(s);
-                    }
-                    2 => f.forward(s),
-                    _ => {
-                        copy.clear();
-                        copy.extend_from_slice(f.data());
-                        for c in 0..f.continuations() {
-                            copy.extend_from_slice(f.continuation(c));
-                        }
-                        assert_eq!(copy.len(), f.total_len());
-                        f.drop_frame();
-                    }
-                }
-                k % 4 == 3
-            };
-            if to_copy {
-                // The original chunks are still held by the batch: the copy takes others.
-                let (head, tail) = copy.split_at(copy.len() / 3);
-                match xsk.send_copy(s, &[head, tail]) {
-                    Ok(()) => {
-                        copied += 1;
-                        if copy.len() > cfg.frame_size as usize {
-                            copied_chained += 1;
-                        }
-                    }
-                    Err(_) => copy_refused += 1,
-                }
-                assert!(xsk.accounting().is_balanced(), "{:?}", xsk.accounting());
+        for i in (0..n).filter(|_| batches % 2 == 0) {
+            let mut f = xsk.frame(&mut batch, i).unwrap();
+            seen += 1;
+            k += 1;
+            if f.continuations() > 0 {
+                multi += 1;
             }
+            match k % 4 {
+                0 => f.drop_frame(),
+                1 => {
+                    let (off, len) = (f.offset(), f.len());
+                    f.chunk().copy_within(off..off + len, off - 50);
+                    f.set_bounds(off - 50, len).unwrap();
+                    let chunk_len = f.chunk().len();
+                    assert!(
+                        f.set_bounds(off, chunk_len).is_err(),
+                        "bounds past the chunk"
+                    );
+                    assert_eq!(
+                        (f.offset(), f.len()),
+                        (off - 50, len),
+                        "refused bounds keep the old"
+                    );
+                    f.forward(s);
+                }
+                2 => f.forward(s),
+                _ => {
+                    let mut copy = f.data().to_vec();
+                    for c in 0..f.continuations() {
+                        copy.extend_from_slice(f.continuation(c));
+                    }
+                    assert_eq!(copy.len(), f.total_len());
+                    copies.push(copy);
+                    f.drop_frame();
+                }
+            }
+        }
+        for copy in copies.drain(..) {
+            let (head, tail) = copy.split_at(copy.len() / 3);
+            match xsk.send_copy(s, &[head, tail]) {
+                Ok(()) => {
+                    copied += 1;
+                    if copy.len() > cfg.frame_size as usize {
+                        copied_chained += 1;
+                    }
+                }
+                Err(_) => copy_refused += 1,
+            }
+            assert!(xsk.accounting().is_balanced(), "{:?}", xsk.accounting());
         }
         // Held frames are counted while the batch has them.
         assert!(xsk.accounting().is_balanced(), "{:?}", xsk.accounting());
@@ -245,12 +244,12 @@ fn every_frame_is_accounted_for() {
     let acc = xsk.audit_quiescent().unwrap();
     eprintln!("after the run: {acc:?}");
 
-    loader.unregister_socket(ifindex, 0).unwrap();
+    node.loader.unregister_socket(ifindex, 0).unwrap();
     xsk.close_socket(s).unwrap();
     let acc = xsk.audit_quiescent().unwrap();
     eprintln!("after close: {acc:?}");
     assert_eq!(acc.free, acc.total, "all chunks back on the free list");
 
     drop(xsk);
-    loader.cleanup().unwrap();
+    node.cleanup();
 }

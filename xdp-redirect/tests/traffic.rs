@@ -20,33 +20,11 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use sluice_xdp::{
-    AttachMode, ClassifierConfig, FrameMut, IfaceConfig, IfaceRole, LoaderOptions, RxBatch,
-    SocketId, Verdict, XdpLoader, Xsk, XskConfig,
-};
+use sluice_xdp::{FrameMut, RxBatch, SocketId, Verdict, Xsk};
 
 const MTU: &str = "9000";
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 2);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 3);
-
-struct Pod {
-    ns: NetNs,
-    veth: Veth,
-    mac: [u8; 6],
-    host_mac: [u8; 6],
-}
-
-fn pod(ns_name: String, host_if: String, ip: Ipv4Addr) -> Pod {
-    let (ns, veth, host_mac) = wire_pod(ns_name, host_if, &ip.to_string(), MTU);
-    ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
-    let mac = mac_of("eth0", Some(&ns));
-    Pod {
-        ns,
-        veth,
-        mac,
-        host_mac,
-    }
-}
 
 #[derive(Debug, Default)]
 struct ForwardReport {
@@ -224,64 +202,18 @@ fn forward(
     rep
 }
 
-fn in_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = std::fs::File::open(path).expect("netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 #[test]
 fn pods_talk_through_af_xdp_sockets_sharing_one_umem() {
     if !require_root("pods_talk_through_af_xdp_sockets_sharing_one_umem") {
         return;
     }
-    let pid = std::process::id();
-    let pa = pod(format!("slx-trA-{pid}"), format!("slxa{pid}"), POD_A);
-    let pb = pod(format!("slx-trB-{pid}"), format!("slxb{pid}"), POD_B);
-
-    let opts = LoaderOptions::new(format!("slx-tr-{pid}"));
-    let _pins = PinGuard {
-        dir: opts.pin_dir(),
-    };
-    let mut loader = XdpLoader::load(&opts).unwrap();
-    loader.set_config(&ClassifierConfig::default()).unwrap();
-    let pod_cfg = IfaceConfig {
-        role: IfaceRole::Pod,
-        fail_closed: false,
-        redirect_all: false,
-    };
-    let ia = loader
-        .attach(&pa.veth.host, pod_cfg, AttachMode::Native)
-        .unwrap();
-    let ib = loader
-        .attach(&pb.veth.host, pod_cfg, AttachMode::Native)
-        .unwrap();
-
-    let cfg = XskConfig {
-        frame_count: 4096,
-        fill_size: 1024,
-        comp_size: 1024,
-        rx_size: 1024,
-        tx_size: 1024,
-        ..XskConfig::default()
-    };
-    let mut xsk = Xsk::new(&cfg).unwrap();
-    let sa = xsk.open_socket(&pa.veth.host, 0).unwrap();
-    let sb = xsk.open_socket(&pb.veth.host, 0).unwrap();
-    loader.register_socket(ia, 0, xsk.fd(sa).unwrap()).unwrap();
-    loader.register_socket(ib, 0, xsk.fd(sb).unwrap()).unwrap();
+    let pair = pod_pair("t", [POD_A, POD_B], MTU, false);
+    let PodPair {
+        pods: [pa, pb],
+        mut node,
+        mut xsk,
+        sockets: [sa, sb],
+    } = pair;
     let rx_offset = xsk.rx_offset();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -390,7 +322,7 @@ fn pods_talk_through_af_xdp_sockets_sharing_one_umem() {
     eprintln!("forwarder: {rep:?}");
     eprintln!("socket A: {:?}", xsk.stats(sa).unwrap());
     eprintln!("socket B: {:?}", xsk.stats(sb).unwrap());
-    eprintln!("classifier: {:?}", loader.counters().unwrap());
+    eprintln!("classifier: {:?}", node.loader.counters().unwrap());
     assert!(
         rep.multi_buffer > 0,
         "no frame arrived as chained descriptors"
@@ -409,30 +341,8 @@ fn pods_talk_through_af_xdp_sockets_sharing_one_umem() {
         rep.first_offsets
     );
 
-    // Frame accounting: take the sockets out of the XSKMAP so nothing new
-    // arrives, drop what arrived after the forwarder stopped (late ACKs),
-    // let tx complete; then every chunk is free or in a fill ring.
-    loader.unregister_socket(ia, 0).unwrap();
-    loader.unregister_socket(ib, 0).unwrap();
-    let mut late = xsk.batch();
-    for _ in 0..200 {
-        let mut got = 0;
-        for s in [sa, sb] {
-            got += xsk.recv(s, &mut late).unwrap();
-            xsk.complete(&mut late).unwrap();
-        }
-        xsk.flush().unwrap();
-        if got == 0 && xsk.accounting().tx == 0 {
-            break;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    let acc = xsk.audit_quiescent().unwrap();
-    eprintln!("accounting: {acc:?}");
-    assert!(acc.is_balanced());
+    node.quiesce_and_audit(&mut xsk, &[sa, sb]);
 
     drop(xsk);
-    let dir = loader.pin_dir().to_path_buf();
-    loader.cleanup().unwrap();
-    assert!(!dir.exists());
+    node.cleanup();
 }

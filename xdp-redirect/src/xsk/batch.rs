@@ -23,9 +23,10 @@
 
 use libxdp_sys::xdp_desc;
 
+use super::metadata::{ChecksumError, TxChecksum};
 use super::ring;
 use super::umem::Memory;
-use super::{MAX_SEGMENTS, SocketId, Xsk, XskError};
+use super::{MAX_SEGMENTS, SocketId, TX_METADATA_LEN, Xsk, XskError};
 
 /// What happens to a frame after processing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,19 +47,45 @@ pub enum BoundsError {
     /// The batch has no packet with this index.
     #[error("no packet with this index in the batch")]
     NoSuchPacket,
+    /// The data would start within the tx metadata room at the chunk's
+    /// start ([`super::TX_METADATA_LEN`] bytes when the UMEM has metadata):
+    /// the kernel would refuse the descriptor.
+    #[error("data bounds leave no room for the tx metadata in front")]
+    NoMetadataRoom,
+}
+
+/// The layout a descriptor's bounds must keep: chunk size and the room the
+/// tx metadata takes at the chunk's start.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ChunkLayout {
+    pub(super) chunk_size: u64,
+    pub(super) tx_metadata_len: usize,
+}
+
+impl ChunkLayout {
+    pub(super) fn of(mem: &Memory) -> Self {
+        Self {
+            chunk_size: mem.frame_size,
+            tx_metadata_len: mem.tx_metadata_len,
+        }
+    }
 }
 
 /// Moves the data window of a first descriptor to `[offset, offset + len)`
-/// of its chunk (`chunk_size` bytes), or leaves it as it is.
+/// of its chunk, or leaves it as it is.
 fn move_bounds(
     d: &mut xdp_desc,
-    chunk_size: u64,
+    layout: ChunkLayout,
     offset: usize,
     len: usize,
 ) -> Result<(), BoundsError> {
+    let chunk_size = layout.chunk_size;
     let end = offset.checked_add(len).ok_or(BoundsError::OutOfChunk)?;
     if len == 0 || end as u64 > chunk_size {
         return Err(BoundsError::OutOfChunk);
+    }
+    if offset < layout.tx_metadata_len {
+        return Err(BoundsError::NoMetadataRoom);
     }
     d.addr = (d.addr & !(chunk_size - 1)) + offset as u64;
     d.len = len as u32;
@@ -70,6 +97,19 @@ pub(super) struct Packet {
     pub(super) first: u32,
     pub(super) nsegs: u16,
     pub(super) verdict: Verdict,
+    /// Checksum offload asked for (forwarded packets only).
+    pub(super) csum: Option<TxChecksum>,
+}
+
+impl Packet {
+    fn new(first: u32, nsegs: u16) -> Self {
+        Self {
+            first,
+            nsegs,
+            verdict: Verdict::Drop,
+            csum: None,
+        }
+    }
 }
 
 /// A batch of received packets, reused from call to call (no allocation
@@ -81,8 +121,10 @@ pub struct RxBatch {
     pub(super) descs: Vec<xdp_desc>,
     pub(super) packets: Vec<Packet>,
     pub(super) max_packets: usize,
-    /// The UMEM's chunk size (for [`Self::set_bounds`]).
-    pub(super) chunk_size: u64,
+    /// What [`Self::set_bounds`] must keep.
+    pub(super) layout: ChunkLayout,
+    /// Whether [`Self::set_tx_checksum`] may ask for offload.
+    pub(super) tx_checksum: bool,
 }
 
 impl RxBatch {
@@ -117,7 +159,34 @@ impl RxBatch {
             .descs
             .get_mut(p.first as usize)
             .ok_or(BoundsError::NoSuchPacket)?;
-        move_bounds(d, self.chunk_size, offset, len)
+        move_bounds(d, self.layout, offset, len)
+    }
+
+    /// Asks the kernel to complete packet `i`'s L4 checksum when it is
+    /// forwarded: it sums from `csum_start` (counted from the start of the
+    /// packet data) to the end of the packet and stores the result at
+    /// `csum_start + csum_offset` (6 for UDP, 16 for TCP), which must hold
+    /// the pseudo-header sum (as a CHECKSUM_PARTIAL frame from a pod does).
+    /// Set the packet's final bounds first: the field must lie in the first
+    /// chunk's data (checked now, and again when the packet is queued).
+    /// Requires [`Xsk::tx_checksum_offload`]; the request is dropped with
+    /// the packet if it is not forwarded.
+    pub fn set_tx_checksum(
+        &mut self,
+        i: usize,
+        csum_start: u16,
+        csum_offset: u16,
+    ) -> Result<(), ChecksumError> {
+        if !self.tx_checksum {
+            return Err(ChecksumError::Unsupported);
+        }
+        let p = self.packets.get_mut(i).ok_or(ChecksumError::NoSuchPacket)?;
+        let d = self
+            .descs
+            .get(p.first as usize)
+            .ok_or(ChecksumError::NoSuchPacket)?;
+        p.csum = Some(TxChecksum::new(csum_start, csum_offset, d.len as usize)?);
+        Ok(())
     }
 
     /// True if the packets tile the descriptor list in order (the shape
@@ -156,8 +225,9 @@ impl<'a> FrameMut<'a> {
     unsafe fn lend(
         mem: &'a Memory,
         segs: &'a mut [xdp_desc],
-        verdict: &'a mut Verdict,
+        packet: &'a mut Packet,
     ) -> Option<Self> {
+        let verdict = &mut packet.verdict;
         let (first, conts) = segs.split_first_mut()?;
         let base = mem.chunk_base(first.addr) as usize;
         // SAFETY: `first` lies in the mapping (caller), which is a whole
@@ -212,7 +282,7 @@ impl<'a> FrameMut<'a> {
     /// Moves the data bounds of the first chunk (push or pull a header); on
     /// error the old bounds stay.
     pub fn set_bounds(&mut self, offset: usize, len: usize) -> Result<(), BoundsError> {
-        move_bounds(self.first, self.mem.frame_size, offset, len)
+        move_bounds(self.first, ChunkLayout::of(self.mem), offset, len)
     }
 
     /// Number of continuation chunks.
@@ -336,7 +406,7 @@ impl<'a> Iterator for Frames<'a> {
         // packet's first chunk is lent once (each packet is yielded once, and
         // `Frames` holds the batch's `&'a mut` borrow, so neither `Xsk::frame`
         // nor another `Frames` reaches this batch meanwhile).
-        unsafe { FrameMut::lend(self.mem, segs, &mut p.verdict) }
+        unsafe { FrameMut::lend(self.mem, segs, p) }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -355,7 +425,8 @@ impl Xsk {
             descs: Vec::with_capacity(self.cfg.batch_size + MAX_SEGMENTS),
             packets: Vec::with_capacity(self.cfg.batch_size),
             max_packets: self.cfg.batch_size,
-            chunk_size: self.mem.frame_size,
+            layout: ChunkLayout::of(&self.mem),
+            tx_checksum: self.tx_checksum_offload(),
         }
     }
 
@@ -411,11 +482,7 @@ impl Xsk {
                     batch.descs.truncate(first);
                     sock.stats.rx_invalid += 1;
                 } else {
-                    batch.packets.push(Packet {
-                        first: first as u32,
-                        nsegs: seg as u16,
-                        verdict: Verdict::Drop,
-                    });
+                    batch.packets.push(Packet::new(first as u32, seg as u16));
                     sock.stats.rx_packets += 1;
                 }
                 sock.fill_out = sock.fill_out.saturating_sub(u64::from(seg));
@@ -452,7 +519,7 @@ impl Xsk {
         // `HeldChunks` (so named by no other descriptor of any live batch);
         // the `&'a mut` borrow of the batch makes this the only frame lent
         // from it during `'a`.
-        unsafe { FrameMut::lend(&self.mem, segs, &mut p.verdict) }
+        unsafe { FrameMut::lend(&self.mem, segs, p) }
     }
 
     /// Every packet of `batch` as its own [`FrameMut`], in batch order, all
@@ -478,8 +545,10 @@ impl Xsk {
     }
 
     /// Applies the verdicts of `batch`: forwarded packets go to their
-    /// socket's tx queue (dropped if it is full), the rest to the free list.
-    /// The batch is empty afterwards.
+    /// socket's tx queue (dropped if it is full, or if their checksum request
+    /// no longer fits their data), with their checksum request written in
+    /// front of the data; the rest go to the free list. The batch is empty
+    /// afterwards.
     pub fn complete(&mut self, batch: &mut RxBatch) -> Result<(), XskError> {
         if batch.owner != self.id {
             return Err(XskError::ForeignBatch);
@@ -494,20 +563,40 @@ impl Xsk {
                     .filter(|s| s.pending.len() + segs.len() <= s.pending_cap),
                 Verdict::Drop => None,
             };
+            let csum_fits = p.csum.is_none_or(|c| c.fits(segs[0].len as usize));
             match target {
-                Some(sock) => {
+                Some(sock) if csum_fits => {
+                    let mut first_options = 0;
+                    if let Some(c) = p.csum {
+                        let off = self.mem.offset_in_chunk(segs[0].addr);
+                        // SAFETY: the chunk is held by this batch: received,
+                        // in no ring until queued below.
+                        let chunk = unsafe { self.mem.chunk_mut(segs[0].addr) };
+                        if let Some(meta) = off
+                            .checked_sub(TX_METADATA_LEN as usize)
+                            .and_then(|start| chunk.get_mut(start..off))
+                        {
+                            c.write(meta);
+                            first_options = libc::XDP_TX_METADATA;
+                        }
+                    }
                     let last = segs.len() - 1;
                     for (k, d) in segs.iter_mut().enumerate() {
-                        d.options = if k == last { 0 } else { libc::XDP_PKT_CONTD };
+                        let contd = if k == last { 0 } else { libc::XDP_PKT_CONTD };
+                        d.options = contd | if k == 0 { first_options } else { 0 };
                         sock.pending.push_back(*d);
                     }
                     sock.tx_out += segs.len() as u64;
                 }
-                None => {
+                _ => {
                     if let Verdict::Forward(to) = p.verdict
                         && let Some(Some(s)) = self.sockets.get_mut(to.0 as usize)
                     {
-                        s.stats.tx_queue_full += 1;
+                        if csum_fits {
+                            s.stats.tx_queue_full += 1;
+                        } else {
+                            s.stats.tx_csum_invalid += 1;
+                        }
                     }
                     for d in segs.iter() {
                         self.free.push(self.mem.chunk_base(d.addr));
@@ -525,6 +614,12 @@ impl Xsk {
 mod tests {
     use super::*;
 
+    /// 4 KiB chunks with tx metadata.
+    const LAYOUT: ChunkLayout = ChunkLayout {
+        chunk_size: 4096,
+        tx_metadata_len: TX_METADATA_LEN as usize,
+    };
+
     fn desc(addr: u64, len: u32) -> xdp_desc {
         xdp_desc {
             addr,
@@ -541,26 +636,33 @@ mod tests {
             descs,
             packets: packets
                 .iter()
-                .map(|&(first, nsegs)| Packet {
-                    first,
-                    nsegs,
-                    verdict: Verdict::Drop,
-                })
+                .map(|&(first, nsegs)| Packet::new(first, nsegs))
                 .collect(),
             max_packets: 64,
-            chunk_size: 4096,
+            layout: LAYOUT,
+            tx_checksum: true,
         }
+    }
+
+    /// A batch of a one-chunk packet of `first_len` bytes and a three-chunk one.
+    fn two_packets(first_len: u32) -> RxBatch {
+        let descs = vec![
+            desc(320, first_len),
+            desc(4096 + 320, 3776),
+            desc(8192 + 320, 1000),
+        ];
+        batch(descs, &[(0, 1), (1, 2)])
     }
 
     #[test]
     fn bounds_move_inside_the_chunk_only() {
         let mut d = desc(4096 + 320, 100);
         // A 50-byte push in front, as VXLAN encapsulation does.
-        assert_eq!(move_bounds(&mut d, 4096, 270, 150), Ok(()));
+        assert_eq!(move_bounds(&mut d, LAYOUT, 270, 150), Ok(()));
         assert_eq!((d.addr, d.len), (4096 + 270, 150));
         for (offset, len) in [(270, 0), (4000, 97), (4096, 1), (usize::MAX, 2)] {
             assert_eq!(
-                move_bounds(&mut d, 4096, offset, len),
+                move_bounds(&mut d, LAYOUT, offset, len),
                 Err(BoundsError::OutOfChunk),
                 "({offset}, {len})"
             );
@@ -570,18 +672,40 @@ mod tests {
                 "refused bounds keep the old"
             );
         }
-        assert_eq!(move_bounds(&mut d, 4096, 0, 4096), Ok(()));
+        // The tx metadata room at the chunk's start stays free.
+        assert_eq!(
+            move_bounds(&mut d, LAYOUT, 23, 100),
+            Err(BoundsError::NoMetadataRoom)
+        );
+        assert_eq!(move_bounds(&mut d, LAYOUT, 24, 4072), Ok(()));
+        assert_eq!((d.addr, d.len), (4096 + 24, 4072));
+        let no_metadata = ChunkLayout {
+            tx_metadata_len: 0,
+            ..LAYOUT
+        };
+        assert_eq!(move_bounds(&mut d, no_metadata, 0, 4096), Ok(()));
         assert_eq!((d.addr, d.len), (4096, 4096));
     }
 
     #[test]
+    fn checksum_requests_are_checked_against_the_first_chunk() {
+        let mut b = two_packets(42);
+        assert_eq!(b.set_tx_checksum(0, 34, 6), Ok(()));
+        assert_eq!(b.set_tx_checksum(0, 34, 7), Err(ChecksumError::OutOfData));
+        assert_eq!(b.packets[0].csum, TxChecksum::new(34, 6, 42).ok());
+        // A TCP field in a multi-buffer packet's first chunk.
+        assert_eq!(b.set_tx_checksum(1, 34, 16), Ok(()));
+        assert_eq!(
+            b.set_tx_checksum(2, 34, 6),
+            Err(ChecksumError::NoSuchPacket)
+        );
+        b.tx_checksum = false;
+        assert_eq!(b.set_tx_checksum(0, 34, 6), Err(ChecksumError::Unsupported));
+    }
+
+    #[test]
     fn batch_bounds_are_set_by_packet_index_on_its_first_chunk() {
-        let descs = vec![
-            desc(320, 60),
-            desc(4096 + 320, 3776),
-            desc(8192 + 320, 1000),
-        ];
-        let mut b = batch(descs, &[(0, 1), (1, 2)]);
+        let mut b = two_packets(60);
         assert_eq!(b.set_bounds(1, 270, 3826), Ok(()));
         assert_eq!((b.descs[1].addr, b.descs[1].len), (4096 + 270, 3826));
         assert_eq!(

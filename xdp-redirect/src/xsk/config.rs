@@ -56,6 +56,11 @@ pub struct XskConfig {
     /// option keeps 32 and the socket opens anyway; see
     /// [`super::Xsk::tx_skb_budget`].
     pub tx_skb_budget: Option<u32>,
+    /// Register the UMEM with room for AF_XDP tx metadata in front of every
+    /// tx descriptor's data, for checksum offload (Linux 6.8+; a kernel
+    /// without it leaves the UMEM registered without, see
+    /// [`super::Xsk::tx_metadata`]).
+    pub tx_metadata: bool,
 }
 
 impl Default for XskConfig {
@@ -74,6 +79,7 @@ impl Default for XskConfig {
             need_wakeup: true,
             busy_poll: None,
             tx_skb_budget: None,
+            tx_metadata: true,
         }
     }
 }

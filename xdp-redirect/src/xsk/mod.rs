@@ -17,8 +17,9 @@
 //!    [`Xsk::frames`] gives every packet of the batch at once (distinct
 //!    chunks, all borrowed together); bounds and verdicts are then set on
 //!    the batch by index ([`RxBatch::set_bounds`], [`RxBatch::set_verdict`]).
-//! 3. [`Xsk::complete`] moves forwarded frames to their socket's tx queue and
-//!    dropped ones to the free list; [`Xsk::flush`] produces tx descriptors
+//! 3. [`Xsk::complete`] moves forwarded frames to their socket's tx queue
+//!    (writing a checksum offload request, [`RxBatch::set_tx_checksum`], in
+//!    front of the data) and dropped ones to the free list; [`Xsk::flush`] produces tx descriptors
 //!    (whole packets, in order), kicks the kernel while the tx ring is not
 //!    empty, reaps completions and refills every fill ring greedily.
 //!
@@ -42,6 +43,10 @@
 //! start, first and continuation chunks alike; so a chunk carries at most
 //! `frame_size - 256 - headroom` bytes of a packet and the first chunk always
 //! has at least 256 bytes in front of the data for an encapsulation header.
+//! With tx metadata registered ([`TxMetadata::Registered`], the default on
+//! Linux 6.8+), the first [`TX_METADATA_LEN`] bytes of every chunk belong to
+//! the metadata: no tx descriptor's data may start there (bounds refuse it
+//! with [`BoundsError::NoMetadataRoom`]); see `metadata` for the layout.
 //!
 //! Files, one concept each:
 //! * `config`: [`XskConfig`] and its checks;
@@ -52,12 +57,15 @@
 //!   operations, kicks;
 //! * `batch`: [`RxBatch`], [`FrameMut`], recv/frame/complete;
 //! * `copy`: [`Xsk::send_copy`] and [`chunks_for`];
+//! * `metadata`: AF_XDP tx metadata (checksum offload), its layout in front
+//!   of the data, [`TxMetadata`];
 //! * `accounting`: [`FrameAccounting`] and the audit.
 
 mod accounting;
 mod batch;
 mod config;
 mod copy;
+mod metadata;
 mod ring;
 mod socket;
 mod umem;
@@ -69,7 +77,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use accounting::FrameAccounting;
 pub use batch::{BoundsError, Continuations, FrameMut, Frames, RxBatch, Verdict};
 pub use config::{BindMode, BusyPoll, XskConfig};
-pub use copy::{SendError, chunks_for};
+pub use copy::{SendChecksumError, SendError, chunks_for};
+pub use metadata::{ChecksumError, TX_METADATA_LEN, TxMetadata};
 pub use socket::{KernelStats, SocketStats, TxSkbBudget};
 
 use socket::Socket;
@@ -166,6 +175,8 @@ pub struct Xsk {
     /// The chunks user batches hold (see [`HeldChunks`]).
     held: HeldChunks,
     lost: u64,
+    /// Whether the UMEM has room for tx metadata (checksum offload).
+    tx_metadata: TxMetadata,
 }
 
 // SAFETY: an `Xsk` is owned by one worker thread at a time; its raw pointers
@@ -176,8 +187,8 @@ impl Xsk {
     /// Maps and registers a UMEM of `cfg.frame_count` chunks, all free.
     pub fn new(cfg: &XskConfig) -> Result<Self, XskError> {
         cfg.validate()?;
-        let mem = Memory::map(cfg)?;
-        let unbound = umem::register(&mem, cfg).map_err(XskError::Umem)?;
+        let mut mem = Memory::map(cfg)?;
+        let (unbound, tx_metadata) = Self::register(&mut mem, cfg)?;
         let free = mem.all_chunks();
         let held = HeldChunks::new(free.len());
         Ok(Self {
@@ -189,7 +200,34 @@ impl Xsk {
             free,
             held,
             lost: 0,
+            tx_metadata,
         })
+    }
+
+    /// Registers the UMEM, with tx metadata if the configuration asks for it
+    /// and the kernel takes it (EINVAL otherwise: then without, keeping the
+    /// reason).
+    fn register(mem: &mut Memory, cfg: &XskConfig) -> Result<(OwnedFd, TxMetadata), XskError> {
+        if !cfg.tx_metadata {
+            let fd = umem::register(mem, cfg).map_err(XskError::Umem)?;
+            return Ok((fd, TxMetadata::Disabled));
+        }
+        mem.tx_metadata_len = TX_METADATA_LEN as usize;
+        match umem::register(mem, cfg) {
+            Ok(fd) => Ok((
+                fd,
+                TxMetadata::Registered {
+                    len: TX_METADATA_LEN,
+                },
+            )),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                mem.tx_metadata_len = 0;
+                let fd = umem::register(mem, cfg).map_err(XskError::Umem)?;
+                tracing::debug!(error = %e, "UMEM registered without tx metadata");
+                Ok((fd, TxMetadata::Unsupported(e)))
+            }
+            Err(e) => Err(XskError::Umem(e)),
+        }
     }
 
     /// The configuration this UMEM was made with.

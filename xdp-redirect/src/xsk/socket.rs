@@ -85,6 +85,10 @@ pub struct SocketStats {
     pub tx_kicks: u64,
     /// Packets queued by [`Xsk::send_copy`] (copied in, not forwarded).
     pub tx_copied: u64,
+    /// Forwarded packets dropped because their checksum offload request no
+    /// longer fit the first chunk's data (bounds moved after the request):
+    /// the kernel would refuse the descriptor and stall the tx ring on it.
+    pub tx_csum_invalid: u64,
 }
 
 /// The kernel's own counters of a socket (`XDP_STATISTICS`): what it

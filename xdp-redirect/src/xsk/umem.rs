@@ -28,6 +28,9 @@ pub(super) struct Memory {
     pub(super) base: NonNull<u8>,
     pub(super) len: usize,
     pub(super) frame_size: u64,
+    /// Bytes of tx metadata the UMEM is registered with: no tx descriptor's
+    /// data may start closer to its chunk's start (see `super::metadata`).
+    pub(super) tx_metadata_len: usize,
 }
 
 impl Memory {
@@ -56,6 +59,7 @@ impl Memory {
             base: NonNull::new(p.cast()).ok_or(XskError::Config("mmap returned null"))?,
             len,
             frame_size: u64::from(cfg.frame_size),
+            tx_metadata_len: 0,
         })
     }
 
@@ -102,15 +106,20 @@ impl Memory {
         }
     }
 
-    /// The whole chunk at `addr` (a chunk base from the free list), writable.
-    pub(super) fn chunk_mut(&mut self, addr: u64) -> &mut [u8] {
+    /// The whole chunk holding `addr`, writable (empty if outside the UMEM).
+    ///
+    /// # Safety
+    /// The chunk is userspace's: on the free list, or held by a batch being
+    /// completed; in no ring, so the kernel does not touch it.
+    pub(super) unsafe fn chunk_mut(&mut self, addr: u64) -> &mut [u8] {
         let base = self.chunk_base(addr);
         if base + self.frame_size > self.len as u64 {
             return &mut [];
         }
-        // SAFETY: [base, base + frame_size) lies in the mapping (checked above); the chunk comes
-        // from the free list, so it is in no ring and no batch: neither the kernel nor any
-        // `FrameMut` touches it, and the `&mut self` borrow makes this the only reference.
+        // SAFETY: [base, base + frame_size) lies in the mapping (checked
+        // above); the kernel does not touch the chunk (caller), and no
+        // `FrameMut` does: they borrow the `Memory` shared, which `&mut self`
+        // excludes, so this is the only reference.
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.base.as_ptr().add(base as usize),
@@ -193,17 +202,24 @@ impl HeldChunks {
 }
 
 /// Registers `mem` as a UMEM of `cfg.frame_size` chunks with
-/// `cfg.headroom` on a new AF_XDP socket (`XDP_UMEM_REG`), which is returned:
-/// the first socket to bind uses it.
+/// `cfg.headroom`, and `mem.tx_metadata_len` bytes of tx metadata if not 0
+/// (`XDP_UMEM_TX_METADATA_LEN`), on a new AF_XDP socket (`XDP_UMEM_REG`),
+/// which is returned: the first socket to bind uses it.
 pub(super) fn register(mem: &Memory, cfg: &XskConfig) -> io::Result<OwnedFd> {
     let fd = xdp_socket()?;
+    let tx_metadata_len = u32::try_from(mem.tx_metadata_len)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let reg = libc::xdp_umem_reg {
         addr: mem.base.as_ptr() as u64,
         len: mem.len as u64,
         chunk_size: cfg.frame_size,
         headroom: cfg.headroom,
-        flags: 0,
-        tx_metadata_len: 0,
+        flags: if tx_metadata_len > 0 {
+            libc::XDP_UMEM_TX_METADATA_LEN
+        } else {
+            0
+        },
+        tx_metadata_len,
     };
     // SAFETY: `fd` is an AF_XDP socket; `reg` is a live `struct
     // xdp_umem_reg` whose size is passed along; the memory it names is
