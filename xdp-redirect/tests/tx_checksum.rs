@@ -61,11 +61,19 @@ fn pseudo_header_sum(frame: &[u8]) -> u16 {
     let ip = &frame[14..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let mut sum: u32 = ip[12..20]
+    fold(words_sum(&ip[12..20]) + u32::from(ip[9]) + (total - ihl) as u32)
+}
+
+/// The sum of `bytes` as big-endian 16-bit words (an even number of bytes).
+fn words_sum(bytes: &[u8]) -> u32 {
+    bytes
         .chunks(2)
         .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    sum += u32::from(ip[9]) + (total - ihl) as u32;
+        .sum()
+}
+
+/// A ones'-complement sum folded to 16 bits.
+fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -96,14 +104,8 @@ fn partial_udp_frame((dmac, smac): Macs, dport: u16, payload: &[u8]) -> Vec<u8> 
     ip[9] = 17;
     ip[12..16].copy_from_slice(&POD_A.octets());
     ip[16..20].copy_from_slice(&POD_B.octets());
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let header_checksum = !fold(words_sum(&ip));
+    ip[10..12].copy_from_slice(&header_checksum.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&40001u16.to_be_bytes());
     f.extend_from_slice(&dport.to_be_bytes());
