@@ -42,6 +42,36 @@
 //! # }
 //! ```
 //!
+//! The same batch all at once, as a pipeline's `process_batch` takes it
+//! (every packet's first chunk lent mutably together, no allocation):
+//!
+//! ```no_run
+//! # use sluice_xdp::{RxBatch, SocketId, Verdict, Xsk};
+//! # fn run(xsk: &mut Xsk, a: SocketId, b: SocketId, batch: &mut RxBatch) -> Result<(), Box<dyn std::error::Error>> {
+//! const BATCH: usize = 64;
+//! let n = xsk.recv(a, batch)?;
+//! let mut windows = [(0usize, 0usize); BATCH];
+//! for (k, frame) in xsk.frames(batch).take(BATCH).enumerate() {
+//!     let (chunk, offset, len, continuations) = frame.into_parts();
+//!     // The pipeline runs over (chunk, offset, len, continuations) of every
+//!     // packet; here: push a 50-byte (VXLAN) header in front of the data.
+//!     chunk[offset - 50..offset].fill(0);
+//!     windows[k] = (offset - 50, len + 50);
+//!     let _tail_bytes: usize = continuations.map(<[u8]>::len).sum();
+//! }
+//! for (k, (offset, len)) in windows.iter().copied().enumerate().take(n) {
+//!     let verdict = match batch.set_bounds(k, offset, len) {
+//!         Ok(()) => Verdict::Forward(b),
+//!         Err(_) => Verdict::Drop,
+//!     };
+//!     batch.set_verdict(k, verdict);
+//! }
+//! xsk.complete(batch)?;
+//! xsk.flush()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! All `unsafe` of the project's kernel ABI (rings, UMEM, libbpf glue) lives
 //! in this crate, each block with its `// SAFETY:` reason.
 
@@ -54,6 +84,7 @@ pub use loader::{
     LoaderError, LoaderOptions, XdpLoader,
 };
 pub use xsk::{
-    BindMode, BusyPoll, FrameAccounting, FrameMut, KernelStats, RxBatch, SendError, SocketId,
-    SocketStats, Verdict, Xsk, XskConfig, XskError, chunks_for,
+    BindMode, BoundsError, BusyPoll, ChecksumError, Continuations, FrameAccounting, FrameMut,
+    Frames, KernelStats, RxBatch, SendChecksumError, SendError, SocketId, SocketStats,
+    TX_METADATA_LEN, TxMetadata, TxSkbBudget, Verdict, Xsk, XskConfig, XskError, chunks_for,
 };

@@ -1,9 +1,13 @@
 //! Real traffic: two pods (netns) with veth pairs, the XDP program on both
 //! host ends, AF_XDP sockets on both sharing one UMEM, and a forwarding loop
 //! moving frames between them. ping, UDP (small and ~8000 bytes, chained
-//! descriptors) and TCP cross; every other frame from B to A leaves as a copy
-//! (`Xsk::send_copy`, chained when large), so the echoes also check copied
-//! bytes; afterwards every frame is accounted for.
+//! descriptors) and TCP cross. A to B goes through the whole-batch path
+//! (`Xsk::frames`: every frame of a batch alive at once, bounds and verdicts
+//! set by index afterwards), B to A one frame at a time (`Xsk::frame`); both
+//! move every frame 50 bytes to the front of its chunk, as a VXLAN push
+//! would. Every other frame from B to A leaves as a copy (`Xsk::send_copy`,
+//! chained when large), so the echoes also check copied bytes; afterwards
+//! every frame is accounted for.
 
 mod common;
 
@@ -16,33 +20,11 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use sluice_xdp::{
-    AttachMode, ClassifierConfig, IfaceConfig, IfaceRole, LoaderOptions, SocketId, XdpLoader, Xsk,
-    XskConfig,
-};
+use sluice_xdp::{FrameMut, RxBatch, SocketId, Verdict, Xsk};
 
 const MTU: &str = "9000";
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 2);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 3);
-
-struct Pod {
-    ns: NetNs,
-    veth: Veth,
-    mac: [u8; 6],
-    host_mac: [u8; 6],
-}
-
-fn pod(ns_name: String, host_if: String, ip: Ipv4Addr) -> Pod {
-    let (ns, veth, host_mac) = wire_pod(ns_name, host_if, &ip.to_string(), MTU);
-    ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
-    let mac = mac_of("eth0", Some(&ns));
-    Pod {
-        ns,
-        veth,
-        mac,
-        host_mac,
-    }
-}
 
 #[derive(Debug, Default)]
 struct ForwardReport {
@@ -54,12 +36,74 @@ struct ForwardReport {
     cont_offsets: Vec<usize>,
     copied: u64,
     copied_chained: u64,
+    /// Packets that went through `Xsk::frames` (A to B), and of those multi-buffer.
+    batch_packets: u64,
+    batch_multi_buffer: u64,
+    /// Most packets of one batch lent at once.
+    batch_max_alive: usize,
 }
 
-/// The test's forwarding loop: A -> B rewrites MACs; B -> A also moves the
-/// frame 50 bytes to the front of its chunk (as a VXLAN push would) so the
-/// kernel must honour a changed data offset on tx, and every other one of
-/// them is sent as a copy instead (original dropped).
+/// How far every forwarded frame moves to the front of its chunk.
+const SHIFT: usize = 50;
+
+/// A to B: the whole batch at once through `Xsk::frames`, as the agent's
+/// `process_batch` takes it. Every frame stays alive until all are processed
+/// (their first chunks must be distinct); each moves `SHIFT` bytes to the
+/// front and gets B's MACs; then the batch gets the new bounds and the
+/// verdicts by index.
+fn forward_whole_batch(
+    xsk: &Xsk,
+    batch: &mut RxBatch,
+    to: SocketId,
+    (dmac, smac): ([u8; 6], [u8; 6]),
+    rep: &mut ForwardReport,
+) {
+    let n = batch.len();
+    let mut windows: Vec<Option<(usize, usize)>> = vec![None; n];
+    {
+        let frames = xsk.frames(batch);
+        assert_eq!(frames.len(), n, "one frame per packet");
+        let mut parts: Vec<_> = frames.map(FrameMut::into_parts).collect();
+        let mut chunks: Vec<usize> = parts.iter().map(|(c, ..)| c.as_ptr() as usize).collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        assert_eq!(chunks.len(), n, "the frames of a batch are distinct chunks");
+        rep.batch_max_alive = rep.batch_max_alive.max(n);
+        for (k, (chunk, off, len, conts)) in parts.iter_mut().enumerate() {
+            let (off, len) = (*off, *len);
+            rep.batch_packets += 1;
+            let tail: usize = conts.clone().map(<[u8]>::len).sum();
+            assert_eq!(conts.len(), conts.count(), "exact size");
+            if tail > 0 {
+                rep.batch_multi_buffer += 1;
+            }
+            rep.max_len = rep.max_len.max(len + tail);
+            if !rep.first_offsets.contains(&off) {
+                rep.first_offsets.push(off);
+            }
+            if len < 14 || off < SHIFT {
+                continue; // stays Drop
+            }
+            chunk.copy_within(off..off + len, off - SHIFT);
+            let d = &mut chunk[off - SHIFT..];
+            d[0..6].copy_from_slice(&dmac);
+            d[6..12].copy_from_slice(&smac);
+            windows[k] = Some((off - SHIFT, len));
+        }
+    }
+    for (k, window) in windows.into_iter().enumerate() {
+        if let Some((off, len)) = window {
+            batch.set_bounds(k, off, len).unwrap();
+            batch.set_verdict(k, Verdict::Forward(to));
+        }
+    }
+}
+
+/// The test's forwarding loop: A -> B as a whole batch
+/// ([`forward_whole_batch`]); B -> A frame by frame, each moved `SHIFT` bytes
+/// to the front of its chunk (as a VXLAN push would) so the kernel must
+/// honour a changed data offset on tx, and every other one of them sent as a
+/// copy instead (original dropped).
 fn forward(
     xsk: &mut Xsk,
     a: SocketId,
@@ -84,12 +128,18 @@ fn forward(
         });
         // SAFETY: `pfds` is a live array of two pollfd structs.
         unsafe { libc::poll(pfds.as_mut_ptr(), 2, 5) };
-        for (from, to, (dmac, smac), shift) in [(a, b, to_b, 0usize), (b, a, to_a, 50usize)] {
-            let n = xsk.recv(from, &mut batch).unwrap();
+        let n = xsk.recv(a, &mut batch).unwrap();
+        rep.packets += n as u64;
+        forward_whole_batch(xsk, &mut batch, b, to_b, &mut rep);
+        xsk.complete(&mut batch).unwrap();
+        // B to A, frame by frame.
+        {
+            let (to, (dmac, smac)) = (a, to_a);
+            let n = xsk.recv(b, &mut batch).unwrap();
             for i in 0..n {
                 let mut f = xsk.frame(&mut batch, i).unwrap();
                 rep.packets += 1;
-                let as_copy = shift > 0 && rep.packets % 2 == 0 && f.len() >= 14;
+                let as_copy = rep.packets % 2 == 0 && f.len() >= 14;
                 rep.max_len = rep.max_len.max(f.total_len());
                 rep.max_segments = rep.max_segments.max(1 + f.continuations());
                 if !rep.first_offsets.contains(&f.offset()) {
@@ -123,10 +173,8 @@ fn forward(
                     continue;
                 }
                 let (off, len) = (f.offset(), f.len());
-                if shift > 0 {
-                    f.chunk().copy_within(off..off + len, off - shift);
-                    f.set_bounds(off - shift, len).unwrap();
-                }
+                f.chunk().copy_within(off..off + len, off - SHIFT);
+                f.set_bounds(off - SHIFT, len).unwrap();
                 let d = f.data_mut();
                 d[0..6].copy_from_slice(&dmac);
                 d[6..12].copy_from_slice(&smac);
@@ -154,64 +202,18 @@ fn forward(
     rep
 }
 
-fn in_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = std::fs::File::open(path).expect("netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 #[test]
 fn pods_talk_through_af_xdp_sockets_sharing_one_umem() {
     if !require_root("pods_talk_through_af_xdp_sockets_sharing_one_umem") {
         return;
     }
-    let pid = std::process::id();
-    let pa = pod(format!("slx-trA-{pid}"), format!("slxa{pid}"), POD_A);
-    let pb = pod(format!("slx-trB-{pid}"), format!("slxb{pid}"), POD_B);
-
-    let opts = LoaderOptions::new(format!("slx-tr-{pid}"));
-    let _pins = PinGuard {
-        dir: opts.pin_dir(),
-    };
-    let mut loader = XdpLoader::load(&opts).unwrap();
-    loader.set_config(&ClassifierConfig::default()).unwrap();
-    let pod_cfg = IfaceConfig {
-        role: IfaceRole::Pod,
-        fail_closed: false,
-        redirect_all: false,
-    };
-    let ia = loader
-        .attach(&pa.veth.host, pod_cfg, AttachMode::Native)
-        .unwrap();
-    let ib = loader
-        .attach(&pb.veth.host, pod_cfg, AttachMode::Native)
-        .unwrap();
-
-    let cfg = XskConfig {
-        frame_count: 4096,
-        fill_size: 1024,
-        comp_size: 1024,
-        rx_size: 1024,
-        tx_size: 1024,
-        ..XskConfig::default()
-    };
-    let mut xsk = Xsk::new(&cfg).unwrap();
-    let sa = xsk.open_socket(&pa.veth.host, 0).unwrap();
-    let sb = xsk.open_socket(&pb.veth.host, 0).unwrap();
-    loader.register_socket(ia, 0, xsk.fd(sa).unwrap()).unwrap();
-    loader.register_socket(ib, 0, xsk.fd(sb).unwrap()).unwrap();
+    let pair = pod_pair("t", [POD_A, POD_B], MTU, false);
+    let PodPair {
+        pods: [pa, pb],
+        mut node,
+        mut xsk,
+        sockets: [sa, sb],
+    } = pair;
     let rx_offset = xsk.rx_offset();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -320,13 +322,18 @@ fn pods_talk_through_af_xdp_sockets_sharing_one_umem() {
     eprintln!("forwarder: {rep:?}");
     eprintln!("socket A: {:?}", xsk.stats(sa).unwrap());
     eprintln!("socket B: {:?}", xsk.stats(sb).unwrap());
-    eprintln!("classifier: {:?}", loader.counters().unwrap());
+    eprintln!("classifier: {:?}", node.loader.counters().unwrap());
     assert!(
         rep.multi_buffer > 0,
         "no frame arrived as chained descriptors"
     );
     assert!(rep.max_len >= 8000 + 42, "largest frame {}", rep.max_len);
     assert!(rep.copied_chained > 0, "no copy spanned several chunks");
+    assert!(rep.batch_packets > 0, "nothing went through Xsk::frames");
+    assert!(
+        rep.batch_multi_buffer > 0,
+        "no multi-buffer frame went through Xsk::frames"
+    );
     assert_eq!(xsk.stats(sa).unwrap().tx_copied, rep.copied);
     assert!(
         rep.first_offsets.iter().all(|o| *o == rx_offset),
@@ -334,30 +341,8 @@ fn pods_talk_through_af_xdp_sockets_sharing_one_umem() {
         rep.first_offsets
     );
 
-    // Frame accounting: take the sockets out of the XSKMAP so nothing new
-    // arrives, drop what arrived after the forwarder stopped (late ACKs),
-    // let tx complete; then every chunk is free or in a fill ring.
-    loader.unregister_socket(ia, 0).unwrap();
-    loader.unregister_socket(ib, 0).unwrap();
-    let mut late = xsk.batch();
-    for _ in 0..200 {
-        let mut got = 0;
-        for s in [sa, sb] {
-            got += xsk.recv(s, &mut late).unwrap();
-            xsk.complete(&mut late).unwrap();
-        }
-        xsk.flush().unwrap();
-        if got == 0 && xsk.accounting().tx == 0 {
-            break;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    let acc = xsk.audit_quiescent().unwrap();
-    eprintln!("accounting: {acc:?}");
-    assert!(acc.is_balanced());
+    node.quiesce_and_audit(&mut xsk, &[sa, sb]);
 
     drop(xsk);
-    let dir = loader.pin_dir().to_path_buf();
-    loader.cleanup().unwrap();
-    assert!(!dir.exists());
+    node.cleanup();
 }

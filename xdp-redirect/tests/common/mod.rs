@@ -1,10 +1,19 @@
 //! Shared helpers of the root tests: privilege check, netns/veth and pin
-//! guards that clean up on drop, frame builders.
+//! guards that clean up on drop, pods, the classifier on their veths, the
+//! final audit, frame builders.
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use sluice_xdp::{
+    AttachMode, ClassifierConfig, FrameAccounting, IfaceConfig, IfaceRole, LoaderOptions, SocketId,
+    XdpLoader, Xsk, XskConfig,
+};
 
 /// Fails the test unless running as root; with SLUICE_ALLOW_SKIP=1 returns
 /// false (the caller skips, printing why).
@@ -216,4 +225,163 @@ pub fn wire_pod(ns_name: String, host_if: String, ip: &str, mtu: &str) -> (NetNs
         "permanent",
     ]);
     (ns, veth, host_mac)
+}
+
+/// A pod as [`wire_pod`] makes one, with its eth0's MAC and its host veth's MAC.
+pub struct Pod {
+    pub ns: NetNs,
+    pub veth: Veth,
+    pub mac: [u8; 6],
+    pub host_mac: [u8; 6],
+}
+
+/// [`wire_pod`] at `mtu`; `tx_checksum` false turns the pod's tx checksum offload off (its frames
+/// then carry complete checksums), true leaves it as a pod's veth has it (frames leave with the
+/// pseudo-header sum only: CHECKSUM_PARTIAL).
+pub fn pod(ns_name: String, host_if: String, ip: Ipv4Addr, mtu: &str, tx_checksum: bool) -> Pod {
+    let (ns, veth, host_mac) = wire_pod(ns_name, host_if, &ip.to_string(), mtu);
+    if !tx_checksum {
+        ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+    }
+    let mac = mac_of("eth0", Some(&ns));
+    Pod {
+        ns,
+        veth,
+        mac,
+        host_mac,
+    }
+}
+
+/// A test node's classifier, attached to some host veths; its pins are removed on drop, after
+/// the loader.
+pub struct Node {
+    pub loader: XdpLoader,
+    /// The host veths it is attached to, in the order given.
+    pub ifindexes: Vec<u32>,
+    _pins: PinGuard,
+}
+
+/// Loads the classifier as node `node` (default config) and attaches it natively to each of
+/// `hosts` as a fail-open pod interface.
+pub fn classifier_on_pods(node: String, hosts: &[&str]) -> Node {
+    let opts = LoaderOptions::new(node);
+    let pins = PinGuard {
+        dir: opts.pin_dir(),
+    };
+    let loader = XdpLoader::load(&opts).unwrap();
+    loader.set_config(&ClassifierConfig::default()).unwrap();
+    let pod_cfg = IfaceConfig {
+        role: IfaceRole::Pod,
+        fail_closed: false,
+        redirect_all: false,
+    };
+    let ifindexes = hosts
+        .iter()
+        .map(|h| loader.attach(h, pod_cfg, AttachMode::Native).unwrap())
+        .collect();
+    Node {
+        loader,
+        ifindexes,
+        _pins: pins,
+    }
+}
+
+impl Node {
+    /// Frame accounting at the end of a traffic test: takes `sockets` (one per attached veth,
+    /// in order, queue 0) out of the XSKMAP so nothing new arrives, drops what arrived after the
+    /// forwarder stopped (late ACKs), lets tx complete; then every chunk must be free or in a
+    /// fill ring, exactly once.
+    pub fn quiesce_and_audit(&mut self, xsk: &mut Xsk, sockets: &[SocketId]) -> FrameAccounting {
+        for ifindex in &self.ifindexes {
+            self.loader.unregister_socket(*ifindex, 0).unwrap();
+        }
+        let mut late = xsk.batch();
+        for _ in 0..200 {
+            let mut got = 0;
+            for s in sockets {
+                got += xsk.recv(*s, &mut late).unwrap();
+                xsk.complete(&mut late).unwrap();
+            }
+            xsk.flush().unwrap();
+            if got == 0 && xsk.accounting().tx == 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let acc = xsk.audit_quiescent().unwrap();
+        eprintln!("accounting: {acc:?}");
+        assert!(acc.is_balanced());
+        acc
+    }
+
+    /// Detaches the classifier and removes its pins (checked).
+    pub fn cleanup(self) {
+        let dir = self.loader.pin_dir().to_path_buf();
+        self.loader.cleanup().unwrap();
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+/// Two pods and a worker's UMEM between them: the classifier on both host veths, one socket on
+/// each, registered in the XSKMAP.
+pub struct PodPair {
+    pub pods: [Pod; 2],
+    pub node: Node,
+    pub xsk: Xsk,
+    pub sockets: [SocketId; 2],
+}
+
+/// [`PodPair`] of pods at `ips` (netns `slx-<tag>A-<pid>`, host veths `slx<tag>a<pid>`; a `tag`
+/// of at most two characters keeps the names within 15), wired as [`pod`] does at `mtu`.
+pub fn pod_pair(tag: &str, ips: [Ipv4Addr; 2], mtu: &str, tx_checksum: bool) -> PodPair {
+    let pid = std::process::id();
+    let [pa, pb] = [("A", "a", ips[0]), ("B", "b", ips[1])].map(|(ns, host, ip)| {
+        let (ns, host) = (
+            format!("slx-{tag}{ns}-{pid}"),
+            format!("slx{tag}{host}{pid}"),
+        );
+        pod(ns, host, ip, mtu, tx_checksum)
+    });
+    let mut node = classifier_on_pods(format!("slx-{tag}-{pid}"), &[&pa.veth.host, &pb.veth.host]);
+    let mut xsk = Xsk::new(&XskConfig {
+        frame_count: 4096,
+        fill_size: 1024,
+        comp_size: 1024,
+        rx_size: 1024,
+        tx_size: 1024,
+        ..XskConfig::default()
+    })
+    .unwrap();
+    let sockets = [&pa, &pb].map(|p| xsk.open_socket(&p.veth.host, 0).unwrap());
+    for (ifindex, s) in node.ifindexes.iter().zip(sockets) {
+        node.loader
+            .register_socket(*ifindex, 0, xsk.fd(s).unwrap())
+            .unwrap();
+    }
+    PodPair {
+        pods: [pa, pb],
+        node,
+        xsk,
+        sockets,
+    }
+}
+
+/// Runs `f` on a thread in network namespace `ns`.
+pub fn in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = File::open(path).expect("netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// `len` bytes of a pattern that differs with `seed`.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }

@@ -1,0 +1,280 @@
+//! The UMEM: the anonymous mapping that holds every chunk, its registration
+//! with the kernel, the initial free list and the chunk arithmetic.
+//!
+//! Owns: the memory (unmapped on drop, after every socket: field order of
+//! [`super::Xsk`]). Guarantees: [`Memory::slice`] and [`Memory::chunk_mut`]
+//! never reach outside the mapping; a chunk address is always
+//! `index * frame_size` (aligned mode), and a descriptor address
+//! `chunk base + offset in chunk`.
+//!
+//! The registration (`XDP_UMEM_REG`) is done here with `libc`, not with
+//! libxdp's `xsk_umem__create`: that cannot pass `tx_metadata_len`, and its
+//! socket setup corrupts the UMEM's saved rings when the first socket fails
+//! to bind (see `super::socket`). The UMEM lives on the AF_XDP socket it is
+//! registered on and, once sockets bind to it, as long as any of them.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::ptr::{self, NonNull};
+
+use libxdp_sys::xdp_desc;
+
+use super::socket::xdp_socket;
+use super::{XskConfig, XskError};
+
+/// The UMEM memory region (anonymous mapping).
+#[derive(Debug)]
+pub(super) struct Memory {
+    pub(super) base: NonNull<u8>,
+    pub(super) len: usize,
+    pub(super) frame_size: u64,
+    /// Bytes of tx metadata the UMEM is registered with: no tx descriptor's
+    /// data may start closer to its chunk's start (see `super::metadata`).
+    pub(super) tx_metadata_len: usize,
+}
+
+impl Memory {
+    /// Maps `frame_count * frame_size` bytes, populated.
+    pub(super) fn map(cfg: &XskConfig) -> Result<Self, XskError> {
+        let len = cfg.frame_count as usize * cfg.frame_size as usize;
+        // SAFETY: a fresh anonymous private mapping; no existing memory is
+        // affected. The result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(XskError::Mmap {
+                bytes: len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            base: NonNull::new(p.cast()).ok_or(XskError::Config("mmap returned null"))?,
+            len,
+            frame_size: u64::from(cfg.frame_size),
+            tx_metadata_len: 0,
+        })
+    }
+
+    /// The chunk base addresses of the whole UMEM, as the initial free list
+    /// (popped from the end: chunk 0 first).
+    pub(super) fn all_chunks(&self) -> Vec<u64> {
+        (0..self.len as u64 / self.frame_size)
+            .rev()
+            .map(|i| i * self.frame_size)
+            .collect()
+    }
+
+    pub(super) fn chunk_base(&self, addr: u64) -> u64 {
+        addr & !(self.frame_size - 1)
+    }
+
+    pub(super) fn offset_in_chunk(&self, addr: u64) -> usize {
+        (addr & (self.frame_size - 1)) as usize
+    }
+
+    /// Index of the chunk holding `addr`.
+    pub(super) fn chunk_index(&self, addr: u64) -> usize {
+        (addr / self.frame_size) as usize
+    }
+
+    /// True if `d` lies inside one chunk of this memory.
+    pub(super) fn contains(&self, d: &xdp_desc) -> bool {
+        let off = self.offset_in_chunk(d.addr) as u64;
+        d.addr < self.len as u64 && off + u64::from(d.len) <= self.frame_size
+    }
+
+    /// The data of a descriptor already checked with [`Self::contains`].
+    pub(super) fn slice(&self, d: &xdp_desc) -> &[u8] {
+        if !self.contains(d) {
+            return &[];
+        }
+        // SAFETY: `contains` checked that [addr, addr+len) lies in the
+        // mapping; the descriptor belongs to a batch, so the chunk is owned
+        // by userspace (not in any ring) and nobody writes it meanwhile: the
+        // only mutable loans are of first chunks (`FrameMut`), and no chunk
+        // is in two places of the live batches (`HeldChunks`).
+        unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().add(d.addr as usize), d.len as usize)
+        }
+    }
+
+    /// The whole chunk holding `addr`, writable (empty if outside the UMEM).
+    ///
+    /// # Safety
+    /// The chunk is userspace's: on the free list, or held by a batch being
+    /// completed; in no ring, so the kernel does not touch it.
+    pub(super) unsafe fn chunk_mut(&mut self, addr: u64) -> &mut [u8] {
+        let base = self.chunk_base(addr);
+        if base + self.frame_size > self.len as u64 {
+            return &mut [];
+        }
+        // SAFETY: [base, base + frame_size) lies in the mapping (checked
+        // above); the kernel does not touch the chunk (caller), and no
+        // `FrameMut` does: they borrow the `Memory` shared, which `&mut self`
+        // excludes, so this is the only reference.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.as_ptr().add(base as usize),
+                self.frame_size as usize,
+            )
+        }
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly the mapping made in `Memory::map`,
+        // unmapped once, after every socket and the UMEM were deleted (field
+        // order of `Xsk`).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The chunks user batches hold, one bit each: a chunk is claimed when
+/// [`super::Xsk::recv`] puts it in a batch and released when
+/// [`super::Xsk::complete`] takes it out. A chunk claimed twice is refused,
+/// which is what makes the chunks of all live batches pairwise distinct
+/// (the `FrameMut`s of a batch borrow them mutably, all at once).
+#[derive(Debug)]
+pub(super) struct HeldChunks {
+    bits: Vec<u64>,
+    count: usize,
+}
+
+impl HeldChunks {
+    /// No chunk held, room for `chunks` chunks.
+    pub(super) fn new(chunks: usize) -> Self {
+        Self {
+            bits: vec![0; chunks.div_ceil(64)],
+            count: 0,
+        }
+    }
+
+    /// Claims the chunks of `descs` (each inside `mem`, see
+    /// [`Memory::contains`]). If one is already held (by any batch, or twice
+    /// in `descs`), nothing is claimed and the answer is false.
+    pub(super) fn claim(&mut self, mem: &Memory, descs: &[xdp_desc]) -> bool {
+        for (j, d) in descs.iter().enumerate() {
+            if !self.insert(mem.chunk_index(d.addr)) {
+                self.release(mem, &descs[..j]);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Releases the chunks of `descs` (claimed before).
+    pub(super) fn release(&mut self, mem: &Memory, descs: &[xdp_desc]) {
+        for d in descs {
+            let i = mem.chunk_index(d.addr);
+            if let Some(w) = self.bits.get_mut(i / 64)
+                && *w & (1 << (i % 64)) != 0
+            {
+                *w &= !(1 << (i % 64));
+                self.count -= 1;
+            }
+        }
+    }
+
+    /// Chunks held now.
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
+    fn insert(&mut self, i: usize) -> bool {
+        match self.bits.get_mut(i / 64) {
+            Some(w) if *w & (1 << (i % 64)) == 0 => {
+                *w |= 1 << (i % 64);
+                self.count += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Registers `mem` as a UMEM of `cfg.frame_size` chunks with
+/// `cfg.headroom`, and `mem.tx_metadata_len` bytes of tx metadata if not 0
+/// (`XDP_UMEM_TX_METADATA_LEN`), on a new AF_XDP socket (`XDP_UMEM_REG`),
+/// which is returned: the first socket to bind uses it.
+pub(super) fn register(mem: &Memory, cfg: &XskConfig) -> io::Result<OwnedFd> {
+    let fd = xdp_socket()?;
+    let tx_metadata_len = u32::try_from(mem.tx_metadata_len)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let reg = libc::xdp_umem_reg {
+        addr: mem.base.as_ptr() as u64,
+        len: mem.len as u64,
+        chunk_size: cfg.frame_size,
+        headroom: cfg.headroom,
+        flags: if tx_metadata_len > 0 {
+            libc::XDP_UMEM_TX_METADATA_LEN
+        } else {
+            0
+        },
+        tx_metadata_len,
+    };
+    // SAFETY: `fd` is an AF_XDP socket; `reg` is a live `struct
+    // xdp_umem_reg` whose size is passed along; the memory it names is
+    // mapped, page aligned and `len` long, and stays mapped as long as the
+    // kernel can use it (every socket is closed before `Memory` unmaps it).
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_XDP,
+            libc::XDP_UMEM_REG,
+            (&reg as *const libc::xdp_umem_reg).cast(),
+            size_of::<libc::xdp_umem_reg>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(chunk: u64, offset: u64) -> xdp_desc {
+        xdp_desc {
+            addr: chunk * 4096 + offset,
+            len: 60,
+            options: 0,
+        }
+    }
+
+    #[test]
+    fn a_chunk_is_held_once_until_released() {
+        let mem = Memory::map(&XskConfig {
+            frame_count: 130,
+            ..XskConfig::default()
+        })
+        .unwrap();
+        assert_eq!(mem.all_chunks().len(), 130);
+        let mut held = HeldChunks::new(130);
+        assert!(held.claim(&mem, &[d(0, 320), d(129, 320), d(64, 0)]));
+        assert_eq!(held.len(), 3);
+        // Any chunk already held refuses the whole chain and claims nothing of it.
+        assert!(!held.claim(&mem, &[d(5, 320), d(129, 270)]));
+        assert!(
+            !held.claim(&mem, &[d(6, 320), d(6, 1000)]),
+            "twice in one chain"
+        );
+        assert_eq!(held.len(), 3);
+        assert!(held.claim(&mem, &[d(5, 320), d(6, 320)]));
+        held.release(&mem, &[d(0, 270), d(129, 320), d(64, 0), d(5, 1), d(6, 2)]);
+        assert_eq!(held.len(), 0);
+        held.release(&mem, &[d(0, 0)]);
+        assert_eq!(held.len(), 0, "releasing a free chunk changes nothing");
+        assert!(held.claim(&mem, &[d(129, 320)]));
+    }
+}
