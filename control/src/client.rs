@@ -38,7 +38,7 @@ use crate::model::{self, K8sObject};
 pub struct ClientConfig {
     /// `https://host:port`, or `http://127.0.0.1:port` for a plaintext development server.
     pub endpoint: String,
-    /// Bearer token (see [`crate::auth`]).
+    /// Bearer token (`control/README.md`, "Auth").
     pub token: Option<String>,
     /// CA certificate (PEM) that signed the server's certificate; `None` uses no TLS roots, so
     /// `https` endpoints need it.
