@@ -59,8 +59,33 @@ impl<S: Clone> Clone for ControlService<S> {
 /// Commits a write tries before it gives up with `ABORTED`.
 const MAX_ATTEMPTS: usize = 64;
 
-fn store_err(e: StoreError) -> Status {
-    Status::unavailable(format!("store: {e}"))
+/// The answer to a call the store failed: what failed and what to do about it. The store error
+/// stays attached as the status' source.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        let mut status = match &e {
+            StoreError::CreateDir { .. } | StoreError::Redb(_) => Status::unavailable(format!(
+                "store: {e}; retry, and if it persists check the control plane's log and its \
+                 --data-dir (disk space, permissions, another sluice-control holding the file)"
+            )),
+            StoreError::Etcd(_) => Status::unavailable(format!(
+                "store: {e}; retry, and if it persists check that the control plane reaches etcd \
+                 at its --etcd-endpoints"
+            )),
+            StoreError::WatchEnded(_) => Status::unavailable(format!("store: {e}; watch again")),
+            StoreError::Task(join) if !join.is_panic() => {
+                Status::unavailable(format!("store: {e}; the control plane is stopping, retry"))
+            }
+            StoreError::Corrupt(_) | StoreError::NotUtf8 { .. } | StoreError::Task(_) => {
+                Status::internal(format!(
+                    "store: {e}; retrying will not help: see the control plane's log, and \
+                     restore its store from a backup if the data is damaged"
+                ))
+            }
+        };
+        status.set_source(Arc::new(e));
+        status
+    }
 }
 
 fn conflict() -> Status {
@@ -211,7 +236,7 @@ impl<S: Store> ControlService<S> {
     }
 
     async fn get_object(&self, r: &ObjectRef) -> Result<Option<(api::Object, u64)>, Status> {
-        match self.store.get(&object_key(r)).await.map_err(store_err)? {
+        match self.store.get(&object_key(r)).await? {
             Some(kv) => {
                 let o = model::decode_object(&kv.value, kv.mod_revision).map_err(|e| {
                     Status::internal(format!("stored {} is corrupt: {e}", describe(r)))
@@ -231,20 +256,16 @@ impl<S: Store> ControlService<S> {
     }
 
     async fn claims(&self, pool: Pool) -> Result<Claims, Status> {
-        let (_, kvs) = self.store.list(&pool.prefix()).await.map_err(store_err)?;
+        let (_, kvs) = self.store.list(&pool.prefix()).await?;
         Ok(Claims::read(pool, kvs))
     }
 
     async fn commit(&self, plan: Plan) -> Result<Option<u64>, Status> {
-        self.store.commit(plan.into_txn()).await.map_err(store_err)
+        Ok(self.store.commit(plan.into_txn()).await?)
     }
 
     async fn pods_of_node(&self, node: &str) -> Result<Vec<(String, u64)>, Status> {
-        let (_, kvs) = self
-            .store
-            .list(&model::kind_prefix(Kind::Pod))
-            .await
-            .map_err(store_err)?;
+        let (_, kvs) = self.store.list(&model::kind_prefix(Kind::Pod)).await?;
         let mut out = Vec::new();
         for kv in kvs {
             if let Ok(o) = model::decode_object(&kv.value, kv.mod_revision)
@@ -284,11 +305,7 @@ impl<S: Store> ControlService<S> {
         };
         plan.delete_object(key, &o, rev);
         if r.kind() == Kind::Namespace {
-            let (_, kvs) = self
-                .store
-                .list(model::OBJECT_PREFIX)
-                .await
-                .map_err(store_err)?;
+            let (_, kvs) = self.store.list(model::OBJECT_PREFIX).await?;
             plan.delete_namespace_contents(&r.name, kvs);
         }
         Ok(true)
@@ -691,11 +708,7 @@ impl<S: Store> Control for ControlService<S> {
     ) -> Result<Response<api::ListResponse>, Status> {
         identity(&req)?;
         let req = req.into_inner();
-        let (revision, kvs) = self
-            .store
-            .list(&model::kind_prefix(req.kind()))
-            .await
-            .map_err(store_err)?;
+        let (revision, kvs) = self.store.list(&model::kind_prefix(req.kind())).await?;
         let objects = kvs
             .into_iter()
             .filter(|kv| {
@@ -723,8 +736,7 @@ impl<S: Store> Control for ControlService<S> {
         let mut rx = self
             .store
             .watch(model::OBJECT_PREFIX, req.from_revision)
-            .await
-            .map_err(store_err)?;
+            .await?;
         let (tx, out) = mpsc::channel(256);
         let agents = self.agents.clone();
         if let Some(n) = &node {
@@ -743,7 +755,7 @@ impl<S: Store> Control for ControlService<S> {
                 };
                 let msg = match item {
                     Some(Ok(item)) => Ok(watch_response(item)),
-                    Some(Err(e)) => Err(store_err(e)),
+                    Some(Err(e)) => Err(Status::from(e)),
                     None => Err(Status::unavailable("watch ended")),
                 };
                 let end = msg.is_err();
@@ -784,11 +796,7 @@ impl<S: Store> Control for ControlService<S> {
         req: Request<api::StatusRequest>,
     ) -> Result<Response<api::StatusResponse>, Status> {
         identity(&req)?;
-        let (revision, kvs) = self
-            .store
-            .list(model::OBJECT_PREFIX)
-            .await
-            .map_err(store_err)?;
+        let (revision, kvs) = self.store.list(model::OBJECT_PREFIX).await?;
         let nodes: Vec<String> = kvs
             .iter()
             .filter_map(|kv| model::parse_object_key(&kv.key))
@@ -1029,6 +1037,30 @@ mod tests {
         let refs = resp.objects.iter().filter_map(model::object_ref);
         refs.map(|r| format!("{}/{}", r.namespace, r.name))
             .collect()
+    }
+
+    #[test]
+    fn store_errors_become_statuses_that_say_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        let Err(e) = RedbStore::open(&file.join("sub")) else {
+            panic!("a store under a regular file opened");
+        };
+        let status = Status::from(e);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status
+                .message()
+                .starts_with("store: embedded store: cannot create ")
+        );
+        assert!(status.message().contains("--data-dir"), "{status:?}");
+        let source = std::error::Error::source(&status).expect("the store error is kept");
+        assert!(source.downcast_ref::<StoreError>().is_some(), "{source:?}");
+
+        let status = Status::from(StoreError::Corrupt("truncated log entry"));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().contains("retrying will not help"));
     }
 
     #[tokio::test]
