@@ -10,5 +10,5 @@ mod control;
 pub mod exposition;
 
 #[cfg(feature = "server")]
-pub use control::{Count, CountLayer, RequestCounts, render};
+pub use control::{ControlRegistry, Count, CountLayer, RequestCounts};
 pub use exposition::{serve_http, to_prometheus_text};
