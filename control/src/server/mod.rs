@@ -42,3 +42,17 @@ impl Default for ServerConfig {
         }
     }
 }
+
+#[cfg(test)]
+impl ServerConfig {
+    /// Pools small enough to use up in a test: four /24s (three leasable), six ClusterIPs, three
+    /// NodePorts.
+    fn tiny() -> Self {
+        Self {
+            cluster_cidr: "10.244.0.0/22".parse().unwrap_or_default(),
+            node_prefix: 24,
+            service_cidr: "10.96.0.0/29".parse().unwrap_or_default(),
+            node_ports: (30000, 30002),
+        }
+    }
+}

@@ -463,14 +463,17 @@ mod tests {
     const WEB: &str = "/sluice/o/service/shop/web";
     const DB: &str = "/sluice/o/service/shop/db";
 
-    /// Four /24s (three leasable), six ClusterIPs, three NodePorts.
     fn cfg() -> ServerConfig {
-        ServerConfig {
-            cluster_cidr: "10.244.0.0/22".parse().unwrap(),
-            node_prefix: 24,
-            service_cidr: "10.96.0.0/29".parse().unwrap(),
-            node_ports: (30000, 30002),
-        }
+        ServerConfig::tiny()
+    }
+
+    /// Why planning `svc` (new, at `WEB`) with `held` is refused. (The service drops a refused
+    /// plan, whatever it holds.)
+    fn refused(svc: &mut Service, held: &mut ServiceClaims) -> Status {
+        let err = Plan::default()
+            .allocate_service(&cfg(), WEB, svc, None, held)
+            .expect_err("the plan is refused");
+        Status::from(err)
     }
 
     fn service(ty: &str, cluster_ip: Option<&str>, node_ports: &[Option<i32>]) -> Service {
@@ -606,35 +609,25 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_ip_of_another_service_is_refused_and_nothing_is_written() {
-        let cfg = cfg();
+    fn a_cluster_ip_of_another_service_is_refused() {
         let mut held = service_claims(&[("10.96.0.1", DB)], &[]);
         let mut svc = service("ClusterIP", Some("10.96.0.1"), &[None]);
-        let mut plan = Plan::default();
-        let err = plan
-            .allocate_service(&cfg, WEB, &mut svc, None, &mut held)
-            .unwrap_err();
-        let status = Status::from(err);
+        let status = refused(&mut svc, &mut held);
         assert_eq!(status.code(), Code::AlreadyExists);
         assert_eq!(
             status.message(),
             "spec.clusterIP: 10.96.0.1 is allocated to Service shop/db"
         );
-        assert!(plan.into_txn().ops.is_empty());
         assert_eq!(held.cluster_ips.owner("10.96.0.1"), Some(DB));
     }
 
     #[test]
     fn the_service_cidr_runs_out() {
-        let cfg = cfg();
-        let taken: Vec<(String, &str)> = (1..=6).map(|i| (format!("10.96.0.{i}"), DB)).collect();
-        let taken: Vec<(&str, &str)> = taken.iter().map(|(v, o)| (v.as_str(), *o)).collect();
+        let taken: Vec<String> = (1..=6).map(|i| format!("10.96.0.{i}")).collect();
+        let taken: Vec<(&str, &str)> = taken.iter().map(|ip| (ip.as_str(), DB)).collect();
         let mut held = service_claims(&taken, &[]);
         let mut svc = service("ClusterIP", None, &[None]);
-        let err = Plan::default()
-            .allocate_service(&cfg, WEB, &mut svc, None, &mut held)
-            .unwrap_err();
-        let status = Status::from(err);
+        let status = refused(&mut svc, &mut held);
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.message(), "no free ClusterIP in 10.96.0.0/29");
     }
@@ -710,15 +703,10 @@ mod tests {
 
     #[test]
     fn node_port_conflicts_and_exhaustion() {
-        let cfg = cfg();
         let mut held = service_claims(&[], &[("30001", DB)]);
 
         let mut twice = service("NodePort", None, &[Some(30000), Some(30000)]);
-        let status = Status::from(
-            Plan::default()
-                .allocate_service(&cfg, WEB, &mut twice, None, &mut held.clone())
-                .unwrap_err(),
-        );
+        let status = refused(&mut twice, &mut held.clone());
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(
             status.message(),
@@ -726,11 +714,7 @@ mod tests {
         );
 
         let mut taken = service("NodePort", None, &[Some(30001)]);
-        let status = Status::from(
-            Plan::default()
-                .allocate_service(&cfg, WEB, &mut taken, None, &mut held.clone())
-                .unwrap_err(),
-        );
+        let status = refused(&mut taken, &mut held.clone());
         assert_eq!(status.code(), Code::AlreadyExists);
         assert_eq!(
             status.message(),
@@ -739,11 +723,7 @@ mod tests {
 
         // 30001 is taken: the first port gets 30000, the second 30002, the third none is left.
         let mut three = service("LoadBalancer", None, &[None, None, None]);
-        let status = Status::from(
-            Plan::default()
-                .allocate_service(&cfg, WEB, &mut three, None, &mut held)
-                .unwrap_err(),
-        );
+        let status = refused(&mut three, &mut held);
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.message(), "no free NodePort in 30000-30002");
     }
@@ -768,11 +748,7 @@ mod tests {
     #[test]
     fn a_service_without_spec_is_invalid() {
         let mut svc = Service::default();
-        let status = Status::from(
-            Plan::default()
-                .allocate_service(&cfg(), WEB, &mut svc, None, &mut ServiceClaims::none())
-                .unwrap_err(),
-        );
+        let status = refused(&mut svc, &mut ServiceClaims::none());
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "spec: missing");
     }

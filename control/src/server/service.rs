@@ -940,18 +940,12 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
-    /// A server with three leasable /24s, six ClusterIPs and three NodePorts.
+    /// A server with tiny pools (`ServerConfig::tiny`) on a fresh store.
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
-        let cfg = ServerConfig {
-            cluster_cidr: "10.244.0.0/22".parse().unwrap(),
-            node_prefix: 24,
-            service_cidr: "10.96.0.0/29".parse().unwrap(),
-            node_ports: (30000, 30002),
-        };
         Fixture {
-            svc: ControlService::new(store, cfg),
+            svc: ControlService::new(store, ServerConfig::tiny()),
             _dir: dir,
         }
     }
