@@ -31,14 +31,14 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::api::{self, Kind, ObjectRef, control_client, object::Body};
-use crate::model::{self, K8sObject};
+use crate::model::K8sObject;
 
 /// Where the control plane is and how to prove who we are.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// `https://host:port`, or `http://127.0.0.1:port` for a plaintext development server.
     pub endpoint: String,
-    /// Bearer token (see [`crate::auth`]).
+    /// Bearer token (`control/README.md`, "Auth").
     pub token: Option<String>,
     /// CA certificate (PEM) that signed the server's certificate; `None` uses no TLS roots, so
     /// `https` endpoints need it.
@@ -592,10 +592,4 @@ pub fn watch_cluster(cfg: ClientConfig, node: Option<String>) -> ClusterWatch {
 }
 
 /// Describe an object's identity for people ("Service default/web").
-pub fn describe(r: &ObjectRef) -> String {
-    if r.namespace.is_empty() {
-        format!("{} {}", model::kind_name(r.kind()), r.name)
-    } else {
-        format!("{} {}/{}", model::kind_name(r.kind()), r.namespace, r.name)
-    }
-}
+pub use crate::model::describe;

@@ -2,25 +2,38 @@
 //! (`store`), the client library the agent uses (`client`), manifest parsing for `sluicectl`
 //! (`manifest`), and the client for the agent's local socket (`agent_client`).
 //!
+//! What gets compiled is chosen by features, so that each consumer builds only what it uses
+//! (`control/README.md`, "Features"):
+//!
+//! - no feature: the node agent's unix-socket API ([`agent_api`], [`agent_client`]), all the CNI
+//!   plugin needs;
+//! - `client`: the control plane API ([`api`]), the cluster client ([`client`]) and the object
+//!   model ([`model`]), flow event filters ([`observe`]) and the metrics exposition ([`metrics`]),
+//!   which is what the node agent needs; no store, no etcd client;
+//! - `server` (the package's default; includes `client`): the stores (`redb`, `etcd`), the server
+//!   with TLS, authentication, the flow relay, manifests, and the binaries `sluice-control` and
+//!   `sluicectl`.
+//!
 //! See `control/README.md` for the authentication scheme and the commands.
 
 pub mod agent_client;
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "server")]
 pub mod auth;
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "client")]
 pub mod client;
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "server")]
 pub mod flows;
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "server")]
 pub mod manifest;
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "client")]
 pub mod metrics;
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "client")]
 pub mod model;
+#[cfg(feature = "client")]
 pub mod observe;
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "server")]
 pub mod store;
 
 /// The node agent's local API (`proto/agent.proto`), served on the agent's unix socket.
@@ -29,7 +42,7 @@ pub mod agent_api {
 }
 
 /// The control plane API (`proto/control.proto`).
-#[cfg(feature = "control-plane")]
+#[cfg(feature = "client")]
 pub mod api {
     include!(concat!(env!("OUT_DIR"), "/control/sluice.control.v1.rs"));
 }

@@ -102,8 +102,23 @@ pub fn parse_object_key(key: &str) -> Option<ObjectRef> {
     })
 }
 
+/// The key of the claim on `value` in allocation pool `pool` (`/` in the value becomes `_`).
 pub fn alloc_key(pool: &str, value: &str) -> String {
     format!("{ALLOC_PREFIX}{pool}/{}", value.replace('/', "_"))
+}
+
+/// The claimed value of an allocation key: [`alloc_key`] undone.
+pub fn alloc_value(key: &str) -> String {
+    key.rsplit('/').next().unwrap_or_default().replace('_', "/")
+}
+
+/// An object's identity for people: "Service default/web", "Node node-a".
+pub fn describe(r: &ObjectRef) -> String {
+    if r.namespace.is_empty() {
+        format!("{} {}", kind_name(r.kind()), r.name)
+    } else {
+        format!("{} {}/{}", kind_name(r.kind()), r.namespace, r.name)
+    }
 }
 
 /// The identity of an object.

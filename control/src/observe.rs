@@ -125,7 +125,6 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 /// One event as a JSON object (the stable `-o json` form: every field of [`FlowEvent`] under its
 /// proto name, plus `time` in RFC 3339 UTC).
-#[cfg(feature = "control-plane")]
 pub fn to_json(ev: &FlowEvent) -> serde_json::Value {
     serde_json::json!({
         "time": rfc3339(ev.time_unix_ns),

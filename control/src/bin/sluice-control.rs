@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use sluice_control::auth::{Authenticator, TokenTable};
+use sluice_control::metrics::ControlRegistry;
 use sluice_control::server::{ControlService, ServerConfig, ServerTls, serve_counted};
 use sluice_control::store::{AnyStore, EtcdStore, RedbStore};
 
@@ -142,12 +143,16 @@ async fn main() -> anyhow::Result<()> {
     let service = ControlService::new(store, cfg);
     let counts = std::sync::Arc::new(sluice_control::metrics::RequestCounts::default());
     if let Some(maddr) = args.metrics_listen {
-        let (svc, c) = (service.clone(), counts.clone());
+        let registry = std::sync::Arc::new(ControlRegistry::new(counts.clone()));
+        let svc = service.clone();
         let render = move || {
-            let (svc, c) = (svc.clone(), c.clone());
+            let (svc, registry) = (svc.clone(), registry.clone());
             async move {
-                let m = svc.metrics_snapshot().await.unwrap_or_default();
-                sluice_control::metrics::render(&m, &c)
+                let m = svc.metrics_snapshot().await.unwrap_or_else(|e| {
+                    tracing::warn!("metrics: cannot read the store: {e}");
+                    Default::default()
+                });
+                registry.render(m)
             }
         };
         tracing::info!(addr = %maddr, "metrics");

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use sluice_control::api::{self, Kind, ObjectRef, object::Body};
 use sluice_control::client::{ClientConfig, ControlClient};
 use sluice_control::manifest;
 use sluice_control::model::{self, K8sObject};
+use sluice_control::server::ServerConfig;
 
 /// Control a Sluice cluster: apply Kubernetes manifests, inspect objects, nodes and agents.
 #[derive(Debug, Parser)]
@@ -69,14 +70,7 @@ enum Command {
   sluicectl apply -f examples/ --dry-run\n\n\
 Kinds: Namespace, Service, EndpointSlice, NetworkPolicy (networking.k8s.io/v1), Pod (labels and ports).\n\
 Every document is validated before anything is sent; the server applies them in one transaction.")]
-    Apply {
-        /// File, directory (its *.yaml, *.yml, *.json) or - for stdin. Repeatable.
-        #[arg(short = 'f', long = "filename", required = true)]
-        files: Vec<String>,
-        /// Validate only; send nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Apply(ApplyArgs),
     /// List objects of a kind, or show one.
     #[command(after_help = "Examples:\n  \
   sluicectl get services -n shop\n  \
@@ -84,45 +78,20 @@ Every document is validated before anything is sent; the server applies them in 
   sluicectl get netpol -A -o json\n  \
   sluicectl get pods -A\n\n\
 Kinds: nodes, pods, namespaces (ns), services (svc), endpointslices (eps), networkpolicies (netpol), all.")]
-    Get {
-        kind: String,
-        name: Option<String>,
-        /// Namespace (default: "default" for namespaced kinds).
-        #[arg(short, long)]
-        namespace: Option<String>,
-        /// Every namespace.
-        #[arg(short = 'A', long)]
-        all_namespaces: bool,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: Output,
-    },
+    Get(GetArgs),
     /// Delete objects by kind and name, or those in manifests.
     #[command(after_help = "Examples:\n  \
   sluicectl delete svc web -n shop\n  \
   sluicectl delete netpol deny-all allow-web -n shop\n  \
   sluicectl delete -f examples/policy.yaml\n  \
   sluicectl delete node node-b      # also removes its pods and frees its pod CIDR")]
-    Delete {
-        kind: Option<String>,
-        names: Vec<String>,
-        #[arg(short, long)]
-        namespace: Option<String>,
-        /// Delete the objects named in these manifests.
-        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "names"])]
-        files: Vec<String>,
-    },
+    Delete(DeleteArgs),
     /// List nodes: pod CIDR, underlay address, VTEP MAC, agent connection.
     #[command(after_help = "Examples:\n  sluicectl nodes\n  sluicectl nodes -o json")]
-    Nodes {
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: Output,
-    },
+    Nodes(OutputArgs),
     /// The control plane and each agent: connected, synced revision, last sync.
     #[command(after_help = "Examples:\n  sluicectl status\n  sluicectl status -o json")]
-    Status {
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: Output,
-    },
+    Status(OutputArgs),
     /// Flow events of the cluster or of a node's agent: what was forwarded or dropped, and why.
     #[command(after_help = "Examples:\n  \
   sluicectl observe --verdict DROPPED --last 20\n  \
@@ -133,52 +102,99 @@ Without --agent-socket, events of every node come from the control plane (--serv
 token), which the agents push them to; --node keeps one node's. With --agent-socket (repeatable),\n\
 they come straight from those agents' unix sockets. -o json prints one object per line (fields in\n\
 control/README.md, \"Flow events\").")]
-    Observe {
-        /// FORWARDED or DROPPED.
-        #[arg(long, value_parser = ["FORWARDED", "DROPPED", "forwarded", "dropped"])]
-        verdict: Option<String>,
-        /// A pod (namespace/name) on either side.
-        #[arg(long)]
-        pod: Option<String>,
-        /// A namespace of a pod on either side.
-        #[arg(short, long)]
-        namespace: Option<String>,
-        /// Source: namespace/name or IP.
-        #[arg(long)]
-        from: Option<String>,
-        /// Destination: namespace/name or IP (service VIP or backend).
-        #[arg(long)]
-        to: Option<String>,
-        /// Destination port (service or backend port).
-        #[arg(long)]
-        port: Option<u16>,
-        /// TCP, UDP, ICMP or SCTP.
-        #[arg(long)]
-        protocol: Option<String>,
-        /// Only events of this node.
-        #[arg(long)]
-        node: Option<String>,
-        /// Only events of the last DURATION (e.g. 30s, 5m, 1h).
-        #[arg(long)]
-        since: Option<String>,
-        /// At most the N newest matching events of the history.
-        #[arg(long)]
-        last: Option<u32>,
-        /// Keep printing new events.
-        #[arg(short, long)]
-        follow: bool,
-        /// Ask this agent's unix socket instead of the control plane (repeatable; e.g.
-        /// /run/sluice/agent.sock for the local node).
-        #[arg(long = "agent-socket")]
-        agent_sockets: Vec<PathBuf>,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: Output,
-    },
+    Observe(ObserveArgs),
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  \
   sluicectl completion bash > /etc/bash_completion.d/sluicectl\n  \
   sluicectl completion zsh > \"${fpath[1]}/_sluicectl\"")]
     Completion { shell: clap_complete::Shell },
+}
+
+// The arguments of each command. No doc comments on these structs: the variant's doc comment is
+// the command's description.
+
+#[derive(Debug, Args)]
+struct ApplyArgs {
+    /// File, directory (its *.yaml, *.yml, *.json) or - for stdin. Repeatable.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<String>,
+    /// Validate only; send nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct GetArgs {
+    kind: String,
+    name: Option<String>,
+    /// Namespace (default: "default" for namespaced kinds).
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct DeleteArgs {
+    kind: Option<String>,
+    names: Vec<String>,
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Delete the objects named in these manifests.
+    #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "names"])]
+    files: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct OutputArgs {
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct ObserveArgs {
+    /// FORWARDED or DROPPED.
+    #[arg(long, value_parser = ["FORWARDED", "DROPPED", "forwarded", "dropped"])]
+    verdict: Option<String>,
+    /// A pod (namespace/name) on either side.
+    #[arg(long)]
+    pod: Option<String>,
+    /// A namespace of a pod on either side.
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Source: namespace/name or IP.
+    #[arg(long)]
+    from: Option<String>,
+    /// Destination: namespace/name or IP (service VIP or backend).
+    #[arg(long)]
+    to: Option<String>,
+    /// Destination port (service or backend port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// TCP, UDP, ICMP or SCTP.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Only events of this node.
+    #[arg(long)]
+    node: Option<String>,
+    /// Only events of the last DURATION (e.g. 30s, 5m, 1h).
+    #[arg(long)]
+    since: Option<String>,
+    /// At most the N newest matching events of the history.
+    #[arg(long)]
+    last: Option<u32>,
+    /// Keep printing new events.
+    #[arg(short, long)]
+    follow: bool,
+    /// Ask this agent's unix socket instead of the control plane (repeatable; e.g.
+    /// /run/sluice/agent.sock for the local node).
+    #[arg(long = "agent-socket")]
+    agent_sockets: Vec<PathBuf>,
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
 }
 
 fn config(cli: &Cli) -> anyhow::Result<ClientConfig> {
@@ -250,6 +266,11 @@ fn print_value(v: &serde_json::Value, output: Output) -> anyhow::Result<()> {
         _ => println!("{}", serde_json::to_string_pretty(v)?),
     }
     Ok(())
+}
+
+/// A table's header row.
+fn header(titles: &[&str]) -> Vec<String> {
+    titles.iter().map(|t| t.to_string()).collect()
 }
 
 fn table(rows: Vec<Vec<String>>) {
@@ -348,286 +369,291 @@ fn labels(l: &std::collections::HashMap<String, String>) -> String {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Completion { shell } => {
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "sluicectl",
-                &mut std::io::stdout(),
+            completion(*shell);
+            Ok(())
+        }
+        Command::Observe(args) => observe(&cli, args).await,
+        Command::Apply(args) => apply(&cli, args).await,
+        Command::Get(args) => get(&cli, args).await,
+        Command::Delete(args) => delete(&cli, args).await,
+        Command::Nodes(args) => nodes(&cli, args.output).await,
+        Command::Status(args) => status(&cli, args.output).await,
+    }
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<ControlClient> {
+    Ok(ControlClient::connect(&config(cli)?).await?)
+}
+
+/// The namespace a command means for `kind`: the one given or "default" for namespaced kinds,
+/// none for the others.
+fn namespace_for(kind: Kind, namespace: Option<&str>) -> String {
+    if model::is_namespaced(kind) {
+        namespace.unwrap_or(model::DEFAULT_NAMESPACE).to_string()
+    } else {
+        String::new()
+    }
+}
+
+fn completion(shell: clap_complete::Shell) {
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "sluicectl",
+        &mut std::io::stdout(),
+    );
+}
+
+/// `--since DURATION` as Unix nanoseconds (0: no bound).
+fn since_unix_ns(since: Option<&str>) -> anyhow::Result<u64> {
+    let Some(s) = since else { return Ok(0) };
+    let d =
+        sluice_control::observe::parse_duration(s).map_err(|e| anyhow::anyhow!("--since {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok(u64::try_from(now.saturating_sub(d).as_nanos()).unwrap_or(u64::MAX))
+}
+
+async fn observe(cli: &Cli, args: &ObserveArgs) -> anyhow::Result<()> {
+    let req = sluice_control::agent_api::ObserveRequest {
+        verdict: args
+            .verdict
+            .clone()
+            .unwrap_or_default()
+            .to_ascii_uppercase(),
+        pod: args.pod.clone().unwrap_or_default(),
+        namespace: args.namespace.clone().unwrap_or_default(),
+        from: args.from.clone().unwrap_or_default(),
+        to: args.to.clone().unwrap_or_default(),
+        port: args.port.map(u32::from).unwrap_or(0),
+        protocol: args
+            .protocol
+            .clone()
+            .unwrap_or_default()
+            .to_ascii_uppercase(),
+        since_unix_ns: since_unix_ns(args.since.as_deref())?,
+        last: args.last.unwrap_or(0),
+        follow: args.follow,
+        node: args.node.clone().unwrap_or_default(),
+    };
+    if !args.agent_sockets.is_empty() {
+        return observe_agents(req, &args.agent_sockets, args.output).await;
+    }
+    let stream = connect(cli)
+        .await?
+        .observe(req.clone())
+        .await
+        .context("observe on the control plane")?;
+    print_events(req, vec![stream], args.output).await
+}
+
+async fn apply(cli: &Cli, args: &ApplyArgs) -> anyhow::Result<()> {
+    let mut docs = Vec::new();
+    for f in &args.files {
+        docs.extend(manifest::read_path(f)?);
+    }
+    if docs.is_empty() {
+        bail!("no objects in {}", args.files.join(", "));
+    }
+    // The server checks again with its own ranges; these are the defaults, for early errors.
+    let defaults = ServerConfig::default();
+    manifest::validate_all(&mut docs, defaults.service_cidr, defaults.node_ports)?;
+    if args.dry_run {
+        for d in &docs {
+            let p = d.object.to_proto();
+            println!(
+                "{} {} validated (dry run)",
+                model::kind_name(p.kind()),
+                qualified(&p.namespace, &p.name)
             );
-            return Ok(());
         }
-        Command::Observe {
-            verdict,
-            pod,
-            namespace,
-            from,
-            to,
-            port,
-            protocol,
-            node,
-            since,
-            last,
-            follow,
-            agent_sockets,
-            output,
-        } => {
-            let since_unix_ns = match since {
-                Some(s) => {
-                    let d = sluice_control::observe::parse_duration(s)
-                        .map_err(|e| anyhow::anyhow!("--since {e}"))?;
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default();
-                    u64::try_from(now.saturating_sub(d).as_nanos()).unwrap_or(u64::MAX)
-                }
-                None => 0,
-            };
-            let req = sluice_control::agent_api::ObserveRequest {
-                verdict: verdict.clone().unwrap_or_default().to_ascii_uppercase(),
-                pod: pod.clone().unwrap_or_default(),
-                namespace: namespace.clone().unwrap_or_default(),
-                from: from.clone().unwrap_or_default(),
-                to: to.clone().unwrap_or_default(),
-                port: port.map(u32::from).unwrap_or(0),
-                protocol: protocol.clone().unwrap_or_default().to_ascii_uppercase(),
-                since_unix_ns,
-                last: last.unwrap_or(0),
-                follow: *follow,
-                node: node.clone().unwrap_or_default(),
-            };
-            if agent_sockets.is_empty() {
-                let client = ControlClient::connect(&config(&cli)?).await?;
-                let stream = client
-                    .observe(req.clone())
-                    .await
-                    .context("observe on the control plane")?;
-                return print_events(req, vec![stream], *output).await;
-            }
-            return observe(req, agent_sockets, *output).await;
+        return Ok(());
+    }
+    let client = connect(cli).await?;
+    let objects: Vec<K8sObject> = docs.into_iter().map(|d| d.object).collect();
+    let resp = client.apply_k8s(&objects).await?;
+    for o in &resp.objects {
+        let r = model::object_ref(o).unwrap_or_default();
+        println!(
+            "{} {} applied",
+            model::kind_name(r.kind()),
+            qualified(&r.namespace, &r.name)
+        );
+    }
+    println!("revision {}", resp.revision);
+    Ok(())
+}
+
+async fn get(cli: &Cli, args: &GetArgs) -> anyhow::Result<()> {
+    let kind = kind_arg(&args.kind)?;
+    let ns = if args.all_namespaces {
+        String::new()
+    } else {
+        namespace_for(kind, args.namespace.as_deref())
+    };
+    let resp = connect(cli).await?.list(kind, &ns).await?;
+    let objects: Vec<&api::Object> = resp
+        .objects
+        .iter()
+        .filter(|o| {
+            args.name
+                .as_ref()
+                .is_none_or(|n| model::object_ref(o).is_some_and(|r| &r.name == n))
+        })
+        .collect();
+    if let Some(n) = &args.name
+        && objects.is_empty()
+    {
+        bail!("{} {} not found", model::kind_name(kind), qualified(&ns, n));
+    }
+    match args.output {
+        Output::Table => {
+            let mut rows = vec![header(&[
+                "KIND",
+                "NAMESPACE",
+                "NAME",
+                "REVISION",
+                "DETAILS",
+            ])];
+            rows.extend(objects.iter().map(|o| summary(o)));
+            table(rows);
         }
-        Command::Apply { files, dry_run } => {
-            let mut docs = Vec::new();
-            for f in files {
-                docs.extend(manifest::read_path(f)?);
-            }
-            if docs.is_empty() {
-                bail!("no objects in {}", files.join(", "));
-            }
-            // The server checks again with its own ranges; these are the defaults, for early errors.
-            let defaults = sluice_control::server::ServerConfig::default();
-            manifest::validate_all(&mut docs, defaults.service_cidr, defaults.node_ports)?;
-            if *dry_run {
-                for d in &docs {
-                    let p = d.object.to_proto();
-                    println!(
-                        "{} {} validated (dry run)",
-                        model::kind_name(p.kind()),
-                        qualified(&p.namespace, &p.name)
-                    );
-                }
-                return Ok(());
-            }
-            let client = ControlClient::connect(&config(&cli)?).await?;
-            let objects: Vec<K8sObject> = docs.into_iter().map(|d| d.object).collect();
-            let resp = client.apply_k8s(&objects).await?;
-            for o in &resp.objects {
-                let r = model::object_ref(o).unwrap_or_default();
-                println!(
-                    "{} {} applied",
-                    model::kind_name(r.kind()),
-                    qualified(&r.namespace, &r.name)
-                );
-            }
-            println!("revision {}", resp.revision);
+        _ if args.name.is_some() && objects.len() == 1 => {
+            print_value(&object_json(objects[0]), args.output)?
         }
-        Command::Get {
-            kind,
-            name,
-            namespace,
-            all_namespaces,
-            output,
-        } => {
-            let kind = kind_arg(kind)?;
-            let ns = if *all_namespaces || !model::is_namespaced(kind) {
-                String::new()
-            } else {
-                namespace
-                    .clone()
-                    .unwrap_or_else(|| model::DEFAULT_NAMESPACE.into())
-            };
-            let client = ControlClient::connect(&config(&cli)?).await?;
-            let resp = client.list(kind, &ns).await?;
-            let objects: Vec<&api::Object> = resp
-                .objects
-                .iter()
-                .filter(|o| {
-                    name.as_ref()
-                        .is_none_or(|n| model::object_ref(o).is_some_and(|r| &r.name == n))
-                })
-                .collect();
-            if let Some(n) = name
-                && objects.is_empty()
-            {
-                bail!("{} {} not found", model::kind_name(kind), qualified(&ns, n));
-            }
-            match output {
-                Output::Table => {
-                    let mut rows = vec![vec![
-                        "KIND".into(),
-                        "NAMESPACE".into(),
-                        "NAME".into(),
-                        "REVISION".into(),
-                        "DETAILS".into(),
-                    ]];
-                    rows.extend(objects.iter().map(|o| summary(o)));
-                    table(rows);
-                }
-                _ if name.is_some() && objects.len() == 1 => {
-                    print_value(&object_json(objects[0]), *output)?
-                }
-                _ => print_value(
-                    &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects.iter().map(|o| object_json(o)).collect::<Vec<_>>()}),
-                    *output,
-                )?,
-            }
+        _ => print_value(
+            &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects.iter().map(|o| object_json(o)).collect::<Vec<_>>()}),
+            args.output,
+        )?,
+    }
+    Ok(())
+}
+
+async fn delete(cli: &Cli, args: &DeleteArgs) -> anyhow::Result<()> {
+    let refs = if !args.files.is_empty() {
+        refs_in_manifests(&args.files)?
+    } else {
+        let Some(kind) = &args.kind else {
+            bail!("name a kind and names, or give -f FILE")
+        };
+        let kind = kind_arg(kind)?;
+        if kind == Kind::Unspecified || args.names.is_empty() {
+            bail!("name a kind and at least one name");
         }
-        Command::Delete {
-            kind,
-            names,
-            namespace,
-            files,
-        } => {
-            let mut refs = Vec::new();
-            if !files.is_empty() {
-                for f in files {
-                    for mut d in manifest::read_path(f)? {
-                        let defaults = sluice_control::server::ServerConfig::default();
-                        // Fill the default namespace; other validation errors do not matter for deletion.
-                        let _ = d
-                            .object
-                            .validate(defaults.service_cidr, defaults.node_ports);
-                        let p = d.object.to_proto();
-                        refs.push(ObjectRef {
-                            kind: p.kind,
-                            namespace: p.namespace,
-                            name: p.name,
-                        });
-                    }
-                }
-            } else {
-                let Some(kind) = kind else {
-                    bail!("name a kind and names, or give -f FILE")
-                };
-                let kind = kind_arg(kind)?;
-                if kind == Kind::Unspecified || names.is_empty() {
-                    bail!("name a kind and at least one name");
-                }
-                let ns = if model::is_namespaced(kind) {
-                    namespace
-                        .clone()
-                        .unwrap_or_else(|| model::DEFAULT_NAMESPACE.into())
-                } else {
-                    String::new()
-                };
-                refs.extend(names.iter().map(|n| ObjectRef {
-                    kind: kind as i32,
-                    namespace: ns.clone(),
-                    name: n.clone(),
-                }));
-            }
-            let client = ControlClient::connect(&config(&cli)?).await?;
-            let n = client.delete(refs.clone()).await?;
-            println!("{n} of {} deleted", refs.len());
-        }
-        Command::Nodes { output } => {
-            let client = ControlClient::connect(&config(&cli)?).await?;
-            let nodes = client.list(Kind::Node, "").await?;
-            let status = client.status().await?;
-            match output {
-                Output::Table => {
-                    let mut rows = vec![vec![
-                        "NAME".into(),
-                        "POD CIDR".into(),
-                        "UNDERLAY".into(),
-                        "VTEP MAC".into(),
-                        "AGENT".into(),
-                        "SYNCED".into(),
-                    ]];
-                    for o in &nodes.objects {
-                        if let Some(Body::Node(n)) = &o.body {
-                            let a = status.agents.iter().find(|a| a.node == n.name);
-                            rows.push(vec![
-                                n.name.clone(),
-                                n.pod_cidr.clone(),
-                                n.underlay_ip.clone(),
-                                mac(&n.vtep_mac),
-                                if a.is_some_and(|a| a.connected) {
-                                    "connected"
-                                } else {
-                                    "disconnected"
-                                }
-                                .into(),
-                                a.map_or(0, |a| a.synced_revision).to_string(),
-                            ]);
-                        }
-                    }
-                    table(rows);
-                }
-                _ => print_value(
-                    &serde_json::Value::Array(nodes.objects.iter().map(object_json).collect()),
-                    *output,
-                )?,
-            }
-        }
-        Command::Status { output } => {
-            let client = ControlClient::connect(&config(&cli)?).await?;
-            let s = client.status().await?;
-            let agents: Vec<serde_json::Value> = s
-                .agents
-                .iter()
-                .map(|a| {
-                    serde_json::json!({"node": a.node, "connected": a.connected, "syncedRevision": a.synced_revision,
-                    "lastSyncUnixMs": a.last_sync_unix_ms})
-                })
-                .collect();
-            match output {
-                Output::Table => {
-                    println!(
-                        "control plane {}: revision {}, store {}, {} objects, cluster CIDR {}, service CIDR {}",
-                        cli.server, s.revision, s.store, s.objects, s.cluster_cidr, s.service_cidr
-                    );
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as i64)
-                        .unwrap_or(0);
-                    let mut rows = vec![vec![
-                        "AGENT".into(),
-                        "CONNECTED".into(),
-                        "REVISION".into(),
-                        "LAST SYNC".into(),
-                    ]];
-                    for a in &s.agents {
-                        rows.push(vec![
-                            a.node.clone(),
-                            a.connected.to_string(),
-                            a.synced_revision.to_string(),
-                            if a.last_sync_unix_ms == 0 {
-                                "never".into()
-                            } else {
-                                format!("{:.1}s ago", (now - a.last_sync_unix_ms) as f64 / 1000.0)
-                            },
-                        ]);
-                    }
-                    table(rows);
-                }
-                _ => print_value(
-                    &serde_json::json!({"server": cli.server, "revision": s.revision, "store": s.store, "objects": s.objects,
-                        "clusterCIDR": s.cluster_cidr, "serviceCIDR": s.service_cidr, "agents": agents}),
-                    *output,
-                )?,
-            }
+        let ns = namespace_for(kind, args.namespace.as_deref());
+        args.names
+            .iter()
+            .map(|n| ObjectRef {
+                kind: kind as i32,
+                namespace: ns.clone(),
+                name: n.clone(),
+            })
+            .collect()
+    };
+    let n = connect(cli).await?.delete(refs.clone()).await?;
+    println!("{n} of {} deleted", refs.len());
+    Ok(())
+}
+
+/// The objects the manifests in `files` name.
+fn refs_in_manifests(files: &[String]) -> anyhow::Result<Vec<ObjectRef>> {
+    let defaults = ServerConfig::default();
+    let mut refs = Vec::new();
+    for f in files {
+        for mut d in manifest::read_path(f)? {
+            // Fill the default namespace; other validation errors do not matter for deletion.
+            let _ = d
+                .object
+                .validate(defaults.service_cidr, defaults.node_ports);
+            let p = d.object.to_proto();
+            refs.push(ObjectRef {
+                kind: p.kind,
+                namespace: p.namespace,
+                name: p.name,
+            });
         }
     }
+    Ok(refs)
+}
+
+async fn nodes(cli: &Cli, output: Output) -> anyhow::Result<()> {
+    let client = connect(cli).await?;
+    let nodes = client.list(Kind::Node, "").await?;
+    let status = client.status().await?;
+    match output {
+        Output::Table => {
+            let mut rows = vec![header(&[
+                "NAME", "POD CIDR", "UNDERLAY", "VTEP MAC", "AGENT", "SYNCED",
+            ])];
+            for o in &nodes.objects {
+                if let Some(Body::Node(n)) = &o.body {
+                    let a = status.agents.iter().find(|a| a.node == n.name);
+                    let connected = a.is_some_and(|a| a.connected);
+                    rows.push(vec![
+                        n.name.clone(),
+                        n.pod_cidr.clone(),
+                        n.underlay_ip.clone(),
+                        mac(&n.vtep_mac),
+                        if connected {
+                            "connected"
+                        } else {
+                            "disconnected"
+                        }
+                        .into(),
+                        a.map_or(0, |a| a.synced_revision).to_string(),
+                    ]);
+                }
+            }
+            table(rows);
+        }
+        _ => print_value(
+            &serde_json::Value::Array(nodes.objects.iter().map(object_json).collect()),
+            output,
+        )?,
+    }
+    Ok(())
+}
+
+async fn status(cli: &Cli, output: Output) -> anyhow::Result<()> {
+    let s = connect(cli).await?.status().await?;
+    if !matches!(output, Output::Table) {
+        let agents: Vec<serde_json::Value> = s
+            .agents
+            .iter()
+            .map(|a| {
+                serde_json::json!({"node": a.node, "connected": a.connected, "syncedRevision": a.synced_revision,
+                "lastSyncUnixMs": a.last_sync_unix_ms})
+            })
+            .collect();
+        return print_value(
+            &serde_json::json!({"server": cli.server, "revision": s.revision, "store": s.store, "objects": s.objects,
+                "clusterCIDR": s.cluster_cidr, "serviceCIDR": s.service_cidr, "agents": agents}),
+            output,
+        );
+    }
+    println!(
+        "control plane {}: revision {}, store {}, {} objects, cluster CIDR {}, service CIDR {}",
+        cli.server, s.revision, s.store, s.objects, s.cluster_cidr, s.service_cidr
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut rows = vec![header(&["AGENT", "CONNECTED", "REVISION", "LAST SYNC"])];
+    for a in &s.agents {
+        rows.push(vec![
+            a.node.clone(),
+            a.connected.to_string(),
+            a.synced_revision.to_string(),
+            if a.last_sync_unix_ms == 0 {
+                "never".into()
+            } else {
+                format!("{:.1}s ago", (now - a.last_sync_unix_ms) as f64 / 1000.0)
+            },
+        ]);
+    }
+    table(rows);
     Ok(())
 }
 
@@ -651,7 +677,8 @@ fn print_event(
     }
 }
 
-async fn observe(
+/// Print the events of the agents listening on `sockets`.
+async fn observe_agents(
     req: sluice_control::agent_api::ObserveRequest,
     sockets: &[PathBuf],
     output: Output,

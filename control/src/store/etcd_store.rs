@@ -33,9 +33,11 @@ fn rev(r: i64) -> Revision {
 
 fn kv_of(kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
     Ok(KeyValue {
-        key: kv
-            .key_str()
-            .map_err(|_| StoreError::Corrupt("etcd key is not UTF-8".into()))?
+        key: std::str::from_utf8(kv.key())
+            .map_err(|source| StoreError::NotUtf8 {
+                what: "etcd key",
+                source,
+            })?
             .to_string(),
         value: kv.value().to_vec(),
         mod_revision: rev(kv.mod_revision()),
@@ -164,7 +166,7 @@ impl Store for EtcdStore {
                         }
                         None => {
                             let _ = tx
-                                .send(Err(StoreError::Task("etcd closed the watch".into())))
+                                .send(Err(StoreError::WatchEnded("etcd closed it".into())))
                                 .await;
                             return;
                         }
@@ -176,8 +178,8 @@ impl Store for EtcdStore {
                     }
                     if resp.canceled() {
                         let _ = tx
-                            .send(Err(StoreError::Task(format!(
-                                "etcd cancelled the watch: {}",
+                            .send(Err(StoreError::WatchEnded(format!(
+                                "cancelled: {}",
                                 resp.cancel_reason()
                             ))))
                             .await;

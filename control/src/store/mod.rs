@@ -14,6 +14,7 @@ mod etcd_store;
 mod redb_store;
 
 use std::future::Future;
+use std::path::PathBuf;
 
 use tokio::sync::mpsc;
 
@@ -82,16 +83,40 @@ pub enum WatchItem {
 /// A watch: items in revision order; an `Err` ends it.
 pub type WatchReceiver = mpsc::Receiver<Result<WatchItem, StoreError>>;
 
+/// Why a store operation failed. Every variant keeps its cause as its `source`; the server turns
+/// them into gRPC status where it answers (`server::service`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The embedded store's directory cannot be created.
+    #[error("embedded store: cannot create {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A redb operation failed: I/O (a full disk), the file held open by another process, ...
     #[error("embedded store: {0}")]
-    Redb(String),
+    Redb(#[source] redb::Error),
+    /// An etcd request failed: unreachable, timed out, refused.
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// etcd closed or cancelled a watch.
+    #[error("etcd ended the watch: {0}")]
+    WatchEnded(String),
+    /// Stored bytes do not decode.
     #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
+    Corrupt(&'static str),
+    /// A stored key is not UTF-8.
+    #[error("stored data is corrupt: {what} is not UTF-8: {source}")]
+    NotUtf8 {
+        /// Which key: "log key", "etcd key".
+        what: &'static str,
+        #[source]
+        source: std::str::Utf8Error,
+    },
+    /// A blocking store task panicked or was cancelled (the runtime shutting down).
     #[error("store task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// A versioned key-value store with transactions and watches.

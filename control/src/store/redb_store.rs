@@ -40,11 +40,11 @@ pub struct RedbStore {
 }
 
 fn err(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Redb(e.into().to_string())
+    StoreError::Redb(e.into())
 }
 
 fn join_err(e: tokio::task::JoinError) -> StoreError {
-    StoreError::Task(e.to_string())
+    StoreError::Task(e)
 }
 
 fn encode_events(events: &[StoreEvent]) -> Vec<u8> {
@@ -67,7 +67,7 @@ fn encode_events(events: &[StoreEvent]) -> Vec<u8> {
 fn decode_events(mut b: &[u8]) -> Result<Vec<StoreEvent>, StoreError> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], StoreError> {
         if b.len() < n {
-            return Err(StoreError::Corrupt("truncated log entry".into()));
+            return Err(StoreError::Corrupt("truncated log entry"));
         }
         let (head, tail) = b.split_at(n);
         *b = tail;
@@ -80,8 +80,12 @@ fn decode_events(mut b: &[u8]) -> Result<Vec<StoreEvent>, StoreError> {
     let mut events = Vec::new();
     while !b.is_empty() {
         let n = len(&mut b)?;
-        let key = String::from_utf8(take(&mut b, n)?.to_vec())
-            .map_err(|_| StoreError::Corrupt("log key is not UTF-8".into()))?;
+        let key = std::str::from_utf8(take(&mut b, n)?)
+            .map_err(|source| StoreError::NotUtf8 {
+                what: "log key",
+                source,
+            })?
+            .to_string();
         let value = match take(&mut b, 1)?[0] {
             0 => None,
             _ => {
@@ -97,7 +101,7 @@ fn decode_events(mut b: &[u8]) -> Result<Vec<StoreEvent>, StoreError> {
 fn split_value(raw: &[u8]) -> Result<(Revision, Vec<u8>), StoreError> {
     if raw.len() < 8 {
         return Err(StoreError::Corrupt(
-            "object value shorter than its revision".into(),
+            "object value shorter than its revision",
         ));
     }
     let mut rev = [0u8; 8];
@@ -121,8 +125,10 @@ impl RedbStore {
 
     /// As [`RedbStore::open`], keeping `history` revisions of log for watchers.
     pub fn open_with_history(dir: &Path, history: u64) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Redb(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let db = Database::create(dir.join("state.redb")).map_err(err)?;
         let tx = db.begin_write().map_err(err)?;
         {
@@ -449,6 +455,36 @@ mod tests {
             WatchItem::Changes { revision, .. } => assert_eq!(revision, 4),
             other => panic!("expected changes, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn errors_keep_their_causes() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let _held = RedbStore::open(dir.path()).unwrap();
+        let Err(e) = RedbStore::open(dir.path()) else {
+            panic!("a store already open in this process opened again");
+        };
+        assert!(matches!(e, StoreError::Redb(_)), "{e:?}");
+        let cause = e.source().expect("the redb error is kept");
+        assert!(cause.downcast_ref::<redb::Error>().is_some(), "{cause:?}");
+
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        let Err(e) = RedbStore::open(&file.join("sub")) else {
+            panic!("a store under a regular file opened");
+        };
+        assert!(
+            e.to_string().starts_with("embedded store: cannot create "),
+            "{e}"
+        );
+        let cause = e.source().and_then(|c| c.downcast_ref::<std::io::Error>());
+        assert!(cause.is_some(), "{e:?}");
+
+        let Err(e) = decode_events(&[1, 0, 0, 0, 0xff, 0]) else {
+            panic!("a key that is not UTF-8 decoded");
+        };
+        assert!(e.source().is_some(), "{e:?}");
     }
 
     #[tokio::test]

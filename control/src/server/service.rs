@@ -1,12 +1,14 @@
-//! The `Control` gRPC service over a [`Store`].
+//! [`ControlService`]: the `Control` gRPC implementation over a [`Store`].
 //!
-//! Every write is an optimistic transaction: read what the change depends on, then commit with
-//! `mod_revision` compares on those keys and "absent" compares on new allocation claims; when
-//! another writer (another replica, or a concurrent call) got there first, read again and retry.
-//! So replicas sharing one etcd never hand out the same pod CIDR, ClusterIP or NodePort.
+//! Each call authorizes its caller (`crate::auth`), validates its request, reads what the write
+//! depends on, has `super::plan` build the transaction, and commits it; a commit that loses to
+//! another writer (a compare failed) is read and planned again, up to [`MAX_ATTEMPTS`] times,
+//! then answered `ABORTED`. Watches stream the store's changes as `WatchResponse`s. The service
+//! also keeps, in memory only, each agent's watch count and last synced revision (for `Status`
+//! and metrics) and the flow events agents push (`crate::flows`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,34 +19,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::ServerConfig;
+use super::plan::{Claims, Plan, Pool, ServiceClaims, stored_service};
 use crate::agent_api;
 use crate::api::control_server::{Control, ControlServer};
 use crate::api::{self, Kind, ObjectRef, object::Body};
-use crate::auth::{Authenticator, Identity, Role, identity, require_operator};
+use crate::auth::{Authenticator, Role, identity, require_operator};
 use crate::flows::FlowRelay;
-use crate::model::{self, K8sObject, alloc_key, object_key};
-use crate::store::{Compare, KeyValue, Op, Store, StoreError, Txn, WatchItem};
-
-/// Address pools and ranges.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    pub cluster_cidr: Ipv4Net,
-    /// Prefix length of each node's pod CIDR.
-    pub node_prefix: u8,
-    pub service_cidr: Ipv4Net,
-    pub node_ports: (u16, u16),
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            cluster_cidr: "10.244.0.0/16".parse().unwrap_or_default(),
-            node_prefix: 24,
-            service_cidr: "10.96.0.0/12".parse().unwrap_or_default(),
-            node_ports: (30000, 32767),
-        }
-    }
-}
+use crate::model::{self, K8sObject, describe, object_key};
+use crate::store::{Store, StoreError, WatchItem};
 
 #[derive(Debug, Clone, Default)]
 struct AgentRecord {
@@ -73,10 +56,36 @@ impl<S: Clone> Clone for ControlService<S> {
     }
 }
 
+/// Commits a write tries before it gives up with `ABORTED`.
 const MAX_ATTEMPTS: usize = 64;
 
-fn store_err(e: StoreError) -> Status {
-    Status::unavailable(format!("store: {e}"))
+/// The answer to a call the store failed: what failed and what to do about it. The store error
+/// stays attached as the status' source.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        let mut status = match &e {
+            StoreError::CreateDir { .. } | StoreError::Redb(_) => Status::unavailable(format!(
+                "store: {e}; retry, and if it persists check the control plane's log and its \
+                 --data-dir (disk space, permissions, another sluice-control holding the file)"
+            )),
+            StoreError::Etcd(_) => Status::unavailable(format!(
+                "store: {e}; retry, and if it persists check that the control plane reaches etcd \
+                 at its --etcd-endpoints"
+            )),
+            StoreError::WatchEnded(_) => Status::unavailable(format!("store: {e}; watch again")),
+            StoreError::Task(join) if !join.is_panic() => {
+                Status::unavailable(format!("store: {e}; the control plane is stopping, retry"))
+            }
+            StoreError::Corrupt(_) | StoreError::NotUtf8 { .. } | StoreError::Task(_) => {
+                Status::internal(format!(
+                    "store: {e}; retrying will not help: see the control plane's log, and \
+                     restore its store from a backup if the data is damaged"
+                ))
+            }
+        };
+        status.set_source(Arc::new(e));
+        status
+    }
 }
 
 fn conflict() -> Status {
@@ -88,14 +97,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-fn describe(r: &ObjectRef) -> String {
-    if r.namespace.is_empty() {
-        format!("{} {}", model::kind_name(r.kind()), r.name)
-    } else {
-        format!("{} {}/{}", model::kind_name(r.kind()), r.namespace, r.name)
-    }
 }
 
 fn node_ref(name: &str) -> ObjectRef {
@@ -114,30 +115,101 @@ fn pod_ref(ns: &str, name: &str) -> ObjectRef {
     }
 }
 
-/// Claims of one pool: value → owner key.
-type Claims = BTreeMap<String, String>;
-
-/// A transaction being built, with the objects it read.
-#[derive(Default)]
-struct Plan {
-    txn: Txn,
-    touched: BTreeSet<String>,
+/// One object of an `Apply`, validated.
+enum ApplyItem {
+    K8s(Box<K8sObject>),
+    Pod(api::Pod),
 }
 
-impl Plan {
-    fn compare(&mut self, key: &str, rev: u64) {
-        self.txn
-            .compares
-            .push(Compare::ModRevision(key.to_string(), rev));
+impl ApplyItem {
+    fn object_ref(&self) -> ObjectRef {
+        match self {
+            ApplyItem::K8s(k) => {
+                let p = k.to_proto();
+                ObjectRef {
+                    kind: p.kind,
+                    namespace: p.namespace,
+                    name: p.name,
+                }
+            }
+            ApplyItem::Pod(p) => pod_ref(&p.namespace, &p.name),
+        }
     }
-    fn put(&mut self, key: String, value: Vec<u8>) {
-        self.touched.insert(key.clone());
-        self.txn.ops.push(Op::Put(key, value));
+
+    fn is_service(&self) -> bool {
+        matches!(self, ApplyItem::K8s(k) if matches!(**k, K8sObject::Service(_)))
     }
-    fn delete(&mut self, key: String) {
-        self.touched.insert(key.clone());
-        self.txn.ops.push(Op::Delete(key));
+}
+
+/// Validate every object of an `Apply` before anything is written: one bad object, or one
+/// object named twice, rejects the whole request.
+fn parse_apply(cfg: &ServerConfig, objects: Vec<api::Object>) -> Result<Vec<ApplyItem>, Status> {
+    let mut items = Vec::with_capacity(objects.len());
+    let mut seen = BTreeSet::new();
+    for (i, o) in objects.into_iter().enumerate() {
+        let item = match o.body {
+            Some(Body::K8s(k)) => {
+                let kind = k.kind();
+                let mut obj = K8sObject::from_json(kind, &k.json).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "object {i} ({}): {e}",
+                        model::kind_name(kind)
+                    ))
+                })?;
+                obj.validate(cfg.service_cidr, cfg.node_ports)
+                    .map_err(|e| {
+                        Status::invalid_argument(format!(
+                            "object {i} ({} {}): {e}",
+                            model::kind_name(kind),
+                            obj.metadata().name.as_deref().unwrap_or("")
+                        ))
+                    })?;
+                ApplyItem::K8s(Box::new(obj))
+            }
+            Some(Body::Pod(p)) => {
+                validate_pod(&p)?;
+                ApplyItem::Pod(p)
+            }
+            Some(Body::Node(_)) => {
+                return Err(Status::invalid_argument(format!(
+                    "object {i}: nodes join with RegisterNode, not Apply"
+                )));
+            }
+            None => return Err(Status::invalid_argument(format!("object {i}: empty"))),
+        };
+        let r = item.object_ref();
+        if !seen.insert(object_key(&r)) {
+            return Err(Status::invalid_argument(format!(
+                "object {i}: {} appears twice",
+                describe(&r)
+            )));
+        }
+        items.push(item);
     }
+    Ok(items)
+}
+
+fn validate_pod(p: &api::Pod) -> Result<(), Status> {
+    let bad = |f: &str, m: String| {
+        Status::invalid_argument(format!("Pod {}/{}: {f}: {m}", p.namespace, p.name))
+    };
+    for (f, v) in [("namespace", &p.namespace), ("name", &p.name)] {
+        if v.is_empty() || v.len() > 253 || v.contains('/') {
+            return Err(bad(f, format!("{v:?} is not a valid name")));
+        }
+    }
+    if !p.ip.is_empty() && p.ip.parse::<Ipv4Addr>().is_err() {
+        return Err(bad("ip", format!("{:?} is not an IPv4 address", p.ip)));
+    }
+    for (i, port) in p.ports.iter().enumerate() {
+        if port.port == 0 || port.port > 65535 {
+            return Err(bad(
+                &format!("ports[{i}].port"),
+                format!("{} is not a port", port.port),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl<S: Store> ControlService<S> {
@@ -164,7 +236,7 @@ impl<S: Store> ControlService<S> {
     }
 
     async fn get_object(&self, r: &ObjectRef) -> Result<Option<(api::Object, u64)>, Status> {
-        match self.store.get(&object_key(r)).await.map_err(store_err)? {
+        match self.store.get(&object_key(r)).await? {
             Some(kv) => {
                 let o = model::decode_object(&kv.value, kv.mod_revision).map_err(|e| {
                     Status::internal(format!("stored {} is corrupt: {e}", describe(r)))
@@ -175,37 +247,25 @@ impl<S: Store> ControlService<S> {
         }
     }
 
-    async fn claims(&self, pool: &str) -> Result<(Claims, BTreeMap<String, u64>), Status> {
-        let (_, kvs) = self
-            .store
-            .list(&format!("{}{pool}/", model::ALLOC_PREFIX))
-            .await
-            .map_err(store_err)?;
-        let mut claims = Claims::new();
-        let mut revs = BTreeMap::new();
-        for KeyValue {
-            key,
-            value,
-            mod_revision,
-        } in kvs
-        {
-            let v = key.rsplit('/').next().unwrap_or_default().replace('_', "/");
-            claims.insert(v.clone(), String::from_utf8_lossy(&value).into_owned());
-            revs.insert(v, mod_revision);
-        }
-        Ok((claims, revs))
+    /// The object at `r`, if any, and the revision its key is at (0: absent) to compare at commit.
+    async fn read_object(&self, r: &ObjectRef) -> Result<(Option<api::Object>, u64), Status> {
+        Ok(match self.get_object(r).await? {
+            Some((o, rev)) => (Some(o), rev),
+            None => (None, 0),
+        })
+    }
+
+    async fn claims(&self, pool: Pool) -> Result<Claims, Status> {
+        let (_, kvs) = self.store.list(&pool.prefix()).await?;
+        Ok(Claims::read(pool, kvs))
     }
 
     async fn commit(&self, plan: Plan) -> Result<Option<u64>, Status> {
-        self.store.commit(plan.txn).await.map_err(store_err)
+        Ok(self.store.commit(plan.into_txn()).await?)
     }
 
     async fn pods_of_node(&self, node: &str) -> Result<Vec<(String, u64)>, Status> {
-        let (_, kvs) = self
-            .store
-            .list(&model::kind_prefix(Kind::Pod))
-            .await
-            .map_err(store_err)?;
+        let (_, kvs) = self.store.list(&model::kind_prefix(Kind::Pod)).await?;
         let mut out = Vec::new();
         for kv in kvs {
             if let Ok(o) = model::decode_object(&kv.value, kv.mod_revision)
@@ -218,258 +278,91 @@ impl<S: Store> ControlService<S> {
         Ok(out)
     }
 
-    /// Plan the removal of a node: its record, its pods, its pod CIDR claim.
+    /// Plan the removal of a node: its record, its pods, its pod CIDR claim. `false` when there
+    /// is no such node.
     async fn plan_remove_node(&self, plan: &mut Plan, name: &str) -> Result<bool, Status> {
         let r = node_ref(name);
         let Some((o, rev)) = self.get_object(&r).await? else {
             return Ok(false);
         };
-        plan.compare(&object_key(&r), rev);
-        plan.delete(object_key(&r));
-        for (key, rev) in self.pods_of_node(name).await? {
-            plan.compare(&key, rev);
-            plan.delete(key);
-        }
-        if let Some(Body::Node(n)) = o.body
-            && !n.pod_cidr.is_empty()
-        {
-            plan.delete(alloc_key("podcidr", &n.pod_cidr));
-        }
+        let pods = self.pods_of_node(name).await?;
+        plan.remove_node(object_key(&r), &o, rev, pods);
         Ok(true)
     }
 
-    /// Plan a Service write: keep or allocate its ClusterIP and NodePorts, release what it no
-    /// longer uses.
-    fn plan_service(
-        &self,
-        plan: &mut Plan,
-        key: &str,
-        svc: &mut k8s_openapi::api::core::v1::Service,
-        old: Option<&k8s_openapi::api::core::v1::Service>,
-        ips: &mut Claims,
-        ports: &mut Claims,
-    ) -> Result<(), Status> {
-        let (old_ip, old_ports) = old.map(service_allocations).unwrap_or_default();
-        let Some(spec) = svc.spec.as_mut() else {
-            return Err(Status::invalid_argument("spec: missing"));
-        };
-        let wanted = spec.cluster_ip.clone().filter(|s| !s.is_empty());
-        let ip = match wanted.as_deref() {
-            Some("None") => None,
-            Some(ip) => Some(ip.to_string()),
-            None => old_ip.clone(),
-        };
-        let ip = match ip {
-            Some(ip) => {
-                match ips.get(&ip) {
-                    Some(owner) if owner != key => {
-                        return Err(Status::already_exists(format!(
-                            "spec.clusterIP: {ip} is allocated to {}",
-                            model::parse_object_key(owner)
-                                .map(|r| describe(&r))
-                                .unwrap_or_else(|| owner.clone())
-                        )));
-                    }
-                    Some(_) => {}
-                    None => {
-                        plan.compare(&alloc_key("clusterip", &ip), 0);
-                        plan.put(alloc_key("clusterip", &ip), key.as_bytes().to_vec());
-                        ips.insert(ip.clone(), key.to_string());
-                    }
-                }
-                Some(ip)
-            }
-            None if wanted.as_deref() == Some("None") => None,
-            None => {
-                let ip = free_address(self.cfg.service_cidr, ips).ok_or_else(|| {
-                    Status::resource_exhausted(format!(
-                        "no free ClusterIP in {}",
-                        self.cfg.service_cidr
-                    ))
-                })?;
-                plan.compare(&alloc_key("clusterip", &ip), 0);
-                plan.put(alloc_key("clusterip", &ip), key.as_bytes().to_vec());
-                ips.insert(ip.clone(), key.to_string());
-                Some(ip)
-            }
-        };
-        if let Some(old_ip) = &old_ip
-            && ip.as_ref() != Some(old_ip)
-        {
-            plan.delete(alloc_key("clusterip", old_ip));
-            ips.remove(old_ip);
-        }
-        match &ip {
-            Some(ip) => {
-                spec.cluster_ip = Some(ip.clone());
-                spec.cluster_ips = Some(vec![ip.clone()]);
-            }
-            None => {
-                spec.cluster_ip = Some("None".into());
-                spec.cluster_ips = Some(vec!["None".into()]);
-            }
-        }
-        let wants_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-        let mut kept = BTreeSet::new();
-        for (i, p) in spec.ports.iter_mut().flatten().enumerate() {
-            if !wants_node_ports {
-                p.node_port = None;
-                continue;
-            }
-            let np = match p.node_port.filter(|n| *n != 0) {
-                Some(n) => n.to_string(),
-                None => match old_ports.get(i).filter(|n| !kept.contains(*n)) {
-                    Some(n) => n.clone(),
-                    None => {
-                        let (lo, hi) = self.cfg.node_ports;
-                        (lo..=hi)
-                            .map(|n| n.to_string())
-                            .find(|n| !ports.contains_key(n))
-                            .ok_or_else(|| {
-                                Status::resource_exhausted(format!("no free NodePort in {lo}-{hi}"))
-                            })?
-                    }
-                },
-            };
-            if kept.contains(&np) {
-                return Err(Status::invalid_argument(format!(
-                    "spec.ports[{i}].nodePort: {np} is used twice"
-                )));
-            }
-            match ports.get(&np) {
-                Some(owner) if owner != key => {
-                    return Err(Status::already_exists(format!(
-                        "spec.ports[{i}].nodePort: {np} is allocated to another Service"
-                    )));
-                }
-                Some(_) => {}
-                None => {
-                    plan.compare(&alloc_key("nodeport", &np), 0);
-                    plan.put(alloc_key("nodeport", &np), key.as_bytes().to_vec());
-                    ports.insert(np.clone(), key.to_string());
-                }
-            }
-            p.node_port = np.parse().ok();
-            kept.insert(np);
-        }
-        for np in old_ports {
-            if !kept.contains(&np) {
-                plan.delete(alloc_key("nodeport", &np));
-                ports.remove(&np);
-            }
-        }
-        Ok(())
-    }
-
-    /// Plan deleting an object and releasing what it holds.
+    /// Plan deleting an object and releasing what it holds; a namespace takes its objects with
+    /// it. `false` when there is nothing to delete.
     async fn plan_delete(&self, plan: &mut Plan, r: &ObjectRef) -> Result<bool, Status> {
         if r.kind() == Kind::Node {
             return self.plan_remove_node(plan, &r.name).await;
         }
         let key = object_key(r);
-        if plan.touched.contains(&key) {
+        if plan.touches(&key) {
             return Ok(false);
         }
         let Some((o, rev)) = self.get_object(r).await? else {
             return Ok(false);
         };
-        plan_delete_object(plan, key, &o, rev);
+        plan.delete_object(key, &o, rev);
         if r.kind() == Kind::Namespace {
-            // Like Kubernetes, a namespace takes its objects with it. Pods an agent reported stay
-            // until their node removes them (they still run there).
-            let (_, kvs) = self
-                .store
-                .list(model::OBJECT_PREFIX)
-                .await
-                .map_err(store_err)?;
-            for kv in kvs {
-                let Some(inner) = model::parse_object_key(&kv.key) else {
-                    continue;
-                };
-                if inner.namespace != r.name
-                    || !model::is_namespaced(inner.kind())
-                    || plan.touched.contains(&kv.key)
-                {
-                    continue;
-                }
-                let Ok(o) = model::decode_object(&kv.value, kv.mod_revision) else {
-                    continue;
-                };
-                if matches!(&o.body, Some(Body::Pod(p)) if !p.node.is_empty()) {
-                    continue;
-                }
-                plan_delete_object(plan, kv.key, &o, kv.mod_revision);
-            }
+            let (_, kvs) = self.store.list(model::OBJECT_PREFIX).await?;
+            plan.delete_namespace_contents(&r.name, kvs);
         }
         Ok(true)
     }
 
-    fn validate_pod(&self, p: &api::Pod) -> Result<(), Status> {
-        let bad = |f: &str, m: String| {
-            Status::invalid_argument(format!("Pod {}/{}: {f}: {m}", p.namespace, p.name))
+    /// Plan writing one `Apply` object; returns it as it will be stored.
+    async fn plan_apply_item(
+        &self,
+        plan: &mut Plan,
+        item: &ApplyItem,
+        claims: &mut ServiceClaims,
+    ) -> Result<api::Object, Status> {
+        let r = item.object_ref();
+        let key = object_key(&r);
+        let (existing, rev) = self.read_object(&r).await?;
+        plan.compare(&key, rev);
+        let body = match item {
+            // A Pod manifest gives labels and ports; where the pod runs is its node's to say.
+            ApplyItem::K8s(k) => match &**k {
+                K8sObject::Pod(kp) => {
+                    let (labels, ports) = k8s_labels_ports(kp);
+                    let mut pod = api::Pod {
+                        namespace: r.namespace,
+                        name: r.name,
+                        labels,
+                        ports,
+                        ..Default::default()
+                    };
+                    if let Some(api::Object {
+                        body: Some(Body::Pod(old)),
+                        ..
+                    }) = existing
+                    {
+                        pod.node = old.node;
+                        pod.ip = old.ip;
+                        pod.container_id = old.container_id;
+                    }
+                    Body::Pod(pod)
+                }
+                obj => {
+                    let mut obj = obj.clone();
+                    if let K8sObject::Service(svc) = &mut obj {
+                        let old = existing.as_ref().and_then(stored_service);
+                        plan.allocate_service(&self.cfg, &key, svc, old.as_ref(), claims)?;
+                    }
+                    Body::K8s(obj.to_proto())
+                }
+            },
+            ApplyItem::Pod(p) => Body::Pod(p.clone()),
         };
-        for (f, v) in [("namespace", &p.namespace), ("name", &p.name)] {
-            if v.is_empty() || v.len() > 253 || v.contains('/') {
-                return Err(bad(f, format!("{v:?} is not a valid name")));
-            }
-        }
-        if !p.ip.is_empty() && p.ip.parse::<Ipv4Addr>().is_err() {
-            return Err(bad("ip", format!("{:?} is not an IPv4 address", p.ip)));
-        }
-        for (i, port) in p.ports.iter().enumerate() {
-            if port.port == 0 || port.port > 65535 {
-                return Err(bad(
-                    &format!("ports[{i}].port"),
-                    format!("{} is not a port", port.port),
-                ));
-            }
-        }
-        Ok(())
+        let object = api::Object {
+            body: Some(body),
+            revision: 0,
+        };
+        plan.put(key, model::encode_object(&object));
+        Ok(object)
     }
-}
-
-/// Delete one stored object (read at `rev`) and release what it holds.
-fn plan_delete_object(plan: &mut Plan, key: String, o: &api::Object, rev: u64) {
-    plan.compare(&key, rev);
-    plan.delete(key);
-    if let Some(Body::K8s(k)) = &o.body
-        && k.kind() == Kind::Service
-        && let Ok(K8sObject::Service(s)) = K8sObject::from_json(Kind::Service, &k.json)
-    {
-        let (ip, ports) = service_allocations(&s);
-        if let Some(ip) = ip {
-            plan.delete(alloc_key("clusterip", &ip));
-        }
-        for p in ports {
-            plan.delete(alloc_key("nodeport", &p));
-        }
-    }
-}
-
-/// A Service's ClusterIP (if any) and NodePorts, in port order.
-fn service_allocations(s: &k8s_openapi::api::core::v1::Service) -> (Option<String>, Vec<String>) {
-    let Some(spec) = &s.spec else {
-        return (None, vec![]);
-    };
-    let ip = spec
-        .cluster_ip
-        .clone()
-        .filter(|ip| !ip.is_empty() && ip != "None");
-    let ports = spec
-        .ports
-        .iter()
-        .flatten()
-        .filter_map(|p| p.node_port.filter(|n| *n != 0))
-        .map(|n| n.to_string())
-        .collect();
-    (ip, ports)
-}
-
-/// The first free host address of `net` (skipping the network address), not in `used`.
-fn free_address(net: Ipv4Net, used: &Claims) -> Option<String> {
-    net.hosts()
-        .map(|a| a.to_string())
-        .find(|a| !used.contains_key(a))
 }
 
 fn k8s_labels_ports(
@@ -587,26 +480,8 @@ impl<S: Store> Control for ControlService<S> {
                 }
                 other => {
                     plan.compare(&key, other.as_ref().map_or(0, |(_, rev)| *rev));
-                    let (claims, _) = self.claims("podcidr").await?;
-                    let subnets = self
-                        .cfg
-                        .cluster_cidr
-                        .subnets(self.cfg.node_prefix)
-                        .map_err(|e| Status::internal(format!("cluster CIDR: {e}")))?;
-                    // Like Flannel, the first subnet (holding the cluster network address) is not leased.
-                    let cidr = subnets
-                        .skip(1)
-                        .map(|s| s.to_string())
-                        .find(|s| !claims.contains_key(s))
-                        .ok_or_else(|| {
-                            Status::resource_exhausted(format!(
-                                "no free /{} in {}",
-                                self.cfg.node_prefix, self.cfg.cluster_cidr
-                            ))
-                        })?;
-                    plan.compare(&alloc_key("podcidr", &cidr), 0);
-                    plan.put(alloc_key("podcidr", &cidr), key.as_bytes().to_vec());
-                    n.pod_cidr = cidr;
+                    let mut claims = self.claims(Pool::PodCidr).await?;
+                    n.pod_cidr = plan.lease_pod_cidr(&self.cfg, &mut claims, &key)?;
                 }
             }
             let object = api::Object {
@@ -665,7 +540,7 @@ impl<S: Store> Control for ControlService<S> {
                 id.name, pod.node
             )));
         }
-        self.validate_pod(&pod)?;
+        validate_pod(&pod)?;
         let Some((node_obj, _)) = self.get_object(&node_ref(&pod.node)).await? else {
             return Err(Status::failed_precondition(format!(
                 "node {:?} is not registered",
@@ -768,165 +643,21 @@ impl<S: Store> Control for ControlService<S> {
         req: Request<api::ApplyRequest>,
     ) -> Result<Response<api::ApplyResponse>, Status> {
         require_operator(&identity(&req)?)?;
-        // Validate everything first: one bad object rejects the whole request.
-        enum Item {
-            K8s(Box<K8sObject>),
-            Pod(api::Pod),
-        }
-        let mut items = Vec::new();
-        let mut seen = BTreeSet::new();
-        for (i, o) in req.into_inner().objects.into_iter().enumerate() {
-            let item = match o.body {
-                Some(Body::K8s(k)) => {
-                    let kind = k.kind();
-                    let mut obj = K8sObject::from_json(kind, &k.json).map_err(|e| {
-                        Status::invalid_argument(format!(
-                            "object {i} ({}): {e}",
-                            model::kind_name(kind)
-                        ))
-                    })?;
-                    obj.validate(self.cfg.service_cidr, self.cfg.node_ports)
-                        .map_err(|e| {
-                            Status::invalid_argument(format!(
-                                "object {i} ({} {}): {e}",
-                                model::kind_name(kind),
-                                obj.metadata().name.as_deref().unwrap_or("")
-                            ))
-                        })?;
-                    Item::K8s(Box::new(obj))
-                }
-                Some(Body::Pod(p)) => {
-                    self.validate_pod(&p)?;
-                    Item::Pod(p)
-                }
-                Some(Body::Node(_)) => {
-                    return Err(Status::invalid_argument(format!(
-                        "object {i}: nodes join with RegisterNode, not Apply"
-                    )));
-                }
-                None => return Err(Status::invalid_argument(format!("object {i}: empty"))),
-            };
-            let r = match &item {
-                Item::K8s(k) => {
-                    let p = k.to_proto();
-                    ObjectRef {
-                        kind: p.kind,
-                        namespace: p.namespace,
-                        name: p.name,
-                    }
-                }
-                Item::Pod(p) => pod_ref(&p.namespace, &p.name),
-            };
-            if !seen.insert(object_key(&r)) {
-                return Err(Status::invalid_argument(format!(
-                    "object {i}: {} appears twice",
-                    describe(&r)
-                )));
-            }
-            items.push(item);
-        }
-        let needs_claims = items
-            .iter()
-            .any(|i| matches!(i, Item::K8s(k) if matches!(**k, K8sObject::Service(_))));
+        let items = parse_apply(&self.cfg, req.into_inner().objects)?;
+        let needs_claims = items.iter().any(ApplyItem::is_service);
         for _ in 0..MAX_ATTEMPTS {
             let mut plan = Plan::default();
-            let (mut ips, mut ports) = if needs_claims {
-                (
-                    self.claims("clusterip").await?.0,
-                    self.claims("nodeport").await?.0,
-                )
+            let mut claims = if needs_claims {
+                ServiceClaims {
+                    cluster_ips: self.claims(Pool::ClusterIp).await?,
+                    node_ports: self.claims(Pool::NodePort).await?,
+                }
             } else {
-                Default::default()
+                ServiceClaims::none()
             };
             let mut stored = Vec::with_capacity(items.len());
             for item in &items {
-                let object = match item {
-                    Item::K8s(k) if matches!(**k, K8sObject::Pod(_)) => {
-                        let K8sObject::Pod(kp) = &**k else { continue };
-                        let ns = kp.metadata.namespace.clone().unwrap_or_default();
-                        let name = kp.metadata.name.clone().unwrap_or_default();
-                        let r = pod_ref(&ns, &name);
-                        let (labels, cports) = k8s_labels_ports(kp);
-                        let mut pod = api::Pod {
-                            namespace: ns,
-                            name,
-                            labels,
-                            ports: cports,
-                            ..Default::default()
-                        };
-                        let existing = self.get_object(&r).await?;
-                        plan.compare(
-                            &object_key(&r),
-                            existing.as_ref().map_or(0, |(_, rev)| *rev),
-                        );
-                        if let Some((
-                            api::Object {
-                                body: Some(Body::Pod(old)),
-                                ..
-                            },
-                            _,
-                        )) = existing
-                        {
-                            pod.node = old.node;
-                            pod.ip = old.ip;
-                            pod.container_id = old.container_id;
-                        }
-                        api::Object {
-                            body: Some(Body::Pod(pod)),
-                            revision: 0,
-                        }
-                    }
-                    Item::K8s(obj) => {
-                        let mut obj = (**obj).clone();
-                        let p = obj.to_proto();
-                        let r = ObjectRef {
-                            kind: p.kind,
-                            namespace: p.namespace,
-                            name: p.name,
-                        };
-                        let key = object_key(&r);
-                        let existing = self.get_object(&r).await?;
-                        plan.compare(&key, existing.as_ref().map_or(0, |(_, rev)| *rev));
-                        if let K8sObject::Service(svc) = &mut obj {
-                            let old = existing.and_then(|(o, _)| match o.body {
-                                Some(Body::K8s(k)) => {
-                                    match K8sObject::from_json(Kind::Service, &k.json) {
-                                        Ok(K8sObject::Service(s)) => Some(s),
-                                        _ => None,
-                                    }
-                                }
-                                _ => None,
-                            });
-                            self.plan_service(
-                                &mut plan,
-                                &key,
-                                svc,
-                                old.as_ref(),
-                                &mut ips,
-                                &mut ports,
-                            )?;
-                        }
-                        api::Object {
-                            body: Some(Body::K8s(obj.to_proto())),
-                            revision: 0,
-                        }
-                    }
-                    Item::Pod(p) => {
-                        let r = pod_ref(&p.namespace, &p.name);
-                        let existing = self.get_object(&r).await?;
-                        plan.compare(
-                            &object_key(&r),
-                            existing.as_ref().map_or(0, |(_, rev)| *rev),
-                        );
-                        api::Object {
-                            body: Some(Body::Pod(p.clone())),
-                            revision: 0,
-                        }
-                    }
-                };
-                let r = model::object_ref(&object).unwrap_or_default();
-                plan.put(object_key(&r), model::encode_object(&object));
-                stored.push(object);
+                stored.push(self.plan_apply_item(&mut plan, item, &mut claims).await?);
             }
             if let Some(revision) = self.commit(plan).await? {
                 for o in &mut stored {
@@ -951,7 +682,7 @@ impl<S: Store> Control for ControlService<S> {
             let mut plan = Plan::default();
             let mut deleted = 0;
             for r in &refs {
-                if plan.touched.contains(&object_key(r)) {
+                if plan.touches(&object_key(r)) {
                     continue;
                 }
                 if self.plan_delete(&mut plan, r).await? {
@@ -977,11 +708,7 @@ impl<S: Store> Control for ControlService<S> {
     ) -> Result<Response<api::ListResponse>, Status> {
         identity(&req)?;
         let req = req.into_inner();
-        let (revision, kvs) = self
-            .store
-            .list(&model::kind_prefix(req.kind()))
-            .await
-            .map_err(store_err)?;
+        let (revision, kvs) = self.store.list(&model::kind_prefix(req.kind())).await?;
         let objects = kvs
             .into_iter()
             .filter(|kv| {
@@ -1009,8 +736,7 @@ impl<S: Store> Control for ControlService<S> {
         let mut rx = self
             .store
             .watch(model::OBJECT_PREFIX, req.from_revision)
-            .await
-            .map_err(store_err)?;
+            .await?;
         let (tx, out) = mpsc::channel(256);
         let agents = self.agents.clone();
         if let Some(n) = &node {
@@ -1029,7 +755,7 @@ impl<S: Store> Control for ControlService<S> {
                 };
                 let msg = match item {
                     Some(Ok(item)) => Ok(watch_response(item)),
-                    Some(Err(e)) => Err(store_err(e)),
+                    Some(Err(e)) => Err(Status::from(e)),
                     None => Err(Status::unavailable("watch ended")),
                 };
                 let end = msg.is_err();
@@ -1070,11 +796,7 @@ impl<S: Store> Control for ControlService<S> {
         req: Request<api::StatusRequest>,
     ) -> Result<Response<api::StatusResponse>, Status> {
         identity(&req)?;
-        let (revision, kvs) = self
-            .store
-            .list(model::OBJECT_PREFIX)
-            .await
-            .map_err(store_err)?;
+        let (revision, kvs) = self.store.list(model::OBJECT_PREFIX).await?;
         let nodes: Vec<String> = kvs
             .iter()
             .filter_map(|kv| model::parse_object_key(&kv.key))
@@ -1170,75 +892,6 @@ impl<S: Store> Control for ControlService<S> {
     }
 }
 
-/// TLS material for the server (PEM).
-#[derive(Debug, Clone)]
-pub struct ServerTls {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("plaintext is only allowed on loopback addresses, not {0}")]
-    PlaintextNotLoopback(SocketAddr),
-    #[error("TLS setup: {0}")]
-    Tls(#[source] tonic::transport::Error),
-    #[error("serving: {0}")]
-    Transport(#[source] tonic::transport::Error),
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Serve the control API on `listener` until `shutdown` completes. `tls: None` means plaintext,
-/// refused unless the listener is on a loopback address.
-pub async fn serve<S: Store>(
-    listener: tokio::net::TcpListener,
-    service: ControlService<S>,
-    auth: Authenticator,
-    tls: Option<ServerTls>,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    serve_counted(listener, service, auth, tls, shutdown, Arc::default()).await
-}
-
-/// [`serve`], counting every request by method and gRPC status in `counts` (for metrics).
-pub async fn serve_counted<S: Store>(
-    listener: tokio::net::TcpListener,
-    service: ControlService<S>,
-    auth: Authenticator,
-    tls: Option<ServerTls>,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-    counts: Arc<crate::metrics::RequestCounts>,
-) -> Result<(), ServeError> {
-    let local = listener.local_addr()?;
-    let mut builder = tonic::transport::Server::builder();
-    match tls {
-        Some(t) => {
-            let cfg = tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem));
-            builder = builder.tls_config(cfg).map_err(ServeError::Tls)?;
-        }
-        None if local.ip().is_loopback() => {}
-        None => return Err(ServeError::PlaintextNotLoopback(local)),
-    }
-    // Without TCP_NODELAY, small watch messages wait for delayed ACKs (40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(std::time::Duration::from_secs(30)));
-    builder
-        .layer(crate::metrics::CountLayer(counts))
-        .add_service(service.into_server(auth))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(ServeError::Transport)
-}
-
-/// For callers that hold an [`Identity`] outside a request (tests).
-pub fn with_identity<T>(mut req: Request<T>, id: Identity) -> Request<T> {
-    req.extensions_mut().insert(id);
-    req
-}
-
 /// What the control plane's metrics report, read at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct ControlMetrics {
@@ -1267,5 +920,300 @@ impl<S: Store> ControlService<S> {
             agents,
             flows: self.flows.stats(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The service over a real embedded store: what `plan` decides, committed, read back and
+    //! retried, as callers see it.
+
+    use tonic::Code;
+
+    use super::*;
+    use crate::auth::Identity;
+    use crate::server::with_identity;
+    use crate::store::RedbStore;
+
+    struct Fixture {
+        svc: ControlService<RedbStore>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A server with tiny pools (`ServerConfig::tiny`) on a fresh store.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        Fixture {
+            svc: ControlService::new(store, ServerConfig::tiny()),
+            _dir: dir,
+        }
+    }
+
+    fn as_operator<T>(msg: T) -> Request<T> {
+        with_identity(
+            Request::new(msg),
+            Identity {
+                role: Role::Operator,
+                name: "op".into(),
+            },
+        )
+    }
+
+    fn as_node<T>(node: &str, msg: T) -> Request<T> {
+        with_identity(
+            Request::new(msg),
+            Identity {
+                role: Role::Node,
+                name: node.into(),
+            },
+        )
+    }
+
+    async fn register(svc: &ControlService<RedbStore>, name: &str) -> Result<String, Status> {
+        let node = api::Node {
+            name: name.into(),
+            underlay_ip: "192.168.1.10".into(),
+            vtep_mac: vec![2, 0, 0, 0, 0, 1],
+            pod_cidr: String::new(),
+        };
+        let req = api::RegisterNodeRequest { node: Some(node) };
+        let resp = svc.register_node(as_node(name, req)).await?.into_inner();
+        Ok(resp.node.unwrap().pod_cidr)
+    }
+
+    fn k8s(kind: Kind, json: &str) -> api::Object {
+        let obj = K8sObject::from_json(kind, json).unwrap();
+        api::Object {
+            body: Some(Body::K8s(obj.to_proto())),
+            revision: 0,
+        }
+    }
+
+    fn service(ns: &str, name: &str, cluster_ip: Option<&str>) -> api::Object {
+        let ip = cluster_ip.map_or(String::new(), |ip| format!(r#","clusterIP":"{ip}""#));
+        k8s(
+            Kind::Service,
+            &format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"{ns}"}},"spec":{{"type":"NodePort","ports":[{{"port":80}}]{ip}}}}}"#
+            ),
+        )
+    }
+
+    fn namespace(name: &str) -> api::Object {
+        k8s(
+            Kind::Namespace,
+            &format!(r#"{{"apiVersion":"v1","kind":"Namespace","metadata":{{"name":"{name}"}}}}"#),
+        )
+    }
+
+    async fn apply(
+        svc: &ControlService<RedbStore>,
+        objects: Vec<api::Object>,
+    ) -> Result<api::ApplyResponse, Status> {
+        let req = as_operator(api::ApplyRequest { objects });
+        Ok(svc.apply(req).await?.into_inner())
+    }
+
+    /// The ClusterIP and first NodePort of the stored Service.
+    fn allocations(o: &api::Object) -> (String, i32) {
+        let spec = stored_service(o).unwrap().spec.unwrap();
+        let port = spec.ports.unwrap()[0].node_port.unwrap();
+        (spec.cluster_ip.unwrap(), port)
+    }
+
+    async fn names(svc: &ControlService<RedbStore>, kind: Kind) -> Vec<String> {
+        let req = as_operator(api::ListRequest {
+            kind: kind as i32,
+            namespace: String::new(),
+        });
+        let resp = svc.list(req).await.unwrap().into_inner();
+        let refs = resp.objects.iter().filter_map(model::object_ref);
+        refs.map(|r| format!("{}/{}", r.namespace, r.name))
+            .collect()
+    }
+
+    #[test]
+    fn store_errors_become_statuses_that_say_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        let Err(e) = RedbStore::open(&file.join("sub")) else {
+            panic!("a store under a regular file opened");
+        };
+        let status = Status::from(e);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status
+                .message()
+                .starts_with("store: embedded store: cannot create ")
+        );
+        assert!(status.message().contains("--data-dir"), "{status:?}");
+        let source = std::error::Error::source(&status).expect("the store error is kept");
+        assert!(source.downcast_ref::<StoreError>().is_some(), "{source:?}");
+
+        let status = Status::from(StoreError::Corrupt("truncated log entry"));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().contains("retrying will not help"));
+    }
+
+    #[tokio::test]
+    async fn registering_is_idempotent_and_a_removed_node_frees_its_cidr() {
+        let f = fixture();
+        assert_eq!(register(&f.svc, "a").await.unwrap(), "10.244.1.0/24");
+        assert_eq!(register(&f.svc, "a").await.unwrap(), "10.244.1.0/24");
+        assert_eq!(register(&f.svc, "b").await.unwrap(), "10.244.2.0/24");
+        assert_eq!(register(&f.svc, "c").await.unwrap(), "10.244.3.0/24");
+        let err = register(&f.svc, "d").await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(names(&f.svc, Kind::Node).await.len() == 3);
+
+        let req = as_operator(api::RemoveNodeRequest { name: "b".into() });
+        assert!(f.svc.remove_node(req).await.unwrap().into_inner().existed);
+        assert_eq!(register(&f.svc, "d").await.unwrap(), "10.244.2.0/24");
+    }
+
+    #[tokio::test]
+    async fn a_node_reports_pods_only_in_its_cidr_and_never_takes_another_nodes_pod() {
+        let f = fixture();
+        register(&f.svc, "a").await.unwrap();
+        register(&f.svc, "b").await.unwrap();
+        let pod = |node: &str, ip: &str| api::ReportPodRequest {
+            pod: Some(api::Pod {
+                namespace: "default".into(),
+                name: "p".into(),
+                node: node.into(),
+                ip: ip.into(),
+                ..Default::default()
+            }),
+        };
+        let outside = f.svc.report_pod(as_node("a", pod("a", "10.244.2.5"))).await;
+        assert_eq!(outside.unwrap_err().code(), Code::PermissionDenied);
+        f.svc
+            .report_pod(as_node("a", pod("a", "10.244.1.5")))
+            .await
+            .unwrap();
+        let stolen = f.svc.report_pod(as_node("b", pod("b", "10.244.2.5"))).await;
+        let err = stolen.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("belongs to node \"a\""), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn reapplying_a_service_keeps_its_allocations_and_deleting_frees_them() {
+        let f = fixture();
+        let first = apply(&f.svc, vec![service("default", "web", None)])
+            .await
+            .unwrap();
+        let web = allocations(&first.objects[0]);
+        assert_eq!(web, ("10.96.0.1".into(), 30000));
+        let again = apply(&f.svc, vec![service("default", "web", None)])
+            .await
+            .unwrap();
+        assert_eq!(allocations(&again.objects[0]), web);
+        assert!(again.revision > first.revision);
+
+        // Another Service asking for web's address is refused, and nothing of it is written.
+        let err = apply(
+            &f.svc,
+            vec![namespace("shop"), service("shop", "db", Some("10.96.0.1"))],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists);
+        assert_eq!(
+            err.message(),
+            "spec.clusterIP: 10.96.0.1 is allocated to Service default/web"
+        );
+        assert!(names(&f.svc, Kind::Namespace).await.is_empty());
+
+        let req = as_operator(api::DeleteRequest {
+            refs: vec![ObjectRef {
+                kind: Kind::Service as i32,
+                namespace: "default".into(),
+                name: "web".into(),
+            }],
+        });
+        assert_eq!(f.svc.delete(req).await.unwrap().into_inner().deleted, 1);
+        let db = apply(&f.svc, vec![service("shop", "db", None)])
+            .await
+            .unwrap();
+        assert_eq!(allocations(&db.objects[0]), web, "freed, then reused");
+    }
+
+    #[tokio::test]
+    async fn an_apply_is_refused_whole_when_one_object_is_bad() {
+        let f = fixture();
+        let twice = apply(
+            &f.svc,
+            vec![
+                namespace("shop"),
+                service("default", "web", None),
+                namespace("shop"),
+            ],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(twice.code(), Code::InvalidArgument);
+        assert_eq!(twice.message(), "object 2: Namespace shop appears twice");
+        let node = api::Object {
+            body: Some(Body::Node(api::Node::default())),
+            revision: 0,
+        };
+        let err = apply(&f.svc, vec![namespace("shop"), node])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.message(),
+            "object 1: nodes join with RegisterNode, not Apply"
+        );
+        assert!(names(&f.svc, Kind::Unspecified).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deleting_a_namespace_leaves_pods_that_still_run() {
+        let f = fixture();
+        register(&f.svc, "a").await.unwrap();
+        apply(
+            &f.svc,
+            vec![namespace("shop"), service("shop", "web", None)],
+        )
+        .await
+        .unwrap();
+        let running = api::Pod {
+            namespace: "shop".into(),
+            name: "running".into(),
+            node: "a".into(),
+            ip: "10.244.1.7".into(),
+            ..Default::default()
+        };
+        let req = api::ReportPodRequest { pod: Some(running) };
+        f.svc.report_pod(as_node("a", req)).await.unwrap();
+        let labels_only = api::Pod {
+            namespace: "shop".into(),
+            name: "planned".into(),
+            ..Default::default()
+        };
+        let planned = api::Object {
+            body: Some(Body::Pod(labels_only)),
+            revision: 0,
+        };
+        apply(&f.svc, vec![planned]).await.unwrap();
+
+        let req = as_operator(api::DeleteRequest {
+            refs: vec![ObjectRef {
+                kind: Kind::Namespace as i32,
+                namespace: String::new(),
+                name: "shop".into(),
+            }],
+        });
+        assert_eq!(f.svc.delete(req).await.unwrap().into_inner().deleted, 1);
+        assert_eq!(names(&f.svc, Kind::Pod).await, vec!["shop/running"]);
+        assert!(names(&f.svc, Kind::Service).await.is_empty());
+        // The Service's claims went with it: a new Service gets the same address.
+        let again = apply(&f.svc, vec![service("default", "web", None)])
+            .await
+            .unwrap();
+        assert_eq!(allocations(&again.objects[0]).0, "10.96.0.1");
     }
 }
