@@ -35,9 +35,6 @@ agent_drops! {
     PassAfterRedirect = "pass_after_redirect",
     /// The TX queue of the destination socket was full.
     TxFull = "tx_full",
-    /// A multi-buffer packet of more continuation chunks than the worker reads
-    /// (`xsk_io::MAX_TAIL`).
-    TooManyFragments = "too_many_fragments",
     /// The handoff ring to the owning worker was full (every buffer of the pair in flight).
     HandoffFull = "handoff_full",
     /// A frame too large for a handoff buffer, or for the destination's UMEM chunks.

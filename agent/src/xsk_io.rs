@@ -1,29 +1,38 @@
 //! A worker's frame I/O over `sluice-xdp`: one UMEM ([`Xsk`]) shared by the sockets this worker
-//! owns, rx batch -> [`sluice_dataplane::pipeline::process`] -> tx batch.
+//! owns. A round: frames other workers handed over, then one receive batch per socket, each run
+//! through [`sluice_dataplane::pipeline::process_batch`] whole, then every verdict acted on, then
+//! transmit, then the counters.
 //!
-//! Forwarding between two sockets of this worker moves the descriptor (no copy). With several
-//! workers ([`super::handoff`] attached), each received frame is first steered
-//! ([`sluice_dataplane::steer::owner`]): a frame whose connection another worker owns is copied to it raw,
-//! with its ingress port, and dropped here. A verdict naming a port whose socket another worker
-//! owns copies the processed frame to that worker ([`super::port_worker`]) for transmission.
-//! Frames other workers handed to this one are drained at the start of every round: processed
-//! in their handoff buffer, then sent with [`Xsk::send_copy`] (or handed on for transmission).
-//! Without handoff rings such frames are dropped and counted as `handoff_unsupported`. With one
-//! worker per node (the default for a single-queue uplink) none of this runs. `PassToKernel`
-//! after a redirect goes back to the kernel through the punt link (`punt`): counted in
-//! `to_kernel`, and as drop `pass_after_redirect` when there is no punt link.
+//! Receive ([`XskIo::receive`]): [`Xsk::frames`] lends every packet of the batch at once; their
+//! first chunks (writable) and continuation chunks (read-only tail) become the pipeline's frames
+//! without a copy; each packet's verdict and new window are kept as an [`Outcome`].
 //!
-//! Multi-buffer frames: the pipeline reads the continuation chunks in place as the frame's
-//! read-only tail ([`sluice_xdp::FrameMut::split_tail`], no copy); headers are always in the first
-//! chunk, and the descriptors are forwarded unchanged, chained. A packet of more than
-//! [`MAX_TAIL`] continuation chunks (the kernel makes at most 17) is dropped and counted.
+//! Act ([`XskIo::act`]): forwarding to a socket of this worker moves the descriptors (no copy;
+//! the socket is found through a dense index by port). A verdict naming a port whose socket
+//! another worker owns copies the processed frame to that worker ([`super::port_worker`]) for
+//! transmission; [`Verdict::Steer`] (several workers: the pipeline found another worker owns the
+//! connection) copies the frame as it arrived, with its ingress port, to that worker. Frames
+//! handed to this worker are drained at the start of every round: processed in their handoff
+//! buffer (never steered again), then sent with [`Xsk::send_copy`] (or handed on once for
+//! transmission). Without handoff rings such frames are dropped and counted as
+//! `handoff_unsupported`. `PassToKernel` after a redirect goes back to the kernel through the
+//! punt link (`punt`): counted in `to_kernel`, and as drop `pass_after_redirect` when there is no
+//! punt link. [`Verdict::Segment`] (a pod's large frame towards another node) is cut by
+//! `segment` into the worker's scratch buffer, each piece VXLAN-encapsulated with the flow's
+//! tunnel and copied into the UMEM for the uplink; [`Verdict::FragNeeded`] is answered with the
+//! ICMP error built there, sent back on the ingress socket.
+//!
+//! Multi-buffer frames: headers are always in the first chunk; the descriptors are forwarded
+//! unchanged, chained.
 
 use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use sluice_xdp::{RxBatch, SendError, SocketId, Xsk, XskConfig};
+use arrayvec::ArrayVec;
+use sluice_xdp::xsk::MAX_SEGMENTS;
+use sluice_xdp::{RxBatch, SendError, SocketId, Verdict as XskVerdict, Xsk, XskConfig};
 
 use super::PortSet;
 use super::counters::WorkerCounters;
@@ -33,14 +42,12 @@ use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
 use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
 use sluice_dataplane::frame::Frame;
-use sluice_dataplane::pipeline::{WorkerConfig, WorkerState, process};
-use sluice_dataplane::steer::{self, Steer};
+use sluice_dataplane::pipeline::{BATCH, WorkerConfig, WorkerState, process, process_batch};
+use sluice_dataplane::route;
+use sluice_dataplane::segment::{self, FlowTunnel, Oversize};
+use sluice_dataplane::steer::Steer;
 use sluice_dataplane::tables::Tables;
 use sluice_dataplane::verdict::Verdict;
-
-/// Continuation chunks a packet may have (a 64 KiB packet in 4 KiB chunks needs 16; the kernel's
-/// limit is 17 fragments).
-pub const MAX_TAIL: usize = 32;
 
 /// UMEM chunks kept in a pod socket's fill ring, at least (two batches of MTU-sized frames or
 /// about 8 of 64 KiB).
@@ -80,12 +87,65 @@ struct OwnedSocket {
     id: SocketId,
 }
 
+/// Which of this worker's sockets transmits on a port: a dense table indexed by the port id (the
+/// interface's ifindex), so a verdict finds its socket with one load, not a scan of the sockets
+/// (a worker holds one per pod). Grows to the highest ifindex opened (8 bytes each).
+#[derive(Debug, Default)]
+struct SocketIndex(Vec<Option<SocketId>>);
+
+impl SocketIndex {
+    #[inline]
+    fn get(&self, port: PortId) -> Option<SocketId> {
+        self.0.get(port.0 as usize).copied().flatten()
+    }
+
+    /// Make `id` the socket of `port` unless it has one (the uplink may have one per queue: any
+    /// of them transmits).
+    fn insert(&mut self, port: PortId, id: SocketId) {
+        let i = port.0 as usize;
+        if self.0.len() <= i {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i].get_or_insert(id);
+    }
+
+    /// Point `port` at one of `sockets` that still serves it, or at none.
+    fn rebuild(&mut self, port: PortId, sockets: &[OwnedSocket]) {
+        if let Some(slot) = self.0.get_mut(port.0 as usize) {
+            *slot = sockets.iter().find(|s| s.port == port).map(|s| s.id);
+        }
+    }
+}
+
+/// What the pipeline decided for one packet of a receive batch, kept once its frame is gone: the
+/// verdict and the packet's new window in its first chunk.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    verdict: Verdict,
+    off: usize,
+    len: usize,
+}
+
+/// Bytes of the scratch buffer where oversized frames are cut and ICMP answers are built before
+/// they are copied into the UMEM: a 64 KiB frame cut for a 1450-byte MTU (47 pieces) with room for
+/// a VXLAN header in front of each.
+const SCRATCH: usize = 160 * 1024;
+/// Room in front of each piece written into the scratch buffer (VXLAN encapsulation).
+const PIECE_HEADROOM: usize = 64;
+/// Pieces of one frame at most (a 64 KiB frame cut for a 576-byte MTU).
+const MAX_PIECES: usize = 128;
+
 /// AF_XDP frame I/O of one worker.
 #[derive(Debug)]
 pub struct XskIo {
     xsk: Xsk,
     batch: RxBatch,
     sockets: Vec<OwnedSocket>,
+    index: SocketIndex,
+    /// One per packet of the current batch (capacity: the batch size; never reallocates).
+    outcomes: Vec<Outcome>,
+    /// Where oversized frames are cut (see [`SCRATCH`]); allocated once.
+    scratch: Box<[u8]>,
     loader: SharedLoader,
     state: WorkerState,
     start: Instant,
@@ -105,6 +165,9 @@ impl XskIo {
             xsk,
             batch,
             sockets: Vec::new(),
+            index: SocketIndex::default(),
+            outcomes: Vec::with_capacity(cfg.batch_size),
+            scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             loader,
             state: WorkerState::new(WorkerConfig::default()),
             start: Instant::now(),
@@ -157,6 +220,7 @@ impl WorkerIo for XskIo {
             queue: spec.queue,
             id,
         });
+        self.index.insert(spec.port, id);
         Ok(raw)
     }
 
@@ -171,6 +235,7 @@ impl WorkerIo for XskIo {
     fn close_port(&mut self, port: PortId) {
         let (gone, keep): (Vec<_>, Vec<_>) = self.sockets.iter().partition(|s| s.port == port);
         self.sockets = keep;
+        self.index.rebuild(port, &self.sockets);
         for s in gone {
             if let Ok(mut g) = self.loader.lock()
                 && let Some(l) = g.as_mut()
@@ -185,143 +250,322 @@ impl WorkerIo for XskIo {
     }
 
     fn poll_once(&mut self, snapshot: &Snapshot, counters: &WorkerCounters) -> usize {
-        let Self {
-            xsk,
-            batch,
-            sockets,
-            state,
-            start,
-            peers,
-            handoff,
-            ..
-        } = self;
-        if state.events.is_none() {
-            state.events = counters.events.take_sink(*start);
+        if self.state.events.is_none() {
+            self.state.events = counters.events.take_sink(self.start);
         }
-        let tables = &snapshot.tables;
-        let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let mut handled = 0;
+        let now_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let mut tally = RoundTally::default();
-        if let Some(h) = handoff.as_mut() {
-            handled += drain_handoffs(h, xsk, sockets, state, snapshot, now_ns, &mut tally);
-        }
-        for s in sockets.iter() {
-            let n = match xsk.recv(s.id, batch) {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::debug!(port = s.port.0, "recv: {e}");
-                    continue;
-                }
-            };
-            if n == 0 {
-                continue;
-            }
-            handled += n;
-            WorkerCounters::add(&counters.batches, 1);
-            for k in 0..n {
-                let Some(mut fm) = xsk.frame(batch, k) else {
-                    continue;
-                };
-                let (off, len) = (fm.offset(), fm.len());
-                if fm.continuations() > MAX_TAIL {
-                    fm.drop_frame();
-                    tally.drops.add(AgentDrop::TooManyFragments);
-                    continue;
-                }
-                // Steering: a connection another worker owns goes there raw, with its ingress.
-                if let Some(h) = handoff.as_mut()
-                    && let Some(owner) = steer::owner(tables, fm.data(), s.port, h.workers)
-                    && owner != h.worker
-                {
-                    let mut parts: [&[u8]; MAX_TAIL + 1] = [&[]; MAX_TAIL + 1];
-                    let (chunk, n) = fm.split_tail(&mut parts[1..]);
-                    parts[0] = chunk.get(off..off + len).unwrap_or(&[]);
-                    hand_off(
-                        h,
-                        owner,
-                        HandoffKind::Process,
-                        s.port,
-                        &parts[..=n],
-                        &mut tally,
-                    );
-                    fm.drop_frame();
-                    continue;
-                }
-                let (v, off, len) = {
-                    let mut tail: [&[u8]; MAX_TAIL] = [&[]; MAX_TAIL];
-                    let (chunk, n) = fm.split_tail(&mut tail);
-                    let mut frame = Frame::new(chunk, off, len).with_tail(&tail[..n]);
-                    let v = process(tables, state, now_ns, s.port, &mut frame);
-                    (v, frame.offset(), frame.len())
-                };
-                match v {
-                    Verdict::Forward(to) => {
-                        // The uplink may have one socket per queue: any of ours transmits.
-                        match sockets.iter().find(|o| o.port == to) {
-                            Some(o) if fm.set_bounds(off, len).is_ok() => fm.forward(o.id),
-                            Some(_) => fm.drop_frame(),
-                            None => {
-                                if let Some(h) = handoff.as_mut() {
-                                    let mut parts: [&[u8]; MAX_TAIL + 1] = [&[]; MAX_TAIL + 1];
-                                    let (chunk, n) = fm.split_tail(&mut parts[1..]);
-                                    parts[0] = chunk.get(off..off + len).unwrap_or(&[]);
-                                    let w = super::port_worker(to, h.workers);
-                                    let parts = &parts[..=n];
-                                    hand_off(h, w, HandoffKind::Transmit, to, parts, &mut tally);
-                                } else if peers.read().map(|p| p.contains(&to)).unwrap_or(false) {
-                                    tally.drops.add(AgentDrop::HandoffUnsupported);
-                                } else {
-                                    tally.drops.add(AgentDrop::NoSocket);
-                                }
-                                fm.drop_frame();
-                            }
-                        }
-                    }
-                    // `process` never steers (steering happened above).
-                    Verdict::Drop(_) | Verdict::Steer(_) => fm.drop_frame(),
-                    // Not sent yet by this worker (pods' routes to other nodes carry the
-                    // underlay MTU until it segments).
-                    Verdict::Segment(_) | Verdict::FragNeeded(_) => {
-                        fm.drop_frame();
-                        tally.drops.add(AgentDrop::TooLarge);
-                    }
-                    Verdict::PassToKernel => {
-                        // Back to the kernel through the punt link (see `punt`), addressed to
-                        // its kernel side.
-                        let punt = snapshot.punt.and_then(|p| {
-                            sockets.iter().find(|o| o.port == p.port).map(|o| (o, p))
-                        });
-                        match punt {
-                            Some((o, p))
-                                if fm.set_bounds(off, len).is_ok()
-                                    && p.readdress(fm.data_mut()) =>
-                            {
-                                fm.forward(o.id);
-                            }
-                            _ => {
-                                fm.drop_frame();
-                                tally.drops.add(AgentDrop::PassAfterRedirect);
-                            }
-                        }
-                    }
-                }
-            }
-            if let Err(e) = xsk.complete(batch) {
-                tracing::debug!("complete: {e}");
+        let mut handled = self.drain_handoffs(snapshot, now_ns, &mut tally);
+        for k in 0..self.sockets.len() {
+            let n = self.receive(k, snapshot, now_ns, &mut tally);
+            if n > 0 {
+                WorkerCounters::add(&counters.batches, 1);
+                handled += n;
             }
         }
-        if let Some(h) = handoff.as_mut() {
+        if let Some(h) = self.handoff.as_mut() {
             h.wake_peers();
         }
-        if let Err(e) = xsk.flush() {
+        if let Err(e) = self.xsk.flush() {
             tracing::debug!("flush: {e}");
         }
+        self.publish(counters, &tally, now_ns, handled);
+        handled
+    }
+}
+
+/// Run the pipeline over the whole batch just received on `ingress`: every packet lent at once
+/// ([`Xsk::frames`]), as frames over their own chunks, through `process_batch` in groups of
+/// [`BATCH`]; one [`Outcome`] per packet, in batch order, into `outcomes`.
+fn run_pipeline(
+    xsk: &Xsk,
+    batch: &mut RxBatch,
+    tables: &Tables,
+    state: &mut WorkerState,
+    now_ns: u64,
+    ingress: PortId,
+    outcomes: &mut Vec<Outcome>,
+) {
+    outcomes.clear();
+    let mut lent = xsk.frames(batch);
+    loop {
+        // The continuation chunks of a group's packets, all of them, then the frames over them.
+        let mut heads: ArrayVec<(&mut [u8], usize, usize, usize, usize), BATCH> = ArrayVec::new();
+        let mut tails: ArrayVec<&[u8], { BATCH * MAX_SEGMENTS }> = ArrayVec::new();
+        for fm in lent.by_ref().take(BATCH) {
+            let (chunk, off, len, conts) = fm.into_parts();
+            let first = tails.len();
+            // At most MAX_SEGMENTS - 1 continuations per packet (`recv` refuses longer chains).
+            for c in conts {
+                if tails.try_push(c).is_err() {
+                    break;
+                }
+            }
+            heads.push((chunk, off, len, first, tails.len()));
+        }
+        if heads.is_empty() {
+            break;
+        }
+        let mut frames: ArrayVec<Frame<'_>, BATCH> = heads
+            .into_iter()
+            .map(|(chunk, off, len, a, b)| Frame::new(chunk, off, len).with_tail(&tails[a..b]))
+            .collect();
+        let mut verdicts = [Verdict::PassToKernel; BATCH];
+        let n = frames.len();
+        process_batch(
+            tables,
+            state,
+            now_ns,
+            ingress,
+            &mut frames,
+            &mut verdicts[..n],
+        );
+        outcomes.extend(frames.iter().zip(&verdicts).map(|(f, v)| Outcome {
+            verdict: *v,
+            off: f.offset(),
+            len: f.len(),
+        }));
+    }
+}
+
+impl XskIo {
+    /// Receive one batch on socket `k`, run the pipeline over all of it, act on every verdict and
+    /// complete the batch. Returns the packets received.
+    fn receive(
+        &mut self,
+        k: usize,
+        snapshot: &Snapshot,
+        now_ns: u64,
+        tally: &mut RoundTally,
+    ) -> usize {
+        let s = self.sockets[k];
+        let n = match self.xsk.recv(s.id, &mut self.batch) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(port = s.port.0, "recv: {e}");
+                return 0;
+            }
+        };
+        if n == 0 {
+            return 0;
+        }
+        run_pipeline(
+            &self.xsk,
+            &mut self.batch,
+            &snapshot.tables,
+            &mut self.state,
+            now_ns,
+            s.port,
+            &mut self.outcomes,
+        );
+        for i in 0..self.outcomes.len() {
+            let o = self.outcomes[i];
+            self.act(i, s, o, snapshot, tally);
+        }
+        if let Err(e) = self.xsk.complete(&mut self.batch) {
+            tracing::debug!("complete: {e}");
+        }
+        n
+    }
+
+    /// Carry out the verdict of packet `i` of the batch, received on socket `from`. A packet
+    /// left without a transmit verdict goes back to the free list when the batch completes.
+    fn act(
+        &mut self,
+        i: usize,
+        from: OwnedSocket,
+        o: Outcome,
+        snapshot: &Snapshot,
+        tally: &mut RoundTally,
+    ) {
+        match o.verdict {
+            Verdict::Forward(to) => match self.index.get(to) {
+                Some(id) => self.forward(i, o, id, tally),
+                // Another worker has the socket: the processed frame goes there to be sent.
+                None => {
+                    let w = self
+                        .handoff
+                        .as_ref()
+                        .map(|h| super::port_worker(to, h.workers));
+                    self.hand_off_packet(i, Some(o), w, HandoffKind::Transmit, to, tally);
+                }
+            },
+            Verdict::Drop(_) => {}
+            Verdict::PassToKernel => self.punt(i, o, snapshot, tally),
+            // Another worker owns the connection: the frame as it arrived, with its ingress port.
+            Verdict::Steer(w) => {
+                self.hand_off_packet(
+                    i,
+                    None,
+                    Some(usize::from(w)),
+                    HandoffKind::Process,
+                    from.port,
+                    tally,
+                );
+            }
+            Verdict::Segment(to) => self.segment(i, o, to, &snapshot.tables, tally),
+            Verdict::FragNeeded(mtu) => {
+                self.answer_frag_needed(i, from.id, mtu, &snapshot.tables, tally)
+            }
+        }
+    }
+
+    /// Forward packet `i` on our socket `id` with its new window.
+    fn forward(&mut self, i: usize, o: Outcome, id: SocketId, tally: &mut RoundTally) {
+        match self.batch.set_bounds(i, o.off, o.len) {
+            Ok(()) => self.batch.set_verdict(i, XskVerdict::Forward(id)),
+            // No room left in front for the tx metadata: cannot be described to the kernel.
+            Err(_) => tally.drops.add(AgentDrop::TooLarge),
+        }
+    }
+
+    /// Back to the kernel through the punt link (see `punt`), addressed to its kernel side.
+    fn punt(&mut self, i: usize, o: Outcome, snapshot: &Snapshot, tally: &mut RoundTally) {
+        let Some((id, p)) = snapshot
+            .punt
+            .and_then(|p| self.index.get(p.port).map(|id| (id, p)))
+        else {
+            tally.drops.add(AgentDrop::PassAfterRedirect);
+            return;
+        };
+        let readdressed = self.batch.set_bounds(i, o.off, o.len).is_ok()
+            && self
+                .xsk
+                .frame(&mut self.batch, i)
+                .is_some_and(|mut f| p.readdress(f.data_mut()));
+        if readdressed {
+            self.batch.set_verdict(i, XskVerdict::Forward(id));
+        } else {
+            tally.drops.add(AgentDrop::PassAfterRedirect);
+        }
+    }
+
+    /// Copy packet `i` to worker `to` (`None`: no handoff rings): `Transmit` with its processed
+    /// window `o` and its egress `port`, or `Process` as it arrived (`o` is `None`) with its
+    /// ingress `port`.
+    fn hand_off_packet(
+        &mut self,
+        i: usize,
+        o: Option<Outcome>,
+        to: Option<usize>,
+        kind: HandoffKind,
+        port: PortId,
+        tally: &mut RoundTally,
+    ) {
+        let (Some(h), Some(to)) = (self.handoff.as_mut(), to) else {
+            if self
+                .peers
+                .read()
+                .map(|p| p.contains(&port))
+                .unwrap_or(false)
+            {
+                tally.drops.add(AgentDrop::HandoffUnsupported);
+            } else {
+                tally.drops.add(AgentDrop::NoSocket);
+            }
+            return;
+        };
+        let Some(fm) = self.xsk.frame(&mut self.batch, i) else {
+            return;
+        };
+        let (chunk, off, len, conts) = fm.into_parts();
+        let (off, len) = o.map_or((off, len), |o| (o.off, o.len));
+        let mut parts: ArrayVec<&[u8], MAX_SEGMENTS> = ArrayVec::new();
+        parts.push(chunk.get(off..off + len).unwrap_or(&[]));
+        parts.extend(conts.take(MAX_SEGMENTS - 1));
+        hand_off(h, to, kind, port, &parts, tally);
+    }
+
+    /// Cut packet `i` (a pod's frame towards another node, rewritten for its route, larger than
+    /// VXLAN carries) into pieces in the scratch buffer, each VXLAN-encapsulated with the flow's
+    /// tunnel, and queue them on our socket for `to` (the uplink).
+    fn segment(
+        &mut self,
+        i: usize,
+        o: Outcome,
+        to: PortId,
+        tables: &Tables,
+        tally: &mut RoundTally,
+    ) {
+        let Some(id) = self.index.get(to) else {
+            tally.drops.add(AgentDrop::NoSocket);
+            return;
+        };
+        let mut pieces = Pieces::new();
+        let cut_ok = {
+            let Some(fm) = self.xsk.frame(&mut self.batch, i) else {
+                return;
+            };
+            let (chunk, _, _, conts) = fm.into_parts();
+            let tail: ArrayVec<&[u8], MAX_SEGMENTS> = conts.collect();
+            let frame = Frame::new(chunk, o.off, o.len).with_tail(&tail);
+            cut(
+                &frame,
+                tables,
+                &mut self.state,
+                &mut self.scratch,
+                &mut pieces,
+            )
+        };
+        match cut_ok {
+            Ok(()) => send_pieces(&mut self.xsk, id, &self.scratch, &pieces, &mut tally.drops),
+            Err(r) => tally.drops.add(r),
+        }
+    }
+
+    /// Answer packet `i` (DF set, too large for its route) with ICMP "fragmentation needed" for
+    /// `mtu`, sent back on the socket it came from.
+    fn answer_frag_needed(
+        &mut self,
+        i: usize,
+        back: SocketId,
+        mtu: u16,
+        tables: &Tables,
+        tally: &mut RoundTally,
+    ) {
+        let n = {
+            let Some(fm) = self.xsk.frame(&mut self.batch, i) else {
+                return;
+            };
+            let (chunk, off, len, conts) = fm.into_parts();
+            let tail: ArrayVec<&[u8], MAX_SEGMENTS> = conts.collect();
+            let frame = Frame::new(chunk, off, len).with_tail(&tail);
+            frag_answer(&frame, mtu, tables, &mut self.state, &mut self.scratch)
+        };
+        if let Some(n) = n {
+            send_pieces(
+                &mut self.xsk,
+                back,
+                &self.scratch,
+                &[(0, n)],
+                &mut tally.drops,
+            );
+        }
+    }
+
+    /// Store what the metrics read: the round's agent drops and handoffs, and after a round that
+    /// handled frames the pipeline's counters, conntrack's and the tx ring's; then the end of
+    /// the round (conntrack expiry, busy time, the AF_XDP view).
+    fn publish(
+        &mut self,
+        counters: &WorkerCounters,
+        tally: &RoundTally,
+        now_ns: u64,
+        handled: usize,
+    ) {
         if tally.handoffs > 0 {
             WorkerCounters::add(&counters.handoffs, tally.handoffs);
         }
         for (reason, n) in tally.drops.nonzero() {
             counters.drop(reason.index(), n);
         }
+        let Self {
+            xsk,
+            sockets,
+            state,
+            start,
+            ..
+        } = self;
         if handled > 0 {
             let full: u64 = sockets
                 .iter()
@@ -346,7 +590,184 @@ impl WorkerIo for XskIo {
         counters.end_round(state, *start, now_ns, handled, |x| {
             x.read(xsk, sockets.iter().map(|s| (s.port, s.id)))
         });
-        handled
+    }
+
+    /// Handle what other workers handed to this one: run the pipeline on raw frames (never
+    /// steering them again), transmit processed ones. Returns the frames taken from the rings.
+    fn drain_handoffs(
+        &mut self,
+        snapshot: &Snapshot,
+        now_ns: u64,
+        tally: &mut RoundTally,
+    ) -> usize {
+        let Self {
+            xsk,
+            index,
+            scratch,
+            state,
+            handoff,
+            ..
+        } = self;
+        let Some(h) = handoff.as_mut() else {
+            return 0;
+        };
+        let tables: &Tables = &snapshot.tables;
+        let mut n = 0;
+        for from in 0..h.workers {
+            for _ in 0..DRAIN_BUDGET {
+                let Some(mut f) = h.recv(from) else {
+                    break;
+                };
+                n += 1;
+                let to = match f.kind {
+                    HandoffKind::Transmit => Some(f.port),
+                    HandoffKind::Process => {
+                        let ingress = f.port;
+                        let (buf, off, len) = f.window_mut();
+                        let mut frame = Frame::new(buf, off, len);
+                        let v = process(tables, state, now_ns, ingress, &mut frame);
+                        let (off, len) = (frame.offset(), frame.len());
+                        let mut pieces = Pieces::new();
+                        let extra = match v {
+                            Verdict::Segment(to) => Some((
+                                to,
+                                cut(&frame, tables, state, scratch, &mut pieces).map(|()| None),
+                            )),
+                            Verdict::FragNeeded(mtu) => Some((
+                                ingress,
+                                frag_answer(&frame, mtu, tables, state, scratch)
+                                    .map(Some)
+                                    .ok_or(AgentDrop::TooLarge),
+                            )),
+                            _ => None,
+                        };
+                        f.set_window(off, len);
+                        match (v, extra) {
+                            (_, Some((to, Ok(answer)))) => {
+                                // Pieces (or the ICMP answer) in the scratch buffer: ours to send.
+                                match index.get(to) {
+                                    Some(id) => {
+                                        let one = [(0, answer.unwrap_or(0))];
+                                        let list =
+                                            if answer.is_some() { &one[..] } else { &pieces };
+                                        send_pieces(xsk, id, scratch, list, &mut tally.drops);
+                                    }
+                                    None => tally.drops.add(AgentDrop::NoSocket),
+                                }
+                                None
+                            }
+                            (_, Some((_, Err(r)))) => {
+                                tally.drops.add(r);
+                                None
+                            }
+                            (Verdict::Forward(to), None) => Some(to),
+                            // Back to the kernel through the punt link, addressed to its kernel
+                            // side.
+                            (Verdict::PassToKernel, None) => match snapshot.punt {
+                                Some(p) if p.readdress(f.data_mut()) => Some(p.port),
+                                _ => {
+                                    tally.drops.add(AgentDrop::PassAfterRedirect);
+                                    None
+                                }
+                            },
+                            // `process` never steers: handed-off frames stay here.
+                            _ => None,
+                        }
+                    }
+                };
+                if let Some(to) = to {
+                    match index.get(to) {
+                        Some(id) => {
+                            send_pieces(xsk, id, f.data(), &[(0, f.data().len())], &mut tally.drops)
+                        }
+                        None => {
+                            // Not ours to transmit: on to the port's worker, once (never back and
+                            // forth).
+                            let w = super::port_worker(to, h.workers);
+                            if f.kind == HandoffKind::Process && w != h.worker {
+                                hand_off(h, w, HandoffKind::Transmit, to, &[f.data()], tally);
+                            } else {
+                                tally.drops.add(AgentDrop::NoSocket);
+                            }
+                        }
+                    }
+                }
+                h.release(from, f);
+            }
+        }
+        n
+    }
+}
+
+/// Pieces of one frame in the scratch buffer: (offset, length) each.
+type Pieces = ArrayVec<(usize, usize), MAX_PIECES>;
+
+/// Cut `frame` (rewritten for its route to another node, larger than VXLAN carries) into pieces
+/// written one after another into `scratch`, each VXLAN-encapsulated towards the node of its
+/// destination with the flow's outer source port; their places into `pieces`.
+fn cut(
+    frame: &Frame<'_>,
+    tables: &Tables,
+    state: &mut WorkerState,
+    scratch: &mut [u8],
+    pieces: &mut Pieces,
+) -> Result<(), AgentDrop> {
+    let Ok(Oversize::Split(mut seg)) = segment::plan(frame, usize::from(tables.vxlan_mtu)) else {
+        return Err(AgentDrop::TooLarge);
+    };
+    let tunnel = route::tunnel_to(tables, seg.flow_key().dst).ok_or(AgentDrop::NoSocket)?;
+    let tunnel = FlowTunnel::new(tunnel, seg.flow_key());
+    let mut at = 0;
+    while !seg.is_done() {
+        let buf = scratch.get_mut(at..).ok_or(AgentDrop::TooLarge)?;
+        let w = seg
+            .write_next(buf, PIECE_HEADROOM, &mut [])
+            .map_err(|_| AgentDrop::TooLarge)?;
+        let mut piece = Frame::new(buf, PIECE_HEADROOM, w.head_len);
+        tunnel
+            .encap(&mut piece, state.next_ip_id())
+            .map_err(|_| AgentDrop::TooLarge)?;
+        pieces
+            .try_push((at + piece.offset(), piece.len()))
+            .map_err(|_| AgentDrop::TooLarge)?;
+        at += PIECE_HEADROOM + w.head_len;
+    }
+    Ok(())
+}
+
+/// Build into `scratch` the ICMP "fragmentation needed" answering `frame` for `mtu`, from this
+/// node's VTEP address; its length, or `None` when the frame gets no answer (an ICMP error
+/// itself, a broadcast source: dropped, counted by the pipeline as fragmentation_needed).
+fn frag_answer(
+    frame: &Frame<'_>,
+    mtu: u16,
+    tables: &Tables,
+    state: &mut WorkerState,
+    scratch: &mut [u8],
+) -> Option<usize> {
+    let id = state.next_ip_id();
+    segment::frag_needed(frame, mtu, tables.node.vtep_ip.octets(), id, scratch).ok()
+}
+
+/// Queue copies of `pieces` of `buf` on our socket `id`, counting what could not be queued.
+fn send_pieces(
+    xsk: &mut Xsk,
+    id: SocketId,
+    buf: &[u8],
+    pieces: &[(usize, usize)],
+    drops: &mut AgentDropCounts,
+) {
+    for &(at, len) in pieces {
+        let Some(data) = buf.get(at..at + len) else {
+            drops.add(AgentDrop::TooLarge);
+            continue;
+        };
+        match xsk.send_copy(id, &[data]) {
+            Ok(()) => {}
+            Err(SendError::QueueFull | SendError::NoFreeChunks) => drops.add(AgentDrop::TxFull),
+            Err(SendError::TooLarge) => drops.add(AgentDrop::TooLarge),
+            Err(SendError::Empty | SendError::NoSuchSocket) => drops.add(AgentDrop::NoSocket),
+        }
     }
 }
 
@@ -365,90 +786,6 @@ fn hand_off(
         Err(HandoffError::TooLarge) => tally.drops.add(AgentDrop::TooLarge),
         Err(HandoffError::NoPeer) => tally.drops.add(AgentDrop::NoSocket),
     }
-}
-
-/// Send `data` on our socket for `to`, copied into this UMEM.
-fn transmit_copy(
-    xsk: &mut Xsk,
-    sockets: &[OwnedSocket],
-    to: PortId,
-    data: &[u8],
-    drops: &mut AgentDropCounts,
-) -> bool {
-    let Some(o) = sockets.iter().find(|o| o.port == to) else {
-        return false;
-    };
-    match xsk.send_copy(o.id, &[data]) {
-        Ok(()) => {}
-        Err(SendError::QueueFull | SendError::NoFreeChunks) => drops.add(AgentDrop::TxFull),
-        Err(SendError::TooLarge) => drops.add(AgentDrop::TooLarge),
-        Err(SendError::Empty | SendError::NoSuchSocket) => drops.add(AgentDrop::NoSocket),
-    }
-    true
-}
-
-/// Handle what other workers handed to this one: run the pipeline on raw frames, transmit
-/// processed ones. Returns the number of frames taken from the rings.
-fn drain_handoffs(
-    h: &mut Handoff,
-    xsk: &mut Xsk,
-    sockets: &[OwnedSocket],
-    state: &mut WorkerState,
-    snapshot: &Snapshot,
-    now_ns: u64,
-    tally: &mut RoundTally,
-) -> usize {
-    let tables: &Tables = &snapshot.tables;
-    let mut n = 0;
-    for from in 0..h.workers {
-        for _ in 0..DRAIN_BUDGET {
-            let Some(mut f) = h.recv(from) else {
-                break;
-            };
-            n += 1;
-            let to = match f.kind {
-                HandoffKind::Transmit => Some(f.port),
-                HandoffKind::Process => {
-                    let ingress = f.port;
-                    let (buf, off, len) = f.window_mut();
-                    let mut frame = Frame::new(buf, off, len);
-                    let v = process(tables, state, now_ns, ingress, &mut frame);
-                    let (off, len) = (frame.offset(), frame.len());
-                    f.set_window(off, len);
-                    match v {
-                        Verdict::Forward(to) => Some(to),
-                        // `process` never steers: handed-off frames stay here.
-                        Verdict::Drop(_) | Verdict::Steer(_) => None,
-                        Verdict::Segment(_) | Verdict::FragNeeded(_) => {
-                            tally.drops.add(AgentDrop::TooLarge);
-                            None
-                        }
-                        // Back to the kernel through the punt link, addressed to its kernel side.
-                        Verdict::PassToKernel => match snapshot.punt {
-                            Some(p) if p.readdress(f.data_mut()) => Some(p.port),
-                            _ => {
-                                tally.drops.add(AgentDrop::PassAfterRedirect);
-                                None
-                            }
-                        },
-                    }
-                }
-            };
-            if let Some(to) = to
-                && !transmit_copy(xsk, sockets, to, f.data(), &mut tally.drops)
-            {
-                // Not ours to transmit: on to the port's worker, once (never back and forth).
-                let w = super::port_worker(to, h.workers);
-                if f.kind == HandoffKind::Process && w != h.worker {
-                    hand_off(h, w, HandoffKind::Transmit, to, &[f.data()], tally);
-                } else {
-                    tally.drops.add(AgentDrop::NoSocket);
-                }
-            }
-            h.release(from, f);
-        }
-    }
-    n
 }
 
 #[cfg(test)]

@@ -151,7 +151,9 @@ impl WorkerState {
         }
     }
 
-    fn next_ip_id(&mut self) -> u16 {
+    /// The next IPv4 identification for a header this worker writes (VXLAN outer headers,
+    /// ICMP errors).
+    pub fn next_ip_id(&mut self) -> u16 {
         self.ip_id = self.ip_id.wrapping_add(1);
         self.ip_id
     }
