@@ -4,6 +4,8 @@
 #
 #   setups:  host-veth (two nodes talking over the underlay, no pods: the ceiling)
 #            kernel-routed (pods, kernel routing, no overlay)
+#            xdp-ceiling (kernel-routed with an XDP_PASS program on the pods' host veths, so TSO is
+#              off in the pods as under Sluice: what any design with XDP on pod veths reaches here)
 #            kernel-vxlan (pods, Flannel's kernel VXLAN: vxlan device + bridge) -- the baseline
 #            sluice (pods wired by sluice-cni, sluice-agent's AF_XDP dataplane, VXLAN between nodes)
 #            sluice-rt (the same with the agents' worker threads SCHED_FIFO; not in --quick)
@@ -26,7 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/topo.sh
 
-SETUPS="host-veth kernel-routed kernel-vxlan sluice sluice-rt" SETUPS_SET=0
+SETUPS="host-veth kernel-routed xdp-ceiling kernel-vxlan sluice sluice-rt" SETUPS_SET=0
 MTU=1500 REPS=3 SECS=5 QUICK=0 CRITERION=run PROFILE=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,7 +44,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-[ $QUICK = 1 ] && [ $SETUPS_SET = 0 ] && SETUPS="host-veth kernel-routed kernel-vxlan sluice"
+[ $QUICK = 1 ] && [ $SETUPS_SET = 0 ] && SETUPS="host-veth kernel-routed xdp-ceiling kernel-vxlan sluice"
 [ "$(id -u)" -eq 0 ] || { echo "bench.sh: needs root (network namespaces)" >&2; exit 1; }
 scripts/setup.sh >/dev/null
 
@@ -314,18 +316,35 @@ sluice_measure() {
   if [ "$PROFILE" = 1 ]; then profile sluice "${PFX}p1" "${PFX}p2" "$SL_IP2"; fi
 }
 
+# xdp_ceiling_pods: make kernel-routed's pods look like Sluice's: an XDP program on each host veth
+# (XDP_PASS, so TSO is off in the pod, as under Sluice) and Sluice's MTUs (veth at SLUICE_POD_MTU,
+# own node's CIDR at that, everything else at the underlay MTU: no overlay here).
+XDP_PASS_OBJ=$SLDIR/xdp_pass.o
+xdp_ceiling_pods() {
+  local pod node
+  [ -e "$XDP_PASS_OBJ" ] ||
+    clang -O2 -g -target bpf -I"/usr/include/$(gcc -print-multiarch)" -c scripts/lib/xdp_pass.bpf.c -o "$XDP_PASS_OBJ"
+  for pod in 1 2 3; do
+    node=$(( pod == 2 ? 2 : 1 ))
+    topo_xdp_pass "$PFX" "$node" "$pod" "$XDP_PASS_OBJ"
+    topo_pod_route_mtus "$PFX" "$node" "$pod" "$SLUICE_POD_MTU" "$MTU"
+  done
+}
+
 build_and_measure() {
-  local setup=$1
+  local setup=$1 pod_mtu=$MTU
   teardown
   echo "==> $setup (underlay MTU $MTU)" >&2
   topo_underlay "$PFX" "$MTU"
   case "$setup" in
     host-veth)
       measure "$setup" "${PFX}n1" "${PFX}n2" "${UNDERLAY_NET}.12" ;;
-    kernel-routed)
-      topo_pod_veth "$PFX" 1 "$MTU" linklocal
-      topo_pod_veth "$PFX" 2 "$MTU" linklocal
-      topo_pod_veth "$PFX" 1 "$MTU" linklocal 3 "${POD_NET}.1.11"
+    kernel-routed | xdp-ceiling)
+      [ "$setup" = xdp-ceiling ] && pod_mtu=$SLUICE_POD_MTU
+      topo_pod_veth "$PFX" 1 "$pod_mtu" linklocal
+      topo_pod_veth "$PFX" 2 "$pod_mtu" linklocal
+      topo_pod_veth "$PFX" 1 "$pod_mtu" linklocal 3 "${POD_NET}.1.11"
+      [ "$setup" = xdp-ceiling ] && xdp_ceiling_pods
       topo_routed "$PFX"
       measure "$setup" "${PFX}p1" "${PFX}p2" "${POD_NET}.2.10"
       same_node "$setup" "${PFX}p1" "${PFX}p3" "${POD_NET}.1.11" ;;
