@@ -4,6 +4,8 @@
 #
 #   setups:  host-veth (two nodes talking over the underlay, no pods: the ceiling)
 #            kernel-routed (pods, kernel routing, no overlay)
+#            xdp-ceiling (kernel-routed with an XDP_PASS program on the pods' host veths, so TSO is
+#              off in the pods as under Sluice: what any design with XDP on pod veths reaches here)
 #            kernel-vxlan (pods, Flannel's kernel VXLAN: vxlan device + bridge) -- the baseline
 #            sluice (pods wired by sluice-cni, sluice-agent's AF_XDP dataplane, VXLAN between nodes)
 #            sluice-rt (the same with the agents' worker threads SCHED_FIFO; not in --quick)
@@ -11,27 +13,35 @@
 #            sockperf UDP ping-pong latency p50/p99 (us), same-node pod-to-pod TCP (Gbit/s);
 #            Sluice also through a ClusterIP Service (rows sluice-clusterip) and with 10 and 10,000
 #            NetworkPolicies installed (rows sluice-pol10, sluice-pol10k);
+#            CPU cost of every TCP and UDP figure: CPU seconds of all CPUs (user+nice+system+irq+
+#            softirq, /proc/stat) per GB received (TCP) or per million packets received (UDP);
 #            medians of REPS repetitions with ranges; the criterion summary of the pipeline.
+#   layouts: every setup in each: shared (client CPU 0, server CPU 1; Sluice's node 1 worker on
+#            CPU 0, node 2's on CPU 1) and dedicated (client and server CPU 0; both Sluice workers
+#            alone on CPU 1; kernel setups: the same application pinning).
 #
-# Usage: scripts/bench.sh [--quick] [--setups "a b c"] [--mtu 1500] [--reps 3] [--secs 5]
-#                         [--criterion run|read|off] [--profile]
-#   --quick      one short repetition of each figure (the smoke run scripts/test.sh uses); fails
-#                (non-zero) when a setup does not carry traffic
+# Usage: scripts/bench.sh [--quick] [--setups "a b c"] [--layouts "shared dedicated"] [--mtu 1500]
+#                         [--reps 3] [--secs 5] [--criterion run|read|off] [--profile]
+#   --quick      one short repetition of each figure, layout shared only (the smoke run
+#                scripts/test.sh uses); fails (non-zero) when a setup does not carry traffic
 #   --criterion  run: `cargo bench -p sluice-bench --bench pipeline` then read its estimates
 #                (default); read: only read target/criterion/*/*/new/estimates.json; off
 #   --profile    also record `perf` (cpu-clock, all CPUs) during one TCP and one UDP run of
 #                kernel-vxlan and sluice, summaries in bench/results/profile-*.txt
-# Output: a Markdown table on stdout (ratios to kernel-vxlan), raw results in bench/results/.
+# Output: a Markdown table on stdout (ratios to kernel-vxlan of the same layout), raw results in
+# bench/results/, the summary of this MTU in results-mtuMTU.json, all MTUs in results.{json,md,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/topo.sh
 
-SETUPS="host-veth kernel-routed kernel-vxlan sluice sluice-rt" SETUPS_SET=0
+SETUPS="host-veth kernel-routed xdp-ceiling kernel-vxlan sluice sluice-rt" SETUPS_SET=0
+LAYOUTS="shared dedicated" LAYOUTS_SET=0
 MTU=1500 REPS=3 SECS=5 QUICK=0 CRITERION=run PROFILE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; REPS=1; SECS=1; CRITERION=off ;;
     --setups) SETUPS=$2; SETUPS_SET=1; shift ;;
+    --layouts) LAYOUTS=$2; LAYOUTS_SET=1; shift ;;
     --mtu) MTU=$2; shift ;;
     --reps) REPS=$2; shift ;;
     --secs) SECS=$2; shift ;;
@@ -42,7 +52,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-[ $QUICK = 1 ] && [ $SETUPS_SET = 0 ] && SETUPS="host-veth kernel-routed kernel-vxlan sluice"
+[ $QUICK = 1 ] && [ $SETUPS_SET = 0 ] && SETUPS="host-veth kernel-routed xdp-ceiling kernel-vxlan sluice"
+[ $QUICK = 1 ] && [ $LAYOUTS_SET = 0 ] && LAYOUTS=shared
+for l in $LAYOUTS; do
+  case $l in shared | dedicated) ;; *) echo "bench.sh: unknown layout $l (shared, dedicated)" >&2; exit 2 ;; esac
+done
 [ "$(id -u)" -eq 0 ] || { echo "bench.sh: needs root (network namespaces)" >&2; exit 1; }
 scripts/setup.sh >/dev/null
 
@@ -71,12 +85,33 @@ mkdir -p "$OUT"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RAW="$OUT/raw-$STAMP-mtu$MTU.jsonl"
 : >"$RAW"
-# Same cores for every setup: client on CPU 0, server on CPU 1. Sluice's workers (one per node)
-# are pinned to the core of their node's pod: node 1's on CPU 0, node 2's on CPU 1.
-CLIENT_CPU=0 SERVER_CPU=1
+# layout_cores LAYOUT: the cores of the applications and of Sluice's workers (one per node) in that
+# layout, the same for every setup.
+#   shared:    client CPU 0, server CPU 1; node 1's worker on CPU 0 (its pod's core), node 2's on 1.
+#   dedicated: client and server CPU 0; both workers alone on CPU 1. The kernel setups' softirq
+#              work runs where the kernel puts it (mostly on the sending application's core).
+layout_cores() {
+  LAYOUT=$1
+  case $1 in
+    shared) CLIENT_CPU=0 SERVER_CPU=1 WORKER_CPUS=(0 1) ;;
+    dedicated) CLIENT_CPU=0 SERVER_CPU=0 WORKER_CPUS=(1 1) ;;
+  esac
+}
 
 record() { # setup metric value
-  printf '{"setup":"%s","mtu":%s,"metric":"%s","value":%s}\n' "$1" "$MTU" "$2" "$3" >>"$RAW"
+  printf '{"setup":"%s","layout":"%s","mtu":%s,"metric":"%s","value":%s}\n' \
+    "$1" "$LAYOUT" "$MTU" "$2" "$3" >>"$RAW"
+}
+
+# CPU cost. cpu_ticks: busy time of all CPUs so far (user + nice + system + irq + softirq, in
+# clock ticks, from /proc/stat's "cpu" line); idle, iowait and steal are not counted.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8; exit}' /proc/stat; }
+# record_cpu SETUP METRIC TICKS_BEFORE TICKS_AFTER UNITS: CPU seconds spent per unit moved (UNITS:
+# GB or million packets received) during one measured run.
+record_cpu() {
+  record "$1" "$2" "$(awk -v a="$3" -v b="$4" -v hz="$CLK_TCK" -v u="$5" \
+    'BEGIN { if (u > 0) printf "%.4f", (b - a) / hz / u; else print "null" }')"
 }
 
 # need SETUP WHAT VALUE [MIN]: fail the run unless VALUE is a number above MIN (default 0).
@@ -105,23 +140,30 @@ servers_stop() { # DST_NS
   sleep 0.2
 }
 
-tcp() { # SETUP METRIC SRC IP STREAMS
-  local j v
+tcp() { # SETUP METRIC SRC IP STREAMS  (METRIC ends in _gbps; its CPU cost is METRIC_cpu_s_per_gb)
+  local j v c0 c1
+  c0=$(cpu_ticks)
   j=$(cli "$3" iperf3 -c "$4" -t "$SECS" -P "$5" --connect-timeout 3000 -J) ||
     { echo "bench.sh: $1: iperf3 TCP to $4 failed: $(jq -r .error <<<"$j" 2>/dev/null)" >&2; exit 1; }
+  c1=$(cpu_ticks)
   v=$(jq '(.end.sum_received.bits_per_second // 0)/1e9' <<<"$j")
   need "$1" "$2" "$v" || { echo "bench.sh: iperf3 said: $(jq -c '.error // .end' <<<"$j")" >&2; exit 1; }
   record "$1" "$2" "$v"
+  record_cpu "$1" "${2%_gbps}_cpu_s_per_gb" "$c0" "$c1" "$(jq '(.end.sum_received.bytes // 0)/1e9' <<<"$j")"
 }
 
 udp64() { # SETUP SRC IP
-  local j v
+  local j v rx c0 c1
+  c0=$(cpu_ticks)
   j=$(cli "$2" iperf3 -c "$3" -t "$SECS" -u -l 64 -b 0 --connect-timeout 3000 -J) ||
     { echo "bench.sh: $1: iperf3 UDP to $3 failed: $(jq -r .error <<<"$j" 2>/dev/null)" >&2; exit 1; }
-  v=$(jq '((.end.sum.packets // 0)-(.end.sum.lost_packets // 0))/(.end.sum.seconds // 1)/1e3' <<<"$j")
+  c1=$(cpu_ticks)
+  rx=$(jq '(.end.sum.packets // 0)-(.end.sum.lost_packets // 0)' <<<"$j")
+  v=$(jq --argjson rx "$rx" '$rx/(.end.sum.seconds // 1)/1e3' <<<"$j")
   need "$1" udp64_kpps "$v" || { echo "bench.sh: iperf3 said: $(jq -c '.error // .end.sum' <<<"$j")" >&2; exit 1; }
   record "$1" udp64_kpps "$v"
   record "$1" udp64_loss_pct "$(jq '.end.sum.lost_percent' <<<"$j")"
+  record_cpu "$1" udp64_cpu_s_per_mpkt "$c0" "$c1" "$(jq -n --argjson rx "$rx" '$rx/1e6')"
 }
 
 lat() { # SETUP SRC IP
@@ -140,7 +182,7 @@ measure() {
   local setup=$1 src=$2 dst=$3 ip=$4 figs=${5:-"tcp1 tcp2 udp lat"} rep f
   servers_start "$dst" "${6:-$ip}"
   for rep in $(seq "$REPS"); do
-    echo "   $setup: repetition $rep/$REPS ($figs)" >&2
+    echo "   $setup ($LAYOUT): repetition $rep/$REPS ($figs)" >&2
     for f in $figs; do
       case $f in
         tcp1) tcp "$setup" tcp1_gbps "$src" "$ip" 1 ;;
@@ -158,16 +200,17 @@ same_node() {
   local rep
   servers_start "$3" "$4"
   for rep in $(seq "$REPS"); do
-    echo "   $1: same-node repetition $rep/$REPS" >&2
+    echo "   $1 ($LAYOUT): same-node repetition $rep/$REPS" >&2
     tcp "$1" same_tcp1_gbps "$2" "$4" 1
   done
   servers_stop "$3"
 }
 
 # profile NAME SRC_NS DST_NS IP: perf (cpu-clock on all CPUs, call graphs) during one TCP and one
-# 64 B UDP run; the top of each report goes to $OUT/profile-NAME-{tcp,udp}-mtuMTU.txt.
+# 64 B UDP run; the top of each report goes to $OUT/profile-NAME[-dedicated]-{tcp,udp}-mtuMTU.txt.
 profile() {
   local name=$1 src=$2 dst=$3 ip=$4 kind data
+  [ "$LAYOUT" = shared ] || name+="-$LAYOUT"
   command -v perf >/dev/null || { echo "   (no perf: profile of $name skipped)" >&2; return 0; }
   servers_start "$dst" "$ip"
   for kind in tcp udp; do
@@ -180,7 +223,7 @@ profile() {
     fi
     wait $! || true
     {
-      echo "# perf record -e cpu-clock -a -g during iperf3 $kind ($name, MTU $MTU); client CPU $CLIENT_CPU, server CPU $SERVER_CPU"
+      echo "# perf record -e cpu-clock -a -g during iperf3 $kind ($name, MTU $MTU, layout $LAYOUT); client CPU $CLIENT_CPU, server CPU $SERVER_CPU"
       echo "# share of all samples (both CPUs) by CPU and command:"
       perf report -i "$data" --stdio --no-children -g none --sort cpu,comm 2>/dev/null | grep -E '^ +[0-9]' | head -16 || true
       echo "# hottest symbols of the data path (iperf3, sluice workers, softirq threads), share of all samples:"
@@ -259,13 +302,13 @@ sluice_counters() { # SETUP PHASE: keep both nodes' worker counters after this p
   sleep 1.2 # the agent rewrites counters.json every second
   local n
   for n in 1 2; do
-    jq -c --arg s "$1" --arg l "$2" --arg n "n$n" --argjson mtu "$MTU" \
-      '{setup: $s, mtu: $mtu, phase: $l, node: $n, counters: .workers}' \
+    jq -c --arg s "$1" --arg lay "$LAYOUT" --arg l "$2" --arg n "n$n" --argjson mtu "$MTU" \
+      '{setup: $s, layout: $lay, mtu: $mtu, phase: $l, node: $n, counters: .workers}' \
       "$SLDIR/n$n/state/counters.json" >>"$RAW"
   done
 }
 
-# sluice_setup: two Sluice nodes (agents pinned: node 1's worker on CPU 0, node 2's on CPU 1),
+# sluice_setup: two Sluice nodes (node N's worker pinned to WORKER_CPUS[N - 1], see layout_cores),
 # pods p1 (client, node 1), p2 (server, node 2), p3 (same-node server, node 1) wired by sluice-cni.
 sluice_setup() {
   local n ip1 ip2 ip3 f
@@ -278,7 +321,7 @@ sluice_setup() {
   write_service "$SLDIR/services.yaml" "$SLDIR/endpointslices.yaml" "${POD_NET}.2.2"
   write_policies 0
   for n in 1 2; do
-    topo_sluice_config "$PFX" "$n" "$MTU" "$SLDIR" "$((n - 1))" \
+    topo_sluice_config "$PFX" "$n" "$MTU" "$SLDIR" "${WORKER_CPUS[$((n - 1))]}" \
       "$SLDIR/services.yaml" "$SLDIR/endpointslices.yaml" "$POLICY_FILES"
     topo_sluice_agent "$PFX" "$n" "$SLDIR"
   done
@@ -314,18 +357,35 @@ sluice_measure() {
   if [ "$PROFILE" = 1 ]; then profile sluice "${PFX}p1" "${PFX}p2" "$SL_IP2"; fi
 }
 
+# xdp_ceiling_pods: make kernel-routed's pods look like Sluice's: an XDP program on each host veth
+# (XDP_PASS, so TSO is off in the pod, as under Sluice) and Sluice's MTUs (veth at SLUICE_POD_MTU,
+# own node's CIDR at that, everything else at the underlay MTU: no overlay here).
+XDP_PASS_OBJ=$SLDIR/xdp_pass.o
+xdp_ceiling_pods() {
+  local pod node
+  [ -e "$XDP_PASS_OBJ" ] ||
+    clang -O2 -g -target bpf -I"/usr/include/$(gcc -print-multiarch)" -c scripts/lib/xdp_pass.bpf.c -o "$XDP_PASS_OBJ"
+  for pod in 1 2 3; do
+    node=$(( pod == 2 ? 2 : 1 ))
+    topo_xdp_pass "$PFX" "$node" "$pod" "$XDP_PASS_OBJ"
+    topo_pod_route_mtus "$PFX" "$node" "$pod" "$SLUICE_POD_MTU" "$MTU"
+  done
+}
+
 build_and_measure() {
-  local setup=$1
+  local setup=$1 pod_mtu=$MTU
   teardown
-  echo "==> $setup (underlay MTU $MTU)" >&2
+  echo "==> $setup (underlay MTU $MTU, layout $LAYOUT)" >&2
   topo_underlay "$PFX" "$MTU"
   case "$setup" in
     host-veth)
       measure "$setup" "${PFX}n1" "${PFX}n2" "${UNDERLAY_NET}.12" ;;
-    kernel-routed)
-      topo_pod_veth "$PFX" 1 "$MTU" linklocal
-      topo_pod_veth "$PFX" 2 "$MTU" linklocal
-      topo_pod_veth "$PFX" 1 "$MTU" linklocal 3 "${POD_NET}.1.11"
+    kernel-routed | xdp-ceiling)
+      [ "$setup" = xdp-ceiling ] && pod_mtu=$SLUICE_POD_MTU
+      topo_pod_veth "$PFX" 1 "$pod_mtu" linklocal
+      topo_pod_veth "$PFX" 2 "$pod_mtu" linklocal
+      topo_pod_veth "$PFX" 1 "$pod_mtu" linklocal 3 "${POD_NET}.1.11"
+      [ "$setup" = xdp-ceiling ] && xdp_ceiling_pods
       topo_routed "$PFX"
       measure "$setup" "${PFX}p1" "${PFX}p2" "${POD_NET}.2.10"
       same_node "$setup" "${PFX}p1" "${PFX}p3" "${POD_NET}.1.11" ;;
@@ -352,7 +412,10 @@ build_and_measure() {
   esac
 }
 
-for s in $SETUPS; do build_and_measure "$s"; done
+for l in $LAYOUTS; do
+  layout_cores "$l"
+  for s in $SETUPS; do build_and_measure "$s"; done
+done
 teardown
 
 # The criterion summary of the pipeline (per-packet cost of the pure code, no I/O).

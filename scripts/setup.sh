@@ -4,8 +4,9 @@
 set -euo pipefail
 
 PACKAGES=(
-  # build: BPF program (clang/llvm), libbpf-sys and libxdp-sys from source, gRPC
-  clang llvm libelf-dev zlib1g-dev pkg-config make m4 protobuf-compiler libprotobuf-dev libclang-dev libpcap-dev openssl
+  # build: BPF programs (clang/llvm; libbpf-dev for bpf/bpf_helpers.h in scripts/lib/xdp_pass.bpf.c),
+  # libbpf-sys and libxdp-sys from source, gRPC
+  clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make m4 protobuf-compiler libprotobuf-dev libclang-dev libpcap-dev openssl
   # netns clusters, XDP and traffic
   iproute2 ethtool iputils-ping tcpdump iperf3 netsniff-ng sockperf socat netcat-openbsd
   # control plane storage backend at scale

@@ -1,36 +1,59 @@
-"""Summarise scripts/bench.sh runs: medians with ranges, ratios to kernel VXLAN, the targets, the
-policy-scale figure, Sluice's worker counters, the criterion summary; JSON, Markdown and a PNG chart.
+"""Summarise scripts/bench.sh runs: medians with ranges, CPU cost, ratios to kernel VXLAN of the same
+layout, the targets, the policy-scale figure, Sluice's worker counters, the criterion summary; JSON,
+Markdown and a PNG chart.
 
 Usage: bench_report.py OUTDIR RAW.jsonl [RAW.jsonl ...]
-Prints the Markdown report and writes OUTDIR/results.md, OUTDIR/results.json (medians, ranges, raw
-values per MTU and setup) and OUTDIR/results.png. Several raw files (e.g. one run at MTU 1500 and
-one at 9000) are reported together, one table per MTU; ratios are only taken within one MTU, and
-each raw file is one run.
+Summarises the raw files into OUTDIR/results-mtu<N>.json, one per underlay MTU found in them
+(replacing an earlier summary of that MTU), prints the report of those MTUs, then rebuilds from
+every OUTDIR/results-mtu*.json the combined OUTDIR/results.json, OUTDIR/results.md (the report of
+all MTUs) and OUTDIR/results.png (every MTU and layout, one panel per figure). Ratios are only taken
+within one MTU and one layout; raw files of the same MTU are pooled as repetitions. Raw records
+without a layout (runs before layouts existed) count as layout "shared".
 """
+import glob
 import json
 import os
 import statistics
 import sys
 from collections import defaultdict
 
+# (key, label, higher is better); the order of the table's columns.
 METRICS = [
     ("tcp1_gbps", "TCP 1 stream (Gbit/s)", True),
+    ("tcp1_cpu_s_per_gb", "TCP 1 stream CPU (s/GB)", False),
     ("tcp2_gbps", "TCP 2 streams (Gbit/s)", True),
+    ("tcp2_cpu_s_per_gb", "TCP 2 streams CPU (s/GB)", False),
     ("udp64_kpps", "UDP 64 B (kpps rx)", True),
     ("udp64_loss_pct", "UDP 64 B loss (%)", False),
+    ("udp64_cpu_s_per_mpkt", "UDP 64 B CPU (s/Mpkt)", False),
     ("lat_p50_us", "latency p50 (us)", False),
     ("lat_p99_us", "latency p99 (us)", False),
     ("same_tcp1_gbps", "same-node TCP (Gbit/s)", True),
+    ("same_tcp1_cpu_s_per_gb", "same-node TCP CPU (s/GB)", False),
+]
+LABEL = {m: label for m, label, _ in METRICS}
+HIGHER = {m: h for m, _, h in METRICS}
+# Metrics shown without a ratio to the baseline.
+NO_RATIO = {"udp64_loss_pct"}
+# The chart's panels, row by row (None: the legend's place): throughput, then the CPU cost of the
+# same figures below it, then latency and loss.
+CHART_GRID = [
+    ["tcp1_gbps", "tcp2_gbps", "same_tcp1_gbps", "udp64_kpps"],
+    ["tcp1_cpu_s_per_gb", "tcp2_cpu_s_per_gb", "same_tcp1_cpu_s_per_gb", "udp64_cpu_s_per_mpkt"],
+    ["lat_p50_us", "lat_p99_us", "udp64_loss_pct", None],
 ]
 BASELINE = "kernel-vxlan"
+CEILING = "xdp-ceiling"
+DEFAULT_LAYOUT = "shared"
 # The Sluice pipeline's criterion groups (bench/benches/pipeline.rs).
 CRITERION_GROUPS = ("established/", "new_flow/")
 
 
 def load(paths):
-    values = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # mtu -> setup -> metric
-    order = defaultdict(list)  # mtu -> setups in run order
-    counters = defaultdict(list)  # mtu -> [(phase, node, workers)]
+    """Raw records by MTU: values[mtu][layout][setup][metric] (dicts keep run order), counters."""
+    values = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    counters = defaultdict(list)  # mtu -> [(layout, setup, phase, node, workers)]
+    raws = defaultdict(list)  # mtu -> raw files
     criterion = {}
     for path in paths:
         with open(path) as f:
@@ -38,33 +61,57 @@ def load(paths):
                 r = json.loads(line)
                 if "criterion" in r:
                     criterion[r["criterion"]] = r
-                elif "counters" in r:
-                    counters[r["mtu"]].append((r["setup"], r["phase"], r["node"], r["counters"]))
+                    continue
+                mtu, layout = r["mtu"], r.get("layout", DEFAULT_LAYOUT)
+                if path not in raws[mtu]:
+                    raws[mtu].append(path)
+                if "counters" in r:
+                    counters[mtu].append((layout, r["setup"], r["phase"], r["node"], r["counters"]))
                 else:
-                    mtu, s = r["mtu"], r["setup"]
-                    if s not in order[mtu]:
-                        order[mtu].append(s)
+                    vals = values[mtu][layout][r["setup"]][r["metric"]]
                     if r["value"] is not None:
-                        values[mtu][s][r["metric"]].append(float(r["value"]))
-    return values, order, counters, criterion
+                        vals.append(float(r["value"]))
+    return values, counters, raws, criterion
 
 
-def summarise(values, order):
+def counter_rows(counters):
+    """Per phase and node: frames, batches and average batch size (deltas of cumulative counters)."""
+    rows, prev = [], {}
+    for layout, setup, phase, node, workers in counters:
+        tot, drops = defaultdict(int), defaultdict(int)
+        for w in workers:
+            for k in ("rx", "tx", "batches", "ring_full"):
+                tot[k] += w.get(k, 0)
+            for k, v in w.get("drops", {}).items():
+                drops[k] += v
+        # Each setup of each layout runs fresh agents: deltas within one (layout, setup, node).
+        p = prev.get((layout, setup, node), ({}, {}))
+        d = {k: tot[k] - p[0].get(k, 0) for k in ("rx", "tx", "batches", "ring_full")}
+        dd = {k: v - p[1].get(k, 0) for k, v in sorted(drops.items()) if v - p[1].get(k, 0)}
+        prev[(layout, setup, node)] = (dict(tot), dict(drops))
+        rows.append({"layout": layout, "setup": setup, "phase": phase, "node": node, **d,
+                     "frames_per_batch": d["rx"] / d["batches"] if d["batches"] else None,
+                     "drops": dd})
+    return rows
+
+
+def summarise(values, counters, raws, criterion):
+    """One summary per MTU, the shape of results-mtu<N>.json."""
     out = {}
-    for mtu in sorted(order):
-        out[mtu] = {}
-        for s in order[mtu]:
-            out[mtu][s] = {}
-            for m in [m for m, _, _ in METRICS] + ["policy_publish_s"]:
-                v = values[mtu][s][m]
-                if v:
-                    out[mtu][s][m] = {"median": statistics.median(v), "min": min(v),
-                                      "max": max(v), "values": v}
+    for mtu in sorted(values):
+        layouts = {}
+        for layout, setups in values[mtu].items():
+            layouts[layout] = {
+                s: {m: {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v}
+                    for m, v in metrics.items() if v}
+                for s, metrics in setups.items()}
+        out[mtu] = {"mtu": mtu, "raw": raws[mtu], "layouts": layouts,
+                    "counters": counter_rows(counters[mtu]), "criterion": criterion}
     return out
 
 
-def med(summary, mtu, setup, metric):
-    x = summary.get(mtu, {}).get(setup, {}).get(metric)
+def med(r, layout, setup, metric):
+    x = r["layouts"].get(layout, {}).get(setup, {}).get(metric)
     return x["median"] if x else None
 
 
@@ -76,95 +123,108 @@ def fmt_ratio(r):
     return "n/a" if r is None else f"{r:.2f}x"
 
 
-def table(summary, mtu, lines):
-    setups = list(summary[mtu])
-    reps = max((len(x["values"]) for s in summary[mtu].values() for x in s.values()), default=0)
+def fmt_num(v):
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}" if abs(v) >= 0.1 or v == 0 else f"{v:.3g}"
+
+
+def table(r, lines):
+    mtu, layouts = r["mtu"], r["layouts"]
+    present = [m for m, _, _ in METRICS
+               if any(m in ms for setups in layouts.values() for ms in setups.values())]
+    reps = max((len(x["values"]) for setups in layouts.values() for ms in setups.values()
+                for x in ms.values()), default=0)
     lines.append(f"### Underlay MTU {mtu}\n")
-    lines.append(f"Medians of {reps} repetition(s) [min-max]; (ratio to {BASELINE}, same run).\n")
-    lines.append("| setup | " + " | ".join(label for _, label, _ in METRICS) + " |")
-    lines.append("|---|" + "---|" * len(METRICS))
-    for s in setups:
-        cells = []
-        for m, _, _ in METRICS:
-            x = summary[mtu][s].get(m)
-            if not x:
-                cells.append("")
-                continue
-            cell = f"{x['median']:.2f}"
-            if len(x["values"]) > 1:
-                cell += f" [{x['min']:.2f}-{x['max']:.2f}]"
-            base = med(summary, mtu, BASELINE, m)
-            if base and s != BASELINE and m != "udp64_loss_pct":
-                cell += f" ({x['median'] / base:.2f}x)"
-            cells.append(cell)
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines.append(f"Medians of {reps} repetition(s) [min-max]; (ratio to {BASELINE} of the same "
+                 "layout, same run). CPU: CPU seconds of all CPUs per GB received (TCP) or per "
+                 "million packets received (UDP); lower is better.\n")
+    lines.append("| setup | layout | " + " | ".join(LABEL[m] for m in present) + " |")
+    lines.append("|---|---|" + "---|" * len(present))
+    for layout, setups in layouts.items():
+        for s, ms in setups.items():
+            cells = []
+            for m in present:
+                x = ms.get(m)
+                if not x:
+                    cells.append("")
+                    continue
+                cell = fmt_num(x["median"])
+                if len(x["values"]) > 1:
+                    cell += f" [{fmt_num(x['min'])}-{fmt_num(x['max'])}]"
+                base = med(r, layout, BASELINE, m)
+                if base and s != BASELINE and m not in NO_RATIO:
+                    cell += f" ({x['median'] / base:.2f}x)"
+                cells.append(cell)
+            lines.append(f"| {s} | {layout} | " + " | ".join(cells) + " |")
     lines.append("")
 
 
-def targets(summary, mtu, lines):
-    g = lambda s, m: med(summary, mtu, s, m)  # noqa: E731
-    runs = [s for s in ("sluice", "sluice-rt") if g(s, "tcp1_gbps") is not None]
+def targets(r, lines):
+    g = lambda lay, s, m: med(r, lay, s, m)  # noqa: E731
+    runs = [(lay, s) for lay in r["layouts"] for s in ("sluice", "sluice-rt")
+            if g(lay, s, "tcp1_gbps") is not None]
     if not runs:
         return
     rows = [
-        ("cross-node TCP >= 1.0x kernel-vxlan", lambda s: ratio(g(s, "tcp1_gbps"), g(BASELINE, "tcp1_gbps")), 1.0, True),
-        ("cross-node TCP >= 0.9x host-veth", lambda s: ratio(g(s, "tcp1_gbps"), g("host-veth", "tcp1_gbps")), 0.9, True),
-        ("64 B UDP pps >= 1.5x kernel-vxlan", lambda s: ratio(g(s, "udp64_kpps"), g(BASELINE, "udp64_kpps")), 1.5, True),
-        ("p99 latency <= kernel-vxlan", lambda s: ratio(g(s, "lat_p99_us"), g(BASELINE, "lat_p99_us")), 1.0, False),
-        ("10k policies cost < 5% TCP (pol10k/pol10)", lambda s: ratio(g("sluice-pol10k", "tcp1_gbps"), g("sluice-pol10", "tcp1_gbps")) if s == "sluice" else None, 0.95, True),
+        ("cross-node TCP >= 1.0x kernel-vxlan", lambda lay, s: ratio(g(lay, s, "tcp1_gbps"), g(lay, BASELINE, "tcp1_gbps")), 1.0, True),
+        ("cross-node TCP >= 0.9x host-veth", lambda lay, s: ratio(g(lay, s, "tcp1_gbps"), g(lay, "host-veth", "tcp1_gbps")), 0.9, True),
+        ("64 B UDP pps >= 1.5x kernel-vxlan", lambda lay, s: ratio(g(lay, s, "udp64_kpps"), g(lay, BASELINE, "udp64_kpps")), 1.5, True),
+        ("p99 latency <= kernel-vxlan", lambda lay, s: ratio(g(lay, s, "lat_p99_us"), g(lay, BASELINE, "lat_p99_us")), 1.0, False),
+        ("10k policies cost < 5% TCP (pol10k/pol10)", lambda lay, s: ratio(g(lay, "sluice-pol10k", "tcp1_gbps"), g(lay, "sluice-pol10", "tcp1_gbps")) if s == "sluice" else None, 0.95, True),
     ]
-    lines.append(f"Targets at MTU {mtu} (Sluice median / reference median, same run):\n")
-    lines.append("| target | " + " | ".join(runs) + " |")
+    lines.append(f"Targets at MTU {r['mtu']} (Sluice median / reference median, same layout and run):\n")
+    lines.append("| target | " + " | ".join(f"{s} ({lay})" for lay, s in runs) + " |")
     lines.append("|---|" + "---|" * len(runs))
     for name, f, bound, higher in rows:
         cells = []
-        for s in runs:
-            r = f(s)
-            met = "" if r is None else (" met" if (r >= bound if higher else r <= bound) else " **not met**")
-            cells.append(fmt_ratio(r) + met if r is not None else "")
+        for lay, s in runs:
+            x = f(lay, s)
+            met = "" if x is None else (" met" if (x >= bound if higher else x <= bound) else " **not met**")
+            cells.append(fmt_ratio(x) + met if x is not None else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
+    for lay in r["layouts"]:
+        notes(r, lay, lines)
+    lines.append("")
+
+
+def notes(r, lay, lines):
+    """The one-line findings of one layout: Sluice against the XDP ceiling, policy scale, ClusterIP."""
+    g = lambda s, m: med(r, lay, s, m)  # noqa: E731
+    vs = [(m, ratio(g("sluice", m), g(CEILING, m)))
+          for m in ("tcp1_gbps", "tcp1_cpu_s_per_gb", "same_tcp1_gbps", "udp64_kpps", "lat_p99_us")]
+    vs = [f"{LABEL[m]} {fmt_ratio(x)}" for m, x in vs if x is not None]
+    if vs:
+        lines.append(f"Sluice / {CEILING} ({lay}): " + ", ".join(vs) + ".")
     p10, p10k = g("sluice-pol10", "tcp1_gbps"), g("sluice-pol10k", "tcp1_gbps")
     if p10 and p10k:
         lines.append(
-            f"Policy scale: TCP {p10:.2f} -> {p10k:.2f} Gbit/s ({fmt_ratio(ratio(p10k, p10))}), "
-            f"p50 {g('sluice-pol10', 'lat_p50_us')} -> {g('sluice-pol10k', 'lat_p50_us')} us "
+            f"Policy scale ({lay}): TCP {p10:.2f} -> {p10k:.2f} Gbit/s ({fmt_ratio(ratio(p10k, p10))}), "
+            f"p50 {fmt_num(g('sluice-pol10', 'lat_p50_us'))} -> {fmt_num(g('sluice-pol10k', 'lat_p50_us'))} us "
             f"({fmt_ratio(ratio(g('sluice-pol10k', 'lat_p50_us'), g('sluice-pol10', 'lat_p50_us')))}), "
-            f"p99 {g('sluice-pol10', 'lat_p99_us')} -> {g('sluice-pol10k', 'lat_p99_us')} us "
+            f"p99 {fmt_num(g('sluice-pol10', 'lat_p99_us'))} -> {fmt_num(g('sluice-pol10k', 'lat_p99_us'))} us "
             f"({fmt_ratio(ratio(g('sluice-pol10k', 'lat_p99_us'), g('sluice-pol10', 'lat_p99_us')))}), 10,000 vs 10 NetworkPolicies "
-            f"(read, compiled and published by both agents after SIGHUP in {g('sluice-pol10k', 'policy_publish_s')} s; "
+            f"(read, compiled and published by both agents after SIGHUP in {fmt_num(g('sluice-pol10k', 'policy_publish_s'))} s; "
             "established flows skip policy through conntrack: this shows what a 10,000-policy table costs established traffic, not the cost per new flow).")
     c, s = g("sluice-clusterip", "tcp1_gbps"), g("sluice", "tcp1_gbps")
     if c and s:
         lines.append(
-            f"ClusterIP vs pod IP (Sluice): TCP {fmt_ratio(ratio(c, s))}, p99 "
+            f"ClusterIP vs pod IP (Sluice, {lay}): TCP {fmt_ratio(ratio(c, s))}, p99 "
             f"{fmt_ratio(ratio(g('sluice-clusterip', 'lat_p99_us'), g('sluice', 'lat_p99_us')))}.")
-    lines.append("")
 
 
-def counter_summary(counters, mtu, lines):
-    """Per phase and node: frames, batches and average batch size (deltas of cumulative counters)."""
-    if not counters.get(mtu):
+def counter_summary(r, lines):
+    if not r["counters"]:
         return
-    lines.append(f"Sluice worker counters at MTU {mtu} (per measurement phase; deltas):\n")
-    lines.append("| setup | phase | node | rx | tx | batches | frames/batch | ring full | drops |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    prev = {}
-    for setup, phase, node, workers in counters[mtu]:
-        tot = defaultdict(int)
-        drops = defaultdict(int)
-        for w in workers:
-            for k in ("rx", "tx", "batches", "ring_full"):
-                tot[k] += w.get(k, 0)
-            for k, v in w.get("drops", {}).items():
-                drops[k] += v
-        p = prev.get((setup, node), ({}, {}))
-        d = {k: tot[k] - p[0].get(k, 0) for k in tot}
-        dd = {k: v - p[1].get(k, 0) for k, v in drops.items() if v - p[1].get(k, 0)}
-        prev[(setup, node)] = (dict(tot), dict(drops))
-        fpb = f"{d['rx'] / d['batches']:.1f}" if d.get("batches") else "n/a"
-        dtxt = ", ".join(f"{k} {v}" for k, v in sorted(dd.items())) or "0"
-        lines.append(f"| {setup} | {phase} | {node} | {d['rx']} | {d['tx']} | {d['batches']} | {fpb} | {d['ring_full']} | {dtxt} |")
+    lines.append(f"Sluice worker counters at MTU {r['mtu']} (per measurement phase; deltas):\n")
+    lines.append("| setup | layout | phase | node | rx | tx | batches | frames/batch | ring full | drops |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for c in r["counters"]:
+        fpb = "n/a" if c["frames_per_batch"] is None else f"{c['frames_per_batch']:.1f}"
+        dtxt = ", ".join(f"{k} {v}" for k, v in c["drops"].items()) or "0"
+        lines.append(f"| {c['setup']} | {c['layout']} | {c['phase']} | {c['node']} | {c['rx']} | "
+                     f"{c['tx']} | {c['batches']} | {fpb} | {c['ring_full']} | {dtxt} |")
     lines.append("")
 
 
@@ -182,56 +242,114 @@ def criterion_summary(criterion, lines):
     lines.append("")
 
 
-def chart(summary, outdir):
+def report(summaries, criterion):
+    lines = []
+    for r in summaries:
+        table(r, lines)
+        targets(r, lines)
+        counter_summary(r, lines)
+    criterion_summary(criterion, lines)
+    return lines
+
+
+def series_color(mtu_index, layout_index):
+    """One hue per MTU (blue, orange, green, ...), dark for the first layout, light for the next."""
+    import matplotlib
+    return matplotlib.colormaps["tab20"](2 * (mtu_index % 10) + min(layout_index, 1))
+
+
+def chart(summaries, path):
+    """One panel per figure; in each, setups down the side and one bar per (MTU, layout)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return "(no PNG: python3-matplotlib missing)"
-    mtus = sorted(summary)
-    fig, axes = plt.subplots(len(mtus), len(METRICS), figsize=(3.6 * len(METRICS), 4.2 * len(mtus)),
-                             squeeze=False)
-    for row, mtu in zip(axes, mtus):
-        setups = list(summary[mtu])
-        for ax, (m, label, higher) in zip(row, METRICS):
-            names = [s for s in setups if m in summary[mtu][s]]
-            x = [summary[mtu][s][m] for s in names]
-            ax.bar(names, [v["median"] for v in x],
-                   yerr=[[v["median"] - v["min"] for v in x], [v["max"] - v["median"] for v in x]],
-                   capsize=3, color=["#2a9d8f" if n.startswith("sluice") else
-                                     "#e76f51" if n == BASELINE else "#8d99ae" for n in names])
-            ax.set_title(f"{label} {'higher' if higher else 'lower'} is better\nMTU {mtu}", fontsize=9)
-            ax.tick_params(axis="x", labelrotation=40, labelsize=7)
-            for lbl in ax.get_xticklabels():
-                lbl.set_horizontalalignment("right")
-    fig.suptitle("Sluice vs kernel dataplanes (bench/results/results.json)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(outdir, "results.png"), dpi=80)
+    layouts = list(dict.fromkeys(lay for r in summaries for lay in r["layouts"]))
+    series = [(i, r, layouts.index(lay), lay) for i, r in enumerate(summaries) for lay in r["layouts"]]
+    nrows, ncols = len(CHART_GRID), max(len(row) for row in CHART_GRID)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 6.2 * nrows), squeeze=False)
+    for row_axes, row in zip(axes, CHART_GRID):
+        for ax, m in zip(row_axes, row + [None] * (ncols - len(row))):
+            if m is None:
+                ax.axis("off")
+                continue
+            setups = list(dict.fromkeys(s for _, r, _, lay in series
+                                        for s, ms in r["layouts"][lay].items() if m in ms))
+            ax.set_title(f"{LABEL[m]}\n{'higher' if HIGHER[m] else 'lower'} is better", fontsize=11)
+            if not setups:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+                ax.set_yticks([])
+                continue
+            h = 0.84 / len(series)
+            top = max(r["layouts"][lay][s][m]["max"] for _, r, _, lay in series
+                      for s in setups if m in r["layouts"][lay].get(s, {}))
+            for k, (i, r, li, lay) in enumerate(series):
+                ys, xs, lo, hi = [], [], [], []
+                for y, s in enumerate(setups):
+                    x = r["layouts"][lay].get(s, {}).get(m)
+                    if x:
+                        ys.append(y + (k - (len(series) - 1) / 2) * h)
+                        xs.append(x["median"])
+                        lo.append(x["median"] - x["min"])
+                        hi.append(x["max"] - x["median"])
+                ax.barh(ys, xs, height=h, xerr=[lo, hi], capsize=2, error_kw={"lw": 0.7},
+                        color=series_color(i, li), edgecolor="white", linewidth=0.3)
+                # The median's value, right of its whisker.
+                for y, v, up in zip(ys, xs, hi):
+                    ax.text(v + up + top * 0.01, y, f"{v:.0f}" if v >= 100 else f"{v:.3g}",
+                            va="center", fontsize=8)
+            ax.set_yticks(range(len(setups)), setups, fontsize=9)
+            for lbl in ax.get_yticklabels():
+                if lbl.get_text() == BASELINE:
+                    lbl.set_fontweight("bold")
+                elif lbl.get_text().startswith("sluice"):
+                    lbl.set_color("#1b7f73")
+            ax.set_ylim(len(setups) - 0.5, -0.5)
+            ax.set_xlim(0, top * 1.18 if top > 0 else 1)
+            ax.grid(axis="x", lw=0.4, alpha=0.5)
+            ax.tick_params(axis="x", labelsize=8)
+    legend = axes[-1][-1] if CHART_GRID[-1][-1] is None else fig
+    legend.legend(handles=[Patch(color=series_color(i, li), label=f"MTU {r['mtu']}, {lay}")
+                           for i, r, li, lay in series],
+                  loc="center", fontsize=12, title="underlay MTU, layout", title_fontsize=12)
+    runs = "; ".join(f"MTU {r['mtu']}: " + ", ".join(os.path.basename(p) for p in r["raw"]) for r in summaries)
+    fig.suptitle("Sluice vs kernel dataplanes: medians, whiskers min-max; kernel-vxlan (bold) is the "
+                 f"baseline, {CEILING} the most any design with XDP on pod veths reaches\n{runs}",
+                 fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
     return None
 
 
 def main():
     outdir, paths = sys.argv[1], sys.argv[2:]
-    values, order, counters, criterion = load(paths)
-    summary = summarise(values, order)
+    run = summarise(*load(paths))
+    for mtu, r in run.items():
+        with open(os.path.join(outdir, f"results-mtu{mtu}.json"), "w") as f:
+            json.dump(r, f, indent=2)
+    # Every MTU summarised in OUTDIR so far, this run's included.
+    summaries = []
+    for p in glob.glob(os.path.join(outdir, "results-mtu*.json")):
+        with open(p) as f:
+            summaries.append(json.load(f))
+    summaries.sort(key=lambda r: r["mtu"])
+    # The criterion summary of the newest run that has one (it does not depend on the MTU).
+    criterion = next((r["criterion"] for r in sorted(summaries, key=lambda r: max(r["raw"]), reverse=True)
+                      if r["criterion"]), {})
     with open(os.path.join(outdir, "results.json"), "w") as f:
-        json.dump({"raw": paths, "mtus": {str(k): v for k, v in summary.items()},
-                   "criterion": criterion}, f, indent=2)
-    lines = []
-    for mtu in sorted(summary):
-        table(summary, mtu, lines)
-        targets(summary, mtu, lines)
-        counter_summary(counters, mtu, lines)
-    criterion_summary(criterion, lines)
-    note = chart(summary, outdir)
-    if note:
-        lines.append(note)
-    lines.append(f"raw: {', '.join(paths)}; summary: {outdir}/results.json; chart: {outdir}/results.png")
-    text = "\n".join(lines)
+        json.dump({"mtus": {str(r["mtu"]): r for r in summaries}, "criterion": criterion}, f, indent=2)
+    png = os.path.join(outdir, "results.png")
+    note = chart(summaries, png)
+    files = ", ".join(os.path.join(outdir, f"results-mtu{r['mtu']}.json") for r in summaries)
+    tail = [note or "", f"summaries: {files}; all MTUs: {outdir}/results.json, {outdir}/results.md; chart: {png}"]
     with open(os.path.join(outdir, "results.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+        f.write("\n".join(report(summaries, criterion) + tail) + "\n")
+    crit = next((r["criterion"] for r in run.values() if r["criterion"]), {})
+    print("\n".join(report(list(run.values()), crit) + [f"raw: {', '.join(paths)}"] + tail))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #   ${PFX}n1/n2   nodes: uplink "up0" (veth to the switch), underlay 192.168.77.1x/24
 #   ${PFX}p1/p2   one pod per node: "eth0", 10.244.N.10
 #   ${PFX}p3      a second pod on node 1 (same-node figures): 10.244.1.11
+#   vp<POD>       the host end of pod POD's veth, in its node
 # Addresses live only inside these namespaces.
 
 UNDERLAY_NET=192.168.77
@@ -97,6 +98,27 @@ topo_pod_veth() {
     nsx "${pfx}n$n" ip route add "$ip/32" dev "vp$j"
     nsx "${pfx}n$n" sysctl -qw "net.ipv4.conf.vp$j.proxy_arp=1"
   fi
+}
+
+# topo_pod_route_mtus PFX N POD LOCAL_MTU REMOTE_MTU: per-route MTUs in a linklocal pod (as sluice-cni's
+# "routes" mode sets them): its own node's CIDR at LOCAL_MTU (the kernel keeps at most 65520 on a
+# route), everything else (the default route) at REMOTE_MTU.
+topo_pod_route_mtus() {
+  local pfx=$1 n=$2 j=$3 local_mtu=$(( $4 < 65520 ? $4 : 65520 )) remote_mtu=$5
+  nsx "${pfx}p$j" ip route replace default via 169.254.1.1 dev eth0 onlink mtu "$remote_mtu"
+  nsx "${pfx}p$j" ip route replace "${POD_NET}.$n.0/24" via 169.254.1.1 dev eth0 onlink mtu "$local_mtu"
+}
+
+# topo_xdp_pass PFX N POD OBJ: attach OBJ's `xdp.frags` program (native mode) to pod POD's host
+# veth vp<POD> in node nN with iproute2's loader, and check what it is there for: TSO off on the pod's
+# eth0 (the kernel's veth_fix_features). Fails, saying why, if either does not happen.
+topo_xdp_pass() {
+  local pfx=$1 n=$2 j=$3 obj=$4 tso
+  nsx "${pfx}n$n" ip link set dev "vp$j" xdpdrv object "$obj" section xdp.frags ||
+    { echo "topo_xdp_pass: could not attach $obj (section xdp.frags) to vp$j in ${pfx}n$n" >&2; return 1; }
+  tso=$(nsx "${pfx}p$j" ethtool -k eth0 | awk '$1 == "tcp-segmentation-offload:" {print $2}')
+  topo_log "vp$j: $(nsx "${pfx}n$n" ip -d link show dev "vp$j" | grep -o 'prog/xdp id [0-9]* name [a-z_]*'); pod p$j eth0: tcp-segmentation-offload: $tso"
+  [ "$tso" = off ] || { echo "topo_xdp_pass: TSO still '$tso' on p$j's eth0 with XDP on vp$j" >&2; return 1; }
 }
 
 # topo_flannel PFX: Flannel's kernel VXLAN between n1 and n2 (DESIGN: how a kernel Flannel node is
