@@ -12,6 +12,7 @@
 //!   "agentSocket": "/run/sluice/agent.sock",
 //!   "agentTimeoutMs": 5000,
 //!   "clusterCidr": "10.244.0.0/16",          // overrides the agent's
+//!   "serviceCidr": "10.96.0.0/12",           // overrides the agent's
 //!   "dataDir": "/var/lib/sluice/ipam",       // the plugin's state when IPAM is delegated
 //!   "mtu": { "mode": "routes", "podMtu": 65535, "underlayMtu": 1500, "plainMtu": 1450 },
 //!   "ipam": { "subnet": "10.244.1.0/24", "dataDir": "/var/lib/sluice/ipam" }
@@ -54,6 +55,9 @@ pub struct NetConf {
     pub agent_timeout_ms: Option<u64>,
     #[serde(default)]
     pub cluster_cidr: Option<Ipv4Net>,
+    /// The service CIDR (ClusterIPs); routed at the large pod MTU like the cluster CIDR.
+    #[serde(default)]
+    pub service_cidr: Option<Ipv4Net>,
     /// Directory of the plugin's own state (attachment records); `ipam.dataDir` overrides it
     /// for the built-in IPAM. A delegated IPAM plugin keeps `ipam.dataDir` to itself.
     #[serde(default)]

@@ -124,6 +124,13 @@ impl NodeNet {
                 None => None,
             },
         };
+        let service_cidr = match conf.service_cidr {
+            Some(c) => Some(c.trunc()),
+            None => match info {
+                Some(i) => parse("service CIDR", &i.service_cidr)?,
+                None => None,
+            },
+        };
         let nonzero = |v: u32| (v != 0).then_some(v);
         let underlay = conf
             .mtu
@@ -148,18 +155,18 @@ impl NodeNet {
                 }],
             },
             MtuMode::Routes => {
+                // Inside the cluster (every node's pods, the Services) a pod never sees a small
+                // MTU: the node's dataplane segments for the underlay (DESIGN, MTU strategy).
+                // Only the way out of the cluster keeps the underlay's.
+                let large = Some(pod_mtu.min(MAX_ROUTE_MTU));
                 let mut routes = Vec::new();
-                if let Some(p) = pod_cidr {
-                    routes.push(PodRoute {
-                        dst: p,
-                        mtu: Some(pod_mtu.min(MAX_ROUTE_MTU)),
-                    });
-                }
-                if let Some(c) = cluster_cidr {
-                    routes.push(PodRoute {
-                        dst: c,
-                        mtu: Some(remote_mtu),
-                    });
+                for cidr in [pod_cidr, cluster_cidr, service_cidr].into_iter().flatten() {
+                    if !routes.iter().any(|r: &PodRoute| r.dst.contains(&cidr)) {
+                        routes.push(PodRoute {
+                            dst: cidr,
+                            mtu: large,
+                        });
+                    }
                 }
                 routes.push(PodRoute {
                     dst: default,
@@ -626,14 +633,24 @@ mod tests {
 
     #[test]
     fn node_net_routes_mode() {
-        let conf = config::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"t","agent":false,"ipam":{"subnet":"10.244.1.0/24"},"clusterCidr":"10.244.0.0/16"}"#).unwrap();
+        let conf = config::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"t","agent":false,"ipam":{"subnet":"10.244.1.0/24"},"clusterCidr":"10.244.0.0/16","serviceCidr":"10.96.0.0/12"}"#).unwrap();
         let n = NodeNet::resolve(&conf, None).unwrap();
         assert_eq!(n.mtu, 65535);
-        assert_eq!(n.routes.len(), 3);
-        assert_eq!(n.routes[0].mtu, Some(65520));
-        assert_eq!(n.routes[1].mtu, Some(1450));
-        assert_eq!(n.routes[2].dst.prefix_len(), 0);
-        assert_eq!(n.routes[2].mtu, Some(1450));
+        let routes: Vec<_> = n
+            .routes
+            .iter()
+            .map(|r| (r.dst.to_string(), r.mtu))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                ("10.244.1.0/24".to_owned(), Some(65520)),
+                ("10.244.0.0/16".to_owned(), Some(65520)),
+                ("10.96.0.0/12".to_owned(), Some(65520)),
+                ("0.0.0.0/0".to_owned(), Some(1450)),
+            ],
+            "the cluster and its Services at the large MTU, the way out at the underlay's"
+        );
     }
 
     #[test]

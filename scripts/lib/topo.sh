@@ -243,7 +243,8 @@ topo_sluice_reload() {
 
 # topo_sluice_pod PFX N POD DIR MTU LABELS_JSON: create namespace ${PFX}p<POD> and wire it with
 # `sluice-cni ADD` run in node nN; prints the pod's address. The CNI's MTU mode is "routes": pod
-# interface and the own node's CIDR at SLUICE_POD_MTU, other nodes at min(MTU, POD_MTU + 50) - 50.
+# interface and every cluster route (the node's CIDR, the cluster and service CIDRs the agent
+# reports) at SLUICE_POD_MTU, the way out of the cluster at min(MTU, POD_MTU + 50) - 50.
 topo_sluice_pod() {
   local pfx=$1 n=$2 j=$3 dir=$4 mtu=$5 labels=$6 out i uml
   uml=$(( mtu < SLUICE_POD_MTU + 50 ? mtu : SLUICE_POD_MTU + 50 ))

@@ -11,7 +11,9 @@
 //! - `...-n<i>p<j>`: pod `j` of node `i`, wired like the CNI does: veth `eth0` (tx checksum offload
 //!   off, MTU [`POD_MTU`]) to host veth `vp<j>`, address `10.244.<i+1>.<j+2>/32`, default route via
 //!   `169.254.1.1` onlink with a permanent neighbor entry to the host veth's MAC, per-route MTUs
-//!   (own node's CIDR large, the rest at the underlay MTU minus 50), and a host `/32` route.
+//!   (on a Sluice node every cluster route large: the cluster CIDR, the service CIDR; the default
+//!   route at the underlay MTU minus 50; a Flannel node's pods keep the overlay MTU beyond their
+//!   own CIDR), and a host `/32` route.
 //!   A Sluice pod is then announced to the agent with AddPod on its unix socket.
 //!
 //! The harness shells out to `ip`, `ethtool`, `bridge`; product code never does.
@@ -793,13 +795,22 @@ impl Cluster {
             Some(&ns),
             &format!("route add default via 169.254.1.1 dev eth0 onlink mtu {overlay_mtu}"),
         )?;
-        ip(
-            Some(&ns),
-            &format!(
-                "route add 10.244.{octet}.0/24 via 169.254.1.1 dev eth0 onlink mtu {}",
-                pod_mtu.min(MAX_ROUTE_MTU)
-            ),
-        )?;
+        // A Sluice node's pods see the large MTU on every cluster route (all nodes' pods, the
+        // Services: the dataplane segments for the underlay); a kernel Flannel node's pods keep
+        // the overlay's MTU beyond their own node.
+        let mut large = vec![format!("10.244.{octet}.0/24")];
+        if self.nodes[i].kind == NodeKind::Sluice {
+            large.extend(["10.244.0.0/16".to_owned(), "10.96.0.0/12".to_owned()]);
+        }
+        for cidr in large {
+            ip(
+                Some(&ns),
+                &format!(
+                    "route add {cidr} via 169.254.1.1 dev eth0 onlink mtu {}",
+                    pod_mtu.min(MAX_ROUTE_MTU)
+                ),
+            )?;
+        }
         run(in_ns(&ns, &["ethtool", "-K", "eth0", "tx", "off"]).stdout(Stdio::null()))?;
         ip(
             Some(&node_ns),
