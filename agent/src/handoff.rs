@@ -27,6 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::Waker;
 
 use super::tables::PortId;
+use sluice_dataplane::frame::TxChecksum;
 
 /// Bytes in front of a handed-off frame, for a VXLAN encapsulation by the receiving pipeline.
 pub const HEADROOM: usize = 256;
@@ -67,6 +68,8 @@ pub struct HandoffFrame {
     len: usize,
     pub kind: HandoffKind,
     pub port: PortId,
+    /// A `Transmit` frame whose checksum the transmitter must complete (see `Frame::tx_checksum`).
+    pub csum: Option<TxChecksum>,
 }
 
 impl HandoffFrame {
@@ -77,6 +80,7 @@ impl HandoffFrame {
             len: 0,
             kind: HandoffKind::Process,
             port: PortId(0),
+            csum: None,
         })
     }
 
@@ -85,7 +89,7 @@ impl HandoffFrame {
     }
 
     /// Copy `parts` (in order, fitting the buffer) behind the headroom.
-    fn fill(&mut self, kind: HandoffKind, port: PortId, parts: &[&[u8]]) {
+    fn fill(&mut self, kind: HandoffKind, port: PortId, csum: Option<TxChecksum>, parts: &[&[u8]]) {
         let mut at = HEADROOM;
         for p in parts {
             if let Some(d) = self.buf.get_mut(at..at + p.len()) {
@@ -97,6 +101,7 @@ impl HandoffFrame {
         self.len = at.min(self.buf.len()) - HEADROOM;
         self.kind = kind;
         self.port = port;
+        self.csum = csum;
     }
 
     /// The frame's bytes.
@@ -217,6 +222,7 @@ impl Handoff {
         to: usize,
         kind: HandoffKind,
         port: PortId,
+        csum: Option<TxChecksum>,
         parts: &[&[u8]],
     ) -> Result<(), HandoffError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -239,7 +245,7 @@ impl Handoff {
         let Ok(mut slot) = slot else {
             return Err(HandoffError::Full);
         };
-        slot.fill(kind, port, parts);
+        slot.fill(kind, port, csum, parts);
         // The full ring holds as many as the pair has buffers and one is in our hand, so it has
         // room; it only fails if the peer is gone (then the buffer goes with it).
         lane.full.try_send(slot).map_err(|_| HandoffError::NoPeer)?;
@@ -297,16 +303,16 @@ mod tests {
         let mut a = ends.pop().unwrap();
         assert_eq!((a.worker, b.worker), (0, 2));
         for k in 0..4u8 {
-            a.send(2, HandoffKind::Process, PortId(7), &[&[k, 1], &[2]])
+            a.send(2, HandoffKind::Process, PortId(7), None, &[&[k, 1], &[2]])
                 .unwrap();
         }
         // Four small buffers per pair and no large one: the fifth finds none.
         assert_eq!(
-            a.send(2, HandoffKind::Process, PortId(7), &[&[9]]),
+            a.send(2, HandoffKind::Process, PortId(7), None, &[&[9]]),
             Err(HandoffError::Full)
         );
         assert_eq!(
-            a.send(0, HandoffKind::Process, PortId(7), &[&[9]]),
+            a.send(0, HandoffKind::Process, PortId(7), None, &[&[9]]),
             Err(HandoffError::NoPeer)
         );
         assert!(b.recv(1).is_none());
@@ -318,7 +324,7 @@ mod tests {
         }
         assert!(b.recv(0).is_none());
         // Released buffers are usable again.
-        a.send(2, HandoffKind::Transmit, PortId(3), &[&[5; 100]])
+        a.send(2, HandoffKind::Transmit, PortId(3), None, &[&[5; 100]])
             .unwrap();
         let f = b.recv(0).unwrap();
         assert_eq!((f.data().len(), f.kind), (100, HandoffKind::Transmit));
@@ -326,7 +332,7 @@ mod tests {
         // A frame larger than a small buffer needs a large one, and this pair has none.
         let big = vec![1u8; SMALL_FRAME + 1];
         assert_eq!(
-            a.send(2, HandoffKind::Process, PortId(7), &[&big]),
+            a.send(2, HandoffKind::Process, PortId(7), None, &[&big]),
             Err(HandoffError::Full)
         );
     }
@@ -336,10 +342,12 @@ mod tests {
         let (mut ends, _) = mesh_with(2, 1, 1);
         let mut b = ends.pop().unwrap();
         let mut a = ends.pop().unwrap();
-        a.send(1, HandoffKind::Process, PortId(1), &[&[1]]).unwrap();
-        a.send(1, HandoffKind::Process, PortId(1), &[&[2]]).unwrap();
+        a.send(1, HandoffKind::Process, PortId(1), None, &[&[1]])
+            .unwrap();
+        a.send(1, HandoffKind::Process, PortId(1), None, &[&[2]])
+            .unwrap();
         assert_eq!(
-            a.send(1, HandoffKind::Process, PortId(1), &[&[3]]),
+            a.send(1, HandoffKind::Process, PortId(1), None, &[&[3]]),
             Err(HandoffError::Full)
         );
         let f1 = b.recv(0).unwrap();
@@ -348,13 +356,15 @@ mod tests {
         b.release(0, f2);
         // Only the large buffer is back: a large frame fits, the small pool is still empty.
         let big = vec![0u8; SMALL_FRAME + 1];
-        a.send(1, HandoffKind::Process, PortId(1), &[&big]).unwrap();
+        a.send(1, HandoffKind::Process, PortId(1), None, &[&big])
+            .unwrap();
         assert_eq!(
-            a.send(1, HandoffKind::Process, PortId(1), &[&[4]]),
+            a.send(1, HandoffKind::Process, PortId(1), None, &[&[4]]),
             Err(HandoffError::Full)
         );
         b.release(0, f1);
-        a.send(1, HandoffKind::Process, PortId(1), &[&[4]]).unwrap();
+        a.send(1, HandoffKind::Process, PortId(1), None, &[&[4]])
+            .unwrap();
     }
 
     #[test]
@@ -364,13 +374,19 @@ mod tests {
         let mut a = ends.pop().unwrap();
         let big = vec![0u8; MAX_FRAME + 1];
         assert_eq!(
-            a.send(1, HandoffKind::Process, PortId(1), &[&big]),
+            a.send(1, HandoffKind::Process, PortId(1), None, &[&big]),
             Err(HandoffError::TooLarge)
         );
         // Refused before taking the pair's only buffer.
         assert!(b.recv(0).is_none());
-        a.send(1, HandoffKind::Process, PortId(1), &[&big[..MAX_FRAME]])
-            .unwrap();
+        a.send(
+            1,
+            HandoffKind::Process,
+            PortId(1),
+            None,
+            &[&big[..MAX_FRAME]],
+        )
+        .unwrap();
         let mut f = b.recv(0).unwrap();
         assert_eq!(f.data().len(), MAX_FRAME);
         let (buf, off, len) = f.window_mut();

@@ -32,7 +32,9 @@ use std::time::Instant;
 
 use arrayvec::ArrayVec;
 use sluice_xdp::xsk::MAX_SEGMENTS;
-use sluice_xdp::{RxBatch, SendError, SocketId, Verdict as XskVerdict, Xsk, XskConfig};
+use sluice_xdp::{
+    RxBatch, SendChecksumError, SendError, SocketId, Verdict as XskVerdict, Xsk, XskConfig,
+};
 
 use super::PortSet;
 use super::counters::WorkerCounters;
@@ -41,7 +43,7 @@ use super::drops::{AgentDrop, AgentDropCounts};
 use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
 use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
-use sluice_dataplane::frame::Frame;
+use sluice_dataplane::frame::{Frame, TxChecksum};
 use sluice_dataplane::pipeline::{BATCH, WorkerConfig, WorkerState, process, process_batch};
 use sluice_dataplane::route;
 use sluice_dataplane::segment::{self, FlowTunnel, Oversize};
@@ -124,6 +126,8 @@ struct Outcome {
     verdict: Verdict,
     off: usize,
     len: usize,
+    /// The checksum the transmitter completes (see `Frame::tx_checksum`).
+    csum: Option<TxChecksum>,
 }
 
 /// Bytes of the scratch buffer where oversized frames are cut and ICMP answers are built before
@@ -161,6 +165,9 @@ impl XskIo {
     pub fn new(cfg: &XskConfig, loader: SharedLoader, peers: PortSet) -> Result<Self, WorkerError> {
         let xsk = Xsk::new(cfg).map_err(WorkerError::Umem)?;
         let batch = xsk.batch();
+        let mut state = WorkerState::new(WorkerConfig::default());
+        state.tx_checksum_offload = xsk.tx_checksum_offload();
+        tracing::debug!(offload = state.tx_checksum_offload, "tx checksum offload");
         Ok(Self {
             xsk,
             batch,
@@ -169,7 +176,7 @@ impl XskIo {
             outcomes: Vec::with_capacity(cfg.batch_size),
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             loader,
-            state: WorkerState::new(WorkerConfig::default()),
+            state,
             start: Instant::now(),
             peers,
             handoff: None,
@@ -324,6 +331,7 @@ fn run_pipeline(
             verdict: *v,
             off: f.offset(),
             len: f.len(),
+            csum: f.tx_checksum(),
         }));
     }
 }
@@ -410,13 +418,21 @@ impl XskIo {
         }
     }
 
-    /// Forward packet `i` on our socket `id` with its new window.
+    /// Forward packet `i` on our socket `id` with its new window (and its checksum request).
     fn forward(&mut self, i: usize, o: Outcome, id: SocketId, tally: &mut RoundTally) {
-        match self.batch.set_bounds(i, o.off, o.len) {
-            Ok(()) => self.batch.set_verdict(i, XskVerdict::Forward(id)),
+        if self.batch.set_bounds(i, o.off, o.len).is_err() {
             // No room left in front for the tx metadata: cannot be described to the kernel.
-            Err(_) => tally.drops.add(AgentDrop::TooLarge),
+            tally.drops.add(AgentDrop::TooLarge);
+            return;
         }
+        if let Some(c) = o.csum
+            && self.batch.set_tx_checksum(i, c.start, c.offset).is_err()
+        {
+            // The pipeline asks only when this worker offloads, for a field in the headers.
+            tally.drops.add(AgentDrop::TooLarge);
+            return;
+        }
+        self.batch.set_verdict(i, XskVerdict::Forward(id));
     }
 
     /// Back to the kernel through the punt link (see `punt`), addressed to its kernel side.
@@ -473,7 +489,7 @@ impl XskIo {
         let mut parts: ArrayVec<&[u8], MAX_SEGMENTS> = ArrayVec::new();
         parts.push(chunk.get(off..off + len).unwrap_or(&[]));
         parts.extend(conts.take(MAX_SEGMENTS - 1));
-        hand_off(h, to, kind, port, &parts, tally);
+        hand_off(h, to, kind, port, o.and_then(|o| o.csum), &parts, tally);
     }
 
     /// Cut packet `i` (a pod's frame towards another node, rewritten for its route, larger than
@@ -626,7 +642,7 @@ impl XskIo {
                         let (buf, off, len) = f.window_mut();
                         let mut frame = Frame::new(buf, off, len);
                         let v = process(tables, state, now_ns, ingress, &mut frame);
-                        let (off, len) = (frame.offset(), frame.len());
+                        let (off, len, csum) = (frame.offset(), frame.len(), frame.tx_checksum());
                         let mut pieces = Pieces::new();
                         let extra = match v {
                             Verdict::Segment(to) => Some((
@@ -642,6 +658,7 @@ impl XskIo {
                             _ => None,
                         };
                         f.set_window(off, len);
+                        f.csum = csum;
                         match (v, extra) {
                             (_, Some((to, Ok(answer)))) => {
                                 // Pieces (or the ICMP answer) in the scratch buffer: ours to send.
@@ -677,15 +694,29 @@ impl XskIo {
                 };
                 if let Some(to) = to {
                     match index.get(to) {
-                        Some(id) => {
-                            send_pieces(xsk, id, f.data(), &[(0, f.data().len())], &mut tally.drops)
-                        }
+                        Some(id) => match f.csum {
+                            Some(c) => {
+                                let sent =
+                                    xsk.send_copy_with_checksum(id, &[f.data()], c.start, c.offset);
+                                if let Err(e) = sent {
+                                    count_checksum_send_error(e, &mut tally.drops);
+                                }
+                            }
+                            None => send_pieces(
+                                xsk,
+                                id,
+                                f.data(),
+                                &[(0, f.data().len())],
+                                &mut tally.drops,
+                            ),
+                        },
                         None => {
                             // Not ours to transmit: on to the port's worker, once (never back and
                             // forth).
                             let w = super::port_worker(to, h.workers);
                             if f.kind == HandoffKind::Process && w != h.worker {
-                                hand_off(h, w, HandoffKind::Transmit, to, &[f.data()], tally);
+                                let data = [f.data()];
+                                hand_off(h, w, HandoffKind::Transmit, to, f.csum, &data, tally);
                             } else {
                                 tally.drops.add(AgentDrop::NoSocket);
                             }
@@ -771,16 +802,32 @@ fn send_pieces(
     }
 }
 
+/// Count a copy with a checksum request that could not be queued.
+fn count_checksum_send_error(e: SendChecksumError, drops: &mut AgentDropCounts) {
+    match e {
+        SendChecksumError::Send(SendError::QueueFull | SendError::NoFreeChunks) => {
+            drops.add(AgentDrop::TxFull)
+        }
+        SendChecksumError::Send(SendError::Empty | SendError::NoSuchSocket) => {
+            drops.add(AgentDrop::NoSocket)
+        }
+        SendChecksumError::Send(SendError::TooLarge) | SendChecksumError::Checksum(_) => {
+            drops.add(AgentDrop::TooLarge)
+        }
+    }
+}
+
 /// Copy a frame to worker `to` (counted in `handoffs`, or dropped with its reason).
 fn hand_off(
     h: &mut Handoff,
     to: usize,
     kind: HandoffKind,
     port: PortId,
+    csum: Option<TxChecksum>,
     parts: &[&[u8]],
     tally: &mut RoundTally,
 ) {
-    match h.send(to, kind, port, parts) {
+    match h.send(to, kind, port, csum, parts) {
         Ok(()) => tally.handoffs += 1,
         Err(HandoffError::Full) => tally.drops.add(AgentDrop::HandoffFull),
         Err(HandoffError::TooLarge) => tally.drops.add(AgentDrop::TooLarge),

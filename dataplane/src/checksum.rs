@@ -194,22 +194,30 @@ pub fn l4_checksum_offset(proto: u8) -> Option<usize> {
     }
 }
 
+/// Whether the packet's TCP/UDP checksum field holds only its folded pseudo-header sum
+/// (CHECKSUM_PARTIAL). A complete checksum that happens to equal that sum reads as partial (one
+/// packet in 65536 at random); completing it again is still correct.
+pub fn is_partial(frame: &Frame<'_>, p: &Parsed) -> bool {
+    let Some(co) = l4_checksum_offset(p.proto) else {
+        return false;
+    };
+    get16(frame.head(), p.l4_off + co)
+        == Some(pseudo_header_folded(p.src, p.dst, p.proto, p.l4_len as u16))
+}
+
 /// If the TCP/UDP checksum is partial (the field holds the folded pseudo-header sum, as veth
 /// delivers CHECKSUM_PARTIAL frames), replace it with the full checksum, walking the whole chain.
 /// A complete checksum that happens to equal that sum is recomputed too, which is still correct.
 /// Returns whether it computed.
 pub fn complete_partial(frame: &mut Frame<'_>, p: &Parsed) -> bool {
+    if !is_partial(frame, p) {
+        return false;
+    }
     let Some(co) = l4_checksum_offset(p.proto) else {
         return false;
     };
     let at = p.l4_off + co;
-    let Some(field) = get16(frame.head(), at) else {
-        return false;
-    };
     let l4_len = p.l4_len as u16;
-    if field != pseudo_header_folded(p.src, p.dst, p.proto, l4_len) {
-        return false;
-    }
     let pseudo = pseudo_header_sum(p.src, p.dst, p.proto, l4_len);
     let mut c = l4_full(frame, p.l4_off, p.l4_len, co, pseudo);
     if p.proto == proto::UDP && c == 0 {

@@ -23,6 +23,16 @@ pub struct Frame<'a> {
     off: usize,
     len: usize,
     tail: &'a [&'a [u8]],
+    tx_checksum: Option<TxChecksum>,
+}
+
+/// A request to the transmitter to complete the packet's L4 checksum (AF_XDP TX metadata; the
+/// kernel then hands the packet on as CHECKSUM_PARTIAL): the sum runs from `start` (bytes from the
+/// start of the packet) to its end and goes at `start + offset`, which holds the pseudo-header sum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxChecksum {
+    pub start: u16,
+    pub offset: u16,
 }
 
 impl<'a> Frame<'a> {
@@ -36,7 +46,19 @@ impl<'a> Frame<'a> {
             off,
             len,
             tail: &[],
+            tx_checksum: None,
         }
+    }
+
+    /// The checksum the transmitter must complete (set by the pipeline when it leaves a partial
+    /// checksum partial for a receiver that accepts it).
+    pub fn tx_checksum(&self) -> Option<TxChecksum> {
+        self.tx_checksum
+    }
+
+    /// Ask the transmitter to complete the L4 checksum (see [`TxChecksum`]), or withdraw it.
+    pub fn set_tx_checksum(&mut self, request: Option<TxChecksum>) {
+        self.tx_checksum = request;
     }
 
     /// Attach further buffers (payload only, in order), as AF_XDP multi-buffer delivers them.

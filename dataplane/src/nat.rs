@@ -32,32 +32,48 @@ pub fn rewrite(frame: &mut Frame<'_>, p: &mut Parsed, to: &FlowKey) {
                     tcp::CHECKSUM_OFFSET
                 };
             let Some(mut c) = get16(head, co) else { return };
-            let upd32 = |c, o, n| {
-                if udp {
-                    checksum::update_udp32(c, o, n)
-                } else {
-                    checksum::update32(c, o, n)
+            if p.csum_partial {
+                // The field is the pseudo-header sum, not complemented: addresses are in it, ports
+                // are not (they are summed with the data when the checksum is completed).
+                c = !c;
+                for (old, new) in [(p.src, to.src), (p.dst, to.dst)] {
+                    if old != new {
+                        c = checksum::update32(c, old, new);
+                    }
                 }
-            };
-            let upd16 = |c, o, n| {
-                if udp {
-                    checksum::update_udp16(c, o, n)
-                } else {
-                    checksum::update16(c, o, n)
+                c = !c;
+            } else {
+                let upd32 = |c, o, n| {
+                    if udp {
+                        checksum::update_udp32(c, o, n)
+                    } else {
+                        checksum::update32(c, o, n)
+                    }
+                };
+                let upd16 = |c, o, n| {
+                    if udp {
+                        checksum::update_udp16(c, o, n)
+                    } else {
+                        checksum::update16(c, o, n)
+                    }
+                };
+                if p.src != to.src {
+                    c = upd32(c, p.src, to.src);
                 }
-            };
-            if p.src != to.src {
-                c = upd32(c, p.src, to.src);
-            }
-            if p.dst != to.dst {
-                c = upd32(c, p.dst, to.dst);
+                if p.dst != to.dst {
+                    c = upd32(c, p.dst, to.dst);
+                }
+                if p.src_port != to.src_port {
+                    c = upd16(c, p.src_port, to.src_port);
+                }
+                if p.dst_port != to.dst_port {
+                    c = upd16(c, p.dst_port, to.dst_port);
+                }
             }
             if p.src_port != to.src_port {
-                c = upd16(c, p.src_port, to.src_port);
                 set16(head, l4, to.src_port);
             }
             if p.dst_port != to.dst_port {
-                c = upd16(c, p.dst_port, to.dst_port);
                 set16(head, l4 + 2, to.dst_port);
             }
             set16(head, co, c);

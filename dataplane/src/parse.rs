@@ -63,6 +63,9 @@ pub struct Parsed {
     pub dont_frag: bool,
     /// The Ethernet source (where a NodePort client's frames came from on the uplink).
     pub src_mac: Mac,
+    /// The TCP/UDP checksum field holds only the pseudo-header sum (CHECKSUM_PARTIAL, as a veth
+    /// delivers frames whose sender offloads its checksum); set by the pipeline, not by `parse`.
+    pub csum_partial: bool,
 }
 
 impl Parsed {
@@ -162,6 +165,7 @@ fn parse_ipv4(frame: &Frame<'_>) -> Result<Parsed, NotIpv4> {
         ttl: ip.ttl(),
         dont_frag: ip.dont_fragment(),
         src_mac: eth.src(),
+        csum_partial: false,
     };
     // The L4 header must lie inside the IP datagram and inside the first buffer.
     let l4_in_head = |need: usize| -> Result<&[u8], NotIpv4> {

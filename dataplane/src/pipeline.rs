@@ -36,7 +36,7 @@ use crate::conntrack::{ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState,
 use crate::events::{EventKind, EventSink, FlowCounts, FlowEvent};
 use crate::flow::FlowKey;
 use crate::flow::proto;
-use crate::frame::Frame;
+use crate::frame::{Frame, TxChecksum};
 use crate::nat;
 use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
 use crate::policy::{Direction, PolicyQuery, PolicyVerdict};
@@ -93,6 +93,10 @@ pub struct WorkerState {
     pub steer: Steer,
     /// When [`WorkerState::expire_due`] sweeps next.
     next_expire_ns: u64,
+    /// The transmitter completes L4 checksums on request (AF_XDP TX metadata): a partial checksum
+    /// for a local pod is then left partial and requested on the frame
+    /// ([`Frame::tx_checksum`]) instead of being computed here.
+    pub tx_checksum_offload: bool,
 }
 
 /// How often [`WorkerState::expire_due`] sweeps conntrack.
@@ -111,6 +115,7 @@ impl WorkerState {
             ct_epoch: 0,
             steer: Steer::default(),
             next_expire_ns: 0,
+            tx_checksum_offload: false,
         }
     }
 
@@ -342,9 +347,9 @@ impl Ctx<'_> {
             return Err(self.drop_early(DropReason::SpoofedSource, Some(p.key())));
         }
         let icmp_error = matches!(p.icmp, IcmpKind::Error { .. });
-        if !icmp_error {
-            checksum::complete_partial(frame, &p);
-        }
+        let mut p = p;
+        // Completed (or not) once the route is known: see `settle_checksum`.
+        p.csum_partial = !icmp_error && checksum::is_partial(frame, &p);
         Ok(Prepared {
             parsed: p,
             external: uplink && !tunneled,
@@ -457,13 +462,34 @@ impl Ctx<'_> {
         if route::needs_frag_answer(self.t, &p, &r) {
             return Verdict::FragNeeded(self.t.vxlan_mtu);
         }
+        self.settle_checksum(frame, &mut p, &r);
         if to != key {
             nat::rewrite(frame, &mut p, &to);
         }
         if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
             return route::forward_external(self.t, frame, &p, mac);
         }
-        route::forward(self.t, frame, &p, r, self.s.next_ip_id())
+        let v = route::forward(self.t, frame, &p, r, self.s.next_ip_id());
+        request_checksum(frame, &p, v);
+        v
+    }
+
+    /// What becomes of a partial L4 checksum now that the route is known: left partial for a
+    /// local pod when the transmitter completes it on request (requested with the verdict, see
+    /// [`request_checksum`]); left to the segmenter for a TCP frame it will cut for VXLAN (it sums
+    /// every segment anyway); computed here for everything else (other nodes, the kernel,
+    /// outside clients), before NAT changes the packet.
+    fn settle_checksum(&self, frame: &mut Frame<'_>, p: &mut Parsed, r: &Route) {
+        if !p.csum_partial {
+            return;
+        }
+        let offloaded = matches!(r, Route::Local(_)) && self.s.tx_checksum_offload;
+        let segmented =
+            matches!(r, Route::Remote(_)) && p.proto == proto::TCP && p.ip_len > self.t.vxlan_mtu;
+        if !offloaded && !segmented {
+            checksum::complete_partial(frame, p);
+            p.csum_partial = false;
+        }
     }
 
     /// A TCP flow closed: its end event with counts.
@@ -549,6 +575,9 @@ impl Ctx<'_> {
             // Host-bound or leaving the cluster, and allowed: the kernel routes (and masquerades)
             // it; untracked. Such frames reach a worker only from pods whose egress policy the XDP
             // program sends everything of (the rest it passes itself).
+            if p.csum_partial {
+                checksum::complete_partial(frame, &p);
+            }
             return Verdict::PassToKernel;
         }
         if route::needs_frag_answer(t, &p, &r) {
@@ -589,10 +618,13 @@ impl Ctx<'_> {
             }
             Some(_) => {}
         }
+        self.settle_checksum(frame, &mut p, &r);
+        let s = &mut *self.s;
         if xlat != orig {
             nat::rewrite(frame, &mut p, &xlat);
         }
         let v = route::forward(t, frame, &p, r, s.next_ip_id());
+        request_checksum(frame, &p, v);
         if let Verdict::Forward(port) = v {
             s.emit(|| FlowEvent {
                 tuple: Some(orig),
@@ -634,6 +666,22 @@ impl Ctx<'_> {
             return route::forward_external(self.t, frame, p, mac);
         }
         route::forward(self.t, frame, p, r, self.s.next_ip_id())
+    }
+}
+
+/// A frame forwarded with its checksum still partial asks the transmitter to complete it.
+fn request_checksum(frame: &mut Frame<'_>, p: &Parsed, v: Verdict) {
+    if p.csum_partial
+        && let Verdict::Forward(_) = v
+        && let (Ok(start), Some(offset)) = (
+            u16::try_from(p.l4_off),
+            checksum::l4_checksum_offset(p.proto),
+        )
+    {
+        frame.set_tx_checksum(Some(TxChecksum {
+            start,
+            offset: offset as u16,
+        }));
     }
 }
 

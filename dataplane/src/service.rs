@@ -190,6 +190,7 @@ mod tests {
             ttl: 64,
             dont_frag: true,
             src_mac: crate::wire::ethernet::Mac::default(),
+            csum_partial: false,
         }
     }
 

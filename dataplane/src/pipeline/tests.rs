@@ -111,6 +111,7 @@ fn sport_for(t: &Tables, ip: [u8; 4]) -> u16 {
                 ttl: 64,
                 dont_frag: true,
                 src_mac: pod_mac(2),
+                csum_partial: false,
             };
             matches!(service::select(t, &mut AffinityTable::new(1), 0, &p, false),
                 ServiceOutcome::Backend { ip: b, .. } if b == ip)
@@ -553,6 +554,105 @@ fn chained_frame_with_partial_checksum_is_completed() {
     out.extend_from_slice(&t1);
     out.extend_from_slice(&t2);
     assert!(checksums_ok(&out));
+}
+
+/// A frame whose TCP or UDP checksum is partial (its sender offloads it).
+fn partial(mut f: Vec<u8>, src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let proto = f[14 + 9];
+    let co = if proto == 6 { 16 } else { 6 };
+    let l4_len = (f.len() - 34) as u16;
+    let sum = checksum::pseudo_header_folded(src, dst, proto, l4_len);
+    f[34 + co..34 + co + 2].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// With TX checksum offload, a partial checksum towards a local pod stays partial (after NAT,
+/// the pseudo-header sum of the translated addresses) and the frame asks the transmitter to
+/// complete it; without offload, or towards another node or the kernel, it is completed here.
+#[test]
+fn partial_checksums_are_offloaded_to_local_pods_only() {
+    use crate::frame::TxChecksum;
+    let t = demo_tables();
+    let field = |f: &[u8]| u16::from_be_bytes([f[34 + 16], f[34 + 17]]);
+    let tcp_request = Some(TxChecksum {
+        start: 34,
+        offset: 16,
+    });
+    let run_f = |s: &mut WorkerState, port, bytes: &[u8]| {
+        let mut buf = vec![0u8; HEADROOM + bytes.len()];
+        buf[HEADROOM..].copy_from_slice(bytes);
+        let mut f = Frame::new(&mut buf, HEADROOM, bytes.len());
+        let v = process(&t, s, 1, port, &mut f);
+        (v, f.head().to_vec(), f.tx_checksum())
+    };
+    for offload in [true, false] {
+        let mut s = state();
+        s.tx_checksum_offload = offload;
+        // Pod to pod on this node.
+        let f = partial(
+            demo::tcp_frame(&FrameSpec::from_pod(2, B, 7, 80), tcp::flags::SYN, b"abc"),
+            A,
+            B,
+        );
+        let (v, out, req) = run_f(&mut s, POD_A, &f);
+        assert_eq!(v, Verdict::Forward(POD_B));
+        if offload {
+            assert_eq!(req, tcp_request);
+            assert_eq!(field(&out), field(&f), "left partial");
+        } else {
+            assert_eq!(req, None);
+            assert!(checksums_ok(&out), "completed");
+        }
+        // Through the ClusterIP to the local backend: NAT keeps the partial sum right.
+        let sp = sport_for(&t, B);
+        let f = partial(
+            demo::tcp_frame(
+                &FrameSpec::from_pod(2, VIP, sp, 80),
+                tcp::flags::SYN,
+                b"xyz",
+            ),
+            A,
+            VIP,
+        );
+        let (v, out, req) = run_f(&mut s, POD_A, &f);
+        assert_eq!(v, Verdict::Forward(POD_B));
+        if offload {
+            assert_eq!(req, tcp_request);
+            let l4_len = (out.len() - 34) as u16;
+            assert_eq!(
+                field(&out),
+                checksum::pseudo_header_folded(A, B, 6, l4_len),
+                "the pseudo-header sum of the translated addresses"
+            );
+            // What the kernel will compute from it verifies.
+            let mut done = out.clone();
+            let n = done.len();
+            let p = match parse::parse(&t, &Frame::new(&mut done, 0, n)) {
+                ParseOutcome::Ipv4(mut p) => {
+                    p.csum_partial = true;
+                    p
+                }
+                o => panic!("{o:?}"),
+            };
+            assert!(checksum::complete_partial(
+                &mut Frame::new(&mut done, 0, n),
+                &p
+            ));
+            assert!(checksums_ok(&done));
+        } else {
+            assert!(checksums_ok(&out));
+        }
+        // To another node: completed inside the tunnel, never requested.
+        let f = partial(
+            demo::udp_frame(&FrameSpec::from_pod(2, R, 5000, 6000), b"remote"),
+            A,
+            R,
+        );
+        let (v, out, req) = run_f(&mut s, POD_A, &f);
+        assert_eq!(v, Verdict::Forward(UPLINK));
+        assert_eq!(req, None);
+        assert!(checksums_ok(&decapped(&out)));
+    }
 }
 
 #[test]
