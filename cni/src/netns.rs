@@ -143,8 +143,9 @@ fn ethtool(sock: &OwnedFd, ifname: &str, value: &mut EthtoolValue) -> Result<(),
     }
 }
 
-/// Turn tx checksum offload on or off for `ifname` in the socket's namespace
-/// (`ethtool -K <if> tx off`), so frames leave the pod with full checksums.
+/// Turn tx checksum offload on or off for `ifname` in the socket's namespace (`ethtool -K <if>
+/// tx on|off`). Pods keep it on: their frames leave with partial checksums, which the node's
+/// dataplane completes only where a receiver needs it (a pod on the same node takes them partial).
 pub fn set_tx_checksum(sock: &OwnedFd, ifname: &str, on: bool) -> Result<(), CniError> {
     let mut v = EthtoolValue {
         cmd: ETHTOOL_STXCSUM,
@@ -152,7 +153,8 @@ pub fn set_tx_checksum(sock: &OwnedFd, ifname: &str, on: bool) -> Result<(), Cni
     };
     ethtool(sock, ifname, &mut v).map_err(|e| {
         io(format!(
-            "cannot turn tx checksum offload off on {ifname}: {e}"
+            "cannot turn tx checksum offload {} on {ifname}: {e}",
+            if on { "on" } else { "off" }
         ))
     })
 }

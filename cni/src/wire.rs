@@ -3,7 +3,7 @@
 //!
 //! Inside the pod: `<ifname>` with `<ip>/32`, a permanent neighbor `169.254.1.1 -> host veth
 //! MAC`, and routes via `169.254.1.1 onlink` (each with its own MTU in routes mode), tx checksum
-//! offload off. On the host: `<host veth>` up, `<ip>/32 dev <host veth> scope link`, a permanent
+//! offload on (frames leave with partial checksums; the node's dataplane completes them). On the host: `<host veth>` up, `<ip>/32 dev <host veth> scope link`, a permanent
 //! neighbor `<ip> -> pod MAC`. Deleting the host veth removes the pair and everything on it.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -181,7 +181,7 @@ pub async fn wire(
         .execute()
         .await
         .map_err(|e| nl(&format!("set {} up", plan.host_ifname), e))?;
-    set_tx_checksum(&pod.ioctl, &plan.ifname, false)?;
+    set_tx_checksum(&pod.ioctl, &plan.ifname, true)?;
     pod.handle
         .link()
         .set(LinkUnspec::new_with_index(podl.index).up().build())
@@ -385,9 +385,9 @@ pub async fn check(
             Some(_) => {}
         }
     }
-    if tx_checksum(&pod.ioctl, &plan.ifname)? {
+    if !tx_checksum(&pod.ioctl, &plan.ifname)? {
         drift.push(format!(
-            "tx checksum offload is on for {} in the pod",
+            "tx checksum offload is off for {} in the pod",
             plan.ifname
         ));
     }

@@ -136,7 +136,7 @@ fn add_check_del_lifecycle_all_versions() {
         );
         assert!(
             pod.run(&["ethtool", "-k", "eth0"])
-                .contains("tx-checksumming: off")
+                .contains("tx-checksumming: on")
         );
         assert_eq!(pod.run(&["cat", "/sys/class/net/eth0/mtu"]).trim(), "65535");
         let host_routes = node.host.run(&["ip", "route"]);

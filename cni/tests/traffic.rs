@@ -37,7 +37,7 @@ fn two_pods_ping_each_other() {
         "8000-byte ping a->b: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    // TCP through the kernel (checksums must be complete: tx offload is off in the pods).
+    // TCP through the kernel (the pods offload their checksums; the kernel keeps them partial).
     let server = std::process::Command::new("ip")
         .args([
             "netns", "exec", &b.name, "busybox", "nc", "-l", "-p", "5001",

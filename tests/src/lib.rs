@@ -9,7 +9,7 @@
 //!   started inside its namespace, or, for a Flannel node, a kernel `flannel.1` VXLAN device
 //!   programmed as DESIGN.md says;
 //! - `...-n<i>p<j>`: pod `j` of node `i`, wired like the CNI does: veth `eth0` (tx checksum offload
-//!   off, MTU [`POD_MTU`]) to host veth `vp<j>`, address `10.244.<i+1>.<j+2>/32`, default route via
+//!   on, MTU [`POD_MTU`]) to host veth `vp<j>`, address `10.244.<i+1>.<j+2>/32`, default route via
 //!   `169.254.1.1` onlink with a permanent neighbor entry to the host veth's MAC, per-route MTUs
 //!   (on a Sluice node every cluster route large: the cluster CIDR, the service CIDR; the default
 //!   route at the underlay MTU minus 50; a Flannel node's pods keep the overlay MTU beyond their
@@ -811,7 +811,6 @@ impl Cluster {
                 ),
             )?;
         }
-        run(in_ns(&ns, &["ethtool", "-K", "eth0", "tx", "off"]).stdout(Stdio::null()))?;
         ip(
             Some(&node_ns),
             &format!("route add {pod_ip}/32 dev {host_if} scope link"),
