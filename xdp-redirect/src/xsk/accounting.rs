@@ -1,6 +1,7 @@
 //! Frame accounting: each chunk is at any time in exactly one of: the free
-//! list, a fill ring or the kernel's rx path, a user batch, a tx queue/ring
-//! awaiting completion, or lost with a closed socket.
+//! list, a fill ring or the kernel's rx path, a user batch or a fresh tx
+//! buffer ([`super::TxBuffers`]), a tx queue/ring awaiting completion, or
+//! lost with a closed socket.
 //!
 //! [`Xsk::accounting`] counts them (cheap, any time);
 //! [`Xsk::audit_quiescent`] checks chunk by chunk when nothing is in flight.
@@ -17,7 +18,8 @@ pub struct FrameAccounting {
     pub free: u64,
     /// Given to fill rings, not yet received back.
     pub fill: u64,
-    /// Held in user batches.
+    /// Held in user batches, or lent as fresh tx buffers
+    /// ([`super::TxBuffers`]) not yet queued.
     pub held: u64,
     /// Queued or on tx rings, not yet completed.
     pub tx: u64,
@@ -38,7 +40,7 @@ impl Xsk {
         let mut a = FrameAccounting {
             total: u64::from(self.cfg.frame_count),
             free: self.free.len() as u64,
-            held: self.held.len() as u64,
+            held: self.claims.held() as u64,
             lost: self.lost,
             ..FrameAccounting::default()
         };

@@ -7,7 +7,7 @@
 //! Guarantees: a batch holds whole packets only, in the order received, its
 //! packets' descriptors tile the batch's descriptor list in order; every
 //! descriptor lies inside one UMEM chunk and names a chunk no other
-//! descriptor of any live batch names ([`super::umem::HeldChunks`]); a packet
+//! descriptor of any live batch names ([`super::umem::ChunkClaims`]); a packet
 //! spans at most [`MAX_SEGMENTS`] chunks; bounds moved by the caller stay
 //! inside the chunk. No allocation after [`Xsk::batch`].
 //!
@@ -189,6 +189,24 @@ impl RxBatch {
         Ok(())
     }
 
+    /// Packet `i`'s descriptors (first chunk, then continuations) and its
+    /// record, if the batch belongs to the UMEM `owner` of memory `mem` and
+    /// every descriptor lies in `mem` (what [`FrameMut::lend`] needs).
+    pub(super) fn packet_descs(
+        &mut self,
+        owner: u64,
+        i: usize,
+        mem: &Memory,
+    ) -> Option<(&mut [xdp_desc], &mut Packet)> {
+        if self.owner != owner {
+            return None;
+        }
+        let p = self.packets.get_mut(i)?;
+        let first = p.first as usize;
+        let segs = self.descs.get_mut(first..first + p.nsegs as usize)?;
+        segs.iter().all(|d| mem.contains(d)).then_some((segs, p))
+    }
+
     /// True if the packets tile the descriptor list in order (the shape
     /// [`Xsk::recv`] builds), each with at least one descriptor.
     fn is_tiled(&self) -> bool {
@@ -222,7 +240,7 @@ impl<'a> FrameMut<'a> {
     /// and for `'a` nothing else references the first descriptor's chunk:
     /// no other `FrameMut`, no ring (the chunk was received and not yet
     /// completed), no descriptor of another packet of any live batch.
-    unsafe fn lend(
+    pub(super) unsafe fn lend(
         mem: &'a Memory,
         segs: &'a mut [xdp_desc],
         packet: &'a mut Packet,
@@ -400,7 +418,7 @@ impl<'a> Iterator for Frames<'a> {
         // SAFETY: `Xsk::frames` checked every descriptor of the batch with
         // `Memory::contains` (bounds only ever move inside a chunk). `Xsk::recv`
         // claimed the chunk of each descriptor of every live batch in
-        // `HeldChunks`, refusing one claimed already, and claims end only in
+        // `ChunkClaims`, refusing one claimed already, and claims end only in
         // `Xsk::complete`, which takes the batch by `&mut`: so the chunks of
         // all descriptors of all live batches are pairwise distinct, and this
         // packet's first chunk is lent once (each packet is yielded once, and
@@ -445,7 +463,7 @@ impl Xsk {
         batch.socket = id;
         let mem = &self.mem;
         let free = &mut self.free;
-        let held = &mut self.held;
+        let claims = &mut self.claims;
         let sock = self
             .sockets
             .get_mut(id.0 as usize)
@@ -476,7 +494,7 @@ impl Xsk {
                         }
                     }
                     sock.stats.rx_invalid += 1;
-                } else if !held.claim(mem, &batch.descs[first..]) {
+                } else if !claims.claim(mem, &batch.descs[first..]) {
                     // A chunk some batch holds already (the rings would be corrupt): none of
                     // the chain's chunks is trusted or reclaimed; the accounting shows it.
                     batch.descs.truncate(first);
@@ -505,20 +523,13 @@ impl Xsk {
 
     /// Packet `i` of `batch` (`None` if out of range or foreign).
     pub fn frame<'a>(&'a self, batch: &'a mut RxBatch, i: usize) -> Option<FrameMut<'a>> {
-        if batch.owner != self.id {
-            return None;
-        }
-        let p = batch.packets.get_mut(i)?;
-        let first = p.first as usize;
-        let segs = batch.descs.get_mut(first..first + p.nsegs as usize)?;
-        if !segs.iter().all(|d| self.mem.contains(d)) {
-            return None;
-        }
-        // SAFETY: every descriptor lies in the mapping (checked above). The
-        // first chunk belongs to this batch: received, in no ring, claimed in
-        // `HeldChunks` (so named by no other descriptor of any live batch);
-        // the `&'a mut` borrow of the batch makes this the only frame lent
-        // from it during `'a`.
+        let (segs, p) = batch.packet_descs(self.id, i, &self.mem)?;
+        // SAFETY: `packet_descs` checked that the batch is this UMEM's and
+        // every descriptor lies in the mapping. The first chunk belongs to
+        // this batch: received, in no ring, claimed in `ChunkClaims` (so
+        // named by no other descriptor of any live batch); the `&'a mut`
+        // borrow of the batch makes this the only frame lent from it during
+        // `'a`.
         unsafe { FrameMut::lend(&self.mem, segs, p) }
     }
 
@@ -604,7 +615,7 @@ impl Xsk {
                 }
             }
         }
-        self.held.release(&self.mem, &batch.descs);
+        self.claims.release(&self.mem, &batch.descs);
         batch.descs.clear();
         Ok(())
     }

@@ -17,6 +17,10 @@
 //!    [`Xsk::frames`] gives every packet of the batch at once (distinct
 //!    chunks, all borrowed together); bounds and verdicts are then set on
 //!    the batch by index ([`RxBatch::set_bounds`], [`RxBatch::set_verdict`]).
+//!    [`Xsk::emit_from`] lends one packet as the source of new ones
+//!    (software TSO, fragments) written into fresh chunks of the free list
+//!    ([`Emitter`], [`TxBuffers`]) and queued as descriptor chains; the
+//!    source stays in the batch.
 //! 3. [`Xsk::complete`] moves forwarded frames to their socket's tx queue
 //!    (writing a checksum offload request, [`RxBatch::set_tx_checksum`], in
 //!    front of the data) and dropped ones to the free list; [`Xsk::flush`] produces tx descriptors
@@ -24,8 +28,9 @@
 //!    empty, reaps completions and refills every fill ring greedily.
 //!
 //! Frame accounting: each chunk is at any time in exactly one of: the free
-//! list, a fill ring or the kernel's rx path, a user batch, a tx queue/ring
-//! awaiting completion, or lost with a closed socket. [`Xsk::accounting`]
+//! list, a fill ring or the kernel's rx path, a user batch (or a fresh tx
+//! buffer being written), a tx queue/ring awaiting completion, or lost with
+//! a closed socket. [`Xsk::accounting`]
 //! counts them, [`Xsk::audit_quiescent`] checks chunk by chunk.
 //!
 //! Built on `libxdp-sys` (the C library under xsk-rs, same version) for the
@@ -57,6 +62,8 @@
 //!   operations, kicks;
 //! * `batch`: [`RxBatch`], [`FrameMut`], recv/frame/complete;
 //! * `copy`: [`Xsk::send_copy`] and [`chunks_for`];
+//! * `emit`: [`Xsk::emit_from`], [`Emitter`], [`TxBuffers`]: new packets
+//!   written from a received one into fresh chunks;
 //! * `metadata`: AF_XDP tx metadata (checksum offload), its layout in front
 //!   of the data, [`TxMetadata`];
 //! * `accounting`: [`FrameAccounting`] and the audit.
@@ -65,6 +72,7 @@ mod accounting;
 mod batch;
 mod config;
 mod copy;
+mod emit;
 mod metadata;
 mod ring;
 mod socket;
@@ -78,11 +86,12 @@ pub use accounting::FrameAccounting;
 pub use batch::{BoundsError, Continuations, FrameMut, Frames, RxBatch, Verdict};
 pub use config::{BindMode, BusyPoll, XskConfig};
 pub use copy::{SendChecksumError, SendError, chunks_for};
+pub use emit::{EmitError, Emitted, Emitter, TxBuffers};
 pub use metadata::{ChecksumError, TX_METADATA_LEN, TxMetadata};
 pub use socket::{KernelStats, SocketStats, TxSkbBudget};
 
 use socket::Socket;
-use umem::{HeldChunks, Memory};
+use umem::{ChunkClaims, Memory};
 
 /// Kernel headroom in front of rx data (`XDP_PACKET_HEADROOM`).
 pub const XDP_PACKET_HEADROOM: u32 = libxdp_sys::XDP_PACKET_HEADROOM;
@@ -172,8 +181,8 @@ pub struct Xsk {
     id: u64,
     cfg: XskConfig,
     free: Vec<u64>,
-    /// The chunks user batches hold (see [`HeldChunks`]).
-    held: HeldChunks,
+    /// The chunks user batches and tx buffers hold (see [`ChunkClaims`]).
+    claims: ChunkClaims,
     lost: u64,
     /// Whether the UMEM has room for tx metadata (checksum offload).
     tx_metadata: TxMetadata,
@@ -190,7 +199,7 @@ impl Xsk {
         let mut mem = Memory::map(cfg)?;
         let (unbound, tx_metadata) = Self::register(&mut mem, cfg)?;
         let free = mem.all_chunks();
-        let held = HeldChunks::new(free.len());
+        let claims = ChunkClaims::new(free.len());
         Ok(Self {
             sockets: Vec::new(),
             unbound: Some(unbound),
@@ -198,7 +207,7 @@ impl Xsk {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             cfg: cfg.clone(),
             free,
-            held,
+            claims,
             lost: 0,
             tx_metadata,
         })

@@ -100,7 +100,7 @@ impl Memory {
         // mapping; the descriptor belongs to a batch, so the chunk is owned
         // by userspace (not in any ring) and nobody writes it meanwhile: the
         // only mutable loans are of first chunks (`FrameMut`), and no chunk
-        // is in two places of the live batches (`HeldChunks`).
+        // is in two places of the live batches (`ChunkClaims`).
         unsafe {
             std::slice::from_raw_parts(self.base.as_ptr().add(d.addr as usize), d.len as usize)
         }
@@ -109,17 +109,22 @@ impl Memory {
     /// The whole chunk holding `addr`, writable (empty if outside the UMEM).
     ///
     /// # Safety
-    /// The chunk is userspace's: on the free list, or held by a batch being
-    /// completed; in no ring, so the kernel does not touch it.
-    pub(super) unsafe fn chunk_mut(&mut self, addr: u64) -> &mut [u8] {
+    /// For the returned lifetime nothing else references the chunk: it is
+    /// userspace's (taken off the free list, or held by a batch being
+    /// completed; in no ring, so the kernel does not touch it), and no other
+    /// slice of it is alive (no `FrameMut` of it, no other `chunk_mut`).
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "the caller guarantees the chunk is not aliased (# Safety)"
+    )]
+    pub(super) unsafe fn chunk_mut(&self, addr: u64) -> &mut [u8] {
         let base = self.chunk_base(addr);
         if base + self.frame_size > self.len as u64 {
             return &mut [];
         }
         // SAFETY: [base, base + frame_size) lies in the mapping (checked
-        // above); the kernel does not touch the chunk (caller), and no
-        // `FrameMut` does: they borrow the `Memory` shared, which `&mut self`
-        // excludes, so this is the only reference.
+        // above); the kernel does not touch the chunk and nothing else
+        // references it while the slice lives (caller).
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.base.as_ptr().add(base as usize),
@@ -138,23 +143,23 @@ impl Drop for Memory {
     }
 }
 
-/// The chunks user batches hold, one bit each: a chunk is claimed when
-/// [`super::Xsk::recv`] puts it in a batch and released when
-/// [`super::Xsk::complete`] takes it out. A chunk claimed twice is refused,
-/// which is what makes the chunks of all live batches pairwise distinct
-/// (the `FrameMut`s of a batch borrow them mutably, all at once).
+/// The chunks userspace holds outside the free list and the rings, one bit
+/// each: a chunk is claimed when [`super::Xsk::recv`] puts it in a batch (or
+/// [`super::Xsk::emit_from`] hands it out as a fresh tx buffer) and released
+/// when [`super::Xsk::complete`] (or the queued or dropped buffer) takes it
+/// out. A chunk claimed twice is refused, which is what makes the chunks of
+/// all live batches and buffers pairwise distinct (the `FrameMut`s of a
+/// batch borrow them mutably, all at once, next to the buffers).
 #[derive(Debug)]
-pub(super) struct HeldChunks {
-    bits: Vec<u64>,
-    count: usize,
+pub(super) struct ChunkClaims {
+    held: ChunkBits,
 }
 
-impl HeldChunks {
+impl ChunkClaims {
     /// No chunk held, room for `chunks` chunks.
     pub(super) fn new(chunks: usize) -> Self {
         Self {
-            bits: vec![0; chunks.div_ceil(64)],
-            count: 0,
+            held: ChunkBits::new(chunks),
         }
     }
 
@@ -163,7 +168,7 @@ impl HeldChunks {
     /// in `descs`), nothing is claimed and the answer is false.
     pub(super) fn claim(&mut self, mem: &Memory, descs: &[xdp_desc]) -> bool {
         for (j, d) in descs.iter().enumerate() {
-            if !self.insert(mem.chunk_index(d.addr)) {
+            if !self.claim_chunk(mem.chunk_index(d.addr)) {
                 self.release(mem, &descs[..j]);
                 return false;
             }
@@ -171,29 +176,63 @@ impl HeldChunks {
         true
     }
 
+    /// Claims chunk `i`; false (nothing claimed) if it is held already or
+    /// outside the UMEM.
+    pub(super) fn claim_chunk(&mut self, i: usize) -> bool {
+        self.held.insert(i)
+    }
+
     /// Releases the chunks of `descs` (claimed before).
     pub(super) fn release(&mut self, mem: &Memory, descs: &[xdp_desc]) {
         for d in descs {
-            let i = mem.chunk_index(d.addr);
-            if let Some(w) = self.bits.get_mut(i / 64)
-                && *w & (1 << (i % 64)) != 0
-            {
-                *w &= !(1 << (i % 64));
-                self.count -= 1;
-            }
+            self.release_chunk(mem.chunk_index(d.addr));
         }
     }
 
-    /// Chunks held now.
-    pub(super) fn len(&self) -> usize {
-        self.count
+    /// Releases chunk `i` (nothing happens if it is not held).
+    pub(super) fn release_chunk(&mut self, i: usize) {
+        self.held.remove(i);
     }
 
+    /// Chunks held now.
+    pub(super) fn held(&self) -> usize {
+        self.held.count
+    }
+}
+
+/// A set of chunk indexes, one bit each, with its size.
+#[derive(Debug)]
+struct ChunkBits {
+    bits: Vec<u64>,
+    count: usize,
+}
+
+impl ChunkBits {
+    fn new(chunks: usize) -> Self {
+        Self {
+            bits: vec![0; chunks.div_ceil(64)],
+            count: 0,
+        }
+    }
+
+    /// Adds `i`; false if it is in the set already or out of range.
     fn insert(&mut self, i: usize) -> bool {
         match self.bits.get_mut(i / 64) {
             Some(w) if *w & (1 << (i % 64)) == 0 => {
                 *w |= 1 << (i % 64);
                 self.count += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes `i`; false if it was not in the set.
+    fn remove(&mut self, i: usize) -> bool {
+        match self.bits.get_mut(i / 64) {
+            Some(w) if *w & (1 << (i % 64)) != 0 => {
+                *w &= !(1 << (i % 64));
+                self.count -= 1;
                 true
             }
             _ => false,
@@ -260,21 +299,21 @@ mod tests {
         })
         .unwrap();
         assert_eq!(mem.all_chunks().len(), 130);
-        let mut held = HeldChunks::new(130);
+        let mut held = ChunkClaims::new(130);
         assert!(held.claim(&mem, &[d(0, 320), d(129, 320), d(64, 0)]));
-        assert_eq!(held.len(), 3);
+        assert_eq!(held.held(), 3);
         // Any chunk already held refuses the whole chain and claims nothing of it.
         assert!(!held.claim(&mem, &[d(5, 320), d(129, 270)]));
         assert!(
             !held.claim(&mem, &[d(6, 320), d(6, 1000)]),
             "twice in one chain"
         );
-        assert_eq!(held.len(), 3);
+        assert_eq!(held.held(), 3);
         assert!(held.claim(&mem, &[d(5, 320), d(6, 320)]));
         held.release(&mem, &[d(0, 270), d(129, 320), d(64, 0), d(5, 1), d(6, 2)]);
-        assert_eq!(held.len(), 0);
+        assert_eq!(held.held(), 0);
         held.release(&mem, &[d(0, 0)]);
-        assert_eq!(held.len(), 0, "releasing a free chunk changes nothing");
+        assert_eq!(held.held(), 0, "releasing a free chunk changes nothing");
         assert!(held.claim(&mem, &[d(129, 320)]));
     }
 }
