@@ -84,8 +84,8 @@ pub use loader::{
     LoaderError, LoaderOptions, XdpLoader,
 };
 pub use xsk::{
-    BindMode, BoundsError, BusyPoll, ChecksumError, Continuations, EmitError, Emitted, Emitter,
-    FrameAccounting, FrameMut, Frames, KernelStats, RxBatch, SendChecksumError, SendError,
+    BindMode, BoundsError, BusyPoll, ChainError, ChecksumError, Continuations, EmitError, Emitted,
+    Emitter, FrameAccounting, FrameMut, Frames, KernelStats, RxBatch, SendChecksumError, SendError,
     SocketId, SocketStats, TX_METADATA_LEN, TxBuffers, TxMetadata, TxSkbBudget, Verdict, Xsk,
     XskConfig, XskError, chunks_for,
 };

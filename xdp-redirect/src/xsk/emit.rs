@@ -280,11 +280,7 @@ impl Xsk {
         i: usize,
         to: SocketId,
     ) -> Result<(FrameMut<'a>, Emitter<'a>), EmitError> {
-        let max_segments = if self.cfg.multi_buffer {
-            MAX_SEGMENTS
-        } else {
-            1
-        };
+        let max_segments = self.max_segments();
         let Self {
             sockets,
             mem,

@@ -16,7 +16,8 @@
 //!    header) and sets the verdict: forward to a socket or drop.
 //!    [`Xsk::frames`] gives every packet of the batch at once (distinct
 //!    chunks, all borrowed together); bounds and verdicts are then set on
-//!    the batch by index ([`RxBatch::set_bounds`], [`RxBatch::set_verdict`]).
+//!    the batch by index ([`RxBatch::set_bounds`], [`RxBatch::set_verdict`],
+//!    [`RxBatch::append_piece`] to chain followers' bytes behind a leader).
 //!    [`Xsk::emit_from`] lends one packet as the source of new ones
 //!    (software TSO, fragments) written into fresh chunks of the free list
 //!    ([`Emitter`], [`TxBuffers`]) and queued as descriptor chains; the
@@ -61,6 +62,8 @@
 //! * `ring`: creating and mapping the rings, fill, rx, tx and completion ring
 //!   operations, kicks;
 //! * `batch`: [`RxBatch`], [`FrameMut`], recv/frame/complete;
+//! * `chain`: [`RxBatch::append_piece`]: pieces of followers behind a
+//!   leader (GRO output), who carries which chunk;
 //! * `copy`: [`Xsk::send_copy`] and [`chunks_for`];
 //! * `emit`: [`Xsk::emit_from`], [`Emitter`], [`TxBuffers`]: new packets
 //!   written from a received one into fresh chunks;
@@ -70,6 +73,7 @@
 
 mod accounting;
 mod batch;
+mod chain;
 mod config;
 mod copy;
 mod emit;
@@ -84,6 +88,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use accounting::FrameAccounting;
 pub use batch::{BoundsError, Continuations, FrameMut, Frames, RxBatch, Verdict};
+pub use chain::ChainError;
 pub use config::{BindMode, BusyPoll, XskConfig};
 pub use copy::{SendChecksumError, SendError, chunks_for};
 pub use emit::{EmitError, Emitted, Emitter, TxBuffers};

@@ -573,3 +573,26 @@ pub fn sub_slices<'a>(bufs: &[&'a [u8]], range: std::ops::Range<usize>) -> Vec<&
     }
     out
 }
+
+/// A UDP socket bound to `addr` in netns `ns` that collects datagrams until none came for
+/// `quiet`; returns once it is bound. Join the handle for the datagrams.
+pub fn udp_sink(
+    ns: &str,
+    addr: std::net::SocketAddrV4,
+    quiet: Duration,
+) -> thread::JoinHandle<Vec<Vec<u8>>> {
+    let (ready, bound) = std::sync::mpsc::channel();
+    let h = in_ns(ns, move || {
+        let sock = std::net::UdpSocket::bind(addr).unwrap();
+        sock.set_read_timeout(Some(quiet)).unwrap();
+        ready.send(()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = sock.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    });
+    bound.recv().expect("sink bound");
+    h
+}
