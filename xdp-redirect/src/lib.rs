@@ -85,7 +85,7 @@ pub use loader::{
 };
 pub use xsk::{
     BindMode, BoundsError, BusyPoll, ChainError, ChecksumError, Continuations, EmitError, Emitted,
-    Emitter, FrameAccounting, FrameMut, Frames, KernelStats, RxBatch, SendChecksumError, SendError,
-    SocketId, SocketStats, TX_METADATA_LEN, TxBuffers, TxMetadata, TxSkbBudget, Verdict, Xsk,
-    XskConfig, XskError, chunks_for,
+    Emitter, FrameAccounting, FrameMut, Frames, KernelStats, LentChunk, LentError, LentFrame,
+    LentRefusal, RxBatch, SendChecksumError, SendError, SocketId, SocketStats, TX_METADATA_LEN,
+    TxBuffers, TxMetadata, TxSkbBudget, Verdict, WriteError, Xsk, XskConfig, XskError, chunks_for,
 };

@@ -3,8 +3,8 @@
 //! each is written into fresh chunks (a first chunk with room in front for a header pushed
 //! afterwards, tail chunks when it is larger than one) and queued as a descriptor chain on pod B's
 //! socket. Pod B's packet socket receives exactly those bytes. Then the limits: a packet spanning
-//! more chunks than allowed, a full tx queue and unknown packets or sockets stop an emission with
-//! their reason and take nothing. The accounting balances throughout and the audit at the end.
+//! more chunks than allowed, a full tx queue, an exhausted free list (its chunks lent away) and
+//! unknown packets or sockets stop an emission with their reason and take nothing. The accounting balances throughout and the audit at the end.
 
 mod common;
 
@@ -181,6 +181,26 @@ fn packets_emitted_from_a_received_frame_reach_the_peer() {
     assert_eq!(stats.tx_emitted, 5 + 1024);
     assert!(stats.tx_queue_full >= 1);
     assert!(xsk.accounting().is_balanced());
+
+    // An exhausted free list stops an emission too: lend all but 5 free chunks away, ask for 18.
+    xsk.flush().unwrap();
+    let mut lent = Vec::new();
+    while xsk.accounting().free > 5 {
+        lent.push(xsk.lend().unwrap());
+    }
+    let before = xsk.accounting();
+    {
+        let (_, mut out) = xsk.emit_from(&mut batch, i, b).unwrap();
+        assert!(matches!(
+            out.buffers(MAX_SEGMENTS - 1),
+            Err(SendError::NoFreeChunks)
+        ));
+        drop(out.buffers(4).unwrap());
+    }
+    assert_eq!(xsk.accounting(), before, "refused requests take nothing");
+    for c in lent {
+        xsk.reclaim(c).unwrap();
+    }
 
     // The source was never forwarded: it goes back with the batch.
     xsk.complete(&mut batch).unwrap();

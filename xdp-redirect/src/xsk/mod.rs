@@ -9,7 +9,9 @@
 //! The per-batch cycle, without allocation:
 //! 1. [`Xsk::recv`] fills an [`RxBatch`] with up to `batch_size` whole
 //!    packets (a packet is one first chunk plus continuation chunks, chained
-//!    with `XDP_PKT_CONTD`).
+//!    with `XDP_PKT_CONTD`); [`Xsk::adopt`] adds a frame another worker
+//!    wrote into chunks this UMEM lent it ([`Xsk::lend`], [`LentFrame`]), as
+//!    if received.
 //! 2. [`Xsk::frame`] gives a [`FrameMut`]: the whole first chunk (headroom +
 //!    data) mutably, the data offset and length, the continuation chunks
 //!    read-only. The caller may move the data bounds (push or pull a VXLAN
@@ -24,15 +26,21 @@
 //!    source stays in the batch.
 //! 3. [`Xsk::complete`] moves forwarded frames to their socket's tx queue
 //!    (writing a checksum offload request, [`RxBatch::set_tx_checksum`], in
-//!    front of the data) and dropped ones to the free list; [`Xsk::flush`] produces tx descriptors
-//!    (whole packets, in order), kicks the kernel while the tx ring is not
-//!    empty, reaps completions and refills every fill ring greedily.
+//!    front of the data) and dropped ones to the free list; [`Xsk::flush`]
+//!    produces tx descriptors (whole packets, in order), kicks the kernel
+//!    while the tx ring is not empty, reaps completions and refills every
+//!    fill ring greedily.
 //!
 //! Frame accounting: each chunk is at any time in exactly one of: the free
 //! list, a fill ring or the kernel's rx path, a user batch (or a fresh tx
-//! buffer being written), a tx queue/ring awaiting completion, or lost with
-//! a closed socket. [`Xsk::accounting`]
-//! counts them, [`Xsk::audit_quiescent`] checks chunk by chunk.
+//! buffer being written), a tx queue/ring awaiting completion, lent to
+//! another thread, or lost with a closed socket. [`Xsk::accounting`] counts
+//! them, [`Xsk::audit_quiescent`] checks chunk by chunk.
+//!
+//! The UMEM's memory is shared (`Arc`) by the [`Xsk`] and the chunks it
+//! lent, so it stays mapped while any lent chunk exists; everything else
+//! about a chunk (which ring, batch or buffer has it) is the [`Xsk`]'s, on
+//! the worker's thread.
 //!
 //! Built on `libxdp-sys` (the C library under xsk-rs, same version) for the
 //! descriptor and ring types and the inline ring helpers: xsk-rs 0.11 keeps
@@ -57,7 +65,7 @@
 //! Files, one concept each:
 //! * `config`: [`XskConfig`] and its checks;
 //! * `umem`: the mapping, its registration, chunk arithmetic, the chunks
-//!   batches hold;
+//!   batches and buffers hold and the chunks lent;
 //! * `socket`: open, bind, options, close, counters;
 //! * `ring`: creating and mapping the rings, fill, rx, tx and completion ring
 //!   operations, kicks;
@@ -67,6 +75,8 @@
 //! * `copy`: [`Xsk::send_copy`] and [`chunks_for`];
 //! * `emit`: [`Xsk::emit_from`], [`Emitter`], [`TxBuffers`]: new packets
 //!   written from a received one into fresh chunks;
+//! * `lend`: [`Xsk::lend`], [`LentChunk`], [`LentFrame`], [`Xsk::adopt`],
+//!   [`Xsk::reclaim`]: one copy across workers;
 //! * `metadata`: AF_XDP tx metadata (checksum offload), its layout in front
 //!   of the data, [`TxMetadata`];
 //! * `accounting`: [`FrameAccounting`] and the audit.
@@ -77,6 +87,7 @@ mod chain;
 mod config;
 mod copy;
 mod emit;
+mod lend;
 mod metadata;
 mod ring;
 mod socket;
@@ -84,6 +95,7 @@ mod umem;
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use accounting::FrameAccounting;
@@ -92,6 +104,7 @@ pub use chain::ChainError;
 pub use config::{BindMode, BusyPoll, XskConfig};
 pub use copy::{SendChecksumError, SendError, chunks_for};
 pub use emit::{EmitError, Emitted, Emitter, TxBuffers};
+pub use lend::{LentChunk, LentError, LentFrame, LentRefusal, WriteError};
 pub use metadata::{ChecksumError, TX_METADATA_LEN, TxMetadata};
 pub use socket::{KernelStats, SocketStats, TxSkbBudget};
 
@@ -182,7 +195,9 @@ pub struct Xsk {
     /// The AF_XDP socket the UMEM is registered on while no socket of ours
     /// is bound: the next [`Xsk::open_socket`] binds it.
     unbound: Option<OwnedFd>,
-    mem: Memory,
+    /// Shared with the chunks lent from it ([`LentChunk`], [`LentFrame`]),
+    /// which keep the mapping alive.
+    mem: Arc<Memory>,
     id: u64,
     cfg: XskConfig,
     free: Vec<u64>,
@@ -208,7 +223,7 @@ impl Xsk {
         Ok(Self {
             sockets: Vec::new(),
             unbound: Some(unbound),
-            mem,
+            mem: Arc::new(mem),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             cfg: cfg.clone(),
             free,
