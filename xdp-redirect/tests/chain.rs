@@ -177,24 +177,12 @@ fn followers_payloads_leave_chained_behind_their_leader() {
         5,
         "every descriptor completed"
     );
-    let got = sink.join().unwrap();
     let want: Vec<u8> = sizes
         .iter()
         .enumerate()
         .flat_map(|(k, &n)| pattern(n, k as u8))
         .collect();
-    assert_eq!(
-        got.len(),
-        1,
-        "one datagram, nothing else: {:?}",
-        got.iter().map(Vec::len).collect::<Vec<_>>()
-    );
-    assert!(
-        got[0] == want,
-        "{} bytes arrived, {} expected",
-        got[0].len(),
-        want.len()
-    );
+    assert_arrived(&sink.join().unwrap(), &[want], "datagram");
 
     // 2. A follower whose second chunk carries no piece: that chunk goes to the free list while
     // the first one travels with the leader.
@@ -211,9 +199,8 @@ fn followers_payloads_leave_chained_behind_their_leader() {
     assert_eq!(acc.tx - before.tx, 2, "the leader's chunk and the piece's");
     assert_eq!(acc.free - before.free, 1, "the follower's unused chunk");
     settle(&mut pair.xsk);
-    let got = sink.join().unwrap();
-    assert_eq!(got.len(), 1);
-    assert!(got[0] == [pattern(1000, 0), pattern(5000, 1)[..part].to_vec()].concat());
+    let want = [pattern(1000, 0), pattern(5000, 1)[..part].to_vec()].concat();
+    assert_arrived(&sink.join().unwrap(), &[want], "datagram");
 
     // 3. The leader dropped: every follower chunk goes back with it, nothing leaves.
     let sizes = [1000, 5000, 1000];

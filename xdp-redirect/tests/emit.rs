@@ -111,16 +111,7 @@ fn packets_emitted_from_a_received_frame_reach_the_peer() {
     );
     xsk.flush().unwrap();
 
-    let got = capture.join().unwrap();
-    assert_eq!(got.len(), expected.len(), "every emitted packet arrived");
-    for (k, (g, e)) in got.iter().zip(&expected).enumerate() {
-        assert!(
-            g == e,
-            "packet {k}: {} bytes arrived, {} sent",
-            g.len(),
-            e.len()
-        );
-    }
+    assert_arrived(&capture.join().unwrap(), &expected, "packet");
 
     // Refusals take nothing.
     let before = xsk.accounting();

@@ -239,16 +239,7 @@ fn frames_cross_workers_with_one_copy_into_lent_chunks() {
     assert_eq!(handed, SIZES.len(), "every datagram reached worker A");
     assert!(multi > 0, "a frame spanning several lent chunks");
 
-    let got = sink.join().unwrap();
-    assert_eq!(got.len(), payloads.len(), "every datagram reached pod B");
-    for (k, (g, p)) in got.iter().zip(&payloads).enumerate() {
-        assert!(
-            g == p,
-            "datagram {k}: {} bytes arrived, {} sent",
-            g.len(),
-            p.len()
-        );
-    }
+    assert_arrived(&sink.join().unwrap(), &payloads, "datagram");
 
     // A gives its stock back: a chunk reclaimed by the wrong UMEM comes back; one is dropped
     // (a dying peer), the others return as unwritten frames, which B reclaims.

@@ -364,13 +364,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_chunk_is_held_once_until_released() {
-        let mem = Memory::map(&XskConfig {
+    /// A mapping of 130 chunks of 4 KiB (not registered).
+    fn memory() -> Memory {
+        Memory::map(&XskConfig {
             frame_count: 130,
             ..XskConfig::default()
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_chunk_is_held_once_until_released() {
+        let mem = memory();
         assert_eq!(mem.all_chunks().len(), 130);
         let mut held = ChunkClaims::new(130);
         assert!(held.claim(&mem, &[d(0, 320), d(129, 320), d(64, 0)]));
@@ -392,11 +397,7 @@ mod tests {
 
     #[test]
     fn a_chunk_is_held_or_lent_never_both() {
-        let mem = Memory::map(&XskConfig {
-            frame_count: 130,
-            ..XskConfig::default()
-        })
-        .unwrap();
+        let mem = memory();
         let mut claims = ChunkClaims::new(130);
         assert!(claims.lend(7) && claims.lend(128));
         assert!(!claims.lend(7), "lent twice");

@@ -596,3 +596,13 @@ pub fn udp_sink(
     bound.recv().expect("sink bound");
     h
 }
+
+/// Checks that exactly the frames or datagrams `sent` arrived (`got`), in order, byte for byte;
+/// `what` names one in the messages.
+pub fn assert_arrived(got: &[Vec<u8>], sent: &[Vec<u8>], what: &str) {
+    let lens = |v: &[Vec<u8>]| v.iter().map(Vec::len).collect::<Vec<_>>();
+    assert_eq!(lens(got), lens(sent), "{what} lengths: arrived, sent");
+    for (k, (g, s)) in got.iter().zip(sent).enumerate() {
+        assert!(g == s, "{what} {k}: the bytes differ");
+    }
+}
