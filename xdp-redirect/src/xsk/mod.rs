@@ -190,7 +190,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// A worker's UMEM, its free list and its sockets.
 #[derive(Debug)]
 pub struct Xsk {
-    // Field order is drop order: sockets, then the UMEM, then the memory.
+    // Field order is drop order: sockets, then the UMEM, then this owner of
+    // the memory (unmapped with the last owner: this one, or a lent chunk).
     sockets: Vec<Option<Socket>>,
     /// The AF_XDP socket the UMEM is registered on while no socket of ours
     /// is bound: the next [`Xsk::open_socket`] binds it.

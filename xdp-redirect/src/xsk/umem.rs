@@ -117,8 +117,10 @@ impl Memory {
         // SAFETY: `contains` checked that [addr, addr+len) lies in the
         // mapping; the descriptor belongs to a batch, so the chunk is owned
         // by userspace (not in any ring) and nobody writes it meanwhile: the
-        // only mutable loans are of first chunks (`FrameMut`), and no chunk
-        // is in two places of the live batches (`ChunkClaims`).
+        // only mutable loans of a batch's chunks are of first chunks
+        // (`FrameMut`), and `ChunkClaims` keeps every chunk of the live
+        // batches in one place only (not in two batches, not a fresh tx
+        // buffer, not lent to another thread).
         unsafe {
             std::slice::from_raw_parts(self.base.as_ptr().add(d.addr as usize), d.len as usize)
         }
@@ -155,8 +157,11 @@ impl Memory {
 impl Drop for Memory {
     fn drop(&mut self) {
         // SAFETY: `base`/`len` are exactly the mapping made in `Memory::map`,
-        // unmapped once, after every socket and the UMEM were deleted (field
-        // order of `Xsk`).
+        // unmapped once, when its last owner lets it go: the `Xsk` after its
+        // sockets and the UMEM were deleted (field order of `Xsk`), or the
+        // last lent chunk, whose lender is gone then; either way the kernel
+        // no longer uses it and no slice of it is alive (slices borrow an
+        // owner).
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
