@@ -84,7 +84,8 @@ pub use loader::{
     LoaderError, LoaderOptions, XdpLoader,
 };
 pub use xsk::{
-    BindMode, BoundsError, BusyPoll, ChecksumError, Continuations, FrameAccounting, FrameMut,
-    Frames, KernelStats, RxBatch, SendChecksumError, SendError, SocketId, SocketStats,
-    TX_METADATA_LEN, TxMetadata, TxSkbBudget, Verdict, Xsk, XskConfig, XskError, chunks_for,
+    BindMode, BoundsError, BusyPoll, ChainError, ChecksumError, Continuations, EmitError, Emitted,
+    Emitter, FrameAccounting, FrameMut, Frames, KernelStats, LentChunk, LentError, LentFrame,
+    LentRefusal, RxBatch, SendChecksumError, SendError, SocketId, SocketStats, TX_METADATA_LEN,
+    TxBuffers, TxMetadata, TxSkbBudget, Verdict, WriteError, Xsk, XskConfig, XskError, chunks_for,
 };

@@ -1,9 +1,13 @@
 //! Frame accounting: each chunk is at any time in exactly one of: the free
-//! list, a fill ring or the kernel's rx path, a user batch, a tx queue/ring
-//! awaiting completion, or lost with a closed socket.
+//! list, a fill ring or the kernel's rx path, a user batch or a fresh tx
+//! buffer ([`super::TxBuffers`]), a tx queue/ring awaiting completion, lent
+//! to another thread ([`super::LentChunk`], [`super::LentFrame`]), or lost
+//! with a closed socket.
 //!
 //! [`Xsk::accounting`] counts them (cheap, any time);
 //! [`Xsk::audit_quiescent`] checks chunk by chunk when nothing is in flight.
+
+use std::sync::atomic::Ordering;
 
 use super::Xsk;
 use super::ring;
@@ -17,18 +21,24 @@ pub struct FrameAccounting {
     pub free: u64,
     /// Given to fill rings, not yet received back.
     pub fill: u64,
-    /// Held in user batches.
+    /// Held in user batches, or lent as fresh tx buffers
+    /// ([`super::TxBuffers`]) not yet queued.
     pub held: u64,
     /// Queued or on tx rings, not yet completed.
     pub tx: u64,
     /// Left in the rings of closed sockets.
     pub lost: u64,
+    /// Lent to another thread ([`Xsk::lend`]), not taken back yet.
+    pub lent: u64,
+    /// Of `lent`: dropped by their borrower without being given back (its
+    /// thread died): lost for good, never reused.
+    pub lent_dropped: u64,
 }
 
 impl FrameAccounting {
     /// True when every chunk is somewhere.
     pub fn is_balanced(&self) -> bool {
-        self.free + self.fill + self.held + self.tx + self.lost == self.total
+        self.free + self.fill + self.held + self.tx + self.lost + self.lent == self.total
     }
 }
 
@@ -38,8 +48,10 @@ impl Xsk {
         let mut a = FrameAccounting {
             total: u64::from(self.cfg.frame_count),
             free: self.free.len() as u64,
-            held: self.held.len() as u64,
+            held: self.claims.held() as u64,
             lost: self.lost,
+            lent: self.claims.lent() as u64,
+            lent_dropped: self.mem.lent_dropped.load(Ordering::Relaxed),
             ..FrameAccounting::default()
         };
         for s in self.sockets.iter().flatten() {
@@ -50,8 +62,9 @@ impl Xsk {
     }
 
     /// With no traffic in flight (tx completed, nothing held): checks chunk
-    /// by chunk that the free list and the unconsumed fill ring entries hold
-    /// every chunk exactly once. Returns the accounting on success, or a
+    /// by chunk that the free list, the unconsumed fill ring entries and the
+    /// lent chunks hold every chunk exactly once, and that no lent chunk was
+    /// dropped by its borrower. Returns the accounting on success, or a
     /// description of the first discrepancy.
     pub fn audit_quiescent(&mut self) -> Result<FrameAccounting, String> {
         for sock in self.sockets.iter_mut().flatten() {
@@ -79,6 +92,9 @@ impl Xsk {
         for a in &self.free {
             mark(*a, "free list")?;
         }
+        for i in self.claims.lent_chunks() {
+            mark(i as u64 * self.mem.frame_size, "lent")?;
+        }
         for s in self.sockets.iter().flatten() {
             let entries = ring::fill_ring_entries(&s.fill);
             if entries.len() as u64 != s.fill_out {
@@ -93,10 +109,17 @@ impl Xsk {
                 mark(a, "fill ring")?;
             }
         }
-        match seen.iter().position(|s| !*s) {
-            Some(i) => Err(format!("chunk {i} is nowhere")),
-            None => Ok(acc),
+        if let Some(i) = seen.iter().position(|s| !*s) {
+            return Err(format!("chunk {i} is nowhere"));
         }
+        if acc.lent_dropped != 0 {
+            return Err(format!(
+                "{} lent chunks were dropped by their borrower without being given back \
+                 (lost for good, they stay lent): {acc:?}",
+                acc.lent_dropped
+            ));
+        }
+        Ok(acc)
     }
 }
 
@@ -113,9 +136,14 @@ mod tests {
             held: 1,
             tx: 2,
             lost: 0,
+            lent: 0,
+            lent_dropped: 0,
         };
         assert!(a.is_balanced());
         a.free -= 1;
         assert!(!a.is_balanced());
+        a.lent = 1;
+        a.lent_dropped = 1;
+        assert!(a.is_balanced(), "a dropped lent chunk is still lent");
     }
 }

@@ -7,7 +7,7 @@
 //! Guarantees: a batch holds whole packets only, in the order received, its
 //! packets' descriptors tile the batch's descriptor list in order; every
 //! descriptor lies inside one UMEM chunk and names a chunk no other
-//! descriptor of any live batch names ([`super::umem::HeldChunks`]); a packet
+//! descriptor of any live batch names ([`super::umem::ChunkClaims`]); a packet
 //! spans at most [`MAX_SEGMENTS`] chunks; bounds moved by the caller stay
 //! inside the chunk. No allocation after [`Xsk::batch`].
 //!
@@ -99,16 +99,36 @@ pub(super) struct Packet {
     pub(super) verdict: Verdict,
     /// Checksum offload asked for (forwarded packets only).
     pub(super) csum: Option<TxChecksum>,
+    /// Pieces of other packets chained behind this one
+    /// ([`RxBatch::append_piece`]): `RxBatch::pieces[pieces..pieces + npieces]`.
+    pub(super) pieces: u32,
+    pub(super) npieces: u16,
+    /// Some chunk of this packet carries a piece of a leader: the packet is
+    /// neither sent nor freed on its own (see [`RxBatch::append_piece`]).
+    pub(super) absorbed: bool,
 }
 
 impl Packet {
-    fn new(first: u32, nsegs: u16) -> Self {
+    pub(super) fn new(first: u32, nsegs: u16) -> Self {
         Self {
             first,
             nsegs,
             verdict: Verdict::Drop,
             csum: None,
+            pieces: 0,
+            npieces: 0,
+            absorbed: false,
         }
+    }
+
+    /// The range of this packet's own descriptors in [`RxBatch::descs`].
+    pub(super) fn own(&self) -> std::ops::Range<usize> {
+        self.first as usize..self.first as usize + self.nsegs as usize
+    }
+
+    /// The range of this packet's pieces in [`RxBatch::pieces`].
+    pub(super) fn piece_range(&self) -> std::ops::Range<usize> {
+        self.pieces as usize..self.pieces as usize + self.npieces as usize
     }
 }
 
@@ -125,6 +145,16 @@ pub struct RxBatch {
     pub(super) layout: ChunkLayout,
     /// Whether [`Self::set_tx_checksum`] may ask for offload.
     pub(super) tx_checksum: bool,
+    /// Descriptors chained behind leaders ([`Self::append_piece`]), each
+    /// leader's consecutive; each lies in a chunk of `descs`, no two in one.
+    pub(super) pieces: Vec<xdp_desc>,
+    /// For each descriptor of `descs`, the packet whose pieces its chunk
+    /// carries ([`super::chain::NO_LEADER`] if none); as long as `descs`
+    /// from the first piece on, empty before.
+    pub(super) piece_of: Vec<u32>,
+    /// Chunks one packet may span ([`MAX_SEGMENTS`], 1 without
+    /// multi-buffer).
+    pub(super) max_segments: usize,
 }
 
 impl RxBatch {
@@ -189,6 +219,32 @@ impl RxBatch {
         Ok(())
     }
 
+    /// Packet `i`'s descriptors (first chunk, then continuations) and its
+    /// record, if the batch belongs to the UMEM `owner` of memory `mem` and
+    /// every descriptor lies in `mem` (what [`FrameMut::lend`] needs).
+    pub(super) fn packet_descs(
+        &mut self,
+        owner: u64,
+        i: usize,
+        mem: &Memory,
+    ) -> Option<(&mut [xdp_desc], &mut Packet)> {
+        if self.owner != owner {
+            return None;
+        }
+        let p = self.packets.get_mut(i)?;
+        let first = p.first as usize;
+        let segs = self.descs.get_mut(first..first + p.nsegs as usize)?;
+        segs.iter().all(|d| mem.contains(d)).then_some((segs, p))
+    }
+
+    /// Empties the batch (no allocation: capacities stay).
+    fn clear(&mut self) {
+        self.descs.clear();
+        self.packets.clear();
+        self.pieces.clear();
+        self.piece_of.clear();
+    }
+
     /// True if the packets tile the descriptor list in order (the shape
     /// [`Xsk::recv`] builds), each with at least one descriptor.
     fn is_tiled(&self) -> bool {
@@ -222,7 +278,7 @@ impl<'a> FrameMut<'a> {
     /// and for `'a` nothing else references the first descriptor's chunk:
     /// no other `FrameMut`, no ring (the chunk was received and not yet
     /// completed), no descriptor of another packet of any live batch.
-    unsafe fn lend(
+    pub(super) unsafe fn lend(
         mem: &'a Memory,
         segs: &'a mut [xdp_desc],
         packet: &'a mut Packet,
@@ -400,7 +456,7 @@ impl<'a> Iterator for Frames<'a> {
         // SAFETY: `Xsk::frames` checked every descriptor of the batch with
         // `Memory::contains` (bounds only ever move inside a chunk). `Xsk::recv`
         // claimed the chunk of each descriptor of every live batch in
-        // `HeldChunks`, refusing one claimed already, and claims end only in
+        // `ChunkClaims`, refusing one claimed already, and claims end only in
         // `Xsk::complete`, which takes the batch by `&mut`: so the chunks of
         // all descriptors of all live batches are pairwise distinct, and this
         // packet's first chunk is lent once (each packet is yielded once, and
@@ -419,14 +475,27 @@ impl ExactSizeIterator for Frames<'_> {}
 impl Xsk {
     /// A batch sized for this UMEM (the only allocation of the cycle).
     pub fn batch(&self) -> RxBatch {
+        let descs = self.cfg.batch_size + MAX_SEGMENTS;
         RxBatch {
             owner: self.id,
             socket: SocketId(0),
-            descs: Vec::with_capacity(self.cfg.batch_size + MAX_SEGMENTS),
+            descs: Vec::with_capacity(descs),
             packets: Vec::with_capacity(self.cfg.batch_size),
             max_packets: self.cfg.batch_size,
             layout: ChunkLayout::of(&self.mem),
             tx_checksum: self.tx_checksum_offload(),
+            pieces: Vec::with_capacity(descs),
+            piece_of: Vec::with_capacity(descs),
+            max_segments: self.max_segments(),
+        }
+    }
+
+    /// Chunks one packet may span: [`MAX_SEGMENTS`] with multi-buffer, else 1.
+    pub(super) fn max_segments(&self) -> usize {
+        if self.cfg.multi_buffer {
+            MAX_SEGMENTS
+        } else {
+            1
         }
     }
 
@@ -440,12 +509,11 @@ impl Xsk {
         if !batch.packets.is_empty() {
             self.complete(batch)?;
         }
-        batch.descs.clear();
-        batch.packets.clear();
+        batch.clear();
         batch.socket = id;
         let mem = &self.mem;
         let free = &mut self.free;
-        let held = &mut self.held;
+        let claims = &mut self.claims;
         let sock = self
             .sockets
             .get_mut(id.0 as usize)
@@ -476,7 +544,7 @@ impl Xsk {
                         }
                     }
                     sock.stats.rx_invalid += 1;
-                } else if !held.claim(mem, &batch.descs[first..]) {
+                } else if !claims.claim(mem, &batch.descs[first..]) {
                     // A chunk some batch holds already (the rings would be corrupt): none of
                     // the chain's chunks is trusted or reclaimed; the accounting shows it.
                     batch.descs.truncate(first);
@@ -505,20 +573,13 @@ impl Xsk {
 
     /// Packet `i` of `batch` (`None` if out of range or foreign).
     pub fn frame<'a>(&'a self, batch: &'a mut RxBatch, i: usize) -> Option<FrameMut<'a>> {
-        if batch.owner != self.id {
-            return None;
-        }
-        let p = batch.packets.get_mut(i)?;
-        let first = p.first as usize;
-        let segs = batch.descs.get_mut(first..first + p.nsegs as usize)?;
-        if !segs.iter().all(|d| self.mem.contains(d)) {
-            return None;
-        }
-        // SAFETY: every descriptor lies in the mapping (checked above). The
-        // first chunk belongs to this batch: received, in no ring, claimed in
-        // `HeldChunks` (so named by no other descriptor of any live batch);
-        // the `&'a mut` borrow of the batch makes this the only frame lent
-        // from it during `'a`.
+        let (segs, p) = batch.packet_descs(self.id, i, &self.mem)?;
+        // SAFETY: `packet_descs` checked that the batch is this UMEM's and
+        // every descriptor lies in the mapping. The first chunk belongs to
+        // this batch: received, in no ring, claimed in `ChunkClaims` (so
+        // named by no other descriptor of any live batch); the `&'a mut`
+        // borrow of the batch makes this the only frame lent from it during
+        // `'a`.
         unsafe { FrameMut::lend(&self.mem, segs, p) }
     }
 
@@ -528,6 +589,13 @@ impl Xsk {
     /// iteration is packet `k` of the batch, for [`RxBatch::set_bounds`] and
     /// [`RxBatch::set_verdict`] afterwards. Nothing is allocated. Yields
     /// nothing for a batch of another [`Xsk`].
+    ///
+    /// Because all frames are alive together, [`FrameMut::into_parts`] of
+    /// each gives a view of the whole batch in which any packet's first
+    /// chunk is writable while the others' chunks are readable: what the
+    /// coalescer needs (the leader's headers rewritten in place, the
+    /// followers' payload located), before [`RxBatch::append_piece`] by
+    /// index once the frames are gone.
     pub fn frames<'a>(&'a self, batch: &'a mut RxBatch) -> Frames<'a> {
         let whole = batch.owner == self.id
             && batch.is_tiled()
@@ -546,72 +614,105 @@ impl Xsk {
 
     /// Applies the verdicts of `batch`: forwarded packets go to their
     /// socket's tx queue (dropped if it is full, or if their checksum request
-    /// no longer fits their data), with their checksum request written in
-    /// front of the data; the rest go to the free list. The batch is empty
-    /// afterwards.
+    /// no longer fits their data), each as its own descriptors then the
+    /// pieces appended behind it ([`RxBatch::append_piece`]), with their
+    /// checksum request written in front of the data; the rest go to the
+    /// free list. A packet whose chunks carry pieces is not sent on its own:
+    /// each chunk of it leaves with the leader whose piece it carries, or
+    /// goes to the free list (no piece, or its leader was not sent). The
+    /// batch is empty afterwards.
     pub fn complete(&mut self, batch: &mut RxBatch) -> Result<(), XskError> {
         if batch.owner != self.id {
             return Err(XskError::ForeignBatch);
         }
-        for p in batch.packets.drain(..) {
-            let segs = &mut batch.descs[p.first as usize..p.first as usize + p.nsegs as usize];
-            let target = match p.verdict {
-                Verdict::Forward(to) => self
-                    .sockets
-                    .get_mut(to.0 as usize)
-                    .and_then(Option::as_mut)
-                    .filter(|s| s.pending.len() + segs.len() <= s.pending_cap),
-                Verdict::Drop => None,
-            };
-            let csum_fits = p.csum.is_none_or(|c| c.fits(segs[0].len as usize));
-            match target {
-                Some(sock) if csum_fits => {
-                    let mut first_options = 0;
-                    if let Some(c) = p.csum {
-                        let off = self.mem.offset_in_chunk(segs[0].addr);
-                        // SAFETY: the chunk is held by this batch: received,
-                        // in no ring until queued below.
-                        let chunk = unsafe { self.mem.chunk_mut(segs[0].addr) };
-                        if let Some(meta) = off
-                            .checked_sub(TX_METADATA_LEN as usize)
-                            .and_then(|start| chunk.get_mut(start..off))
-                        {
-                            c.write(meta);
-                            first_options = libc::XDP_TX_METADATA;
-                        }
-                    }
-                    let last = segs.len() - 1;
-                    for (k, d) in segs.iter_mut().enumerate() {
-                        let contd = if k == last { 0 } else { libc::XDP_PKT_CONTD };
-                        d.options = contd | if k == 0 { first_options } else { 0 };
-                        sock.pending.push_back(*d);
-                    }
-                    sock.tx_out += segs.len() as u64;
+        for i in 0..batch.packets.len() {
+            let p = batch.packets[i];
+            if p.absorbed {
+                continue;
+            }
+            let own = &batch.descs[p.own()];
+            if !self.queue_packet(&p, own, &batch.pieces[p.piece_range()]) {
+                for d in own {
+                    self.free.push(self.mem.chunk_base(d.addr));
                 }
-                _ => {
-                    if let Verdict::Forward(to) = p.verdict
-                        && let Some(Some(s)) = self.sockets.get_mut(to.0 as usize)
-                    {
-                        if csum_fits {
-                            s.stats.tx_queue_full += 1;
-                        } else {
-                            s.stats.tx_csum_invalid += 1;
-                        }
-                    }
-                    for d in segs.iter() {
-                        self.free.push(self.mem.chunk_base(d.addr));
+                // Not sent: the chunks of its pieces are freed below.
+                batch.packets[i].verdict = Verdict::Drop;
+            }
+        }
+        if !batch.pieces.is_empty() {
+            for p in batch.packets.iter().filter(|p| p.absorbed) {
+                for k in p.own() {
+                    let leader = batch
+                        .piece_of
+                        .get(k)
+                        .and_then(|&l| batch.packets.get(l as usize));
+                    if !leader.is_some_and(|l| matches!(l.verdict, Verdict::Forward(_))) {
+                        self.free.push(self.mem.chunk_base(batch.descs[k].addr));
                     }
                 }
             }
         }
-        self.held.release(&self.mem, &batch.descs);
-        batch.descs.clear();
+        self.claims.release(&self.mem, &batch.descs);
+        batch.clear();
         Ok(())
+    }
+
+    /// Queues packet `p` (its descriptors `own`, then `pieces`) on the
+    /// socket of its verdict; false (nothing queued, counted) if it is
+    /// dropped, its socket's queue is full or its checksum request no longer
+    /// fits.
+    fn queue_packet(&mut self, p: &Packet, own: &[xdp_desc], pieces: &[xdp_desc]) -> bool {
+        let Verdict::Forward(to) = p.verdict else {
+            return false;
+        };
+        let Some(sock) = self.sockets.get_mut(to.0 as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Some(first) = own.first() else {
+            return false;
+        };
+        let segs = own.len() + pieces.len();
+        if p.csum.is_some_and(|c| !c.fits(first.len as usize)) {
+            sock.stats.tx_csum_invalid += 1;
+            return false;
+        }
+        if sock.pending.len() + segs > sock.pending_cap {
+            sock.stats.tx_queue_full += 1;
+            return false;
+        }
+        let mut first_options = 0;
+        if let Some(c) = p.csum {
+            let off = self.mem.offset_in_chunk(first.addr);
+            // SAFETY: the chunk is held by the batch being completed:
+            // received, in no ring until queued below; no `FrameMut` of it is
+            // alive (they borrow the `Xsk`, which `&mut self` excludes).
+            let chunk = unsafe { self.mem.chunk_mut(first.addr) };
+            if let Some(meta) = off
+                .checked_sub(TX_METADATA_LEN as usize)
+                .and_then(|start| chunk.get_mut(start..off))
+            {
+                c.write(meta);
+                first_options = libc::XDP_TX_METADATA;
+            }
+        }
+        for (k, d) in own.iter().chain(pieces).enumerate() {
+            let contd = if k + 1 == segs {
+                0
+            } else {
+                libc::XDP_PKT_CONTD
+            };
+            sock.pending.push_back(xdp_desc {
+                options: contd | if k == 0 { first_options } else { 0 },
+                ..*d
+            });
+        }
+        sock.tx_out += segs as u64;
+        true
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// 4 KiB chunks with tx metadata.
@@ -620,7 +721,7 @@ mod tests {
         tx_metadata_len: TX_METADATA_LEN as usize,
     };
 
-    fn desc(addr: u64, len: u32) -> xdp_desc {
+    pub(in super::super) fn desc(addr: u64, len: u32) -> xdp_desc {
         xdp_desc {
             addr,
             len,
@@ -629,10 +730,12 @@ mod tests {
     }
 
     /// A batch of chained packets `(first, nsegs)` over `descs`, as recv builds one.
-    fn batch(descs: Vec<xdp_desc>, packets: &[(u32, u16)]) -> RxBatch {
+    pub(in super::super) fn batch(descs: Vec<xdp_desc>, packets: &[(u32, u16)]) -> RxBatch {
         RxBatch {
             owner: 0,
             socket: SocketId(0),
+            pieces: Vec::with_capacity(descs.len()),
+            piece_of: Vec::with_capacity(descs.len()),
             descs,
             packets: packets
                 .iter()
@@ -641,6 +744,7 @@ mod tests {
             max_packets: 64,
             layout: LAYOUT,
             tx_checksum: true,
+            max_segments: MAX_SEGMENTS,
         }
     }
 

@@ -11,6 +11,7 @@
 use libxdp_sys::xdp_desc;
 
 use super::metadata::{ChecksumError, TxChecksum};
+use super::umem::Memory;
 use super::{MAX_SEGMENTS, SocketId, Xsk};
 
 /// Why [`Xsk::send_copy`] did not queue a frame (per packet: small and `Copy`; the frame is
@@ -108,12 +109,13 @@ impl Xsk {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let room = self.mem.tx_metadata_len;
         let per = self.copy_chunk_len();
-        let max = if self.cfg.multi_buffer {
-            MAX_SEGMENTS
-        } else {
-            1
+        let segs = chunks_for(len, per, self.max_segments())?;
+        let spread = Spread {
+            len,
+            first: room,
+            room,
+            chunk: self.cfg.frame_size as usize,
         };
-        let segs = chunks_for(len, per, max)?;
         let Self {
             sockets, mem, free, ..
         } = self;
@@ -128,54 +130,113 @@ impl Xsk {
         if free.len() < segs {
             return Err(SendError::NoFreeChunks);
         }
-        // Gather cursor: part index and offset in that part.
-        let (mut pi, mut po) = (0, 0);
-        let mut left = len;
-        for k in 0..segs {
-            let Some(addr) = free.pop() else {
-                // Checked above: the free list holds at least `segs` chunks.
-                break;
-            };
-            let n = left.min(per);
-            // SAFETY: the chunk was just taken off the free list: in no ring,
-            // in no batch.
-            let chunk = unsafe { mem.chunk_mut(addr) };
-            let Some((meta, data)) = chunk.split_at_mut_checked(room) else {
-                // A chunk of the free list is a whole chunk: not reached.
-                free.push(addr);
-                break;
-            };
-            let mut w = 0;
-            while w < n {
-                let Some(part) = parts.get(pi) else { break };
-                let take = (part.len() - po).min(n - w);
-                if let (Some(d), Some(s)) = (data.get_mut(w..w + take), part.get(po..po + take)) {
-                    d.copy_from_slice(s);
-                }
-                w += take;
-                po += take;
-                if po == part.len() {
-                    pi += 1;
-                    po = 0;
-                }
-            }
-            left -= n;
-            let mut options = if k + 1 < segs { libc::XDP_PKT_CONTD } else { 0 };
-            if k == 0
-                && let Some(c) = csum
-            {
-                c.write(meta);
-                options |= libc::XDP_TX_METADATA;
-            }
-            sock.pending.push_back(xdp_desc {
-                addr: addr + room as u64,
-                len: n as u32,
-                options,
-            });
+        let mut addrs = [0u64; MAX_SEGMENTS];
+        for a in &mut addrs[..segs] {
+            // Checked above: the free list holds at least `segs` chunks.
+            *a = free.pop().unwrap_or_default();
+        }
+        let addrs = &addrs[..segs];
+        // SAFETY: the chunks were just taken off the free list: in no ring,
+        // no batch, not lent; and no `FrameMut` is alive (they borrow the
+        // `Xsk`, which `&mut self` excludes).
+        unsafe { scatter(mem, addrs, spread, parts) };
+        let mut first_options = 0;
+        if let Some(c) = csum {
+            // SAFETY: as above; the slices of `scatter` are gone.
+            let chunk = unsafe { mem.chunk_mut(addrs[0]) };
+            c.write(chunk.get_mut(..room).unwrap_or_default());
+            first_options = libc::XDP_TX_METADATA;
+        }
+        for (k, d) in spread.descs(addrs).enumerate() {
+            let options = d.options | if k == 0 { first_options } else { 0 };
+            sock.pending.push_back(xdp_desc { options, ..d });
         }
         sock.tx_out += segs as u64;
         sock.stats.tx_copied += 1;
         Ok(())
+    }
+}
+
+/// How `len` bytes lie in a chain of chunks of `chunk` bytes: from offset
+/// `first` in the first chunk and from `room` (the tx metadata room) in each
+/// further one, every chunk but the last filled to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Spread {
+    pub(super) len: usize,
+    pub(super) first: usize,
+    pub(super) room: usize,
+    pub(super) chunk: usize,
+}
+
+impl Spread {
+    /// Chunks the bytes take (0 for none).
+    pub(super) fn chunks(&self) -> usize {
+        if self.len == 0 {
+            return 0;
+        }
+        let head = self.chunk.saturating_sub(self.first);
+        let per = self.chunk.saturating_sub(self.room).max(1);
+        1 + self.len.saturating_sub(head).div_ceil(per)
+    }
+
+    /// Offset in its chunk and length of the bytes in chunk `k`.
+    fn segment(&self, k: usize) -> (usize, usize) {
+        let head = self.chunk.saturating_sub(self.first);
+        if k == 0 {
+            return (self.first, self.len.min(head));
+        }
+        let per = self.chunk.saturating_sub(self.room);
+        let before = head + (k - 1) * per;
+        (self.room, self.len.saturating_sub(before).min(per))
+    }
+
+    /// The descriptors of the bytes in the chunks `addrs` (chunk base
+    /// addresses, one per [`Self::chunks`]), chained with `XDP_PKT_CONTD`.
+    pub(super) fn descs<'s>(&'s self, addrs: &'s [u64]) -> impl Iterator<Item = xdp_desc> + 's {
+        let last = addrs.len().saturating_sub(1);
+        addrs.iter().enumerate().map(move |(k, addr)| {
+            let (off, len) = self.segment(k);
+            xdp_desc {
+                addr: addr + off as u64,
+                len: len as u32,
+                options: if k < last { libc::XDP_PKT_CONTD } else { 0 },
+            }
+        })
+    }
+}
+
+/// Copies the bytes of `parts`, in order, into the chunks `addrs` (chunk
+/// base addresses of `mem`) as `spread` lays them out; bytes past the last
+/// chunk are left out.
+///
+/// # Safety
+/// Nothing else references any chunk of `addrs` during the call (see
+/// [`Memory::chunk_mut`]; one chunk is written at a time, so a chunk named
+/// twice is only written twice).
+pub(super) unsafe fn scatter(mem: &Memory, addrs: &[u64], spread: Spread, parts: &[&[u8]]) {
+    let mut bytes = parts.iter().flat_map(|p| p.chunks(64));
+    let mut pending: &[u8] = &[];
+    for (k, addr) in addrs.iter().enumerate() {
+        let (off, n) = spread.segment(k);
+        // SAFETY: the caller's: this chunk is referenced by nothing else,
+        // and the slice ends before the next chunk's is made.
+        let chunk = unsafe { mem.chunk_mut(*addr) };
+        let Some(mut dst) = chunk.get_mut(off..off + n) else {
+            continue;
+        };
+        while !dst.is_empty() {
+            if pending.is_empty() {
+                match bytes.next() {
+                    Some(b) => pending = b,
+                    None => return,
+                }
+            }
+            let take = pending.len().min(dst.len());
+            let (head, rest) = std::mem::take(&mut dst).split_at_mut(take);
+            head.copy_from_slice(&pending[..take]);
+            pending = &pending[take..];
+            dst = rest;
+        }
     }
 }
 

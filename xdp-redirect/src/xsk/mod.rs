@@ -9,24 +9,38 @@
 //! The per-batch cycle, without allocation:
 //! 1. [`Xsk::recv`] fills an [`RxBatch`] with up to `batch_size` whole
 //!    packets (a packet is one first chunk plus continuation chunks, chained
-//!    with `XDP_PKT_CONTD`).
+//!    with `XDP_PKT_CONTD`); [`Xsk::adopt`] adds a frame another worker
+//!    wrote into chunks this UMEM lent it ([`Xsk::lend`], [`LentFrame`]), as
+//!    if received.
 //! 2. [`Xsk::frame`] gives a [`FrameMut`]: the whole first chunk (headroom +
 //!    data) mutably, the data offset and length, the continuation chunks
 //!    read-only. The caller may move the data bounds (push or pull a VXLAN
 //!    header) and sets the verdict: forward to a socket or drop.
 //!    [`Xsk::frames`] gives every packet of the batch at once (distinct
 //!    chunks, all borrowed together); bounds and verdicts are then set on
-//!    the batch by index ([`RxBatch::set_bounds`], [`RxBatch::set_verdict`]).
+//!    the batch by index ([`RxBatch::set_bounds`], [`RxBatch::set_verdict`],
+//!    [`RxBatch::append_piece`] to chain followers' bytes behind a leader).
+//!    [`Xsk::emit_from`] lends one packet as the source of new ones
+//!    (software TSO, fragments) written into fresh chunks of the free list
+//!    ([`Emitter`], [`TxBuffers`]) and queued as descriptor chains; the
+//!    source stays in the batch.
 //! 3. [`Xsk::complete`] moves forwarded frames to their socket's tx queue
 //!    (writing a checksum offload request, [`RxBatch::set_tx_checksum`], in
-//!    front of the data) and dropped ones to the free list; [`Xsk::flush`] produces tx descriptors
-//!    (whole packets, in order), kicks the kernel while the tx ring is not
-//!    empty, reaps completions and refills every fill ring greedily.
+//!    front of the data) and dropped ones to the free list; [`Xsk::flush`]
+//!    produces tx descriptors (whole packets, in order), kicks the kernel
+//!    while the tx ring is not empty, reaps completions and refills every
+//!    fill ring greedily.
 //!
 //! Frame accounting: each chunk is at any time in exactly one of: the free
-//! list, a fill ring or the kernel's rx path, a user batch, a tx queue/ring
-//! awaiting completion, or lost with a closed socket. [`Xsk::accounting`]
-//! counts them, [`Xsk::audit_quiescent`] checks chunk by chunk.
+//! list, a fill ring or the kernel's rx path, a user batch (or a fresh tx
+//! buffer being written), a tx queue/ring awaiting completion, lent to
+//! another thread, or lost with a closed socket. [`Xsk::accounting`] counts
+//! them, [`Xsk::audit_quiescent`] checks chunk by chunk.
+//!
+//! The UMEM's memory is shared (`Arc`) by the [`Xsk`] and the chunks it
+//! lent, so it stays mapped while any lent chunk exists; everything else
+//! about a chunk (which ring, batch or buffer has it) is the [`Xsk`]'s, on
+//! the worker's thread.
 //!
 //! Built on `libxdp-sys` (the C library under xsk-rs, same version) for the
 //! descriptor and ring types and the inline ring helpers: xsk-rs 0.11 keeps
@@ -51,20 +65,29 @@
 //! Files, one concept each:
 //! * `config`: [`XskConfig`] and its checks;
 //! * `umem`: the mapping, its registration, chunk arithmetic, the chunks
-//!   batches hold;
+//!   batches and buffers hold and the chunks lent;
 //! * `socket`: open, bind, options, close, counters;
 //! * `ring`: creating and mapping the rings, fill, rx, tx and completion ring
 //!   operations, kicks;
 //! * `batch`: [`RxBatch`], [`FrameMut`], recv/frame/complete;
+//! * `chain`: [`RxBatch::append_piece`]: pieces of followers behind a
+//!   leader (GRO output), who carries which chunk;
 //! * `copy`: [`Xsk::send_copy`] and [`chunks_for`];
+//! * `emit`: [`Xsk::emit_from`], [`Emitter`], [`TxBuffers`]: new packets
+//!   written from a received one into fresh chunks;
+//! * `lend`: [`Xsk::lend`], [`LentChunk`], [`LentFrame`], [`Xsk::adopt`],
+//!   [`Xsk::reclaim`]: one copy across workers;
 //! * `metadata`: AF_XDP tx metadata (checksum offload), its layout in front
 //!   of the data, [`TxMetadata`];
 //! * `accounting`: [`FrameAccounting`] and the audit.
 
 mod accounting;
 mod batch;
+mod chain;
 mod config;
 mod copy;
+mod emit;
+mod lend;
 mod metadata;
 mod ring;
 mod socket;
@@ -72,17 +95,21 @@ mod umem;
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use accounting::FrameAccounting;
 pub use batch::{BoundsError, Continuations, FrameMut, Frames, RxBatch, Verdict};
+pub use chain::ChainError;
 pub use config::{BindMode, BusyPoll, XskConfig};
 pub use copy::{SendChecksumError, SendError, chunks_for};
+pub use emit::{EmitError, Emitted, Emitter, TxBuffers};
+pub use lend::{LentChunk, LentError, LentFrame, LentRefusal, WriteError};
 pub use metadata::{ChecksumError, TX_METADATA_LEN, TxMetadata};
 pub use socket::{KernelStats, SocketStats, TxSkbBudget};
 
 use socket::Socket;
-use umem::{HeldChunks, Memory};
+use umem::{ChunkClaims, Memory};
 
 /// Kernel headroom in front of rx data (`XDP_PACKET_HEADROOM`).
 pub const XDP_PACKET_HEADROOM: u32 = libxdp_sys::XDP_PACKET_HEADROOM;
@@ -163,17 +190,20 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// A worker's UMEM, its free list and its sockets.
 #[derive(Debug)]
 pub struct Xsk {
-    // Field order is drop order: sockets, then the UMEM, then the memory.
+    // Field order is drop order: sockets, then the UMEM, then this owner of
+    // the memory (unmapped with the last owner: this one, or a lent chunk).
     sockets: Vec<Option<Socket>>,
     /// The AF_XDP socket the UMEM is registered on while no socket of ours
     /// is bound: the next [`Xsk::open_socket`] binds it.
     unbound: Option<OwnedFd>,
-    mem: Memory,
+    /// Shared with the chunks lent from it ([`LentChunk`], [`LentFrame`]),
+    /// which keep the mapping alive.
+    mem: Arc<Memory>,
     id: u64,
     cfg: XskConfig,
     free: Vec<u64>,
-    /// The chunks user batches hold (see [`HeldChunks`]).
-    held: HeldChunks,
+    /// The chunks user batches and tx buffers hold (see [`ChunkClaims`]).
+    claims: ChunkClaims,
     lost: u64,
     /// Whether the UMEM has room for tx metadata (checksum offload).
     tx_metadata: TxMetadata,
@@ -190,15 +220,15 @@ impl Xsk {
         let mut mem = Memory::map(cfg)?;
         let (unbound, tx_metadata) = Self::register(&mut mem, cfg)?;
         let free = mem.all_chunks();
-        let held = HeldChunks::new(free.len());
+        let claims = ChunkClaims::new(free.len());
         Ok(Self {
             sockets: Vec::new(),
             unbound: Some(unbound),
-            mem,
+            mem: Arc::new(mem),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             cfg: cfg.clone(),
             free,
-            held,
+            claims,
             lost: 0,
             tx_metadata,
         })

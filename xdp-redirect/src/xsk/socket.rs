@@ -85,6 +85,9 @@ pub struct SocketStats {
     pub tx_kicks: u64,
     /// Packets queued by [`Xsk::send_copy`] (copied in, not forwarded).
     pub tx_copied: u64,
+    /// Packets queued through [`super::Emitter`] (written into fresh
+    /// chunks from a received packet: segments, fragments).
+    pub tx_emitted: u64,
     /// Forwarded packets dropped because their checksum offload request no
     /// longer fit the first chunk's data (bounds moved after the request):
     /// the kernel would refuse the descriptor and stall the tx ring on it.

@@ -1,8 +1,9 @@
 //! The UMEM: the anonymous mapping that holds every chunk, its registration
 //! with the kernel, the initial free list and the chunk arithmetic.
 //!
-//! Owns: the memory (unmapped on drop, after every socket: field order of
-//! [`super::Xsk`]). Guarantees: [`Memory::slice`] and [`Memory::chunk_mut`]
+//! Owns: the memory (unmapped when the last owner lets it go: the
+//! [`super::Xsk`], after its sockets (field order), or the last chunk lent
+//! from it, see `super::lend`). Guarantees: [`Memory::slice`] and [`Memory::chunk_mut`]
 //! never reach outside the mapping; a chunk address is always
 //! `index * frame_size` (aligned mode), and a descriptor address
 //! `chunk base + offset in chunk`.
@@ -16,6 +17,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::{self, NonNull};
+use std::sync::atomic::AtomicU64;
 
 use libxdp_sys::xdp_desc;
 
@@ -31,7 +33,22 @@ pub(super) struct Memory {
     /// Bytes of tx metadata the UMEM is registered with: no tx descriptor's
     /// data may start closer to its chunk's start (see `super::metadata`).
     pub(super) tx_metadata_len: usize,
+    /// Chunks lent from this UMEM whose `LentChunk` or `LentFrame` was
+    /// dropped without being given back (its borrower died): lost for good.
+    pub(super) lent_dropped: AtomicU64,
 }
+
+// SAFETY: `Memory` is a pointer to a private anonymous mapping and its size,
+// fixed after construction (registration sets `tx_metadata_len` before the
+// memory is shared), plus an atomic counter. It hands out chunk bytes only
+// through `slice` and the unsafe `chunk_mut`, whose callers own the chunk
+// they name (a batch's claim, a fresh buffer's claim, a lent chunk's single
+// owner, see `ChunkClaims`): no two threads reach one chunk at once, and the
+// mapping is valid from any thread until it is unmapped on drop.
+unsafe impl Send for Memory {}
+// SAFETY: as for `Send`: shared references only read the fixed fields and
+// the atomic; chunk contents are reached by the owner of each chunk only.
+unsafe impl Sync for Memory {}
 
 impl Memory {
     /// Maps `frame_count * frame_size` bytes, populated.
@@ -60,6 +77,7 @@ impl Memory {
             len,
             frame_size: u64::from(cfg.frame_size),
             tx_metadata_len: 0,
+            lent_dropped: AtomicU64::new(0),
         })
     }
 
@@ -99,8 +117,10 @@ impl Memory {
         // SAFETY: `contains` checked that [addr, addr+len) lies in the
         // mapping; the descriptor belongs to a batch, so the chunk is owned
         // by userspace (not in any ring) and nobody writes it meanwhile: the
-        // only mutable loans are of first chunks (`FrameMut`), and no chunk
-        // is in two places of the live batches (`HeldChunks`).
+        // only mutable loans of a batch's chunks are of first chunks
+        // (`FrameMut`), and `ChunkClaims` keeps every chunk of the live
+        // batches in one place only (not in two batches, not a fresh tx
+        // buffer, not lent to another thread).
         unsafe {
             std::slice::from_raw_parts(self.base.as_ptr().add(d.addr as usize), d.len as usize)
         }
@@ -109,17 +129,22 @@ impl Memory {
     /// The whole chunk holding `addr`, writable (empty if outside the UMEM).
     ///
     /// # Safety
-    /// The chunk is userspace's: on the free list, or held by a batch being
-    /// completed; in no ring, so the kernel does not touch it.
-    pub(super) unsafe fn chunk_mut(&mut self, addr: u64) -> &mut [u8] {
+    /// For the returned lifetime nothing else references the chunk: it is
+    /// userspace's (taken off the free list, or held by a batch being
+    /// completed; in no ring, so the kernel does not touch it), and no other
+    /// slice of it is alive (no `FrameMut` of it, no other `chunk_mut`).
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "the caller guarantees the chunk is not aliased (# Safety)"
+    )]
+    pub(super) unsafe fn chunk_mut(&self, addr: u64) -> &mut [u8] {
         let base = self.chunk_base(addr);
         if base + self.frame_size > self.len as u64 {
             return &mut [];
         }
         // SAFETY: [base, base + frame_size) lies in the mapping (checked
-        // above); the kernel does not touch the chunk (caller), and no
-        // `FrameMut` does: they borrow the `Memory` shared, which `&mut self`
-        // excludes, so this is the only reference.
+        // above); the kernel does not touch the chunk and nothing else
+        // references it while the slice lives (caller).
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.base.as_ptr().add(base as usize),
@@ -132,38 +157,50 @@ impl Memory {
 impl Drop for Memory {
     fn drop(&mut self) {
         // SAFETY: `base`/`len` are exactly the mapping made in `Memory::map`,
-        // unmapped once, after every socket and the UMEM were deleted (field
-        // order of `Xsk`).
+        // unmapped once, when its last owner lets it go: the `Xsk` after its
+        // sockets and the UMEM were deleted (field order of `Xsk`), or the
+        // last lent chunk, whose lender is gone then; either way the kernel
+        // no longer uses it and no slice of it is alive (slices borrow an
+        // owner).
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
 
-/// The chunks user batches hold, one bit each: a chunk is claimed when
-/// [`super::Xsk::recv`] puts it in a batch and released when
-/// [`super::Xsk::complete`] takes it out. A chunk claimed twice is refused,
-/// which is what makes the chunks of all live batches pairwise distinct
-/// (the `FrameMut`s of a batch borrow them mutably, all at once).
+/// The chunks userspace holds outside the free list and the rings, one bit
+/// each, in two sets:
+/// * held: a chunk is claimed when [`super::Xsk::recv`] or
+///   [`super::Xsk::adopt`] puts it in a batch (or [`super::Xsk::emit_from`]
+///   hands it out as a fresh tx buffer) and released when
+///   [`super::Xsk::complete`] (or the queued or dropped buffer) takes it out;
+/// * lent: a chunk is lent by [`super::Xsk::lend`] and comes back with
+///   [`super::Xsk::adopt`] (then held) or [`super::Xsk::reclaim`].
+///
+/// A chunk is in at most one of the two, once: a claim or a lend of a chunk
+/// held or lent already is refused. That is what makes the chunks of all
+/// live batches and buffers pairwise distinct (the `FrameMut`s of a batch
+/// borrow them mutably, all at once, next to the buffers), and a lent chunk
+/// untouchable by its lender while another thread writes it.
 #[derive(Debug)]
-pub(super) struct HeldChunks {
-    bits: Vec<u64>,
-    count: usize,
+pub(super) struct ChunkClaims {
+    held: ChunkBits,
+    lent: ChunkBits,
 }
 
-impl HeldChunks {
-    /// No chunk held, room for `chunks` chunks.
+impl ChunkClaims {
+    /// No chunk held or lent, room for `chunks` chunks.
     pub(super) fn new(chunks: usize) -> Self {
         Self {
-            bits: vec![0; chunks.div_ceil(64)],
-            count: 0,
+            held: ChunkBits::new(chunks),
+            lent: ChunkBits::new(chunks),
         }
     }
 
     /// Claims the chunks of `descs` (each inside `mem`, see
     /// [`Memory::contains`]). If one is already held (by any batch, or twice
-    /// in `descs`), nothing is claimed and the answer is false.
+    /// in `descs`) or lent, nothing is claimed and the answer is false.
     pub(super) fn claim(&mut self, mem: &Memory, descs: &[xdp_desc]) -> bool {
         for (j, d) in descs.iter().enumerate() {
-            if !self.insert(mem.chunk_index(d.addr)) {
+            if !self.claim_chunk(mem.chunk_index(d.addr)) {
                 self.release(mem, &descs[..j]);
                 return false;
             }
@@ -171,29 +208,109 @@ impl HeldChunks {
         true
     }
 
+    /// Claims chunk `i`; false (nothing claimed) if it is held or lent
+    /// already, or outside the UMEM.
+    pub(super) fn claim_chunk(&mut self, i: usize) -> bool {
+        !self.lent.contains(i) && self.held.insert(i)
+    }
+
     /// Releases the chunks of `descs` (claimed before).
     pub(super) fn release(&mut self, mem: &Memory, descs: &[xdp_desc]) {
         for d in descs {
-            let i = mem.chunk_index(d.addr);
-            if let Some(w) = self.bits.get_mut(i / 64)
-                && *w & (1 << (i % 64)) != 0
-            {
-                *w &= !(1 << (i % 64));
-                self.count -= 1;
-            }
+            self.release_chunk(mem.chunk_index(d.addr));
         }
     }
 
-    /// Chunks held now.
-    pub(super) fn len(&self) -> usize {
-        self.count
+    /// Releases chunk `i` (nothing happens if it is not held).
+    pub(super) fn release_chunk(&mut self, i: usize) {
+        self.held.remove(i);
     }
 
+    /// Chunks held now.
+    pub(super) fn held(&self) -> usize {
+        self.held.count
+    }
+
+    /// Marks chunk `i` lent; false (nothing changes) if it is held or lent
+    /// already, or outside the UMEM.
+    pub(super) fn lend(&mut self, i: usize) -> bool {
+        !self.held.contains(i) && self.lent.insert(i)
+    }
+
+    /// True if chunk `i` is lent.
+    pub(super) fn is_lent(&self, i: usize) -> bool {
+        self.lent.contains(i)
+    }
+
+    /// Ends the lend of chunk `i`; false if it was not lent.
+    pub(super) fn unlend(&mut self, i: usize) -> bool {
+        self.lent.remove(i)
+    }
+
+    /// Chunks lent now.
+    pub(super) fn lent(&self) -> usize {
+        self.lent.count
+    }
+
+    /// The lent chunks' indexes, in order.
+    pub(super) fn lent_chunks(&self) -> impl Iterator<Item = usize> + '_ {
+        self.lent.iter()
+    }
+}
+
+/// A set of chunk indexes below `chunks`, one bit each, with its size.
+#[derive(Debug)]
+struct ChunkBits {
+    bits: Vec<u64>,
+    chunks: usize,
+    count: usize,
+}
+
+impl ChunkBits {
+    fn new(chunks: usize) -> Self {
+        Self {
+            bits: vec![0; chunks.div_ceil(64)],
+            chunks,
+            count: 0,
+        }
+    }
+
+    /// Adds `i`; false if it is in the set already or out of range.
     fn insert(&mut self, i: usize) -> bool {
+        if i >= self.chunks {
+            return false;
+        }
         match self.bits.get_mut(i / 64) {
             Some(w) if *w & (1 << (i % 64)) == 0 => {
                 *w |= 1 << (i % 64);
                 self.count += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        self.bits
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// The indexes in the set, in order.
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.bits.iter().enumerate().flat_map(|(k, &w)| {
+            (0..64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| k * 64 + b)
+        })
+    }
+
+    /// Removes `i`; false if it was not in the set.
+    fn remove(&mut self, i: usize) -> bool {
+        match self.bits.get_mut(i / 64) {
+            Some(w) if *w & (1 << (i % 64)) != 0 => {
+                *w &= !(1 << (i % 64));
+                self.count -= 1;
                 true
             }
             _ => false,
@@ -252,29 +369,55 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_chunk_is_held_once_until_released() {
-        let mem = Memory::map(&XskConfig {
+    /// A mapping of 130 chunks of 4 KiB (not registered).
+    fn memory() -> Memory {
+        Memory::map(&XskConfig {
             frame_count: 130,
             ..XskConfig::default()
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_chunk_is_held_once_until_released() {
+        let mem = memory();
         assert_eq!(mem.all_chunks().len(), 130);
-        let mut held = HeldChunks::new(130);
+        let mut held = ChunkClaims::new(130);
         assert!(held.claim(&mem, &[d(0, 320), d(129, 320), d(64, 0)]));
-        assert_eq!(held.len(), 3);
+        assert_eq!(held.held(), 3);
         // Any chunk already held refuses the whole chain and claims nothing of it.
         assert!(!held.claim(&mem, &[d(5, 320), d(129, 270)]));
         assert!(
             !held.claim(&mem, &[d(6, 320), d(6, 1000)]),
             "twice in one chain"
         );
-        assert_eq!(held.len(), 3);
+        assert_eq!(held.held(), 3);
         assert!(held.claim(&mem, &[d(5, 320), d(6, 320)]));
         held.release(&mem, &[d(0, 270), d(129, 320), d(64, 0), d(5, 1), d(6, 2)]);
-        assert_eq!(held.len(), 0);
+        assert_eq!(held.held(), 0);
         held.release(&mem, &[d(0, 0)]);
-        assert_eq!(held.len(), 0, "releasing a free chunk changes nothing");
+        assert_eq!(held.held(), 0, "releasing a free chunk changes nothing");
         assert!(held.claim(&mem, &[d(129, 320)]));
+    }
+
+    #[test]
+    fn a_chunk_is_held_or_lent_never_both() {
+        let mem = memory();
+        let mut claims = ChunkClaims::new(130);
+        assert!(claims.lend(7) && claims.lend(128));
+        assert!(!claims.lend(7), "lent twice");
+        assert!(!claims.lend(130), "outside the UMEM");
+        assert!(
+            !claims.claim(&mem, &[d(1, 320), d(7, 320)]),
+            "a lent chunk is not claimed"
+        );
+        assert_eq!(claims.held(), 0);
+        assert!(claims.claim_chunk(1));
+        assert!(!claims.lend(1), "a held chunk is not lent");
+        assert_eq!(claims.lent_chunks().collect::<Vec<_>>(), [7, 128]);
+        assert!(claims.unlend(7) && !claims.unlend(7));
+        assert!(claims.claim_chunk(7), "once back, claimed like any other");
+        assert_eq!((claims.held(), claims.lent()), (2, 1));
+        assert!(claims.is_lent(128) && !claims.is_lent(7));
     }
 }

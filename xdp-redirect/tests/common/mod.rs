@@ -385,3 +385,224 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
+
+/// An AF_PACKET socket receiving the frames of one EtherType on one interface of the calling
+/// thread's netns, whole (Ethernet header included): what the peer of a transmitting socket sees.
+pub struct Capture {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Capture {
+    /// Opens and binds the capture on `ifname` for `ethertype`; `recv` waits at most `timeout`.
+    pub fn open(ifname: &str, ethertype: u16, timeout: Duration) -> Self {
+        use std::os::fd::FromRawFd;
+        let proto = ethertype.to_be();
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: `name` is NUL-terminated and outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(ifindex > 0, "no interface {ifname}");
+        let sll = libc::sockaddr_ll {
+            sll_family: libc::AF_PACKET as u16,
+            sll_protocol: proto,
+            sll_ifindex: ifindex as i32,
+            sll_hatype: 0,
+            sll_pkttype: 0,
+            sll_halen: 0,
+            sll_addr: [0; 8],
+        };
+        // SAFETY: `sll` is a live `struct sockaddr_ll` and its size is passed along.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: `tv` is a live timeval and its size is passed along.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        Self { fd }
+    }
+
+    /// The next frame, or `None` once the timeout passed without one.
+    pub fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: `buf` is live and writable for its length.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        let n = usize::try_from(n).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+}
+
+/// Captures up to `count` frames of `ethertype` on `eth0` of netns `ns` (see [`Capture`]),
+/// returning once the capture is open; join the handle for the frames (fewer if `timeout` passed
+/// without one).
+pub fn capture_in(
+    ns: &str,
+    ethertype: u16,
+    count: usize,
+    timeout: Duration,
+) -> thread::JoinHandle<Vec<Vec<u8>>> {
+    let (ready, opened) = std::sync::mpsc::channel();
+    let h = in_ns(ns, move || {
+        let cap = Capture::open("eth0", ethertype, timeout);
+        ready.send(()).unwrap();
+        let mut got = Vec::new();
+        while got.len() < count {
+            match cap.recv() {
+                Some(f) => got.push(f),
+                None => break,
+            }
+        }
+        got
+    });
+    opened.recv().expect("capture opened");
+    h
+}
+
+/// Sends one UDP datagram of `payload` from `from` (in netns `ns`) to `to`.
+pub fn send_udp(ns: &str, from: Ipv4Addr, to: std::net::SocketAddrV4, payload: Vec<u8>) {
+    in_ns(ns, move || {
+        let sock = std::net::UdpSocket::bind(std::net::SocketAddrV4::new(from, 0)).unwrap();
+        sock.send_to(&payload, to).unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+/// Ethernet header to `dst` from `src` with EtherType `ethertype`.
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> [u8; 14] {
+    let mut h = [0u8; 14];
+    h[..6].copy_from_slice(&dst);
+    h[6..12].copy_from_slice(&src);
+    h[12..].copy_from_slice(&ethertype.to_be_bytes());
+    h
+}
+
+/// Receives on `s` into `batch` until it holds a packet that `wanted(total_len)` accepts (other
+/// packets are dropped), for at most 5 s; returns its index in the batch.
+pub fn recv_packet(
+    xsk: &mut Xsk,
+    s: SocketId,
+    batch: &mut sluice_xdp::RxBatch,
+    wanted: impl Fn(usize) -> bool,
+) -> usize {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let n = xsk.recv(s, batch).unwrap();
+        if let Some(i) = (0..n).find(|&i| wanted(xsk.frame(batch, i).unwrap().total_len())) {
+            return i;
+        }
+        xsk.flush().unwrap();
+        thread::sleep(Duration::from_millis(2));
+    }
+    panic!("no wanted packet arrived on {s:?} within 5 s");
+}
+
+/// Copies `parts` (in order) to `head[start..]`, continuing into `tails` in order, each filled to
+/// its length when `head` is full, as the segmenter's `write_next` does; returns the bytes in
+/// `head` from `start`, the tail buffers used and the bytes in the last one.
+pub fn scatter(
+    parts: &[&[u8]],
+    head: &mut [u8],
+    start: usize,
+    tails: &mut [&mut [u8]],
+) -> (usize, usize, usize) {
+    let bytes: Vec<u8> = parts.concat();
+    let head_len = bytes.len().min(head.len() - start);
+    head[start..start + head_len].copy_from_slice(&bytes[..head_len]);
+    let (mut done, mut used, mut last) = (head_len, 0, 0);
+    for t in tails.iter_mut() {
+        if done == bytes.len() {
+            break;
+        }
+        let n = t.len().min(bytes.len() - done);
+        t[..n].copy_from_slice(&bytes[done..done + n]);
+        (done, used, last) = (done + n, used + 1, n);
+    }
+    assert_eq!(done, bytes.len(), "the buffers hold the packet");
+    (head_len, used, last)
+}
+
+/// The bytes `range` of the packet whose buffers are `bufs` (in order), as slices of them.
+pub fn sub_slices<'a>(bufs: &[&'a [u8]], range: std::ops::Range<usize>) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for b in bufs {
+        let (lo, hi) = (range.start.max(at), range.end.min(at + b.len()));
+        if lo < hi {
+            out.push(&b[lo - at..hi - at]);
+        }
+        at += b.len();
+    }
+    out
+}
+
+/// A UDP socket bound to `addr` in netns `ns` that collects datagrams until none came for
+/// `quiet`; returns once it is bound. Join the handle for the datagrams.
+pub fn udp_sink(
+    ns: &str,
+    addr: std::net::SocketAddrV4,
+    quiet: Duration,
+) -> thread::JoinHandle<Vec<Vec<u8>>> {
+    let (ready, bound) = std::sync::mpsc::channel();
+    let h = in_ns(ns, move || {
+        let sock = std::net::UdpSocket::bind(addr).unwrap();
+        sock.set_read_timeout(Some(quiet)).unwrap();
+        ready.send(()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = sock.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    });
+    bound.recv().expect("sink bound");
+    h
+}
+
+/// Checks that exactly the frames or datagrams `sent` arrived (`got`), in order, byte for byte;
+/// `what` names one in the messages.
+pub fn assert_arrived(got: &[Vec<u8>], sent: &[Vec<u8>], what: &str) {
+    let lens = |v: &[Vec<u8>]| v.iter().map(Vec::len).collect::<Vec<_>>();
+    assert_eq!(lens(got), lens(sent), "{what} lengths: arrived, sent");
+    for (k, (g, s)) in got.iter().zip(sent).enumerate() {
+        assert!(g == s, "{what} {k}: the bytes differ");
+    }
+}
