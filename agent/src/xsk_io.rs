@@ -33,7 +33,7 @@ use std::time::Instant;
 use arrayvec::ArrayVec;
 use sluice_xdp::xsk::MAX_SEGMENTS;
 use sluice_xdp::{
-    RxBatch, SendChecksumError, SendError, SocketId, Verdict as XskVerdict, Xsk, XskConfig,
+    Emitted, RxBatch, SendChecksumError, SendError, SocketId, Verdict as XskVerdict, Xsk, XskConfig,
 };
 
 use super::PortSet;
@@ -43,13 +43,15 @@ use super::drops::{AgentDrop, AgentDropCounts};
 use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
 use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
+use sluice_dataplane::coalesce::{self, ChecksumTrust, Merged};
 use sluice_dataplane::frame::{Frame, TxChecksum};
 use sluice_dataplane::pipeline::{BATCH, WorkerConfig, WorkerState, process, process_batch};
 use sluice_dataplane::route;
 use sluice_dataplane::segment::{self, FlowTunnel, Oversize};
 use sluice_dataplane::steer::Steer;
 use sluice_dataplane::tables::Tables;
-use sluice_dataplane::verdict::Verdict;
+use sluice_dataplane::verdict::{DropReason, Verdict};
+use sluice_dataplane::vxlan;
 
 /// UMEM chunks kept in a pod socket's fill ring, at least (two batches of MTU-sized frames or
 /// about 8 of 64 KiB).
@@ -128,6 +130,20 @@ struct Outcome {
     len: usize,
     /// The checksum the transmitter completes (see `Frame::tx_checksum`).
     csum: Option<TxChecksum>,
+    /// Its payload travels behind another packet of the batch (GRO): nothing to do on its own.
+    absorbed: bool,
+}
+
+/// One GRO piece to chain: bytes `off..off + len` of buffer `buf` of packet `follower` (after its
+/// window moved to `window`) go behind packet `leader` (`RxBatch::append_piece`).
+#[derive(Debug, Clone, Copy)]
+struct Chain {
+    leader: usize,
+    follower: usize,
+    window: (usize, usize),
+    buf: usize,
+    off: usize,
+    len: usize,
 }
 
 /// Bytes of the scratch buffer where oversized frames are cut and ICMP answers are built before
@@ -148,6 +164,9 @@ pub struct XskIo {
     index: SocketIndex,
     /// One per packet of the current batch (capacity: the batch size; never reallocates).
     outcomes: Vec<Outcome>,
+    /// GRO pieces of the current batch (capacity: every packet but one a piece; never
+    /// reallocates).
+    chains: Vec<Chain>,
     /// Where oversized frames are cut (see [`SCRATCH`]); allocated once.
     scratch: Box<[u8]>,
     loader: SharedLoader,
@@ -174,6 +193,7 @@ impl XskIo {
             sockets: Vec::new(),
             index: SocketIndex::default(),
             outcomes: Vec::with_capacity(cfg.batch_size),
+            chains: Vec::with_capacity(cfg.batch_size * coalesce::MAX_PIECES),
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             loader,
             state,
@@ -284,6 +304,15 @@ impl WorkerIo for XskIo {
 /// Run the pipeline over the whole batch just received on `ingress`: every packet lent at once
 /// ([`Xsk::frames`]), as frames over their own chunks, through `process_batch` in groups of
 /// [`BATCH`]; one [`Outcome`] per packet, in batch order, into `outcomes`.
+///
+/// With `gro` (for what arrives on the uplink), the TCP segments of a group that go to a pod
+/// through one of this worker's sockets (`local`) are then coalesced (`coalesce`: in-order
+/// segments of one flow become one packet for the pod, its first segment's headers rewritten),
+/// and the pieces to chain behind each merged packet's first segment go into `chains`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the worker's disjoint fields, borrowed at once"
+)]
 fn run_pipeline(
     xsk: &Xsk,
     batch: &mut RxBatch,
@@ -291,9 +320,12 @@ fn run_pipeline(
     state: &mut WorkerState,
     now_ns: u64,
     ingress: PortId,
+    gro: Option<&dyn Fn(PortId) -> bool>,
     outcomes: &mut Vec<Outcome>,
+    chains: &mut Vec<Chain>,
 ) {
     outcomes.clear();
+    chains.clear();
     let mut lent = xsk.frames(batch);
     loop {
         // The continuation chunks of a group's packets, all of them, then the frames over them.
@@ -327,12 +359,62 @@ fn run_pipeline(
             &mut frames,
             &mut verdicts[..n],
         );
+        let base = outcomes.len();
         outcomes.extend(frames.iter().zip(&verdicts).map(|(f, v)| Outcome {
             verdict: *v,
             off: f.offset(),
             len: f.len(),
             csum: f.tx_checksum(),
+            absorbed: false,
         }));
+        if let Some(local) = gro {
+            coalesce_group(frames, &verdicts[..n], local, base, outcomes, chains);
+        }
+    }
+}
+
+/// GRO over one group of processed frames (batch indexes from `base`): the frames forwarded to
+/// a local pod socket are coalesced; every merge's pieces go into `chains` and its segments but
+/// the first are marked absorbed. Only frames with the same verdict can be in one merge: a merge
+/// is one flow, and frames of one flow forwarded to a pod all go to that pod.
+fn coalesce_group(
+    frames: ArrayVec<Frame<'_>, BATCH>,
+    verdicts: &[Verdict],
+    local: &dyn Fn(PortId) -> bool,
+    base: usize,
+    outcomes: &mut [Outcome],
+    chains: &mut Vec<Chain>,
+) {
+    let mut eligible: ArrayVec<Frame<'_>, BATCH> = ArrayVec::new();
+    let mut index: ArrayVec<usize, BATCH> = ArrayVec::new();
+    for (k, f) in frames.into_iter().enumerate() {
+        if matches!(verdicts[k], Verdict::Forward(p) if local(p)) {
+            eligible.push(f);
+            index.push(base + k);
+        }
+    }
+    if eligible.len() < 2 {
+        return;
+    }
+    let mut plan = [Merged::default(); BATCH];
+    let n = coalesce::coalesce(&mut eligible, ChecksumTrust::Derive, &mut plan);
+    for m in plan[..n].iter().filter(|m| m.is_merge()) {
+        let leader = index[m.first()];
+        // The leader's header now says the merged length; its window is unchanged.
+        outcomes[leader].len = eligible[m.first()].len();
+        for p in m.pieces() {
+            let follower = index[usize::from(p.frame)];
+            let o = &mut outcomes[follower];
+            o.absorbed = true;
+            chains.push(Chain {
+                leader,
+                follower,
+                window: (o.off, o.len),
+                buf: usize::from(p.buf),
+                off: p.off as usize,
+                len: p.len as usize,
+            });
+        }
     }
 }
 
@@ -357,6 +439,9 @@ impl XskIo {
         if n == 0 {
             return 0;
         }
+        let index = &self.index;
+        let uplink = snapshot.tables.node.uplink;
+        let local = |p: PortId| p != uplink && index.get(p).is_some();
         run_pipeline(
             &self.xsk,
             &mut self.batch,
@@ -364,16 +449,44 @@ impl XskIo {
             &mut self.state,
             now_ns,
             s.port,
+            (s.port == uplink).then_some(&local as &dyn Fn(PortId) -> bool),
             &mut self.outcomes,
+            &mut self.chains,
         );
+        self.chain_pieces(tally);
         for i in 0..self.outcomes.len() {
             let o = self.outcomes[i];
-            self.act(i, s, o, snapshot, tally);
+            if !o.absorbed {
+                self.act(i, s, o, snapshot, tally);
+            }
         }
         if let Err(e) = self.xsk.complete(&mut self.batch) {
             tracing::debug!("complete: {e}");
         }
         n
+    }
+
+    /// Chain the GRO pieces behind their merged packets. A merge that cannot be chained whole is
+    /// dropped (its first segment's header already says the merged length); the kernel's TCP
+    /// retransmits it.
+    fn chain_pieces(&mut self, tally: &mut RoundTally) {
+        for c in &self.chains {
+            let chained = self
+                .batch
+                .set_bounds(c.follower, c.window.0, c.window.1)
+                .is_ok()
+                && self
+                    .batch
+                    .append_piece(c.leader, c.follower, c.buf, c.off, c.len)
+                    .is_ok();
+            if !chained {
+                let leader = &mut self.outcomes[c.leader];
+                if !matches!(leader.verdict, Verdict::Drop(_)) {
+                    leader.verdict = Verdict::Drop(DropReason::FrameTooBig);
+                    tally.drops.add(AgentDrop::TooLarge);
+                }
+            }
+        }
     }
 
     /// Carry out the verdict of packet `i` of the batch, received on socket `from`. A packet
@@ -493,8 +606,9 @@ impl XskIo {
     }
 
     /// Cut packet `i` (a pod's frame towards another node, rewritten for its route, larger than
-    /// VXLAN carries) into pieces in the scratch buffer, each VXLAN-encapsulated with the flow's
-    /// tunnel, and queue them on our socket for `to` (the uplink).
+    /// VXLAN carries) into pieces written straight into fresh chunks of our UMEM
+    /// ([`Xsk::emit_from`]), each VXLAN-encapsulated with the flow's tunnel and queued on our
+    /// socket for `to` (the uplink). One copy of the payload, summed on the way.
     fn segment(
         &mut self,
         i: usize,
@@ -507,25 +621,57 @@ impl XskIo {
             tally.drops.add(AgentDrop::NoSocket);
             return;
         };
-        let mut pieces = Pieces::new();
-        let cut_ok = {
-            let Some(fm) = self.xsk.frame(&mut self.batch, i) else {
-                return;
-            };
-            let (chunk, _, _, conts) = fm.into_parts();
-            let tail: ArrayVec<&[u8], MAX_SEGMENTS> = conts.collect();
-            let frame = Frame::new(chunk, o.off, o.len).with_tail(&tail);
-            cut(
-                &frame,
-                tables,
-                &mut self.state,
-                &mut self.scratch,
-                &mut pieces,
-            )
+        let Ok((src, mut out)) = self.xsk.emit_from(&mut self.batch, i, id) else {
+            tally.drops.add(AgentDrop::NoSocket);
+            return;
         };
-        match cut_ok {
-            Ok(()) => send_pieces(&mut self.xsk, id, &self.scratch, &pieces, &mut tally.drops),
-            Err(r) => tally.drops.add(r),
+        let (chunk, _, _, conts) = src.into_parts();
+        let tail: ArrayVec<&[u8], MAX_SEGMENTS> = conts.collect();
+        let frame = Frame::new(chunk, o.off, o.len).with_tail(&tail);
+        let Ok(Oversize::Split(mut seg)) = segment::plan(&frame, usize::from(tables.vxlan_mtu))
+        else {
+            tally.drops.add(AgentDrop::TooLarge);
+            return;
+        };
+        let Some(tunnel) = route::tunnel_to(tables, seg.flow_key().dst) else {
+            tally.drops.add(AgentDrop::NoSocket);
+            return;
+        };
+        let tunnel = FlowTunnel::new(tunnel, seg.flow_key());
+        while let Some(len) = seg.next_len() {
+            let need = out.tail_chunks_for(len, vxlan::OVERHEAD);
+            let mut b = match out.buffers(need) {
+                Ok(b) => b,
+                Err(e) => {
+                    // Out of chunks or tx queue room: the rest of the frame is lost (TCP resends).
+                    count_send_error(e, &mut tally.drops);
+                    return;
+                }
+            };
+            let start = b.data_start() + vxlan::OVERHEAD;
+            let emitted = {
+                let (head, tails) = b.parts();
+                let Ok(w) = seg.write_next(head, start, tails) else {
+                    tally.drops.add(AgentDrop::TooLarge);
+                    return;
+                };
+                let mut piece = Frame::new(head, start, w.head_len);
+                if tunnel.encap(&mut piece, self.state.next_ip_id()).is_err() {
+                    tally.drops.add(AgentDrop::TooLarge);
+                    return;
+                }
+                Emitted {
+                    offset: piece.offset(),
+                    head_len: piece.len(),
+                    tail_bufs: w.tail_bufs,
+                    last_tail_len: w.last_tail_len,
+                }
+            };
+            let queued = b.queue(emitted);
+            if queued.is_err() {
+                tally.drops.add(AgentDrop::TooLarge);
+                return;
+            }
         }
     }
 
@@ -780,6 +926,15 @@ fn frag_answer(
     segment::frag_needed(frame, mtu, tables.node.vtep_ip.octets(), id, scratch).ok()
 }
 
+/// Count a send that could not be queued.
+fn count_send_error(e: SendError, drops: &mut AgentDropCounts) {
+    match e {
+        SendError::QueueFull | SendError::NoFreeChunks => drops.add(AgentDrop::TxFull),
+        SendError::TooLarge => drops.add(AgentDrop::TooLarge),
+        SendError::Empty | SendError::NoSuchSocket => drops.add(AgentDrop::NoSocket),
+    }
+}
+
 /// Queue copies of `pieces` of `buf` on our socket `id`, counting what could not be queued.
 fn send_pieces(
     xsk: &mut Xsk,
@@ -793,11 +948,8 @@ fn send_pieces(
             drops.add(AgentDrop::TooLarge);
             continue;
         };
-        match xsk.send_copy(id, &[data]) {
-            Ok(()) => {}
-            Err(SendError::QueueFull | SendError::NoFreeChunks) => drops.add(AgentDrop::TxFull),
-            Err(SendError::TooLarge) => drops.add(AgentDrop::TooLarge),
-            Err(SendError::Empty | SendError::NoSuchSocket) => drops.add(AgentDrop::NoSocket),
+        if let Err(e) = xsk.send_copy(id, &[data]) {
+            count_send_error(e, drops);
         }
     }
 }
