@@ -11,16 +11,18 @@
 //! the socket is found through a dense index by port). A verdict naming a port whose socket
 //! another worker owns copies the processed frame to that worker ([`super::port_worker`]) for
 //! transmission; [`Verdict::Steer`] (several workers: the pipeline found another worker owns the
-//! connection) copies the frame as it arrived, with its ingress port, to that worker. Frames
-//! handed to this worker are drained at the start of every round: processed in their handoff
-//! buffer (never steered again), then sent with [`Xsk::send_copy`] (or handed on once for
-//! transmission). Without handoff rings such frames are dropped and counted as
-//! `handoff_unsupported`. `PassToKernel` after a redirect goes back to the kernel through the
-//! punt link (`punt`): counted in `to_kernel`, and as drop `pass_after_redirect` when there is no
-//! punt link. [`Verdict::Segment`] (a pod's large frame towards another node) is cut by
-//! `segment` into the worker's scratch buffer, each piece VXLAN-encapsulated with the flow's
-//! tunnel and copied into the UMEM for the uplink; [`Verdict::FragNeeded`] is answered with the
-//! ICMP error built there, sent back on the ingress socket.
+//! connection) copies the frame as it arrived, with its ingress port, to that worker. Both copies
+//! go straight into chunks the receiving worker lent ([`super::handoff`]); frames handed to this
+//! worker are adopted into the batch at the start of every round, processed in place (never
+//! steered again) and sent by moving their descriptors (or handed on once for transmission).
+//! Without handoff rings such frames are dropped and counted as `handoff_unsupported`.
+//! `PassToKernel` after a redirect goes back to the kernel through the punt link (`punt`):
+//! counted in `to_kernel`, and as drop `pass_after_redirect` when there is no punt link.
+//! [`Verdict::Segment`] (a pod's large frame towards another node) is cut by `segment` straight
+//! into fresh chunks ([`Xsk::emit_from`]), each piece VXLAN-encapsulated with the flow's tunnel
+//! and queued on the uplink; [`Verdict::FragNeeded`] is answered with the ICMP error, sent back
+//! on the ingress socket. On the uplink, TCP segments of one flow to a local pod are coalesced
+//! (GRO) after the pipeline and leave as one packet.
 //!
 //! Multi-buffer frames: headers are always in the first chunk; the descriptors are forwarded
 //! unchanged, chained.
@@ -33,7 +35,7 @@ use std::time::Instant;
 use arrayvec::ArrayVec;
 use sluice_xdp::xsk::MAX_SEGMENTS;
 use sluice_xdp::{
-    Emitted, RxBatch, SendChecksumError, SendError, SocketId, Verdict as XskVerdict, Xsk, XskConfig,
+    Emitted, LentRefusal, RxBatch, SendError, SocketId, Verdict as XskVerdict, Xsk, XskConfig,
 };
 
 use super::PortSet;
@@ -146,14 +148,9 @@ struct Chain {
     len: usize,
 }
 
-/// Bytes of the scratch buffer where oversized frames are cut and ICMP answers are built before
-/// they are copied into the UMEM: a 64 KiB frame cut for a 1450-byte MTU (47 pieces) with room for
-/// a VXLAN header in front of each.
-const SCRATCH: usize = 160 * 1024;
-/// Room in front of each piece written into the scratch buffer (VXLAN encapsulation).
-const PIECE_HEADROOM: usize = 64;
-/// Pieces of one frame at most (a 64 KiB frame cut for a 576-byte MTU).
-const MAX_PIECES: usize = 128;
+/// Bytes of the scratch buffer where an ICMP answer is built before it is copied into the UMEM
+/// (at most 576 bytes of IP, as RFC 1812 has it, in an Ethernet frame).
+const SCRATCH: usize = 1024;
 
 /// AF_XDP frame I/O of one worker.
 #[derive(Debug)]
@@ -167,8 +164,10 @@ pub struct XskIo {
     /// GRO pieces of the current batch (capacity: every packet but one a piece; never
     /// reallocates).
     chains: Vec<Chain>,
-    /// Where oversized frames are cut (see [`SCRATCH`]); allocated once.
+    /// Where ICMP answers are built (see [`SCRATCH`]); allocated once.
     scratch: Box<[u8]>,
+    /// What each packet adopted from a peer into the batch is (capacity: the batch size).
+    handed: Vec<(HandoffKind, PortId, Option<TxChecksum>)>,
     loader: SharedLoader,
     state: WorkerState,
     start: Instant,
@@ -195,6 +194,7 @@ impl XskIo {
             outcomes: Vec::with_capacity(cfg.batch_size),
             chains: Vec::with_capacity(cfg.batch_size * coalesce::MAX_PIECES),
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+            handed: Vec::with_capacity(cfg.batch_size),
             loader,
             state,
             start: Instant::now(),
@@ -457,7 +457,7 @@ impl XskIo {
         for i in 0..self.outcomes.len() {
             let o = self.outcomes[i];
             if !o.absorbed {
-                self.act(i, s, o, snapshot, tally);
+                self.act(i, s.port, o, true, snapshot, tally);
             }
         }
         if let Err(e) = self.xsk.complete(&mut self.batch) {
@@ -489,13 +489,16 @@ impl XskIo {
         }
     }
 
-    /// Carry out the verdict of packet `i` of the batch, received on socket `from`. A packet
-    /// left without a transmit verdict goes back to the free list when the batch completes.
+    /// Carry out the verdict of packet `i` of the batch, which arrived on `ingress` (received, or
+    /// handed over by another worker: then `hand_on` is false for a frame that came to be
+    /// transmitted, so nothing travels back and forth). A packet left without a transmit verdict
+    /// goes back to the free list when the batch completes.
     fn act(
         &mut self,
         i: usize,
-        from: OwnedSocket,
+        ingress: PortId,
         o: Outcome,
+        hand_on: bool,
         snapshot: &Snapshot,
         tally: &mut RoundTally,
     ) {
@@ -503,13 +506,15 @@ impl XskIo {
             Verdict::Forward(to) => match self.index.get(to) {
                 Some(id) => self.forward(i, o, id, tally),
                 // Another worker has the socket: the processed frame goes there to be sent.
-                None => {
+                None if hand_on => {
                     let w = self
                         .handoff
                         .as_ref()
-                        .map(|h| super::port_worker(to, h.workers));
+                        .map(|h| super::port_worker(to, h.workers))
+                        .filter(|w| self.handoff.as_ref().is_some_and(|h| *w != h.worker));
                     self.hand_off_packet(i, Some(o), w, HandoffKind::Transmit, to, tally);
                 }
+                None => tally.drops.add(AgentDrop::NoSocket),
             },
             Verdict::Drop(_) => {}
             Verdict::PassToKernel => self.punt(i, o, snapshot, tally),
@@ -520,14 +525,15 @@ impl XskIo {
                     None,
                     Some(usize::from(w)),
                     HandoffKind::Process,
-                    from.port,
+                    ingress,
                     tally,
                 );
             }
             Verdict::Segment(to) => self.segment(i, o, to, &snapshot.tables, tally),
-            Verdict::FragNeeded(mtu) => {
-                self.answer_frag_needed(i, from.id, mtu, &snapshot.tables, tally)
-            }
+            Verdict::FragNeeded(mtu) => match self.index.get(ingress) {
+                Some(back) => self.answer_frag_needed(i, back, mtu, &snapshot.tables, tally),
+                None => tally.drops.add(AgentDrop::NoSocket),
+            },
         }
     }
 
@@ -754,162 +760,103 @@ impl XskIo {
         });
     }
 
-    /// Handle what other workers handed to this one: run the pipeline on raw frames (never
-    /// steering them again), transmit processed ones. Returns the frames taken from the rings.
+    /// Handle what other workers handed to this one: frames in chunks this worker lent, adopted
+    /// into the (empty, at the start of a round) batch; raw ones run through the pipeline (never
+    /// steered again), processed ones go to their port; then act and complete as for a received
+    /// batch. Also tops up the chunks lent to each peer. Returns the frames taken from the rings.
     fn drain_handoffs(
         &mut self,
         snapshot: &Snapshot,
         now_ns: u64,
         tally: &mut RoundTally,
     ) -> usize {
-        let Self {
-            xsk,
-            index,
-            scratch,
-            state,
-            handoff,
-            ..
-        } = self;
-        let Some(h) = handoff.as_mut() else {
+        let Some(h) = self.handoff.as_mut() else {
             return 0;
         };
-        let tables: &Tables = &snapshot.tables;
+        h.lend(&mut self.xsk);
         let mut n = 0;
         for from in 0..h.workers {
             for _ in 0..DRAIN_BUDGET {
-                let Some(mut f) = h.recv(from) else {
+                let Some(h) = self.handoff.as_mut() else {
+                    return n;
+                };
+                let Some(handed) = h.recv(from) else {
                     break;
                 };
                 n += 1;
-                let to = match f.kind {
-                    HandoffKind::Transmit => Some(f.port),
-                    HandoffKind::Process => {
-                        let ingress = f.port;
-                        let (buf, off, len) = f.window_mut();
-                        let mut frame = Frame::new(buf, off, len);
-                        let v = process(tables, state, now_ns, ingress, &mut frame);
-                        let (off, len, csum) = (frame.offset(), frame.len(), frame.tx_checksum());
-                        let mut pieces = Pieces::new();
-                        let extra = match v {
-                            Verdict::Segment(to) => Some((
-                                to,
-                                cut(&frame, tables, state, scratch, &mut pieces).map(|()| None),
-                            )),
-                            Verdict::FragNeeded(mtu) => Some((
-                                ingress,
-                                frag_answer(&frame, mtu, tables, state, scratch)
-                                    .map(Some)
-                                    .ok_or(AgentDrop::TooLarge),
-                            )),
-                            _ => None,
-                        };
-                        f.set_window(off, len);
-                        f.csum = csum;
-                        match (v, extra) {
-                            (_, Some((to, Ok(answer)))) => {
-                                // Pieces (or the ICMP answer) in the scratch buffer: ours to send.
-                                match index.get(to) {
-                                    Some(id) => {
-                                        let one = [(0, answer.unwrap_or(0))];
-                                        let list =
-                                            if answer.is_some() { &one[..] } else { &pieces };
-                                        send_pieces(xsk, id, scratch, list, &mut tally.drops);
-                                    }
-                                    None => tally.drops.add(AgentDrop::NoSocket),
-                                }
-                                None
-                            }
-                            (_, Some((_, Err(r)))) => {
-                                tally.drops.add(r);
-                                None
-                            }
-                            (Verdict::Forward(to), None) => Some(to),
-                            // Back to the kernel through the punt link, addressed to its kernel
-                            // side.
-                            (Verdict::PassToKernel, None) => match snapshot.punt {
-                                Some(p) if p.readdress(f.data_mut()) => Some(p.port),
-                                _ => {
-                                    tally.drops.add(AgentDrop::PassAfterRedirect);
-                                    None
-                                }
-                            },
-                            // `process` never steers: handed-off frames stay here.
-                            _ => None,
+                let meta = (handed.kind, handed.port, handed.csum);
+                match self.xsk.adopt(handed.frame, &mut self.batch) {
+                    Ok(()) => self.handed.push(meta),
+                    Err(e) => {
+                        let full = matches!(e.reason, LentRefusal::BatchFull);
+                        let frame = e.frame;
+                        if !full {
+                            let _ = self.xsk.reclaim(frame);
+                            tally.drops.add(AgentDrop::NoSocket);
+                            continue;
                         }
-                    }
-                };
-                if let Some(to) = to {
-                    match index.get(to) {
-                        Some(id) => match f.csum {
-                            Some(c) => {
-                                let sent =
-                                    xsk.send_copy_with_checksum(id, &[f.data()], c.start, c.offset);
-                                if let Err(e) = sent {
-                                    count_checksum_send_error(e, &mut tally.drops);
-                                }
-                            }
-                            None => send_pieces(
-                                xsk,
-                                id,
-                                f.data(),
-                                &[(0, f.data().len())],
-                                &mut tally.drops,
-                            ),
-                        },
-                        None => {
-                            // Not ours to transmit: on to the port's worker, once (never back and
-                            // forth).
-                            let w = super::port_worker(to, h.workers);
-                            if f.kind == HandoffKind::Process && w != h.worker {
-                                let data = [f.data()];
-                                hand_off(h, w, HandoffKind::Transmit, to, f.csum, &data, tally);
-                            } else {
+                        // The batch is full: finish it, then adopt into the next.
+                        self.finish_handed(snapshot, now_ns, tally);
+                        match self.xsk.adopt(frame, &mut self.batch) {
+                            Ok(()) => self.handed.push(meta),
+                            Err(e) => {
+                                let _ = self.xsk.reclaim(e.frame);
                                 tally.drops.add(AgentDrop::NoSocket);
                             }
                         }
                     }
                 }
-                h.release(from, f);
             }
         }
+        self.finish_handed(snapshot, now_ns, tally);
         n
     }
-}
 
-/// Pieces of one frame in the scratch buffer: (offset, length) each.
-type Pieces = ArrayVec<(usize, usize), MAX_PIECES>;
-
-/// Cut `frame` (rewritten for its route to another node, larger than VXLAN carries) into pieces
-/// written one after another into `scratch`, each VXLAN-encapsulated towards the node of its
-/// destination with the flow's outer source port; their places into `pieces`.
-fn cut(
-    frame: &Frame<'_>,
-    tables: &Tables,
-    state: &mut WorkerState,
-    scratch: &mut [u8],
-    pieces: &mut Pieces,
-) -> Result<(), AgentDrop> {
-    let Ok(Oversize::Split(mut seg)) = segment::plan(frame, usize::from(tables.vxlan_mtu)) else {
-        return Err(AgentDrop::TooLarge);
-    };
-    let tunnel = route::tunnel_to(tables, seg.flow_key().dst).ok_or(AgentDrop::NoSocket)?;
-    let tunnel = FlowTunnel::new(tunnel, seg.flow_key());
-    let mut at = 0;
-    while !seg.is_done() {
-        let buf = scratch.get_mut(at..).ok_or(AgentDrop::TooLarge)?;
-        let w = seg
-            .write_next(buf, PIECE_HEADROOM, &mut [])
-            .map_err(|_| AgentDrop::TooLarge)?;
-        let mut piece = Frame::new(buf, PIECE_HEADROOM, w.head_len);
-        tunnel
-            .encap(&mut piece, state.next_ip_id())
-            .map_err(|_| AgentDrop::TooLarge)?;
-        pieces
-            .try_push((at + piece.offset(), piece.len()))
-            .map_err(|_| AgentDrop::TooLarge)?;
-        at += PIECE_HEADROOM + w.head_len;
+    /// Process, act on and complete the adopted frames in the batch (`self.handed` says what
+    /// each is).
+    fn finish_handed(&mut self, snapshot: &Snapshot, now_ns: u64, tally: &mut RoundTally) {
+        if self.handed.is_empty() {
+            return;
+        }
+        self.outcomes.clear();
+        {
+            let tables = &snapshot.tables;
+            for (fm, &(kind, port, csum)) in self.xsk.frames(&mut self.batch).zip(&self.handed) {
+                let (chunk, off, len, conts) = fm.into_parts();
+                let o = match kind {
+                    HandoffKind::Transmit => Outcome {
+                        verdict: Verdict::Forward(port),
+                        off,
+                        len,
+                        csum,
+                        absorbed: false,
+                    },
+                    HandoffKind::Process => {
+                        let tail: ArrayVec<&[u8], MAX_SEGMENTS> = conts.collect();
+                        let mut frame = Frame::new(chunk, off, len).with_tail(&tail);
+                        let verdict = process(tables, &mut self.state, now_ns, port, &mut frame);
+                        Outcome {
+                            verdict,
+                            off: frame.offset(),
+                            len: frame.len(),
+                            csum: frame.tx_checksum(),
+                            absorbed: false,
+                        }
+                    }
+                };
+                self.outcomes.push(o);
+            }
+        }
+        for i in 0..self.outcomes.len() {
+            let o = self.outcomes[i];
+            let (kind, port, _) = self.handed[i];
+            self.act(i, port, o, kind == HandoffKind::Process, snapshot, tally);
+        }
+        self.handed.clear();
+        if let Err(e) = self.xsk.complete(&mut self.batch) {
+            tracing::debug!("complete: {e}");
+        }
     }
-    Ok(())
 }
 
 /// Build into `scratch` the ICMP "fragmentation needed" answering `frame` for `mtu`, from this
@@ -950,21 +897,6 @@ fn send_pieces(
         };
         if let Err(e) = xsk.send_copy(id, &[data]) {
             count_send_error(e, drops);
-        }
-    }
-}
-
-/// Count a copy with a checksum request that could not be queued.
-fn count_checksum_send_error(e: SendChecksumError, drops: &mut AgentDropCounts) {
-    match e {
-        SendChecksumError::Send(SendError::QueueFull | SendError::NoFreeChunks) => {
-            drops.add(AgentDrop::TxFull)
-        }
-        SendChecksumError::Send(SendError::Empty | SendError::NoSuchSocket) => {
-            drops.add(AgentDrop::NoSocket)
-        }
-        SendChecksumError::Send(SendError::TooLarge) | SendChecksumError::Checksum(_) => {
-            drops.add(AgentDrop::TooLarge)
         }
     }
 }

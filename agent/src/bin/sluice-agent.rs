@@ -86,8 +86,7 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
     let mut sighup = signal(SignalKind::hangup())?;
     let ports = PortSet::default();
     let xsk_config = sluice_xdp::XskConfig {
-        // 64 MiB per worker (see xsk_io::pod_fill_share for how pods share it).
-        frame_count: 16384,
+        frame_count: sluice_agent::UMEM_FRAMES,
         batch_size: config.workers.batch_size as usize,
         bind_mode: match config.workers.bind_mode {
             BindMode::Copy => sluice_xdp::BindMode::Copy,
