@@ -177,6 +177,12 @@ pub struct WorkerConfig {
     pub batch_size: u32,
     #[serde(default)]
     pub busy_poll: bool,
+    /// After a round that handled frames, keep polling (without sleeping) this many microseconds
+    /// before waiting on the sockets again: the next frames of a burst are found without a
+    /// wake-up (OVS's `pmd-sleep-max` idea). 0: sleep as soon as a round finds nothing. Spinning
+    /// costs the core it runs on; worth it when the worker has a core of its own.
+    #[serde(default)]
+    pub idle_spin_us: u32,
     #[serde(default)]
     pub bind_mode: BindMode,
     /// Whether to pin workers to their cores (off lets many agents share a small machine).
@@ -190,6 +196,7 @@ impl Default for WorkerConfig {
             queues: BTreeMap::new(),
             batch_size: default_batch_size(),
             busy_poll: false,
+            idle_spin_us: 0,
             bind_mode: BindMode::Copy,
             pin: true,
         }

@@ -323,11 +323,7 @@ mod tests {
         c.lend(&mut uc);
         a.lend(&mut ua);
         assert_eq!(c.outstanding(0), lend);
-        assert_eq!(
-            uc.accounting().lent,
-            2 * lend as u64,
-            "to both peers"
-        );
+        assert_eq!(uc.accounting().lent, 2 * lend as u64, "to both peers");
         for k in 0..4u8 {
             a.send(2, HandoffKind::Process, PortId(7), None, &[&[k, 1], &[2]])
                 .unwrap();

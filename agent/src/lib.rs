@@ -168,6 +168,9 @@ impl Agent {
                     id,
                     core: config.workers.pin.then_some(*core),
                     busy_poll: config.workers.busy_poll,
+                    idle_spin: std::time::Duration::from_micros(u64::from(
+                        config.workers.idle_spin_us,
+                    )),
                 },
                 wio,
                 publisher.clone(),

@@ -17,7 +17,7 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use mio::unix::SourceFd;
@@ -142,6 +142,8 @@ pub struct WorkerParams {
     /// Core to pin to (`None`: not pinned).
     pub core: Option<usize>,
     pub busy_poll: bool,
+    /// Keep polling this long after a busy round before sleeping (see the node config).
+    pub idle_spin: Duration,
 }
 
 impl Worker {
@@ -241,6 +243,7 @@ fn run(
     let mut events = Events::with_capacity(64);
     let mut fds: Vec<(PortId, RawFd)> = Vec::new();
     let mut tables = tables.reader();
+    let mut last_busy = Instant::now();
     loop {
         // Commands first: they are rare and a port change must not wait behind traffic.
         while let Ok(cmd) = rx.try_recv() {
@@ -279,6 +282,12 @@ fn run(
             }
         }
         let handled = io.poll_once(tables.current(), &counters);
+        if handled > 0 {
+            last_busy = Instant::now();
+        } else if !params.idle_spin.is_zero() && last_busy.elapsed() < params.idle_spin {
+            std::hint::spin_loop();
+            continue;
+        }
         if handled == 0 && !params.busy_poll {
             // Idle: sleep until a socket is readable or a command arrives. The timeout bounds how
             // long TX completions and fill refills can wait when nothing else happens.
@@ -332,6 +341,7 @@ mod tests {
                 id: 0,
                 core: None,
                 busy_poll: false,
+                idle_spin: Duration::ZERO,
             },
             Box::new(NoIo::default()),
             publisher(),
