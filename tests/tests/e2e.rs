@@ -538,6 +538,18 @@ fn throughput_report() {
             let _ = p.wait();
         }
         let (_, cross_udp) = s.iperf3_udp64(a, r, 3)?;
+        // Pods offload their checksums: on the same node they arrive partial (the kernel
+        // completes them from AF_XDP TX metadata), from another node the segmenter computed
+        // them; either way no receiver saw a bad one.
+        for (p, way) in [(b, "same node"), (r, "across nodes")] {
+            let out = sluice_e2e::sh(&s.pods[p].ns, "nstat -az TcpInCsumErrors UdpInCsumErrors")?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let bad: u64 = text
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum();
+            assert_eq!(bad, 0, "checksum errors in the pod reached {way}: {text}");
+        }
         drop(s);
         let mut k = Cluster::new(&[NodeKind::Flannel; 2], AgentOptions::default())?;
         k.start_agents(|_, _| {})?;
