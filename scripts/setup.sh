@@ -7,8 +7,10 @@ PACKAGES=(
   # build: BPF programs (clang/llvm; libbpf-dev for bpf/bpf_helpers.h in scripts/lib/xdp_pass.bpf.c),
   # libbpf-sys and libxdp-sys from source, gRPC
   clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make m4 protobuf-compiler libprotobuf-dev libclang-dev libpcap-dev openssl
+  # the agent's masquerade (nftables over netlink through libnftnl and libmnl)
+  libnftnl-dev libmnl-dev
   # netns clusters, XDP and traffic
-  iproute2 ethtool iputils-ping tcpdump iperf3 netsniff-ng sockperf socat netcat-openbsd
+  iproute2 iptables nftables ethtool iputils-ping tcpdump iperf3 netsniff-ng sockperf socat netcat-openbsd
   # control plane storage backend at scale
   etcd-server
   # CNI: upstream plugins for chaining, a real container runtime, a local rootfs

@@ -59,6 +59,32 @@ pub struct NodeConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9090`; none if unset.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Masquerade of pod traffic leaving the cluster (on unless turned off).
+    #[serde(default)]
+    pub masquerade: MasqueradeConfig,
+}
+
+/// Pod traffic to addresses outside the cluster leaves with the node's address as its source
+/// (Calico's `natOutgoing`, Cilium's `enableIPv4Masquerade`); see [`crate::masquerade`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasqueradeConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Destinations reached with the pod's own address besides the cluster and service CIDRs,
+    /// which are never masqueraded (Cilium's `nonMasqueradeCIDRs`), e.g. a routed datacenter
+    /// network that knows the pod CIDRs.
+    #[serde(default)]
+    pub exclude: Vec<Ipv4Net>,
+}
+
+impl Default for MasqueradeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            exclude: Vec::new(),
+        }
+    }
 }
 
 /// `pod_cidr` of a config that leaves it to the control plane (`0.0.0.0/32`, never a real one).

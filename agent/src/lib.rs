@@ -18,6 +18,7 @@ pub mod drops;
 pub mod events;
 pub mod handoff;
 pub mod manifests;
+pub mod masquerade;
 pub mod metrics;
 pub mod punt;
 pub mod registry;
@@ -66,6 +67,8 @@ pub enum AgentError {
     InvalidPod(String),
     #[error("cannot build the tables: {0}")]
     Snapshot(#[from] SnapshotError),
+    #[error("{0} (set masquerade.enabled to false to run without it)")]
+    Masquerade(#[from] masquerade::MasqueradeError),
 }
 
 /// The running agent: everything the API handlers and the shutdown path need.
@@ -88,6 +91,8 @@ pub struct Agent {
     events: events::EventHub,
     /// The punt link (see [`punt`]), when it could be created.
     punt: Option<punt::Punt>,
+    /// Whether this agent installed the masquerade table (see [`masquerade`]).
+    masquerading: bool,
     /// Seconds from a change reaching the agent to the tables holding it being published.
     publish_latency: prometheus_client::metrics::histogram::Histogram,
 }
@@ -204,6 +209,7 @@ impl Agent {
         } else {
             None
         };
+        let masquerading = datapath.ready().is_ok() && set_masquerade(&config)?;
 
         let agent = Self {
             config,
@@ -219,6 +225,7 @@ impl Agent {
             control: Default::default(),
             events: Default::default(),
             punt,
+            masquerading,
             publish_latency: metrics::publish_latency_histogram(),
         };
         if let Ok(mut p) = agent.ports.write() {
@@ -481,7 +488,30 @@ impl Agent {
         {
             tracing::warn!("removing the punt link: {e}");
         }
+        if self.masquerading
+            && let Err(e) = masquerade::remove()
+        {
+            tracing::warn!("{e}");
+        }
     }
+}
+
+/// Install the masquerade table the config asks for, or remove a leftover one when it asks for
+/// none. Returns whether the table is in place.
+fn set_masquerade(config: &NodeConfig) -> Result<bool, AgentError> {
+    let m = &config.masquerade;
+    if !m.enabled {
+        masquerade::remove()?;
+        return Ok(false);
+    }
+    let rules = masquerade::Rules::new(config.cluster_cidr, config.service_cidr, &m.exclude);
+    masquerade::install(&rules)?;
+    tracing::info!(
+        "masquerading traffic from {} to anything but {:?}",
+        rules.cluster,
+        rules.keep
+    );
+    Ok(true)
 }
 
 /// Create the punt link and give every worker a socket on its own queue of it. Without it the

@@ -485,14 +485,19 @@ impl Cluster {
                 NodeKind::Sluice => {
                     let mut config = self.node_config(i);
                     edit(i, &mut config);
-                    let json = serde_json::to_vec_pretty(&config).expect("config serializes");
-                    std::fs::write(&self.nodes[i].config_path, json)
-                        .map_err(|e| HarnessError::Setup(format!("write config: {e}")))?;
+                    self.write_config(i, &config)?;
                     self.start_agent(i)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Write node `i`'s agent config (read when its agent next starts).
+    pub fn write_config(&self, i: usize, config: &NodeConfig) -> Result<()> {
+        let json = serde_json::to_vec_pretty(config).expect("config serializes");
+        std::fs::write(&self.nodes[i].config_path, json)
+            .map_err(|e| HarnessError::Setup(format!("write config: {e}")))
     }
 
     /// Start (or restart) the agent of node `i`.
@@ -614,18 +619,28 @@ impl Cluster {
     /// `"<pod ip> <line>"` (so a client sees which backend served it).
     pub fn tcp_echo_server(&mut self, p: usize, port: u16) -> Result<()> {
         let ns = self.pods[p].ns.clone();
-        let ip = self.pods[p].ip;
+        let reply = format!("SYSTEM:while read l; do echo {} $l; done", self.pods[p].ip);
+        self.tcp_server(&ns, port, &reply)
+    }
+
+    /// Run a TCP server in namespace `ns` on `port` answering each connection with the source
+    /// address it came from (what NAT on the way made of it).
+    pub fn tcp_peer_server(&mut self, ns: &str, port: u16) -> Result<()> {
+        self.tcp_server(ns, port, "SYSTEM:echo $SOCAT_PEERADDR")
+    }
+
+    /// Run socat on `port` in `ns` with `reply` as the address of each connection; returns once
+    /// it listens.
+    fn tcp_server(&mut self, ns: &str, port: u16, reply: &str) -> Result<()> {
         let listen = format!("TCP-LISTEN:{port},fork,reuseaddr");
-        let reply = format!("SYSTEM:while read l; do echo {ip} $l; done");
-        self.spawn_in(&ns, &["socat", &listen, &reply])?;
-        // Wait until it listens.
+        self.spawn_in(ns, &["socat", &listen, reply])?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !String::from_utf8_lossy(&sh(&ns, "ss -ltn").map(|o| o.stdout).unwrap_or_default())
+        while !String::from_utf8_lossy(&sh(ns, "ss -ltn").map(|o| o.stdout).unwrap_or_default())
             .contains(&format!(":{port} "))
         {
             if Instant::now() > deadline {
                 return Err(HarnessError::Setup(format!(
-                    "echo server in pod {p} not listening"
+                    "TCP server in {ns} not listening on {port}"
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -92,14 +92,60 @@ fn pod_to_node_and_outside_pass_through_kernel() {
         println!("{}", c.ping(a, c.nodes[0].underlay_ip, 3)?);
         // The classifier passed them to the kernel (host-bound), the workers never saw them.
         c.wait_counters(0, |f| f.xdp.get("pass_other").is_some_and(|n| *n >= 3))?;
-        // A non-cluster address: node 0's kernel routes it onto the underlay and masquerades it
-        // (as a node does for pod traffic leaving the cluster); node 1's underlay address stands
-        // for the outside world.
-        sluice_e2e::sh(
-            &c.nodes[0].ns,
-            "iptables -t nat -A POSTROUTING -s 10.244.1.0/24 ! -d 10.244.0.0/16 -j MASQUERADE",
-        )?;
-        println!("{}", c.ping(a, c.nodes[1].underlay_ip, 3)?);
+        // A non-cluster address: node 0's kernel routes it onto the underlay, where node 1's
+        // underlay address stands for the outside world (it has no route to the pod's address).
+        // The agent masquerades it with no rule of the admin's: the outside sees node 0's address.
+        let outside = c.nodes[1].underlay_ip;
+        c.tcp_peer_server(&c.nodes[1].ns.clone(), 7070)?;
+        let seen = Cluster::tcp_lines(&c.pods[a].ns, outside, 7070, &["who"])?;
+        assert_eq!(
+            seen,
+            vec![c.nodes[0].underlay_ip.to_string()],
+            "the outside saw the pod's traffic from this source"
+        );
+        println!("{}", c.ping(a, outside, 3)?);
+        let table = sluice_e2e::sh(&c.nodes[0].ns, "nft list table ip sluice")?;
+        let table = String::from_utf8_lossy(&table.stdout).into_owned();
+        println!("{table}");
+        assert!(table.contains("masquerade"), "{table}");
+        // Traffic inside the cluster keeps the pod's address (a pod on node 1 sees it).
+        let b = c.add_pod(1, &[])?;
+        c.tcp_peer_server(&c.pods[b].ns.clone(), 7072)?;
+        let seen = Cluster::tcp_lines(&c.pods[a].ns, c.pods[b].ip, 7072, &["who"])?;
+        assert_eq!(seen, vec![c.pods[a].ip.to_string()]);
+
+        // A clean stop removes the table.
+        c.stop_agent(0, Signal::SIGTERM)?;
+        let after = sluice_e2e::sh(&c.nodes[0].ns, "nft list tables")?;
+        let after = String::from_utf8_lossy(&after.stdout).into_owned();
+        assert!(!after.contains("sluice"), "masquerade table left behind: {after}");
+        Ok(())
+    })());
+}
+
+/// `masquerade.enabled: false` leaves the kernel's NAT alone and removes a table a killed agent
+/// left behind.
+#[test]
+fn masquerade_can_be_turned_off() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut c = Cluster::new(&[NodeKind::Sluice], AgentOptions::default())?;
+        c.start_agents(|_, _| {})?;
+        let tables = |c: &Cluster| -> Result<String> {
+            let out = sluice_e2e::sh(&c.nodes[0].ns, "nft list tables")?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        assert!(tables(&c)?.contains("table ip sluice"));
+        c.stop_agent(0, Signal::SIGKILL)?;
+        assert!(tables(&c)?.contains("table ip sluice"), "kept while the agent is down");
+        let mut config = c.node_config(0);
+        config.masquerade.enabled = false;
+        c.write_config(0, &config)?;
+        c.start_agent(0)?;
+        let now = tables(&c)?;
+        assert!(!now.contains("sluice"), "masquerade off, yet: {now}");
         Ok(())
     })());
 }
