@@ -26,7 +26,9 @@ use std::ffi::CStr;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use nftnl::{Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
+use nftnl::{
+    Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule, Table,
+};
 use nftnl::{expr::CmpOp, nft_expr};
 
 /// The agent's table (family `ip`).
@@ -144,12 +146,20 @@ mod tests {
         let r = Rules::new(
             net("10.244.1.7/16"),
             net("10.96.0.0/12"),
-            &[net("192.168.0.0/16"), net("10.244.0.0/16"), net("192.168.3.0/16")],
+            &[
+                net("192.168.0.0/16"),
+                net("10.244.0.0/16"),
+                net("192.168.3.0/16"),
+            ],
         );
         assert_eq!(r.cluster, net("10.244.0.0/16"));
         assert_eq!(
             r.keep,
-            vec![net("10.244.0.0/16"), net("10.96.0.0/12"), net("192.168.0.0/16")]
+            vec![
+                net("10.244.0.0/16"),
+                net("10.96.0.0/12"),
+                net("192.168.0.0/16")
+            ]
         );
     }
 

@@ -9,8 +9,10 @@
 //! `sluice-punt`: the kernel then routes (and masquerades) it as if the pod had sent it directly.
 //! Reverse-path filtering would drop those frames (the pod's address routes via its own veth, and
 //! the kernel rejects any source on an interface without an address): `sluice-host` gets
-//! `rp_filter` 0 and a link-scoped address ([`HOST_ADDR`]), which is enough unless the node sets
-//! `net.ipv4.conf.all.rp_filter=1` (strict), which the agent reports. No IPv6, the pod MTU.
+//! `rp_filter` 2 (loose) and a link-scoped address ([`HOST_ADDR`]). The kernel filters with the
+//! larger of `conf/all/rp_filter` and the interface's own value, so loose wins over a node's strict
+//! `net.ipv4.conf.all.rp_filter=1` as well (tested in `tests/tests/failclosed.rs`). No IPv6, the
+//! pod MTU.
 //!
 //! Created through netlink when the agent starts (a leftover pair of a killed agent is replaced),
 //! removed on clean shutdown.

@@ -118,7 +118,10 @@ fn pod_to_node_and_outside_pass_through_kernel() {
         c.stop_agent(0, Signal::SIGTERM)?;
         let after = sluice_e2e::sh(&c.nodes[0].ns, "nft list tables")?;
         let after = String::from_utf8_lossy(&after.stdout).into_owned();
-        assert!(!after.contains("sluice"), "masquerade table left behind: {after}");
+        assert!(
+            !after.contains("sluice"),
+            "masquerade table left behind: {after}"
+        );
         Ok(())
     })());
 }
@@ -139,7 +142,10 @@ fn masquerade_can_be_turned_off() {
         };
         assert!(tables(&c)?.contains("table ip sluice"));
         c.stop_agent(0, Signal::SIGKILL)?;
-        assert!(tables(&c)?.contains("table ip sluice"), "kept while the agent is down");
+        assert!(
+            tables(&c)?.contains("table ip sluice"),
+            "kept while the agent is down"
+        );
         let mut config = c.node_config(0);
         config.masquerade.enabled = false;
         c.write_config(0, &config)?;

@@ -132,16 +132,24 @@ spec:
 "#
         );
         let policies = c.write_manifest("policies.yaml", &policy)?;
+        // Strict reverse-path filtering on node 0 (`all` and `default`, as a hardened host has
+        // it), set before the agent starts: the punt link, the pods' veths and the workers must
+        // all work under it (the agent masquerades what leaves the cluster).
+        sluice_e2e::sh(
+            &c.nodes[0].ns,
+            "sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1",
+        )?;
         c.start_agents(move |i, cfg| {
             if i == 0 {
                 cfg.manifests.network_policies.push(policies.clone())
             }
         })?;
-        // Loose reverse-path filtering, as Debian and Ubuntu hosts have it: the punt link must
-        // pass it (the agent masquerades what leaves the cluster).
-        sluice_e2e::sh(&c.nodes[0].ns, "sysctl -qw net.ipv4.conf.all.rp_filter=2")?;
         let a = c.add_pod(0, &[("app", "a")])?;
         let b = c.add_pod(0, &[("app", "b")])?;
+        let far = c.add_pod(1, &[("app", "far")])?;
+        // Strict filtering does not get in the way of cluster traffic either.
+        c.ping(b, c.pods[far].ip, 2)?;
+        c.ping(far, c.pods[b].ip, 2)?;
 
         // Allowed outside address: through the worker and the punt link into the kernel.
         println!("{}", c.ping(a, outside, 3)?);
