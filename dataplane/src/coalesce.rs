@@ -74,8 +74,6 @@
 //! (`Frame::offset`); `buf` n is the frame's tail buffer n - 1. Every chunk of the batch is sent
 //! exactly once: the frames whose payload became pieces are not sent on their own.
 
-#![forbid(unsafe_code)]
-
 use crate::checksum;
 use crate::flow::proto;
 use crate::frame::Frame;

@@ -60,8 +60,6 @@
 //! anything if the buffers cannot hold the packet, so the worker may retry with more. A frame of
 //! at most 64 KiB cut for a 1450-byte MTU makes 47 segments.
 
-#![forbid(unsafe_code)]
-
 use crate::checksum;
 use crate::flow::FlowKey;
 use crate::flow::proto;

@@ -13,8 +13,6 @@
 //!
 //! Pure arithmetic; nothing here panics or allocates.
 
-#![forbid(unsafe_code)]
-
 /// A running ones'-complement sum over a byte stream fed in pieces.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WordSum {
