@@ -62,6 +62,14 @@ pub struct NodeConfig {
     /// Masquerade of pod traffic leaving the cluster (on unless turned off).
     #[serde(default)]
     pub masquerade: MasqueradeConfig,
+    /// The most pods this node runs (kubelet's `maxPods`, 110 by default): every worker's UMEM is
+    /// sized so that each of them keeps a fill share (see `xsk_io::UmemPlan`).
+    #[serde(default = "default_max_pods")]
+    pub max_pods: u32,
+}
+
+fn default_max_pods() -> u32 {
+    110
 }
 
 /// Pod traffic to addresses outside the cluster leaves with the node's address as its source
@@ -349,6 +357,9 @@ impl NodeConfig {
         }
         if self.pod_mtu < 576 || self.pod_mtu > 65535 {
             return bad(format!("pod_mtu {} out of range", self.pod_mtu));
+        }
+        if self.max_pods == 0 || self.max_pods > 2048 {
+            return bad(format!("max_pods {} must be 1..=2048", self.max_pods));
         }
         if self.workers.batch_size == 0 || self.workers.batch_size > 4096 {
             return bad(format!(

@@ -39,10 +39,6 @@ use registry::{PodKey, PodRecord, PodRegistry, RegistryError};
 use tables::{NodeLinks, PortId, Publisher, Snapshot, SnapshotError};
 use workers::{PortKind, PortSpec, Worker, WorkerError, WorkerIo, WorkerParams};
 
-/// Chunks of each worker's UMEM (4 KiB each: 64 MiB per worker; see `xsk_io::pod_fill_share` for
-/// how pods share it and `handoff::lend_per_peer` for what is lent to other workers).
-pub const UMEM_FRAMES: u32 = 16384;
-
 /// Starting or running the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -158,7 +154,10 @@ impl Agent {
         let mut uplink_queues = Vec::new();
         // Several workers: handoff rings between every pair (steering and foreign ports).
         let (mut handoffs, wakers) = if queues.len() > 1 {
-            let (ends, wakers) = handoff::mesh(queues.len(), UMEM_FRAMES as usize);
+            let (ends, wakers) = handoff::mesh(
+                queues.len(),
+                xsk_io::UmemPlan::for_pods(config.max_pods).frames as usize,
+            );
             (ends.into_iter().map(Some).collect(), Some(wakers))
         } else {
             (vec![None], None)

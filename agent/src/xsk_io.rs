@@ -55,22 +55,43 @@ use sluice_dataplane::tables::Tables;
 use sluice_dataplane::verdict::{DropReason, Verdict};
 use sluice_dataplane::vxlan;
 
-/// UMEM chunks kept in a pod socket's fill ring, at least (two batches of MTU-sized frames or
-/// about 8 of 64 KiB).
-pub const MIN_POD_FILL: u32 = 128;
+/// UMEM chunks a pod socket always keeps in its fill ring, however idle (a batch of MTU-sized
+/// frames, or four of 64 KiB); a busy pod deepens its ring from [`UmemPlan::fill_boost`].
+pub const POD_FILL: u32 = 64;
+/// The fill ring size: what the uplink socket keeps, and what a busy pod's ring grows to at most.
+pub const FILL_RING: u32 = 2048;
 /// UMEM chunks kept out of the fill rings, for frames in flight on tx rings and copies.
 pub const TX_RESERVE: u32 = 4096;
-/// The pod count per worker the UMEM is planned for. A fill ring's chunks cannot be taken back
-/// while its pod is idle, so each pod gets a fixed share sized for this many pods (256 chunks of a
-/// 16384-chunk UMEM), not a share of what is free when it arrives: pods beyond it get what the
-/// reserve leaves and, past about 55 pods per worker, nothing (then the UMEM must grow).
-pub const PLANNED_PODS: u32 = 40;
+/// UMEM chunk size.
+pub const CHUNK: u32 = 4096;
 
-/// The fill target of each pod socket on a UMEM of `frames` chunks whose uplink socket keeps
-/// `ring` (the fill ring size) in its fill ring, for `pods` pods.
-pub fn pod_fill_share(frames: u32, ring: u32, pods: u32) -> u32 {
-    let budget = frames.saturating_sub(ring).saturating_sub(TX_RESERVE);
-    (budget / pods.max(1)).clamp(MIN_POD_FILL, ring.max(MIN_POD_FILL))
+/// How a worker's UMEM is sized for the node's pods. Every worker opens a socket on every pod
+/// (one queue each), so each UMEM must hold a fill share for all of them: [`POD_FILL`] per pod,
+/// the uplink's full ring, a pool of two full rings shared by busy pods (the `fill_boost` of
+/// `sluice_xdp::fill`), [`TX_RESERVE`], and a quarter more for the chunks lent to the other
+/// workers (`handoff::LEND_SHARE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UmemPlan {
+    /// Chunks of each worker's UMEM.
+    pub frames: u32,
+    /// Chunks the busy sockets may keep beyond their base shares, together.
+    pub fill_boost: u32,
+}
+
+impl UmemPlan {
+    /// The plan for a node of at most `max_pods` pods.
+    pub fn for_pods(max_pods: u32) -> Self {
+        let fill_boost = 2 * FILL_RING;
+        let kept = FILL_RING + max_pods * POD_FILL + fill_boost + TX_RESERVE;
+        let share = crate::handoff::LEND_SHARE as u32;
+        let frames = (kept * share).div_ceil(share - 1).next_multiple_of(1024);
+        Self { frames, fill_boost }
+    }
+
+    /// Bytes of memory each worker's UMEM pins.
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.frames) * u64::from(CHUNK)
+    }
 }
 
 /// Frames drained from each peer's handoff ring per round (the rest wait for the next round).
@@ -216,10 +237,7 @@ impl WorkerIo for XskIo {
     fn open_port(&mut self, spec: &PortSpec) -> Result<RawFd, WorkerError> {
         let fill = match spec.kind {
             PortKind::Uplink => self.xsk.config().fill_size,
-            PortKind::Pod => {
-                let cfg = self.xsk.config();
-                pod_fill_share(cfg.frame_count, cfg.fill_size, PLANNED_PODS)
-            }
+            PortKind::Pod => POD_FILL,
             PortKind::Punt => 0,
         };
         let id = self
@@ -924,21 +942,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pods_share_what_the_uplink_and_tx_leave() {
-        // 16384 chunks, rings of 2048: 10240 for the pods.
-        assert_eq!(pod_fill_share(16384, 2048, 1), 2048, "one pod: a full ring");
-        assert_eq!(pod_fill_share(16384, 2048, 5), 2048);
-        assert_eq!(pod_fill_share(16384, 2048, 10), 1024);
-        assert_eq!(pod_fill_share(16384, 2048, 80), 128);
-        assert_eq!(pod_fill_share(16384, 2048, 500), MIN_POD_FILL, "the floor");
-        assert_eq!(pod_fill_share(1024, 2048, 0), MIN_POD_FILL, "a tiny UMEM");
-        assert_eq!(pod_fill_share(16384, 2048, PLANNED_PODS), 256);
-        for pods in 1..=80 {
-            let share = pod_fill_share(16384, 2048, pods);
+    fn the_umem_holds_every_pods_share() {
+        let plan = UmemPlan::for_pods(110);
+        assert_eq!(plan.frames, 23552);
+        assert_eq!(plan.bytes(), 92 << 20, "92 MiB per worker for 110 pods");
+        for pods in [1, 40, 110, 250, 2048] {
+            let plan = UmemPlan::for_pods(pods);
+            let lent = crate::handoff::lend_per_peer(plan.frames as usize, 2) as u32;
             assert!(
-                2048 + TX_RESERVE + share * pods <= 16384,
-                "{pods} pods overcommit"
+                FILL_RING + pods * POD_FILL + plan.fill_boost + TX_RESERVE + lent <= plan.frames,
+                "{pods} pods overcommit {plan:?}"
             );
+            assert_eq!(plan.frames % 1024, 0);
         }
     }
 }

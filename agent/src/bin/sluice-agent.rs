@@ -85,8 +85,17 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let ports = PortSet::default();
+    let umem = sluice_agent::xsk_io::UmemPlan::for_pods(config.max_pods);
+    tracing::info!(
+        chunks = umem.frames,
+        mib = umem.bytes() >> 20,
+        max_pods = config.max_pods,
+        "each worker's UMEM"
+    );
     let xsk_config = sluice_xdp::XskConfig {
-        frame_count: sluice_agent::UMEM_FRAMES,
+        frame_count: umem.frames,
+        fill_size: sluice_agent::xsk_io::FILL_RING,
+        fill_boost: umem.fill_boost,
         batch_size: config.workers.batch_size as usize,
         bind_mode: match config.workers.bind_mode {
             BindMode::Copy => sluice_xdp::BindMode::Copy,

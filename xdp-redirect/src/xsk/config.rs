@@ -61,6 +61,10 @@ pub struct XskConfig {
     /// without it leaves the UMEM registered without, see
     /// [`super::Xsk::tx_metadata`]).
     pub tx_metadata: bool,
+    /// Chunks the busy sockets may keep in their fill rings beyond their
+    /// base shares, together (see [`super::fill`]); 0: fill rings stay at
+    /// their base.
+    pub fill_boost: u32,
 }
 
 impl Default for XskConfig {
@@ -80,6 +84,7 @@ impl Default for XskConfig {
             busy_poll: None,
             tx_skb_budget: None,
             tx_metadata: true,
+            fill_boost: 0,
         }
     }
 }

@@ -87,6 +87,7 @@ mod chain;
 mod config;
 mod copy;
 mod emit;
+pub mod fill;
 mod lend;
 mod metadata;
 mod ring;
@@ -281,10 +282,40 @@ impl Xsk {
             ring::reap(sock, &self.mem, &mut self.free);
             ring::produce_tx(sock);
         }
+        self.adapt_fill_targets();
         for sock in self.sockets.iter_mut().flatten() {
             ring::refill(sock, &mut self.free);
             ring::wake_fill(sock)?;
         }
         Ok(())
+    }
+
+    /// Moves every socket's fill target for the traffic since the last
+    /// flush (see [`fill`]). No allocation; a pass over the sockets.
+    fn adapt_fill_targets(&mut self) {
+        let pool = u64::from(self.cfg.fill_boost);
+        let state = |s: &Socket| fill::FillState {
+            base: s.fill_base,
+            target: s.fill_target,
+            out: s.fill_out,
+            received: s.stats.rx_descs - s.rx_seen,
+            idle: s.idle_flushes,
+        };
+        let mut held: u64 = self
+            .sockets
+            .iter()
+            .flatten()
+            .map(|s| fill::boost_held(&state(s)))
+            .sum();
+        for sock in self.sockets.iter_mut().flatten() {
+            let s = state(sock);
+            let before = fill::boost_held(&s);
+            let (target, idle) =
+                fill::next_target(&s, self.cfg.fill_size, pool.saturating_sub(held));
+            sock.fill_target = target;
+            sock.idle_flushes = idle;
+            sock.rx_seen = sock.stats.rx_descs;
+            held = held - before + fill::boost_held(&state(sock));
+        }
     }
 }

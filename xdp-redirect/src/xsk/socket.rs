@@ -144,9 +144,15 @@ pub(super) struct Socket {
     pub(super) need_wakeup: bool,
     /// Chunks given to the fill ring and not received back.
     pub(super) fill_out: u64,
-    /// How many chunks this socket's fill ring is kept at (see
-    /// [`Xsk::open_socket_with`]).
+    /// How many chunks this socket's fill ring is kept at now (see
+    /// [`super::fill`]).
     pub(super) fill_target: u32,
+    /// The share it always keeps (see [`Xsk::open_socket_with`]).
+    pub(super) fill_base: u32,
+    /// `stats.rx_descs` at the last flush.
+    pub(super) rx_seen: u64,
+    /// Consecutive flushes without a received descriptor.
+    pub(super) idle_flushes: u32,
     /// Chunks queued or on the tx ring, not completed.
     pub(super) tx_out: u64,
     /// What one tx kick may send (see [`Xsk::tx_skb_budget`]).
@@ -235,11 +241,13 @@ impl Xsk {
         self.open_socket_with(ifname, queue, self.cfg.fill_size)
     }
 
-    /// [`Self::open_socket`], keeping at most `fill_target` chunks in its
-    /// fill ring. Chunks in a fill ring are idle until that socket receives,
-    /// so with many sockets on one UMEM (a worker's pods) each gets a share:
-    /// the busy uplink a full ring, a pod a few batches, a transmit-only
-    /// socket none.
+    /// [`Self::open_socket`], keeping `fill_target` chunks in its fill ring
+    /// (its base share). Chunks in a fill ring are idle until that socket
+    /// receives, so with many sockets on one UMEM (a worker's pods) each gets
+    /// a share: the busy uplink a full ring, a pod a few batches, a
+    /// transmit-only socket none. A busy socket deepens its ring from the
+    /// pool [`XskConfig::fill_boost`] while it stays busy (see
+    /// [`super::fill`]).
     pub fn open_socket_with(
         &mut self,
         ifname: &str,
@@ -323,6 +331,9 @@ impl Xsk {
             need_wakeup: self.cfg.need_wakeup,
             fill_out: 0,
             fill_target: fill_target.min(self.cfg.fill_size),
+            fill_base: fill_target.min(self.cfg.fill_size),
+            rx_seen: 0,
+            idle_flushes: 0,
             tx_out: 0,
             tx_budget: TxSkbBudget::KernelDefault,
             stats: SocketStats::default(),
