@@ -81,7 +81,7 @@ pub mod xsk;
 
 pub use loader::{
     AttachMode, ClassifierConfig, Counters, IfaceConfig, IfaceRole, Ipv4Cidr, Isolation,
-    LoaderError, LoaderOptions, XdpLoader,
+    LoaderError, LoaderOptions, Pruned, XdpLoader,
 };
 pub use xsk::{
     BindMode, BoundsError, BusyPoll, ChainError, ChecksumError, Continuations, EmitError, Emitted,

@@ -9,9 +9,15 @@
 //! never without a program), fills the configuration maps, and registers
 //! AF_XDP sockets in the XSKMAP. [`XdpLoader::cleanup`] removes every pin.
 //!
+//! What a previous run left is reconciled on load: links, interface settings
+//! and socket slots of interfaces that no longer exist go, and so do slots of
+//! interfaces the program does not classify for (transmit-only sockets, whose
+//! interface is re-created by every run); [`XdpLoader::retain_interfaces`]
+//! lets the caller drop the rest of what is no longer its own.
+//!
 //! It must not be used on the per-packet path: all calls are syscalls.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fs;
 use std::io;
@@ -384,9 +390,37 @@ pub fn ifindex(ifname: &str) -> Result<u32, LoaderError> {
     })
 }
 
+/// Whether an interface with this index exists in the caller's network
+/// namespace. (nix 0.31's `if_indextoname` answers `Ok("")` for an unknown
+/// index instead of an error: an empty name counts as none.)
+pub fn interface_exists(ifindex: u32) -> bool {
+    nix::net::if_::if_indextoname(ifindex).is_ok_and(|name| !name.is_empty())
+}
+
+/// What a reconcile of the pinned state removed (see
+/// [`XdpLoader::retain_interfaces`]), each list sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Ifindexes whose pinned link was detached and unpinned.
+    pub links: Vec<u32>,
+    /// Ifindexes whose `sluice_ifaces` entry was removed.
+    pub ifaces: Vec<u32>,
+    /// (ifindex, queue) pairs whose `sluice_xsk_slots` entry and XSKMAP slot
+    /// were freed.
+    pub slots: Vec<(u32, u32)>,
+}
+
+impl Pruned {
+    /// Whether nothing was removed.
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty() && self.ifaces.is_empty() && self.slots.is_empty()
+    }
+}
+
 impl XdpLoader {
     /// Loads the program for `opts.node`, reusing maps pinned by an earlier
-    /// run (or pinning new ones).
+    /// run (or pinning new ones), and drops what that run left for
+    /// interfaces that are gone (see [`XdpLoader::retain_interfaces`]).
     pub fn load(opts: &LoaderOptions) -> Result<Self, LoaderError> {
         let node = opts.node.as_str();
         if node.is_empty() || node.contains('/') || node == "." || node == ".." {
@@ -447,8 +481,80 @@ impl XdpLoader {
             }
         }
         loader.slots = slots;
+        // A pod deleted while no agent ran, or the previous run's punt link (re-created with a
+        // new ifindex), would otherwise keep its entries, and its slot numbers, for good.
+        // Best effort: what cannot be removed now is harmless to this run.
+        match loader.retain_interfaces(interface_exists) {
+            Ok(p) if p.is_empty() => {}
+            Ok(p) => {
+                tracing::info!(pruned = ?p, "pinned state of interfaces that are gone removed")
+            }
+            Err(e) => tracing::warn!("cannot remove the pinned state of gone interfaces: {e}"),
+        }
         tracing::info!(pin_dir = %loader.pin_dir.display(), "XDP program loaded");
         Ok(loader)
+    }
+
+    /// Keeps only the interfaces `keep` accepts: every other interface's
+    /// pinned link is detached and unpinned, its `sluice_ifaces` entry and its
+    /// socket slots removed (as [`XdpLoader::detach`] does). Slots of kept
+    /// interfaces that have no `sluice_ifaces` entry are freed too: the
+    /// program never looks them up (it classifies only configured
+    /// interfaces), so they belong to transmit-only sockets, which need no
+    /// slot. Returns what was removed.
+    pub fn retain_interfaces(&mut self, keep: impl Fn(u32) -> bool) -> Result<Pruned, LoaderError> {
+        let links = self.attached()?;
+        let ifaces = self.configured()?;
+        let slots: BTreeSet<(u32, u32)> = self.slots.keys().copied().collect();
+        let gone: BTreeSet<u32> = links
+            .iter()
+            .chain(&ifaces)
+            .chain(slots.iter().map(|(i, _)| i))
+            .copied()
+            .filter(|i| !keep(*i))
+            .collect();
+        let mut pruned = Pruned {
+            links: links.iter().copied().filter(|i| gone.contains(i)).collect(),
+            ifaces: ifaces
+                .iter()
+                .copied()
+                .filter(|i| gone.contains(i))
+                .collect(),
+            slots: slots
+                .iter()
+                .copied()
+                .filter(|(i, _)| gone.contains(i) || !ifaces.contains(i))
+                .collect(),
+        };
+        for ifindex in &gone {
+            self.detach(*ifindex)?;
+        }
+        for (ifindex, queue) in &pruned.slots {
+            if !gone.contains(ifindex) {
+                self.unregister_socket(*ifindex, *queue)?;
+            }
+        }
+        pruned.links.sort_unstable();
+        pruned.ifaces.sort_unstable();
+        Ok(pruned)
+    }
+
+    /// Ifindexes configured in `sluice_ifaces`, sorted.
+    pub fn configured(&self) -> Result<Vec<u32>, LoaderError> {
+        let mut out: Vec<u32> = self
+            .map(maps::IFACES)?
+            .keys()
+            .filter_map(|k| from_bytes::<u32>(&k))
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The socket slot assignments, (ifindex, queue) -> XSKMAP slot, sorted.
+    pub fn slots(&self) -> Vec<((u32, u32), u32)> {
+        let mut out: Vec<_> = self.slots.iter().map(|(k, v)| (*k, *v)).collect();
+        out.sort_unstable();
+        out
     }
 
     /// `<bpffs>/sluice/<node>`.
@@ -864,6 +970,13 @@ fn pin_fd(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_exists_tells_a_gone_index() {
+        assert!(interface_exists(1), "lo is 1 in every network namespace");
+        assert!(!interface_exists(u32::MAX));
+        assert!(!interface_exists(0));
+    }
 
     #[test]
     fn cidr_masks_are_network_order() {

@@ -140,3 +140,87 @@ fn restart_reuses_pins_and_cleanup_removes_them() {
         "detached on cleanup"
     );
 }
+
+/// A restarted agent finds what the previous run left for interfaces that are gone (a pod deleted
+/// while no agent ran) and slots of transmit-only sockets (its punt link, re-created with a new
+/// ifindex by every run): load drops them, so nothing piles up and slot numbers come back;
+/// `retain_interfaces` drops what the caller no longer owns.
+#[test]
+fn load_prunes_what_is_gone_and_retain_drops_the_rest() {
+    if !require_root("load_prunes_what_is_gone_and_retain_drops_the_rest") {
+        return;
+    }
+    let pid = std::process::id();
+    let ns = NetNs::new(format!("slx-prn-{pid}"));
+    let kept = pair(&ns, format!("slxk{pid}"));
+    let ns2 = NetNs::new(format!("slx-prn2-{pid}"));
+    let gone = pair(&ns2, format!("slxg{pid}"));
+    let ns3 = NetNs::new(format!("slx-prn3-{pid}"));
+    let tx_only = pair(&ns3, format!("slxt{pid}"));
+    let opts = LoaderOptions::new(format!("slx-prn-{pid}"));
+    let pins = PinGuard {
+        dir: opts.pin_dir(),
+    };
+    let iface = IfaceConfig {
+        role: IfaceRole::Pod,
+        fail_closed: false,
+        redirect_all: false,
+    };
+    let (k, g, t) = (
+        ifindex(&kept.host).unwrap(),
+        ifindex(&gone.host).unwrap(),
+        ifindex(&tx_only.host).unwrap(),
+    );
+
+    let mut first = XdpLoader::load(&opts).unwrap();
+    first.set_config(&ClassifierConfig::default()).unwrap();
+    for v in [&kept, &gone] {
+        first.attach(&v.host, iface, AttachMode::Generic).unwrap();
+    }
+    let mut xsk = sluice_xdp::Xsk::new(&sluice_xdp::XskConfig {
+        frame_count: 64,
+        fill_size: 16,
+        comp_size: 16,
+        rx_size: 16,
+        tx_size: 16,
+        ..Default::default()
+    })
+    .unwrap();
+    for (v, i) in [(&kept, k), (&gone, g), (&tx_only, t)] {
+        let s = xsk.open_socket(&v.host, 0).unwrap();
+        first.register_socket(i, 0, xsk.fd(s).unwrap()).unwrap();
+    }
+    assert_eq!(first.slots().len(), 3);
+    // Crash, then the pod is deleted while nothing runs.
+    drop(xsk);
+    drop(first);
+    drop(gone);
+    assert!(!sluice_xdp::loader::interface_exists(g));
+
+    let mut second = XdpLoader::load(&opts).unwrap();
+    assert_eq!(
+        second.attached().unwrap(),
+        vec![k],
+        "link pin of the gone veth"
+    );
+    assert_eq!(second.configured().unwrap(), vec![k]);
+    let slots: Vec<(u32, u32)> = second.slots().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        slots,
+        vec![(k, 0)],
+        "slots of gone and transmit-only sockets"
+    );
+    assert_eq!(files(&pins.dir.join("links")), vec![k.to_string()]);
+    // Nothing left to prune for interfaces that exist and are kept.
+    assert!(second.retain_interfaces(|_| true).unwrap().is_empty());
+
+    // The caller no longer owns `kept`: its link is detached, everything of it goes.
+    let pruned = second.retain_interfaces(|i| i != k).unwrap();
+    assert_eq!(pruned.links, vec![k]);
+    assert_eq!(pruned.ifaces, vec![k]);
+    assert_eq!(pruned.slots, vec![(k, 0)]);
+    assert_eq!(attached_program_id(k, AttachMode::Generic).unwrap(), None);
+    assert!(second.slots().is_empty() && second.attached().unwrap().is_empty());
+    second.cleanup().unwrap();
+    assert!(!pins.dir.exists());
+}
