@@ -11,8 +11,8 @@
  * Everything else passes. A missing socket (the agent is gone) falls back to
  * XDP_PASS (fail-open) unless the interface is marked fail-closed or the
  * destination is a pod isolated for ingress by NetworkPolicy
- * (`sluice_isolated`), then XDP_DROP: the kernel would deliver the frame
- * without the policy the agent enforces.
+ * (`sluice_isolated`; for VXLAN the inner destination), then XDP_DROP: the
+ * kernel would deliver the frame without the policy the agent enforces.
  *
  * Frags-aware (xdp.frags): headers are read with bpf_xdp_load_bytes, which
  * works whether or not they sit in the linear part.
@@ -103,6 +103,23 @@ static __always_inline int isolated_dst(__u32 daddr)
 		return 0;
 	flags = bpf_map_lookup_elem(&sluice_isolated, &daddr);
 	return flags && (*flags & SLUICE_ISOLATED_INGRESS);
+}
+
+/* The inner IPv4 destination (network byte order) of a VXLAN frame whose UDP
+ * header starts at `l4off`, 0 when the inner frame is not IPv4. Without a
+ * worker, the kernel's standby VXLAN device would decapsulate the frame and
+ * route it to the pod, so its isolation is what decides fail-closed. */
+static __always_inline __u32 vxlan_inner_daddr(struct xdp_md *ctx, __u32 l4off)
+{
+	__u32 inner = l4off + 8 + 8; /* UDP and VXLAN headers */
+	__u16 proto;
+	__u32 daddr;
+
+	if (bpf_xdp_load_bytes(ctx, inner + 12, &proto, sizeof(proto)) < 0 ||
+	    proto != bpf_htons(ETH_P_IP) ||
+	    bpf_xdp_load_bytes(ctx, inner + sizeof(struct ethhdr) + 16, &daddr, sizeof(daddr)) < 0)
+		return 0;
+	return daddr;
 }
 
 static __always_inline int to_socket(struct xdp_md *ctx, const struct sluice_iface *iface,
@@ -200,7 +217,7 @@ int sluice_xdp(struct xdp_md *ctx)
 	__u16 dport = bpf_ntohs(ports[1]);
 	if (ip.protocol == IPPROTO_UDP && cfg->vxlan_port != 0 && dport == cfg->vxlan_port) {
 		COUNT(c, match_vxlan);
-		return to_socket(ctx, iface, c, ip.daddr);
+		return to_socket(ctx, iface, c, vxlan_inner_daddr(ctx, l4off));
 	}
 	if (cfg->nodeport_min != 0 && dport >= cfg->nodeport_min && dport <= cfg->nodeport_max) {
 		COUNT(c, match_nodeport);

@@ -458,6 +458,57 @@ fn golden_frames_are_classified_per_rule() {
         XDP_PASS,
         &["match_cluster", "pass_no_socket"],
     );
+    // VXLAN on a fail-open uplink without a socket: the kernel's standby VXLAN device would
+    // decapsulate it, so the inner destination's isolation decides.
+    l.set_config(&ClassifierConfig {
+        underlay_addr: Some(Ipv4Addr::from(UNDERLAY)),
+        ..ClassifierConfig::default()
+    })
+    .unwrap();
+    l.set_iface(
+        lo,
+        IfaceConfig {
+            role: IfaceRole::Uplink,
+            fail_closed: false,
+            redirect_all: false,
+        },
+    )
+    .unwrap();
+    let vxlan_to = |inner: [u8; 4]| {
+        let mut f = ipv4_frame(UNDERLAY, UDP, 8472, 8);
+        f.extend_from_slice(&ipv4_frame(inner, TCP, 80, 0));
+        f
+    };
+    check(
+        &l,
+        "VXLAN, no socket, inner destination ingress-isolated",
+        &vxlan_to(db.octets()),
+        XDP_DROP,
+        &["match_vxlan", "drop_no_socket"],
+    );
+    check(
+        &l,
+        "VXLAN, no socket, inner destination egress-isolated",
+        &vxlan_to([10, 244, 1, 8]),
+        XDP_PASS,
+        &["match_vxlan", "pass_no_socket"],
+    );
+    check(
+        &l,
+        "VXLAN, no socket, no inner frame",
+        &ipv4_frame(UNDERLAY, UDP, 8472, 8),
+        XDP_PASS,
+        &["match_vxlan", "pass_no_socket"],
+    );
+    l.set_iface(
+        lo,
+        IfaceConfig {
+            role: IfaceRole::Pod,
+            fail_closed: false,
+            redirect_all: false,
+        },
+    )
+    .unwrap();
     l.set_isolation(db, Isolation::default()).unwrap();
     assert_eq!(
         l.isolated().unwrap(),
