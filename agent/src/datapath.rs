@@ -52,6 +52,13 @@ pub trait Datapath: Send + Sync + Debug {
     fn attach(&self, ifname: &str, role: Role) -> Result<u32, DatapathError>;
     /// Detach from an interface (gone interfaces are fine).
     fn detach(&self, ifname: &str, ifindex: u32) -> Result<(), DatapathError>;
+    /// Keep the pinned state (links, interface settings, socket slots) of the interfaces in
+    /// `keep` only: what an earlier agent left for anything else (a pod deleted while no agent
+    /// ran, an AddPod cut short, its punt link) goes. Called after [`Datapath::load`], before
+    /// anything is attached.
+    fn retain_interfaces(&self, _keep: &[u32]) -> Result<(), DatapathError> {
+        Ok(())
+    }
     /// `Ok` when the program is loaded and attached to the uplink.
     fn ready(&self) -> Result<(), String>;
     /// Number of rx queues of the uplink.
@@ -285,6 +292,21 @@ impl Datapath for XdpDatapath {
 
     fn detach(&self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
         self.with(|l| l.detach(ifindex), "detach XDP", ifname)
+    }
+
+    fn retain_interfaces(&self, keep: &[u32]) -> Result<(), DatapathError> {
+        let pruned = self.with(
+            |l| l.retain_interfaces(|i| keep.contains(&i)),
+            "remove the pinned state of interfaces that are not the agent's",
+            "",
+        )?;
+        if !pruned.is_empty() {
+            tracing::info!(
+                ?pruned,
+                "pinned state of interfaces that are not the agent's removed"
+            );
+        }
+        Ok(())
     }
 
     fn ready(&self) -> Result<(), String> {

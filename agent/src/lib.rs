@@ -5,6 +5,12 @@
 //! worker threads ([`workers`]) and their counters ([`counters`]), the XDP attachment
 //! ([`datapath`]) and the local gRPC API on the unix socket ([`api`]).
 //!
+//! Start-up reconciles before it re-attaches: a pod of the registry whose host veth is gone (CNI
+//! DEL goes on without the agent; the end of the pod's network namespace takes its veth along) is
+//! dropped from the registry, so the control plane loses it on the next sync and its address is
+//! free again; the XDP program's pinned state keeps only the uplink's and the remaining pods'
+//! interfaces (see [`Datapath::retain_interfaces`]).
+//!
 //! Threads: the tokio runtime serves the API and does all control work; each worker is a plain
 //! thread pinned to its core. They meet only at the table [`tables::Publisher`] (read-copy-update),
 //! the workers' command channels and the counters (relaxed atomics). No lock is taken per packet.
@@ -122,7 +128,15 @@ impl Agent {
             path: state.clone(),
             source,
         })?;
-        let registry = PodRegistry::open(&config.registry_path())?;
+        let mut registry = PodRegistry::open(&config.registry_path())?;
+        for pod in registry.remove_gone(|p| veth_gone(p).is_some())? {
+            tracing::info!(
+                pod = %pod.container_id,
+                ip = %pod.ip,
+                "pod deleted while the agent was down: {}; dropped",
+                veth_gone(&pod).unwrap_or_default()
+            );
+        }
         let uplink = &config.underlay.interface;
         let links = NodeLinks {
             uplink: PortId(datapath::ifindex(uplink)?),
@@ -192,6 +206,12 @@ impl Agent {
         }
 
         datapath.load(&config)?;
+        let ours: Vec<u32> = std::iter::once(links.uplink.0)
+            .chain(registry.pods().map(|p| p.host_ifindex))
+            .collect();
+        if let Err(e) = datapath.retain_interfaces(&ours) {
+            tracing::warn!("{e}");
+        }
         let uplink_ifindex = datapath.attach(&config.underlay.interface, datapath::Role::Uplink)?;
         for (queue, worker) in &uplink_queues {
             workers[*worker]
@@ -298,10 +318,17 @@ impl Agent {
         if let Some(other) = registry.by_ip(pod.ip)
             && (other.container_id != pod.container_id || other.ifname != pod.ifname)
         {
-            return Err(AgentError::InvalidPod(format!(
-                "ip {} already belongs to container {}",
-                pod.ip, other.container_id
-            )));
+            // A holder whose veth is gone was deleted without telling the agent: it lets go.
+            let Some(why) = veth_gone(other) else {
+                return Err(AgentError::InvalidPod(format!(
+                    "ip {} already belongs to container {}",
+                    pod.ip, other.container_id
+                )));
+            };
+            let other = other.clone();
+            tracing::info!(pod = %other.container_id, ip = %other.ip, "{why}; dropped for the new holder of its address");
+            registry.remove(&(other.container_id.clone(), other.ifname.clone()))?;
+            self.detach_pod(&other).await;
         }
         let key = (pod.container_id.clone(), pod.ifname.clone());
         if let Some(old) = registry.get(&key).cloned() {
@@ -492,6 +519,22 @@ impl Agent {
         {
             tracing::warn!("{e}");
         }
+    }
+}
+
+/// Why a registered pod is gone, if it is: its host veth no longer exists under its name and
+/// ifindex. The veth is the proof of a pod's wiring: CNI DEL removes it (with or without the
+/// agent), and it ends with the pod's network namespace. The netns path itself is not asked: a
+/// namespace can outlive its path, and the path may not be visible where the agent runs. IPAM
+/// records are the CNI's: DEL removes them with the veth.
+fn veth_gone(pod: &PodRecord) -> Option<String> {
+    match datapath::ifindex(&pod.host_ifname) {
+        Ok(i) if i == pod.host_ifindex => None,
+        Ok(i) => Some(format!(
+            "its host veth {} has ifindex {i}, not {}",
+            pod.host_ifname, pod.host_ifindex
+        )),
+        Err(_) => Some(format!("its host veth {} is gone", pod.host_ifname)),
     }
 }
 

@@ -135,6 +135,24 @@ impl PodRegistry {
         Ok(old)
     }
 
+    /// Remove every pod `gone` holds true for and persist; returns them.
+    pub fn remove_gone(
+        &mut self,
+        gone: impl Fn(&PodRecord) -> bool,
+    ) -> Result<Vec<PodRecord>, RegistryError> {
+        let keys: Vec<PodKey> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| gone(p))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let removed: Vec<PodRecord> = keys.iter().filter_map(|k| self.pods.remove(k)).collect();
+        if !removed.is_empty() {
+            self.save()?;
+        }
+        Ok(removed)
+    }
+
     fn save(&self) -> Result<(), RegistryError> {
         let io = |source| RegistryError::Io {
             path: self.path.clone(),
@@ -187,6 +205,26 @@ mod tests {
         assert_eq!(r2.len(), 1);
         assert_eq!(r2.by_ip(Ipv4Addr::new(10, 244, 1, 3)).unwrap().name, "b");
         assert!(r2.by_ip(Ipv4Addr::new(10, 244, 1, 2)).is_none());
+    }
+
+    #[test]
+    fn remove_gone_persists_what_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pods.json");
+        let mut r = PodRegistry::open(&path).unwrap();
+        for (id, last) in [("a", 2), ("b", 3), ("c", 4)] {
+            r.insert(pod(id, [10, 244, 1, last])).unwrap();
+        }
+        let gone = r.remove_gone(|p| p.container_id != "b").unwrap();
+        let ids: Vec<&str> = gone.iter().map(|p| p.container_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert!(r.remove_gone(|_| false).unwrap().is_empty());
+        let r2 = PodRegistry::open(&path).unwrap();
+        assert_eq!(r2.len(), 1);
+        assert!(
+            r2.by_ip(Ipv4Addr::new(10, 244, 1, 2)).is_none(),
+            "its address is free"
+        );
     }
 
     #[test]

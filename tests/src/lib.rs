@@ -253,6 +253,24 @@ impl Node {
         Ipv4Addr::new(10, 244, self.index as u8 + 1, 0)
     }
 
+    /// `bpftool -j map dump pinned` of this node's pinned map `name` (e.g. `sluice_xsk_slots`),
+    /// parsed; readable while the agent is dead.
+    pub fn pinned_map(&self, name: &str) -> Result<serde_json::Value> {
+        let path = self
+            .bpffs()
+            .join(format!("sluice/n{}/maps/{name}", self.index));
+        let out = run(Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&path))?;
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| HarnessError::Setup(format!("bpftool dump of {name}: {e}")))
+    }
+
+    /// The ifindex of `ifname` in this node's namespace.
+    pub fn ifindex(&self, ifname: &str) -> Result<u32> {
+        ifindex_of(&self.ns, ifname)
+    }
+
     /// The agent's counters file (rewritten every second).
     pub fn counters(&self) -> Result<CountersFile> {
         let p = self.state_dir().join("counters.json");

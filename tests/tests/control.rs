@@ -989,3 +989,152 @@ fn reused_five_tuple_meets_a_new_policy() {
         Ok(())
     })());
 }
+
+/// A churn run where pods are deleted (CNI DEL) while their agent is SIGKILLed: once it is back,
+/// nothing of them is left, not in the registry, the control plane, the XDP program's pinned maps
+/// (`sluice_ifaces`, `sluice_xsk_slots`, `sluice_isolated`) nor its link pins; their addresses
+/// are handed out again and work.
+#[test]
+fn pods_deleted_while_the_agent_is_down_leave_nothing_behind() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut s = Setup::new()?;
+        // app=web pods are isolated for ingress: their addresses sit in `sluice_isolated`.
+        s.apply_synced("deny.yaml", DENY)?;
+        let remote = s.c.add_pod_cni(1, &[("role", "client")])?;
+        let ipam = s.c.nodes[0].dir.join("ipam/sluice");
+        let mut live: Vec<usize> = Vec::new();
+        let mut deleted: Vec<(Ipv4Addr, String)> = Vec::new();
+        for round in 0..2 {
+            for _ in 0..4 {
+                live.push(s.c.add_pod_cni(0, &[("app", "web")])?);
+            }
+            until("every pod is reported", || {
+                s.ctl(&["get", "pods", "-o", "json"]).is_ok_and(|j| {
+                    live.iter()
+                        .all(|p| j.contains(&format!("\"{}\"", s.c.pods[*p].ip)))
+                })
+            })?;
+            let doomed: Vec<usize> = live.drain(..3).collect();
+            let doomed_ifindexes: Vec<u32> = doomed
+                .iter()
+                .map(|p| s.c.host_ifindex(*p))
+                .collect::<Result<_>>()?;
+
+            s.c.stop_agent(0, nix::sys::signal::Signal::SIGKILL)?;
+            for p in &doomed {
+                s.c.del_pod_cni(*p)?;
+                deleted.push((s.c.pods[*p].ip, s.c.pods[*p].container_id.clone()));
+            }
+            let stale = s.c.nodes[0].pinned_map("sluice_ifaces")?;
+            s.c.start_agent(0)?;
+            let live_n = live.len();
+            s.c.wait_counters(0, |f| f.pods == live_n)?;
+
+            // Registry and control plane.
+            let registry = std::fs::read_to_string(s.c.nodes[0].state_dir().join("pods.json"))
+                .map_err(setup)?;
+            let registered = registry.matches("\"container_id\"").count();
+            assert_eq!(registered, live.len(), "registry: {registry}");
+            for (ip, id) in &deleted {
+                assert!(!registry.contains(id.as_str()), "{id} still registered");
+                assert!(
+                    !registry.contains(&format!("\"{ip}\"")),
+                    "{ip} still registered"
+                );
+            }
+            let held = until("the deleted pods leave the control plane", || {
+                s.ctl(&["get", "pods", "-o", "json"]).is_ok_and(|j| {
+                    deleted
+                        .iter()
+                        .all(|(ip, _)| !j.contains(&format!("\"{ip}\"")))
+                        && live
+                            .iter()
+                            .all(|p| j.contains(&format!("\"{}\"", s.c.pods[*p].ip)))
+                })
+            });
+            held?;
+
+            // The XDP program's pinned state: the uplink and the live pods, nothing else.
+            let n = &s.c.nodes[0];
+            let mut ours: Vec<u64> = live
+                .iter()
+                .map(|p| s.c.host_ifindex(*p).map(u64::from))
+                .collect::<Result<_>>()?;
+            ours.push(u64::from(n.ifindex("eth0")?));
+            ours.sort_unstable();
+            let keys = |v: &serde_json::Value, field: Option<&str>| -> Vec<u64> {
+                let mut k: Vec<u64> = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|e| {
+                                let k = &e["formatted"]["key"];
+                                field.map_or(k.as_u64(), |f| k[f].as_u64())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                k.sort_unstable();
+                k.dedup();
+                k
+            };
+            let ifaces = keys(&n.pinned_map("sluice_ifaces")?, None);
+            println!(
+                "round {round}: deleted while down {doomed_ifindexes:?}; sluice_ifaces before the restart {:?}, after {ifaces:?}",
+                keys(&stale, None)
+            );
+            assert_eq!(ifaces, ours, "sluice_ifaces");
+            let pins: Vec<u64> = n
+                .link_pins()
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            let mut pins = pins;
+            pins.sort_unstable();
+            assert_eq!(pins, ours, "link pins");
+            let punt = u64::from(n.ifindex("sluice-punt")?);
+            let slot_ifs = keys(&n.pinned_map("sluice_xsk_slots")?, Some("ifindex"));
+            let mut want = ours.clone();
+            want.push(punt);
+            want.sort_unstable();
+            assert_eq!(slot_ifs, want, "sluice_xsk_slots");
+            let mut isolated = keys(&n.pinned_map("sluice_isolated")?, None);
+            isolated.sort_unstable();
+            let mut live_ips: Vec<u64> = live
+                .iter()
+                .map(|p| u64::from(u32::from_ne_bytes(s.c.pods[*p].ip.octets())))
+                .collect();
+            live_ips.sort_unstable();
+            assert_eq!(isolated, live_ips, "sluice_isolated");
+            println!(
+                "round {round}: after the restart {} live pods on node 0: registry {} entries, deleted pods in the control plane {}, sluice_ifaces {ifaces:?}, link pins {pins:?}, sluice_xsk_slots interfaces {slot_ifs:?}, sluice_isolated {} entries",
+                live.len(),
+                registered,
+                deleted
+                    .iter()
+                    .filter(|(ip, _)| s
+                        .ctl(&["get", "pods", "-o", "json"])
+                        .is_ok_and(|j| j.contains(&format!("\"{ip}\""))))
+                    .count(),
+                isolated.len()
+            );
+        }
+
+        // Deleted addresses are handed out again (IPAM's round robin pointed at them) and work.
+        for (ip, _) in deleted.iter().take(2) {
+            let before = Ipv4Addr::from(u32::from(*ip) - 1);
+            std::fs::write(ipam.join("last"), before.to_string()).map_err(setup)?;
+            let p = s.c.add_pod_cni(0, &[("role", "reuse")])?;
+            assert_eq!(s.c.pods[p].ip, *ip, "IPAM did not reuse {ip}");
+            s.c.ping(remote, *ip, 2)?;
+        }
+        println!(
+            "addresses deleted while the agent was down and reused: {:?}",
+            deleted.iter().take(2).map(|d| d.0).collect::<Vec<_>>()
+        );
+        Ok(())
+    })());
+}
