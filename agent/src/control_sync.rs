@@ -115,6 +115,12 @@ impl ControlSlot {
         }
     }
 
+    /// Whether a revision of the control plane has been applied (its peers are then the whole
+    /// list).
+    pub fn has_revision(&self) -> bool {
+        self.objects.read().is_ok_and(|o| o.is_some())
+    }
+
     /// The pod registry changed: report it.
     pub fn pods_changed(&self) {
         self.pods.notify_one();

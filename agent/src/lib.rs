@@ -3,7 +3,8 @@
 //! Owns: the node config ([`config`]), the cluster objects read from manifests ([`manifests`]), the
 //! persisted pod registry ([`registry`]), building and publishing table snapshots ([`tables`]), the
 //! worker threads ([`workers`]) and their counters ([`counters`]), the XDP attachment
-//! ([`datapath`]) and the local gRPC API on the unix socket ([`api`]).
+//! ([`datapath`]), the kernel's standby path to other nodes ([`standby`]) and the local gRPC API
+//! on the unix socket ([`api`]).
 //!
 //! Start-up reconciles before it re-attaches: a pod of the registry whose host veth is gone (CNI
 //! DEL goes on without the agent; the end of the pod's network namespace takes its veth along) is
@@ -28,6 +29,7 @@ pub mod masquerade;
 pub mod metrics;
 pub mod punt;
 pub mod registry;
+pub mod standby;
 pub mod tables;
 pub mod workers;
 pub mod xsk_io;
@@ -95,6 +97,8 @@ pub struct Agent {
     punt: Option<punt::Punt>,
     /// Whether this agent installed the masquerade table (see [`masquerade`]).
     masquerading: bool,
+    /// The kernel's standby path to other nodes (see [`standby`]), with a datapath.
+    standby: Option<standby::Standby>,
     /// Seconds from a change reaching the agent to the tables holding it being published.
     publish_latency: prometheus_client::metrics::histogram::Histogram,
 }
@@ -223,10 +227,13 @@ impl Agent {
                 })
                 .await?;
         }
-        let punt = if datapath.ready().is_ok() {
-            open_punt(&workers, config.pod_mtu).await
+        let (punt, standby) = if datapath.ready().is_ok() {
+            (
+                open_punt(&workers, config.pod_mtu).await,
+                Some(standby::Standby::spawn(standby::Device::of(&config))),
+            )
         } else {
-            None
+            (None, None)
         };
         let masquerading = datapath.ready().is_ok() && set_masquerade(&config)?;
 
@@ -245,6 +252,7 @@ impl Agent {
             events: Default::default(),
             punt,
             masquerading,
+            standby,
             publish_latency: metrics::publish_latency_histogram(),
         };
         if let Ok(mut p) = agent.ports.write() {
@@ -446,6 +454,12 @@ impl Agent {
                 isolation: s.tables.policy.isolation(p.ip),
             })
             .collect();
+        if let Some(standby) = &self.standby {
+            standby.set_peers(standby::Peers {
+                peers: standby::peers_of(&s.remotes),
+                complete: self.config.control.is_none() || self.control.has_revision(),
+            });
+        }
         self.publisher.publish(s);
         if let Err(e) = self.datapath.sync_isolation(&isolation) {
             tracing::warn!("cannot mirror policy isolation into the XDP program: {e}");
@@ -518,6 +532,11 @@ impl Agent {
             && let Err(e) = masquerade::remove()
         {
             tracing::warn!("{e}");
+        }
+        if let Some(standby) = &self.standby
+            && let Err(e) = standby.remove().await
+        {
+            tracing::warn!("removing the standby VXLAN device: {e}");
         }
     }
 }

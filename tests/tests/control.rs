@@ -993,7 +993,7 @@ fn reused_five_tuple_meets_a_new_policy() {
 /// A churn run where pods are deleted (CNI DEL) while their agent is SIGKILLed: once it is back,
 /// nothing of them is left, not in the registry, the control plane, the XDP program's pinned maps
 /// (`sluice_ifaces`, `sluice_xsk_slots`, `sluice_isolated`) nor its link pins; their addresses
-/// are handed out again and work.
+/// are handed out again and work; the standby path learned node 1 from the control plane.
 #[test]
 fn pods_deleted_while_the_agent_is_down_leave_nothing_behind() {
     if !require_root() {
@@ -1135,6 +1135,12 @@ fn pods_deleted_while_the_agent_is_down_leave_nothing_behind() {
             "addresses deleted while the agent was down and reused: {:?}",
             deleted.iter().take(2).map(|d| d.0).collect::<Vec<_>>()
         );
+
+        // The standby path knows node 1 from the control plane.
+        let routes = sluice_e2e::ip(Some(&s.c.nodes[0].ns), "route show dev sluice-vxlan")?;
+        let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+        println!("node 0 standby routes: {routes}");
+        assert!(routes.contains("10.244.2.0/24 via 10.244.2.0"), "{routes}");
         Ok(())
     })());
 }
