@@ -438,8 +438,10 @@ fn cross_node_traffic_survives_agent_sigkill_and_restart() {
                 "{dir}: {g:.0} ms without replies after the restart"
             );
         }
+        // TCP backs off after the losses around the kill and the restart: one empty half second
+        // at a time is a retransmission timeout, two in a row a stall.
         assert!(
-            per.len() >= 14 && per.iter().all(|(_, g)| *g > 0.0),
+            per.len() >= 14 && !per.windows(2).any(|w| w[0].1 == 0.0 && w[1].1 == 0.0),
             "iperf3 stalled: {per:?}"
         );
 
