@@ -59,14 +59,18 @@
 //!
 //! # Files
 //! The key is [`crate::flow::FlowKey`]; `state` holds the protocol states, their timeouts and the
-//! per-connection entry with its TCP state machine; `table` the fixed-capacity table of entries.
+//! per-connection entry with its TCP state machine; `table` the fixed-capacity table of entries;
+//! `view` the read-only view a trace runs the pipeline over ([`CtView`]: lookups that remove
+//! nothing, changes kept in the view).
 
 mod state;
 mod table;
+mod view;
 
 pub use crate::flow::FlowKey;
 pub use state::{CtEntry, CtState, CtTimeouts};
 pub use table::{ConnTrack, CtConfig, CtError, CtHandle, CtStats};
+pub use view::CtView;
 
 /// The longest distance, in index slots, between a key's home slot and where it is stored.
 pub const MAX_PROBE: usize = 64;

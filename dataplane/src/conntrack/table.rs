@@ -47,6 +47,22 @@ pub struct CtHandle {
     generation: u32,
 }
 
+impl CtHandle {
+    /// The `n`th handle of entries a [`super::CtView`] holds itself: past every pool index, so
+    /// no table resolves it.
+    pub(super) fn scratch(n: u32) -> Self {
+        Self {
+            idx: u32::MAX - n,
+            generation: u32::MAX,
+        }
+    }
+
+    /// Whether this names an entry of a view rather than of a table.
+    pub(super) fn is_scratch(self) -> bool {
+        self.generation == u32::MAX && self.idx > u32::MAX - 16
+    }
+}
+
 /// Counters of one table.
 #[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
 pub struct CtStats {
@@ -217,6 +233,22 @@ impl<V: Copy> ConnTrack<V> {
             self.stats.expired += 1;
             return None;
         }
+        Some((
+            CtHandle {
+                idx: idx as u32,
+                generation: slot.generation,
+            },
+            dir,
+        ))
+    }
+
+    /// [`Self::lookup`] without changing anything: an expired entry is a miss but stays where it is
+    /// (for [`super::CtView`], a trace's read-only view; the table's own lookups remove it).
+    #[inline]
+    pub fn peek(&self, key: &FlowKey, now: u64) -> Option<(CtHandle, FlowDir)> {
+        let (_, idx, dir) = self.find(key, self.hash(key))?;
+        let slot = &self.pool[idx];
+        slot.entry.as_ref().filter(|e| !e.is_expired(now))?;
         Some((
             CtHandle {
                 idx: idx as u32,
