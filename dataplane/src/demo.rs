@@ -17,12 +17,13 @@ use ipnet::Ipv4Net;
 
 use crate::checksum;
 use crate::flow::proto;
+use crate::probe::{self, Probe, ProbeL4};
 use crate::tables::{
     Backend, LocalPod, NodeConfig, RemoteNode, ServiceSpec, Tables, TablesBuilder,
 };
 use crate::verdict::PortId;
 use crate::wire::ethernet::{self, Mac};
-use crate::wire::{icmp, ipv4, tcp, udp};
+use crate::wire::icmp;
 
 pub const NODE_MAC: Mac = Mac([2, 0, 0xc0, 0xa8, 0x32, 1]);
 pub const PEER_MAC: Mac = Mac([2, 0, 0xc0, 0xa8, 0x32, 2]);
@@ -142,94 +143,56 @@ impl FrameSpec {
     }
 }
 
+impl FrameSpec {
+    /// The probe with these addresses (TTL 64) and transport header `l4`.
+    fn probe(&self, l4: ProbeL4) -> Probe {
+        Probe {
+            src_mac: self.src_mac,
+            dst_mac: self.dst_mac,
+            src: self.src,
+            dst: self.dst,
+            ttl: 64,
+            l4,
+        }
+    }
+}
+
 fn ip_frame(s: &FrameSpec, protocol: u8, l4: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; ethernet::HEADER_LEN + ipv4::MIN_HEADER_LEN];
-    let eth = ethernet::Repr {
-        dst: s.dst_mac,
-        src: s.src_mac,
-        ethertype: ethernet::ethertype::IPV4,
-    };
-    let _ = eth.emit(&mut f);
-    let ip = ipv4::Repr {
-        src: s.src,
-        dst: s.dst,
-        protocol,
-        tos: 0,
-        ident: 0x4242,
-        dont_frag: true,
-        ttl: 64,
-        payload_len: l4.len() as u16,
-    };
-    let _ = ip.emit(&mut f[ethernet::HEADER_LEN..]);
-    f.extend_from_slice(l4);
-    f
+    let p = s.probe(ProbeL4::Udp {
+        src_port: s.src_port,
+        dst_port: s.dst_port,
+    });
+    probe::ip_frame(&p, protocol, l4)
 }
 
 /// A TCP segment (20-byte header) with `flags`, a correct checksum and `payload`.
 pub fn tcp_frame(s: &FrameSpec, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut l4 = vec![0u8; tcp::MIN_HEADER_LEN];
-    l4[0..2].copy_from_slice(&s.src_port.to_be_bytes());
-    l4[2..4].copy_from_slice(&s.dst_port.to_be_bytes());
-    l4[4..8].copy_from_slice(&1u32.to_be_bytes());
-    l4[12] = 0x50;
-    l4[13] = flags;
-    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    l4.extend_from_slice(payload);
-    let mut c = checksum::Checksum::new();
-    c.add_u32(checksum::pseudo_header_sum(
-        s.src,
-        s.dst,
-        proto::TCP,
-        l4.len() as u16,
-    ));
-    c.add_bytes(&l4);
-    let v = c.finish();
-    l4[16..18].copy_from_slice(&v.to_be_bytes());
-    ip_frame(s, proto::TCP, &l4)
+    s.probe(ProbeL4::Tcp {
+        src_port: s.src_port,
+        dst_port: s.dst_port,
+        flags,
+    })
+    .frame(payload)
 }
 
 /// A UDP datagram with a correct checksum.
 pub fn udp_frame(s: &FrameSpec, payload: &[u8]) -> Vec<u8> {
-    let mut l4 = vec![0u8; udp::HEADER_LEN];
-    let r = udp::Repr {
+    s.probe(ProbeL4::Udp {
         src_port: s.src_port,
         dst_port: s.dst_port,
-        payload_len: payload.len() as u16,
-        checksum: 0,
-    };
-    let _ = r.emit(&mut l4);
-    l4.extend_from_slice(payload);
-    let mut c = checksum::Checksum::new();
-    c.add_u32(checksum::pseudo_header_sum(
-        s.src,
-        s.dst,
-        proto::UDP,
-        l4.len() as u16,
-    ));
-    c.add_bytes(&l4);
-    let v = match c.finish() {
-        0 => 0xffff,
-        v => v,
-    };
-    l4[6..8].copy_from_slice(&v.to_be_bytes());
-    ip_frame(s, proto::UDP, &l4)
+    })
+    .frame(payload)
 }
 
 /// An ICMP echo request (`reply = false`) or reply with id `s.src_port`.
 pub fn icmp_echo_frame(s: &FrameSpec, reply: bool, seq: u16) -> Vec<u8> {
-    let t = if reply {
-        icmp::kind::ECHO_REPLY
-    } else {
-        icmp::kind::ECHO_REQUEST
-    };
-    let mut l4 = vec![0u8; icmp::HEADER_LEN + 32];
-    let _ = icmp::Repr::echo(t, s.src_port, seq).emit(&mut l4);
-    for (i, b) in l4[8..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    let c = checksum::checksum(&l4);
-    l4[2..4].copy_from_slice(&c.to_be_bytes());
-    ip_frame(s, proto::ICMP, &l4)
+    let payload: Vec<u8> = (0..32u8).collect();
+    s.probe(ProbeL4::IcmpEcho {
+        id: s.src_port,
+        seq,
+        reply,
+    })
+    .frame(&payload)
 }
 
 /// An ICMP error (`msg_type`/`code`) from `s.src` to `s.dst` about `about` (a full IPv4 frame;

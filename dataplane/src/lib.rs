@@ -23,6 +23,7 @@ pub mod parse;
 pub mod pcap;
 pub mod pipeline;
 pub mod policy;
+pub mod probe;
 pub mod route;
 pub mod segment;
 pub mod service;
