@@ -202,6 +202,11 @@ impl MaglevTable {
             .copied()
     }
 
+    /// The slot [`Self::lookup`] reads for `flow_hash` (whether or not the table has backends).
+    pub fn slot(&self, flow_hash: u64) -> usize {
+        fast_mod(flow_hash, self.magic, self.size) as usize
+    }
+
     /// The number of slots `M`.
     pub fn size(&self) -> usize {
         self.size as usize

@@ -27,7 +27,7 @@ pub enum ServiceOutcome {
     NoBackend,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct AffinitySlot {
     client: u32,
     svc: u32,
@@ -103,7 +103,45 @@ pub fn maglev_choice(tables: &Tables, svc: ServiceId, t: &FlowKey) -> Option<([u
     Some((b.ip.octets(), b.port))
 }
 
+/// How a new flow's backend was chosen (for a trace: `pipeline::trace`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Not a service, or a service without a backend.
+    None,
+    /// Maglev: the flow hash's slot in the service's table and the backend index it holds (with
+    /// sessionAffinity the hash is of the client address alone, `affinity` true).
+    Maglev {
+        slot: usize,
+        backend: u16,
+        affinity: bool,
+    },
+    /// sessionAffinity: the backend this client was given by an earlier flow, still in the set.
+    Remembered { backend: u16 },
+}
+
+/// What [`choose`] decided, and the affinity entry [`select`] then writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chosen {
+    /// The service the destination is (also when it has no backend).
+    pub svc: Option<ServiceId>,
+    pub outcome: ServiceOutcome,
+    pub how: Choice,
+    remember: Option<AffinitySlot>,
+}
+
+impl Chosen {
+    fn new(outcome: ServiceOutcome) -> Self {
+        Self {
+            svc: None,
+            outcome,
+            how: Choice::None,
+            remember: None,
+        }
+    }
+}
+
 /// Find the service of a new flow and choose its backend.
+#[inline]
 pub fn select(
     tables: &Tables,
     affinity: &mut AffinityTable,
@@ -111,18 +149,36 @@ pub fn select(
     p: &Parsed,
     from_uplink: bool,
 ) -> ServiceOutcome {
+    let c = choose(tables, affinity, now_ns, p, from_uplink);
+    if let Some(s) = c.remember {
+        affinity.put(s);
+    }
+    c.outcome
+}
+
+/// What [`select`] decides, without writing the affinity table: the outcome, how the backend was
+/// chosen, and the affinity entry `select` writes (a new client's choice, or the refreshed expiry
+/// of a remembered one).
+#[inline]
+pub fn choose(
+    tables: &Tables,
+    affinity: &AffinityTable,
+    now_ns: u64,
+    p: &Parsed,
+    from_uplink: bool,
+) -> Chosen {
     let (svc_id, node_port) = match tables.cluster_ip(p.dst, p.dst_port, p.proto) {
         Some(id) => (id, false),
         None if from_uplink && p.dst == tables.node.underlay_ip.octets() => {
             match tables.node_port(p.dst_port, p.proto) {
                 Some(id) => (id, true),
-                None => return ServiceOutcome::NotService,
+                None => return Chosen::new(ServiceOutcome::NotService),
             }
         }
-        None => return ServiceOutcome::NotService,
+        None => return Chosen::new(ServiceOutcome::NotService),
     };
     let Some(svc) = tables.service(svc_id) else {
-        return ServiceOutcome::NotService;
+        return Chosen::new(ServiceOutcome::NotService);
     };
     let client = u32::from_be_bytes(p.src);
     let backends = &svc.spec.backends;
@@ -135,25 +191,39 @@ pub fn select(
                 port: b.port,
                 node_port,
             })
+            .unwrap_or(ServiceOutcome::NoBackend)
     };
-    if svc.affinity_timeout_ns > 0 {
-        if let Some(s) = affinity.get(client, svc_id.0, now_ns)
-            && backends
-                .get(usize::from(s.backend))
-                .is_some_and(|b| b.ip.octets() == s.ip && b.port == s.port)
-        {
-            let mut s = *s;
-            s.expires_ns = now_ns.saturating_add(svc.affinity_timeout_ns);
-            affinity.put(s);
-            return found(s.backend).unwrap_or(ServiceOutcome::NoBackend);
-        }
-        let Some(i) = svc.maglev.lookup(maglev_hash(true, &p.key())) else {
-            return ServiceOutcome::NoBackend;
+    let no_backend = Chosen {
+        svc: Some(svc_id),
+        ..Chosen::new(ServiceOutcome::NoBackend)
+    };
+    let with_affinity = svc.affinity_timeout_ns > 0;
+    if with_affinity
+        && let Some(s) = affinity.get(client, svc_id.0, now_ns)
+        && backends
+            .get(usize::from(s.backend))
+            .is_some_and(|b| b.ip.octets() == s.ip && b.port == s.port)
+    {
+        let mut s = *s;
+        s.expires_ns = now_ns.saturating_add(svc.affinity_timeout_ns);
+        return Chosen {
+            svc: Some(svc_id),
+            outcome: found(s.backend),
+            how: Choice::Remembered { backend: s.backend },
+            remember: Some(s),
         };
-        let Some(b) = backends.get(usize::from(i)) else {
-            return ServiceOutcome::NoBackend;
-        };
-        affinity.put(AffinitySlot {
+    }
+    let hash = maglev_hash(with_affinity, &p.key());
+    let slot = svc.maglev.slot(hash);
+    let Some(i) = svc.maglev.lookup(hash) else {
+        return no_backend;
+    };
+    let outcome = found(i);
+    if outcome == ServiceOutcome::NoBackend {
+        return no_backend;
+    }
+    let remember = match backends.get(usize::from(i)) {
+        Some(b) if with_affinity => Some(AffinitySlot {
             client,
             svc: svc_id.0,
             backend: i,
@@ -161,13 +231,19 @@ pub fn select(
             port: b.port,
             expires_ns: now_ns.saturating_add(svc.affinity_timeout_ns),
             used: true,
-        });
-        return found(i).unwrap_or(ServiceOutcome::NoBackend);
+        }),
+        _ => None,
+    };
+    Chosen {
+        svc: Some(svc_id),
+        outcome,
+        how: Choice::Maglev {
+            slot,
+            backend: i,
+            affinity: with_affinity,
+        },
+        remember,
     }
-    svc.maglev
-        .lookup(maglev_hash(false, &p.key()))
-        .and_then(found)
-        .unwrap_or(ServiceOutcome::NoBackend)
 }
 
 #[cfg(test)]
