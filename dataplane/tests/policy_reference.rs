@@ -510,6 +510,8 @@ fn assert_agrees(
     for q in queries(inputs) {
         let want = reference(inputs, &q);
         let got = table.decide(&q);
+        let explained = table.explain(&q);
+        prop_assert_eq!(explained.verdict(), got, "query {:?}: {:?}", q, explained);
         if exact {
             prop_assert_eq!(got, want, "query {:?}", q);
         } else {

@@ -112,6 +112,12 @@ fn allowed(v: PolicyVerdict) -> bool {
     matches!(v, PolicyVerdict::Allow { .. })
 }
 
+/// `PolicyTable::explain` (what `sluicectl trace` shows) agrees with `decide`.
+fn explained(table: &PolicyTable, q: &PolicyQuery, v: PolicyVerdict) {
+    let e = table.explain(q);
+    assert_eq!(e.verdict(), v, "{q:?}: explained as {e:?}");
+}
+
 /// Expected reachability (rows: from, columns: to), as upstream's `Reachability`.
 #[derive(Clone, PartialEq, Eq)]
 struct Reach([[bool; 9]; 9]);
@@ -164,7 +170,10 @@ impl Reach {
         let mut r = Reach([[false; 9]; 9]);
         for f in 0..9 {
             for t in 0..9 {
-                r.0[f][t] = allowed(table.decide(&query(f, t, proto, port)));
+                let q = query(f, t, proto, port);
+                let v = table.decide(&q);
+                explained(table, &q, v);
+                r.0[f][t] = allowed(v);
             }
         }
         r

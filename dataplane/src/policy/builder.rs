@@ -12,7 +12,7 @@ use super::selector::{LabelIndex, Labels};
 use super::spec::{self, CheckedPolicy, EGRESS, INGRESS, NsMatch, Peer, PortMatch};
 use super::{
     Class, ContainerPort, DirPolicy, NO_CLASS, Namespace, NetworkPolicy, OTHER_SLOT, PeerSet,
-    PodEntry, PodInfo, PodPolicy, PolicyInputs, PolicyTable, Protocol,
+    PodEntry, PodInfo, PodPolicy, PolicyInputs, PolicyTable, Protocol, RuleGrant,
 };
 use ahash::{AHashMap, AHashSet};
 use std::collections::BTreeMap;
@@ -748,6 +748,7 @@ impl PolicyBuilder {
             hi: u16,
             set: Arc<PeerSet>,
             by: u32,
+            rule: u32,
         }
         let mut grants = Vec::new();
         for &p in policies {
@@ -764,6 +765,7 @@ impl PolicyBuilder {
                             hi: u16::MAX,
                             set: set.clone(),
                             by: p,
+                            rule: ri as u32,
                         });
                     }
                     continue;
@@ -778,6 +780,7 @@ impl PolicyBuilder {
                                 hi: *hi,
                                 set: set.clone(),
                                 by: p,
+                                rule: ri as u32,
                             });
                         }
                         PortMatch::Named(name) if dir == INGRESS => {
@@ -788,6 +791,7 @@ impl PolicyBuilder {
                                     hi: n,
                                     set: set.clone(),
                                     by: p,
+                                    rule: ri as u32,
                                 });
                             }
                         }
@@ -804,6 +808,7 @@ impl PolicyBuilder {
                                     hi: n,
                                     set,
                                     by: p,
+                                    rule: ri as u32,
                                 });
                             }
                         }
@@ -862,6 +867,18 @@ impl PolicyBuilder {
             ranges,
             segs: segs.into_boxed_slice(),
             classes: classes.into_boxed_slice(),
+            policies: policies.into(),
+            grants: grants
+                .into_iter()
+                .map(|g| RuleGrant {
+                    slot: g.slot,
+                    lo: g.lo,
+                    hi: g.hi,
+                    set: g.set,
+                    policy: g.by,
+                    rule: g.rule,
+                })
+                .collect(),
         }
     }
 }
