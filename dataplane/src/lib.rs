@@ -29,6 +29,7 @@ pub mod segment;
 pub mod service;
 pub mod steer;
 pub mod tables;
+pub mod trace;
 pub mod verdict;
 pub mod vxlan;
 pub mod wire;

@@ -32,18 +32,19 @@
 //! from the worker's share ([`WorkerState::steer`]) so replies name it too.
 
 use crate::checksum;
-use crate::conntrack::{ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState, FlowDir};
+use crate::conntrack::{ConnTrack, CtConfig, CtEntry, CtError, CtHandle, CtState, CtView, FlowDir};
 use crate::events::{EventKind, EventSink, FlowCounts, FlowEvent};
 use crate::flow::FlowKey;
 use crate::flow::proto;
 use crate::frame::{Frame, TxChecksum};
 use crate::nat;
-use crate::parse::{self, IcmpKind, ParseOutcome, Parsed};
+use crate::parse::{self, IcmpKind, L3_OFFSET, ParseOutcome, Parsed};
 use crate::policy::{Direction, PolicyQuery, PolicyVerdict};
 use crate::route::{self, Route};
 use crate::service::{self, AffinityTable, ServiceOutcome};
 use crate::steer::{self, Steer};
 use crate::tables::{ServiceId, Tables};
+use crate::trace::{CtStep, TraceSink, TraceStep};
 use crate::verdict::{Counters, DropReason, PortId, Verdict};
 use crate::vxlan::{self, VxlanError};
 use crate::wire::ethernet::Mac;
@@ -182,11 +183,43 @@ pub fn process(
         now: now_ns,
         ingress,
     };
-    let v = match cx.prepare(frame) {
-        Ok(p) => cx.finish(frame, p, CtHint::Unknown),
-        Err(v) => v,
-    };
+    let v = cx.run(frame);
     cx.s.counters.count_frame(v, rx, frame.total_len());
+    v
+}
+
+/// Trace one frame: run it through the pipeline as [`process`] would on this worker now (the same
+/// stage code, never steering), handing every stage's decision to `sink` (see [`crate::trace`]),
+/// and return the verdict [`process`] would give. The frame is rewritten as `process` would
+/// rewrite it (so a frame forwarded to another node leaves VXLAN-encapsulated, ready to be traced
+/// there).
+///
+/// The worker's state is only read (`&WorkerState`): conntrack through a [`CtView`] (what the
+/// packet would change, an entry's state or a new entry, stays in the view), the affinity table
+/// without refreshing it; no counter, flow event, IPv4 identification or NodePort SNAT port is
+/// taken.
+pub fn trace(
+    tables: &Tables,
+    state: &WorkerState,
+    now_ns: u64,
+    ingress: PortId,
+    frame: &mut Frame<'_>,
+    sink: &mut dyn TraceSink,
+) -> Verdict {
+    let mut view = TraceView {
+        base: state,
+        ct: CtView::new(&state.conntrack),
+        ip_id: state.ip_id,
+        sink,
+    };
+    let mut cx = Ctx {
+        t: tables,
+        s: &mut view,
+        now: now_ns,
+        ingress,
+    };
+    let v = cx.run(frame);
+    view.sink.step(TraceStep::Verdict(v));
     v
 }
 
@@ -285,16 +318,224 @@ enum CtHint {
     Missing { epoch: u64 },
 }
 
-/// What every stage of one frame's way reads: the tables, the worker's state, the time and the
-/// port the frame arrived on.
-struct Ctx<'a> {
+/// What the stages read and change of a worker's state: the worker's own [`WorkerState`] when
+/// processing, a [`TraceView`] of it when tracing. One stage code serves both (monomorphized, so
+/// the worker's path compiles as if the trait were not there: its `record` is empty and
+/// `TRACING` a constant `false`).
+trait StageState {
+    /// Whether steps are recorded (work done only to describe a step is skipped otherwise).
+    const TRACING: bool;
+    fn ct_lookup(&mut self, key: &FlowKey, now: u64) -> Option<(CtHandle, FlowDir)>;
+    fn ct_get(&self, h: CtHandle) -> Option<&CtEntry<FlowNat>>;
+    fn ct_on_packet(
+        &mut self,
+        h: CtHandle,
+        dir: FlowDir,
+        tcp_flags: Option<u8>,
+        bytes: u32,
+        now: u64,
+    ) -> Option<CtState>;
+    fn ct_remove(&mut self, h: CtHandle);
+    fn ct_insert(
+        &mut self,
+        orig: FlowKey,
+        reply: FlowKey,
+        value: FlowNat,
+        now: u64,
+    ) -> Result<CtHandle, CtError>;
+    /// Bumped by every conntrack insert or removal (batch lookups compare it).
+    fn ct_epoch(&self) -> u64;
+    fn bump_ct_epoch(&mut self);
+    /// The service stage ([`service::select`]).
+    fn select_service(
+        &mut self,
+        t: &Tables,
+        now: u64,
+        p: &Parsed,
+        external: bool,
+    ) -> ServiceOutcome;
+    fn steer(&self) -> Steer;
+    fn next_ip_id(&mut self) -> u16;
+    fn tx_checksum_offload(&self) -> bool;
+    fn events_on(&self) -> bool;
+    fn emit(&mut self, ev: impl FnOnce() -> FlowEvent);
+    /// Record a step of a trace.
+    fn record(&mut self, step: impl FnOnce() -> TraceStep);
+}
+
+impl StageState for WorkerState {
+    const TRACING: bool = false;
+    #[inline(always)]
+    fn ct_lookup(&mut self, key: &FlowKey, now: u64) -> Option<(CtHandle, FlowDir)> {
+        self.conntrack.lookup(key, now)
+    }
+    #[inline(always)]
+    fn ct_get(&self, h: CtHandle) -> Option<&CtEntry<FlowNat>> {
+        self.conntrack.get(h)
+    }
+    #[inline(always)]
+    fn ct_on_packet(
+        &mut self,
+        h: CtHandle,
+        dir: FlowDir,
+        tcp_flags: Option<u8>,
+        bytes: u32,
+        now: u64,
+    ) -> Option<CtState> {
+        self.conntrack.on_packet(h, dir, tcp_flags, bytes, now)
+    }
+    #[inline(always)]
+    fn ct_remove(&mut self, h: CtHandle) {
+        self.conntrack.remove(h);
+    }
+    #[inline(always)]
+    fn ct_insert(
+        &mut self,
+        orig: FlowKey,
+        reply: FlowKey,
+        value: FlowNat,
+        now: u64,
+    ) -> Result<CtHandle, CtError> {
+        self.conntrack.insert(orig, reply, value, now)
+    }
+    #[inline(always)]
+    fn ct_epoch(&self) -> u64 {
+        self.ct_epoch
+    }
+    #[inline(always)]
+    fn bump_ct_epoch(&mut self) {
+        self.ct_epoch += 1;
+    }
+    #[inline(always)]
+    fn select_service(
+        &mut self,
+        t: &Tables,
+        now: u64,
+        p: &Parsed,
+        external: bool,
+    ) -> ServiceOutcome {
+        service::select(t, &mut self.affinity, now, p, external)
+    }
+    #[inline(always)]
+    fn steer(&self) -> Steer {
+        self.steer
+    }
+    #[inline(always)]
+    fn next_ip_id(&mut self) -> u16 {
+        WorkerState::next_ip_id(self)
+    }
+    #[inline(always)]
+    fn tx_checksum_offload(&self) -> bool {
+        self.tx_checksum_offload
+    }
+    #[inline(always)]
+    fn events_on(&self) -> bool {
+        self.events.is_some()
+    }
+    #[inline(always)]
+    fn emit(&mut self, ev: impl FnOnce() -> FlowEvent) {
+        WorkerState::emit(self, ev);
+    }
+    #[inline(always)]
+    fn record(&mut self, _: impl FnOnce() -> TraceStep) {}
+}
+
+/// A worker's state as a trace sees it: read, never written (see [`trace`]).
+struct TraceView<'a, 'k> {
+    base: &'a WorkerState,
+    ct: CtView<'a, FlowNat>,
+    /// The identification the next header would take (a copy: the worker's stays).
+    ip_id: u16,
+    sink: &'k mut dyn TraceSink,
+}
+
+impl StageState for TraceView<'_, '_> {
+    const TRACING: bool = true;
+    fn ct_lookup(&mut self, key: &FlowKey, now: u64) -> Option<(CtHandle, FlowDir)> {
+        self.ct.lookup(key, now)
+    }
+    fn ct_get(&self, h: CtHandle) -> Option<&CtEntry<FlowNat>> {
+        self.ct.get(h)
+    }
+    fn ct_on_packet(
+        &mut self,
+        h: CtHandle,
+        dir: FlowDir,
+        tcp_flags: Option<u8>,
+        bytes: u32,
+        now: u64,
+    ) -> Option<CtState> {
+        self.ct.on_packet(h, dir, tcp_flags, bytes, now)
+    }
+    fn ct_remove(&mut self, h: CtHandle) {
+        self.ct.remove(h);
+    }
+    fn ct_insert(
+        &mut self,
+        orig: FlowKey,
+        reply: FlowKey,
+        value: FlowNat,
+        now: u64,
+    ) -> Result<CtHandle, CtError> {
+        self.ct.insert(orig, reply, value, now)
+    }
+    fn ct_epoch(&self) -> u64 {
+        0
+    }
+    fn bump_ct_epoch(&mut self) {}
+    fn select_service(
+        &mut self,
+        t: &Tables,
+        now: u64,
+        p: &Parsed,
+        external: bool,
+    ) -> ServiceOutcome {
+        let c = service::choose(t, &self.base.affinity, now, p, external);
+        self.sink.step(TraceStep::Service {
+            svc: c.svc,
+            outcome: c.outcome,
+            how: c.how,
+        });
+        c.outcome
+    }
+    fn steer(&self) -> Steer {
+        self.base.steer
+    }
+    fn next_ip_id(&mut self) -> u16 {
+        self.ip_id = self.ip_id.wrapping_add(1);
+        self.ip_id
+    }
+    fn tx_checksum_offload(&self) -> bool {
+        self.base.tx_checksum_offload
+    }
+    fn events_on(&self) -> bool {
+        false
+    }
+    fn emit(&mut self, _: impl FnOnce() -> FlowEvent) {}
+    fn record(&mut self, step: impl FnOnce() -> TraceStep) {
+        self.sink.step(step());
+    }
+}
+
+/// What every stage of one frame's way reads: the tables, the worker's state (or a trace's view
+/// of it), the time and the port the frame arrived on.
+struct Ctx<'a, S: StageState> {
     t: &'a Tables,
-    s: &'a mut WorkerState,
+    s: &'a mut S,
     now: u64,
     ingress: PortId,
 }
 
-impl Ctx<'_> {
+impl<S: StageState> Ctx<'_, S> {
+    /// The whole way of one frame that is not steered: the verdict.
+    #[inline]
+    fn run(&mut self, frame: &mut Frame<'_>) -> Verdict {
+        match self.prepare(frame) {
+            Ok(p) => self.finish(frame, p, CtHint::Unknown),
+            Err(v) => v,
+        }
+    }
+
     /// A drop event for a frame that did not reach conntrack (`key` when it parsed).
     fn drop_early(&mut self, r: DropReason, key: Option<FlowKey>) -> Verdict {
         let (now, ingress) = (self.now, self.ingress);
@@ -313,20 +554,47 @@ impl Ctx<'_> {
         if self.ingress == t.node.uplink
             && vxlan::is_vxlan_to(frame.head(), t.node.underlay_ip.octets(), t.node.vxlan_port)
         {
+            let from = if S::TRACING {
+                outer_source(frame.head())
+            } else {
+                [0; 4]
+            };
             if let Err(e) = vxlan::decap(frame, t.node.vni) {
                 let r = match e {
                     VxlanError::BadChecksum => DropReason::VxlanBadChecksum,
                     VxlanError::WrongVni => DropReason::VxlanWrongVni,
                     VxlanError::Malformed | VxlanError::NoHeadroom => DropReason::VxlanMalformed,
                 };
+                self.s.record(|| TraceStep::Decap {
+                    from,
+                    result: Err(r),
+                });
                 return Err(self.drop_early(r, None));
             }
+            self.s.record(|| TraceStep::Decap {
+                from,
+                result: Ok(()),
+            });
             tunneled = true;
         }
         match parse::parse(t, frame) {
-            ParseOutcome::Ipv4(p) => Ok((p, tunneled)),
-            ParseOutcome::Done(Verdict::Drop(r)) => Err(self.drop_early(r, None)),
-            ParseOutcome::Done(v) => Err(v),
+            ParseOutcome::Ipv4(p) => {
+                self.s.record(|| TraceStep::Parsed {
+                    key: p.key(),
+                    tcp_flags: p.tcp_flags,
+                    ip_len: p.ip_len,
+                    ttl: p.ttl,
+                    icmp: p.icmp,
+                });
+                Ok((p, tunneled))
+            }
+            ParseOutcome::Done(v) => {
+                self.s.record(|| TraceStep::NotParsed(v));
+                match v {
+                    Verdict::Drop(r) => Err(self.drop_early(r, None)),
+                    v => Err(v),
+                }
+            }
         }
     }
 
@@ -344,12 +612,24 @@ impl Ctx<'_> {
                 .local_pod(p.src)
                 .is_none_or(|pod| pod.port != self.ingress)
         {
+            self.s.record(|| TraceStep::Source {
+                pod: true,
+                spoofed: true,
+                external: false,
+                partial: false,
+            });
             return Err(self.drop_early(DropReason::SpoofedSource, Some(p.key())));
         }
         let icmp_error = matches!(p.icmp, IcmpKind::Error { .. });
         let mut p = p;
         // Completed (or not) once the route is known: see `settle_checksum`.
         p.csum_partial = !icmp_error && checksum::is_partial(frame, &p);
+        self.s.record(|| TraceStep::Source {
+            pod: !uplink,
+            spoofed: false,
+            external: uplink && !tunneled,
+            partial: p.csum_partial,
+        });
         Ok(Prepared {
             parsed: p,
             external: uplink && !tunneled,
@@ -367,7 +647,7 @@ impl Ctx<'_> {
     /// connection another worker owns (before anything but its window changed).
     fn prepare_steered(&mut self, frame: &mut Frame<'_>) -> Result<Prepared, Verdict> {
         let (p, tunneled) = self.decap_and_parse(frame)?;
-        let me = self.s.steer;
+        let me = self.s.steer();
         if me.workers > 1 {
             let key = match p.icmp {
                 // The datagram an error is about went the other way.
@@ -414,35 +694,41 @@ impl Ctx<'_> {
         let key = p.key();
         let s = &mut *self.s;
         let hit = match hint {
-            CtHint::Found(h, dir) if s.conntrack.get(h).is_some_and(|e| *e.key(dir) == key) => {
+            CtHint::Found(h, dir) if s.ct_get(h).is_some_and(|e| *e.key(dir) == key) => {
                 Some((h, dir))
             }
-            CtHint::Missing { epoch } if epoch == s.ct_epoch => None,
-            _ => s.conntrack.lookup(&key, self.now),
+            CtHint::Missing { epoch } if epoch == s.ct_epoch() => None,
+            _ => s.ct_lookup(&key, self.now),
         };
         let tcp_flags = (p.proto == proto::TCP).then_some(p.tcp_flags);
         let Some((h, dir)) = hit else {
+            s.record(|| TraceStep::Conntrack(CtStep::Miss));
             return self.new_flow(frame, p, prep.external, tcp_flags);
         };
-        if s.conntrack
-            .get(h)
-            .is_some_and(|e| e.is_reopened_by(tcp_flags))
-        {
+        if let Some(e) = s.ct_get(h).filter(|e| e.is_reopened_by(tcp_flags)) {
             // A SYN over a closed connection (TIME_WAIT or CLOSE, either way) opens a new one: the
             // old entry goes (its end was emitted when it closed; a NodePort SNAT port is freed)
             // and the packet takes the new-flow path, so service, NAT and policy are decided anew.
-            s.conntrack.remove(h);
-            s.ct_epoch += 1;
+            let entry = *e;
+            s.record(|| TraceStep::Conntrack(CtStep::Reopened { entry }));
+            s.ct_remove(h);
+            s.bump_ct_epoch();
             return self.new_flow(frame, p, prep.external, tcp_flags);
         }
-        let before = match (&s.events, tcp_flags) {
-            (Some(_), Some(_)) => s.conntrack.get(h).map(|e| e.state()),
+        let before = match tcp_flags {
+            Some(_) if s.events_on() => s.ct_get(h).map(|e| e.state()),
             _ => None,
         };
-        match s
-            .conntrack
-            .on_packet(h, dir, tcp_flags, u32::from(p.ip_len), self.now)
-        {
+        let entry = if S::TRACING {
+            s.ct_get(h).copied()
+        } else {
+            None
+        };
+        let after = s.ct_on_packet(h, dir, tcp_flags, u32::from(p.ip_len), self.now);
+        if let (Some(entry), Some(after)) = (entry, after) {
+            s.record(|| TraceStep::Conntrack(CtStep::Hit { dir, entry, after }));
+        }
+        match after {
             None | Some(CtState::Invalid) => return Verdict::Drop(DropReason::ConntrackInvalid),
             Some(after) => {
                 if let Some(before) = before
@@ -453,17 +739,26 @@ impl Ctx<'_> {
                 }
             }
         }
-        let Some(e) = self.s.conntrack.get(h) else {
+        let Some(e) = self.s.ct_get(h) else {
             return Verdict::Drop(DropReason::ConntrackInvalid);
         };
         let to = e.key(dir.flip()).reversed();
         let peer_mac = e.value().peer_mac;
         let r = route::lookup(self.t, to.dst);
+        self.s.record(|| TraceStep::Route {
+            dst: to.dst,
+            route: r,
+        });
         if route::needs_frag_answer(self.t, &p, &r) {
             return Verdict::FragNeeded(self.t.vxlan_mtu);
         }
         self.settle_checksum(frame, &mut p, &r);
         if to != key {
+            self.s.record(|| TraceStep::Nat {
+                from: key,
+                to,
+                snat: false,
+            });
             nat::rewrite(frame, &mut p, &to);
         }
         if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
@@ -483,7 +778,7 @@ impl Ctx<'_> {
         if !p.csum_partial {
             return;
         }
-        let offloaded = matches!(r, Route::Local(_)) && self.s.tx_checksum_offload;
+        let offloaded = matches!(r, Route::Local(_)) && self.s.tx_checksum_offload();
         let segmented =
             matches!(r, Route::Remote(_)) && p.proto == proto::TCP && p.ip_len > self.t.vxlan_mtu;
         if !offloaded && !segmented {
@@ -494,7 +789,7 @@ impl Ctx<'_> {
 
     /// A TCP flow closed: its end event with counts.
     fn emit_end(&mut self, h: CtHandle) {
-        let Some(e) = self.s.conntrack.get(h) else {
+        let Some(e) = self.s.ct_get(h) else {
             return;
         };
         let ev = end_event(e, self.now, self.ingress);
@@ -515,7 +810,7 @@ impl Ctx<'_> {
         let mut xlat = orig;
         let mut value = FlowNat::default();
         let mut snat = false;
-        match service::select(t, &mut s.affinity, now, &p, external) {
+        match s.select_service(t, now, &p, external) {
             ServiceOutcome::NotService if external => return Verdict::PassToKernel,
             ServiceOutcome::NotService => {}
             ServiceOutcome::NoBackend => return Verdict::Drop(DropReason::NoBackend),
@@ -532,7 +827,7 @@ impl Ctx<'_> {
                     snat = true;
                     xlat.src = t.node.vtep_ip.octets();
                     // From this worker's share of the port space, so replies are steered back.
-                    xlat.src_port = s.steer.snat_port(xlat.src_port);
+                    xlat.src_port = s.steer().snat_port(xlat.src_port);
                     value.peer_mac = Some(p.src_mac);
                 }
             }
@@ -542,6 +837,10 @@ impl Ctx<'_> {
             xlat.dst_port = xlat.src_port;
         }
         let r = route::lookup(t, xlat.dst);
+        s.record(|| TraceStep::Route {
+            dst: xlat.dst,
+            route: r,
+        });
         if let Route::NoRoute = r {
             return Verdict::Drop(DropReason::NoRoute);
         }
@@ -556,6 +855,10 @@ impl Ctx<'_> {
             },
         };
         let decision = t.policy.decide(&q);
+        s.record(|| TraceStep::Policy {
+            query: q,
+            verdict: decision,
+        });
         if let PolicyVerdict::Deny { direction } = decision {
             let r = match direction {
                 Direction::Egress => DropReason::PolicyDeniedEgress,
@@ -584,36 +887,40 @@ impl Ctx<'_> {
             // Not tracked: the sender retries smaller, and that packet opens the flow.
             return Verdict::FragNeeded(t.vxlan_mtu);
         }
-        s.ct_epoch += 1;
-        let mut inserted = s.conntrack.insert(orig, xlat.reversed(), value, now);
+        s.bump_ct_epoch();
+        let mut inserted = s.ct_insert(orig, xlat.reversed(), value, now);
         if snat {
             // Another client may hold this source port towards the same backend: try others.
             let h = orig.hash64();
             let mut i = 0u64;
             while inserted == Err(CtError::Exists) && i < 16 {
                 i += 1;
-                let port = s.steer.snat_port(
+                let port = s.steer().snat_port(
                     1024 + ((h.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % 64511) as u16,
                 );
                 xlat.src_port = port;
                 if p.proto == proto::ICMP {
                     xlat.dst_port = port;
                 }
-                inserted = s.conntrack.insert(orig, xlat.reversed(), value, now);
+                inserted = s.ct_insert(orig, xlat.reversed(), value, now);
             }
         }
+        s.record(|| {
+            TraceStep::Conntrack(CtStep::Insert {
+                orig,
+                reply: xlat.reversed(),
+                result: inserted.map(|_| ()),
+            })
+        });
         let h = match inserted {
             Ok(h) => h,
             Err(CtError::Full) => return Verdict::Drop(DropReason::ConntrackFull),
             Err(CtError::Exists) if snat => return Verdict::Drop(DropReason::NatPortExhausted),
             Err(CtError::Exists) => return Verdict::Drop(DropReason::ConntrackInvalid),
         };
-        match s
-            .conntrack
-            .on_packet(h, FlowDir::Original, tcp_flags, u32::from(p.ip_len), now)
-        {
+        match s.ct_on_packet(h, FlowDir::Original, tcp_flags, u32::from(p.ip_len), now) {
             None | Some(CtState::Invalid) => {
-                s.conntrack.remove(h);
+                s.ct_remove(h);
                 return Verdict::Drop(DropReason::ConntrackInvalid);
             }
             Some(_) => {}
@@ -621,6 +928,11 @@ impl Ctx<'_> {
         self.settle_checksum(frame, &mut p, &r);
         let s = &mut *self.s;
         if xlat != orig {
+            s.record(|| TraceStep::Nat {
+                from: orig,
+                to: xlat,
+                snat,
+            });
             nat::rewrite(frame, &mut p, &xlat);
         }
         let v = route::forward(t, frame, &p, r, s.next_ip_id());
@@ -643,30 +955,50 @@ impl Ctx<'_> {
     /// its sender saw and the outer addresses with it, then route.
     fn icmp_error(&mut self, frame: &mut Frame<'_>, p: &mut Parsed) -> Verdict {
         let Some(emb) = nat::embedded_tuple(frame, p) else {
+            self.s
+                .record(|| TraceStep::Conntrack(CtStep::Unrelated { quoted: None }));
             return Verdict::Drop(DropReason::BadL4Header);
         };
         let s = &mut *self.s;
-        let Some((h, dir)) = s.conntrack.lookup(&emb.reversed(), self.now) else {
+        let found = s
+            .ct_lookup(&emb.reversed(), self.now)
+            .and_then(|(h, dir)| Some((dir, *s.ct_get(h)?)));
+        let Some((dir, e)) = found else {
+            s.record(|| TraceStep::Conntrack(CtStep::Unrelated { quoted: Some(emb) }));
             return Verdict::Drop(DropReason::IcmpErrorUnrelated);
         };
-        let Some(e) = s.conntrack.get(h) else {
-            return Verdict::Drop(DropReason::IcmpErrorUnrelated);
-        };
+        s.record(|| TraceStep::Conntrack(CtStep::Related { dir, entry: e }));
         // The embedded datagram went in direction `dir.flip()`, after translation; its sender saw
         // it as that direction's key.
         let emb_to = *e.key(dir.flip());
         let peer_mac = e.value().peer_mac;
         if emb_to != emb {
+            s.record(|| TraceStep::Nat {
+                from: emb,
+                to: emb_to,
+                snat: false,
+            });
             let outer_src = if p.src == emb.dst { emb_to.dst } else { p.src };
             let outer_dst = if p.dst == emb.src { emb_to.src } else { p.dst };
             nat::rewrite_icmp_error(frame, p, &emb, &emb_to, outer_src, outer_dst);
         }
         let r = route::lookup(self.t, p.dst);
+        self.s.record(|| TraceStep::Route {
+            dst: p.dst,
+            route: r,
+        });
         if let (FlowDir::Reply, Some(mac), Route::Kernel) = (dir, peer_mac, r) {
             return route::forward_external(self.t, frame, p, mac);
         }
         route::forward(self.t, frame, p, r, self.s.next_ip_id())
     }
+}
+
+/// The outer IPv4 source of a VXLAN frame (for a trace's decap step).
+fn outer_source(head: &[u8]) -> [u8; 4] {
+    head.get(L3_OFFSET..)
+        .and_then(|l3| crate::wire::ipv4::Packet::new_checked(l3).ok())
+        .map_or([0; 4], |ip| ip.src())
 }
 
 /// A frame forwarded with its checksum still partial asks the transmitter to complete it.

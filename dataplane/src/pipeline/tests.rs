@@ -1624,3 +1624,355 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+/// `trace`: the same stage code as `process`, read-only.
+mod tracing {
+    use super::*;
+    use crate::policy::Direction;
+    use crate::trace::{TraceStage, TraceStep};
+
+    /// Trace one frame; the verdict, the frame's bytes afterwards and the steps.
+    fn traced(
+        t: &Tables,
+        s: &WorkerState,
+        now: u64,
+        port: PortId,
+        bytes: &[u8],
+    ) -> (Verdict, Vec<u8>, Vec<TraceStep>) {
+        let mut buf = vec![0u8; HEADROOM + bytes.len()];
+        buf[HEADROOM..].copy_from_slice(bytes);
+        let mut f = Frame::new(&mut buf, HEADROOM, bytes.len());
+        let mut steps = Vec::new();
+        let v = trace(t, s, now, port, &mut f, &mut steps);
+        (v, f.head().to_vec(), steps)
+    }
+
+    fn flags_of(sp: u16) -> u8 {
+        if sp.is_multiple_of(2) {
+            tcp::flags::SYN
+        } else {
+            tcp::flags::RST
+        }
+    }
+
+    fn outside(sp: u16, dst: [u8; 4], dport: u16) -> FrameSpec {
+        FrameSpec {
+            src_mac: Mac([9; 6]),
+            dst_mac: demo::NODE_MAC,
+            src: [203, 0, 113, 5],
+            dst,
+            src_port: sp,
+            dst_port: dport,
+        }
+    }
+
+    /// Frames of every kind the pipeline tells apart, with their ingress port: pod A's flows to
+    /// the VIPs (one with affinity, one without backends), pod to pod on the node and across, the
+    /// replies, NodePort from outside and B's answers to the VTEP address, ICMP errors about
+    /// tracked flows and about nothing, no route, the kernel, a spoofed source, garbage.
+    fn pool() -> Vec<(Vec<u8>, PortId)> {
+        use tcp::flags::{ACK, FIN, RST, SYN};
+        let mut v: Vec<(Vec<u8>, PortId)> = flow_pool()
+            .into_iter()
+            .map(|f| {
+                let port = if f.len() > 50 && f[30..34] == [192, 168, 50, 1] {
+                    UPLINK
+                } else {
+                    POD_A
+                };
+                (f, port)
+            })
+            .collect();
+        for sp in [2000u16, 2001] {
+            for flags in [SYN, SYN | ACK, ACK, FIN | ACK, RST] {
+                v.push((
+                    demo::tcp_frame(&FrameSpec::from_pod(2, B, sp, 80), flags, b""),
+                    POD_A,
+                ));
+                v.push((
+                    demo::tcp_frame(&FrameSpec::from_pod(3, A, 80, sp), flags, b""),
+                    POD_B,
+                ));
+                v.push((
+                    demo::tcp_frame(&FrameSpec::from_pod(3, A, 8080, sp), flags, b""),
+                    POD_B,
+                ));
+                v.push((
+                    demo::tcp_frame(&outside(sp, [192, 168, 50, 1], 30080), flags, b""),
+                    UPLINK,
+                ));
+                v.push((
+                    demo::tcp_frame(
+                        &FrameSpec::from_pod(3, [10, 244, 1, 0], 8080, sp),
+                        flags,
+                        b"",
+                    ),
+                    POD_B,
+                ));
+            }
+            // Pod A straight to B's backend port, from ports its VIP flows use (their reply keys
+            // collide), and B's answers.
+            for vsp in [1000u16, 1001] {
+                v.push((
+                    demo::tcp_frame(&FrameSpec::from_pod(2, B, vsp, 8080), flags_of(sp), b""),
+                    POD_A,
+                ));
+                v.push((
+                    demo::tcp_frame(&FrameSpec::from_pod(3, A, 8080, vsp), ACK, b""),
+                    POD_B,
+                ));
+            }
+            let syn = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), SYN, b"");
+            v.push((
+                demo::icmp_error_frame(&FrameSpec::from_pod(3, A, 0, 0), 3, 3, &syn),
+                POD_B,
+            ));
+            let unrelated = demo::tcp_frame(&FrameSpec::from_pod(2, B, 9, 9), SYN, b"");
+            v.push((
+                demo::icmp_error_frame(&FrameSpec::from_pod(3, A, 0, 0), 3, 1, &unrelated),
+                POD_B,
+            ));
+        }
+        for (dst, dport) in [
+            ([10, 96, 0, 99], 80),
+            ([10, 244, 7, 1], 80),
+            ([10, 244, 1, 99], 80),
+            ([8, 8, 8, 8], 53),
+            ([10, 244, 1, 0], 22),
+        ] {
+            v.push((
+                demo::tcp_frame(&FrameSpec::from_pod(2, dst, 3000, dport), SYN, b""),
+                POD_A,
+            ));
+        }
+        v.push((
+            demo::udp_frame(&outside(7, [192, 168, 50, 1], 53), b"x"),
+            UPLINK,
+        ));
+        // A's frame on B's port.
+        v.push((
+            demo::tcp_frame(&FrameSpec::from_pod(2, B, 4000, 80), SYN, b""),
+            POD_B,
+        ));
+        v.push((vec![0xff; 14], POD_A));
+        v
+    }
+
+    fn tables() -> &'static [Tables] {
+        static T: std::sync::OnceLock<Vec<Tables>> = std::sync::OnceLock::new();
+        T.get_or_init(policy_tables)
+    }
+
+    /// The steps tell the verdict's story: they end with it, and a drop's reason has the step
+    /// that decided it.
+    fn consistent(steps: &[TraceStep], v: Verdict) -> Result<(), TestCaseError> {
+        prop_assert!(matches!(steps.last(), Some(TraceStep::Verdict(x)) if *x == v));
+        let has = |f: &dyn Fn(&TraceStep) -> bool| steps.iter().any(f);
+        let decided = match v {
+            Verdict::Drop(DropReason::PolicyDeniedEgress) => has(&|s| {
+                matches!(
+                    s,
+                    TraceStep::Policy {
+                        verdict: PolicyVerdict::Deny {
+                            direction: Direction::Egress
+                        },
+                        ..
+                    }
+                )
+            }),
+            Verdict::Drop(DropReason::PolicyDeniedIngress) => has(&|s| {
+                matches!(
+                    s,
+                    TraceStep::Policy {
+                        verdict: PolicyVerdict::Deny {
+                            direction: Direction::Ingress
+                        },
+                        ..
+                    }
+                )
+            }),
+            Verdict::Drop(DropReason::NoBackend) => has(&|s| {
+                matches!(
+                    s,
+                    TraceStep::Service {
+                        outcome: ServiceOutcome::NoBackend,
+                        ..
+                    }
+                )
+            }),
+            Verdict::Drop(DropReason::NoRoute) => has(&|s| {
+                matches!(
+                    s,
+                    TraceStep::Route {
+                        route: Route::NoRoute,
+                        ..
+                    }
+                )
+            }),
+            Verdict::Forward(_) | Verdict::Segment(_) => has(&|s| s.stage() == TraceStage::Route),
+            _ => true,
+        };
+        prop_assert!(decided, "{:?} without its step in {:?}", v, steps);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// For random frames (a scenario of six from the pool, in any order, sometimes mutated)
+        /// over random policy tables, worker states built by the
+        /// frames before, time passing (entries expire) and conntrack tables small enough to
+        /// evict: the trace's verdict and rewritten frame are what `process` then does to the
+        /// same frame, and the trace changes nothing: counters, conntrack and events stay as they
+        /// were, and a worker whose frames were traced first processes every frame exactly as
+        /// one that never traced (verdicts, bytes, NAT ports, affinity, counters, events).
+        #[test]
+        fn a_trace_tells_what_process_does_and_changes_nothing(
+            scenario in proptest::collection::vec(0usize..512, 6),
+            steps in proptest::collection::vec(
+                (0usize..6, 0usize..5, 0usize..4, any::<Option<(usize, u8)>>()),
+                1..60,
+            ),
+            small in any::<bool>(),
+            worker in 0u16..2,
+        ) {
+            let pool = pool();
+            let new_state = || {
+                let mut s = WorkerState::new(WorkerConfig {
+                    conntrack: CtConfig::with_capacity(if small { 6 } else { 1024 }),
+                    affinity_capacity: 64,
+                });
+                s.steer = Steer { worker, workers: 2 };
+                s
+            };
+            let mut traced_state = new_state();
+            let mut plain = new_state();
+            let mut ev_traced = with_events(&mut traced_state);
+            let mut ev_plain = with_events(&mut plain);
+            let mut now = 1_000_000_000u64;
+            for (i, (pick, table, dt, flip)) in steps.into_iter().enumerate() {
+                let t = &tables()[table];
+                let (mut f, port) = pool[scenario[pick] % pool.len()].clone();
+                if let Some((at, x)) = flip.filter(|(at, _)| at % 8 == 0) {
+                    let n = f.len();
+                    f[at % n] ^= x;
+                }
+                now += [1, 1_000_000, 20_000_000_000, 200_000_000_000][dt];
+                let counters = traced_state.counters.clone();
+                let ct = traced_state.conntrack.stats();
+                let (tv, tbytes, tsteps) = traced(t, &traced_state, now, port, &f);
+                prop_assert_eq!(&traced_state.counters, &counters, "frame {}", i);
+                prop_assert_eq!(traced_state.conntrack.stats(), ct, "frame {}", i);
+                prop_assert!(drain(&mut ev_traced).is_empty(), "frame {}: a trace emitted", i);
+                consistent(&tsteps, tv)?;
+                let (pv, pbytes) = run(t, &mut traced_state, now, port, &f);
+                prop_assert_eq!(tv, pv, "frame {}: {:?}", i, tsteps);
+                prop_assert_eq!(&tbytes, &pbytes, "frame {}", i);
+                let (qv, qbytes) = run(t, &mut plain, now, port, &f);
+                prop_assert_eq!(pv, qv, "frame {}", i);
+                prop_assert_eq!(&pbytes, &qbytes, "frame {}", i);
+                prop_assert_eq!(drain(&mut ev_traced), drain(&mut ev_plain), "frame {}", i);
+            }
+            prop_assert_eq!(&traced_state.counters, &plain.counters);
+            prop_assert_eq!(traced_state.conntrack.stats(), plain.conntrack.stats());
+        }
+    }
+
+    /// A cluster-IP flow, step by step: a SYN is a miss that picks a Maglev slot and backend,
+    /// passes policy, would be inserted and DNATed and forwarded; after `process` took it, the
+    /// next packet is a hit in SYN_SENT, reverse translated.
+    #[test]
+    fn a_new_flow_then_an_established_one() {
+        let t = demo_tables();
+        let mut s = state();
+        let sp = sport_for(&t, B);
+        let syn = demo::tcp_frame(&FrameSpec::from_pod(2, VIP, sp, 80), tcp::flags::SYN, b"");
+        let (v, _, steps) = traced(&t, &s, 1, POD_A, &syn);
+        assert_eq!(v, Verdict::Forward(POD_B));
+        let stages: Vec<&str> = steps.iter().map(|s| s.stage().as_str()).collect();
+        assert_eq!(
+            stages,
+            [
+                "parse",
+                "source",
+                "conntrack",
+                "service",
+                "route",
+                "policy",
+                "conntrack",
+                "nat",
+                "verdict"
+            ]
+        );
+        assert!(matches!(
+            steps[3],
+            TraceStep::Service {
+                outcome: ServiceOutcome::Backend {
+                    ip: B,
+                    port: 8080,
+                    ..
+                },
+                how: service::Choice::Maglev {
+                    affinity: false,
+                    ..
+                },
+                ..
+            }
+        ));
+        assert!(s.conntrack.is_empty(), "a trace inserts nothing");
+        assert_eq!(run(&t, &mut s, 1, POD_A, &syn).0, Verdict::Forward(POD_B));
+        let reply = demo::tcp_frame(
+            &FrameSpec::from_pod(3, A, 8080, sp),
+            tcp::flags::SYN | tcp::flags::ACK,
+            b"",
+        );
+        let (v, _, steps) = traced(&t, &s, 2, POD_B, &reply);
+        assert_eq!(v, Verdict::Forward(POD_A));
+        assert!(steps.iter().any(|st| matches!(
+            st,
+            TraceStep::Conntrack(CtStep::Hit {
+                dir: FlowDir::Reply,
+                after: CtState::TcpSynRecv,
+                ..
+            })
+        )));
+        assert!(
+            steps
+                .iter()
+                .any(|st| matches!(st, TraceStep::Nat { to, .. } if to.src == VIP))
+        );
+        // The entry is still in SYN_SENT: the trace's SYN/ACK was not accounted.
+        let key = tuple(&syn);
+        let (h, _) = s.conntrack.lookup(&key, 3).unwrap();
+        assert_eq!(s.conntrack.get(h).unwrap().state(), CtState::TcpSynSent);
+    }
+
+    /// A sessionAffinity client: the first trace says Maglev (and remembers nothing); after the
+    /// first real flow, a trace says the backend is remembered.
+    #[test]
+    fn affinity_is_read_not_written() {
+        let t = demo_tables();
+        let mut s = state();
+        let q = |sp| demo::udp_frame(&FrameSpec::from_pod(2, [10, 96, 0, 53], sp, 53), b"q");
+        let how = |s: &WorkerState, sp| {
+            traced(&t, s, 1, POD_A, &q(sp))
+                .2
+                .iter()
+                .find_map(|st| match st {
+                    TraceStep::Service { how, .. } => Some(*how),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert!(matches!(
+            how(&s, 1),
+            service::Choice::Maglev { affinity: true, .. }
+        ));
+        assert!(matches!(
+            how(&s, 2),
+            service::Choice::Maglev { affinity: true, .. }
+        ));
+        run(&t, &mut s, 1, POD_A, &q(1));
+        assert!(matches!(how(&s, 3), service::Choice::Remembered { .. }));
+    }
+}
