@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sluice_control::agent_api::agent_server::{Agent as AgentService, AgentServer};
 use sluice_control::agent_api::{
     AddPodRequest, AddPodResponse, DelPodRequest, DelPodResponse, NodeInfoRequest,
-    NodeInfoResponse, ObserveRequest, StatusRequest, StatusResponse,
+    NodeInfoResponse, ObserveRequest, StatusRequest, StatusResponse, TraceRequest, TraceResponse,
 };
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -151,6 +151,14 @@ impl AgentService for AgentApi {
             &self.agent,
             request.into_inner(),
         )))
+    }
+
+    async fn trace(
+        &self,
+        request: Request<TraceRequest>,
+    ) -> Result<Response<TraceResponse>, Status> {
+        let trace = self.agent.trace(request.into_inner()).await?;
+        Ok(Response::new(TraceResponse { trace: Some(trace) }))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

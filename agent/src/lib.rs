@@ -31,6 +31,7 @@ pub mod punt;
 pub mod registry;
 pub mod standby;
 pub mod tables;
+pub mod trace;
 pub mod workers;
 pub mod xsk_io;
 

@@ -27,6 +27,9 @@ use tokio::sync::oneshot;
 use super::counters::WorkerCounters;
 use super::handoff::Handoff;
 use super::tables::{PortId, Publisher, Snapshot};
+use super::trace::{TraceJob, TraceRun};
+use sluice_dataplane::conntrack::CtConfig;
+use sluice_dataplane::pipeline::{WorkerConfig, WorkerState};
 
 /// What a worker must open a socket on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +87,15 @@ pub trait WorkerIo: Send {
     /// This worker's ends of the handoff rings (called once, before the worker starts, when the
     /// node has several workers). Frame I/O without handoff ignores it.
     fn attach_handoff(&mut self, _handoff: Handoff) {}
+    /// Trace `job` over this worker's state, read-only (see [`super::trace`]). Frame I/O without
+    /// a pipeline of its own traces over an empty state (no connection tracked).
+    fn trace(&mut self, worker: usize, tables: &Snapshot, job: &TraceJob) -> TraceRun {
+        let state = WorkerState::new(WorkerConfig {
+            conntrack: CtConfig::with_capacity(64),
+            affinity_capacity: 64,
+        });
+        super::trace::run(worker, tables, &state, 0, job)
+    }
 }
 
 /// Frame I/O that opens nothing: the agent runs its control path (API, registry, tables) without a
@@ -109,6 +121,7 @@ impl WorkerIo for NoIo {
 enum Command {
     Open(PortSpec, oneshot::Sender<Result<(), WorkerError>>),
     Close(PortId, oneshot::Sender<()>),
+    Trace(Box<TraceJob>, oneshot::Sender<TraceRun>),
     Stop,
 }
 
@@ -128,6 +141,7 @@ impl std::fmt::Debug for Command {
         match self {
             Self::Open(s, _) => write!(f, "Open({s:?})"),
             Self::Close(p, _) => write!(f, "Close({p:?})"),
+            Self::Trace(j, _) => write!(f, "Trace({:?}, {} bytes)", j.ingress, j.frame.len()),
             Self::Stop => write!(f, "Stop"),
         }
     }
@@ -189,6 +203,13 @@ impl Worker {
     pub async fn close_port(&self, port: PortId) -> Result<(), WorkerError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Close(port, tx))?;
+        rx.await.map_err(|_| WorkerError::Stopped(self.id))
+    }
+
+    /// Ask the worker to trace `job` over its state between two batches, and wait for the answer.
+    pub async fn trace(&self, job: TraceJob) -> Result<TraceRun, WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Trace(Box::new(job), tx))?;
         rx.await.map_err(|_| WorkerError::Stopped(self.id))
     }
 
@@ -271,6 +292,9 @@ fn run(
                     }
                     io.close_port(port);
                     let _ = reply.send(());
+                }
+                Command::Trace(job, reply) => {
+                    let _ = reply.send(io.trace(params.id, tables.current(), &job));
                 }
                 Command::Stop => {
                     for (port, fd) in fds.drain(..) {

@@ -277,6 +277,16 @@ impl WorkerIo for XskIo {
         self.handoff = Some(handoff);
     }
 
+    fn trace(
+        &mut self,
+        worker: usize,
+        tables: &Snapshot,
+        job: &crate::trace::TraceJob,
+    ) -> crate::trace::TraceRun {
+        let now_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        crate::trace::run(worker, tables, &self.state, now_ns, job)
+    }
+
     fn close_port(&mut self, port: PortId) {
         let (gone, keep): (Vec<_>, Vec<_>) = self.sockets.iter().partition(|s| s.port == port);
         self.sockets = keep;
