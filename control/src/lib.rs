@@ -35,6 +35,8 @@ pub mod observe;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "client")]
+pub mod trace;
 
 /// The node agent's local API (`proto/agent.proto`), served on the agent's unix socket.
 pub mod agent_api {

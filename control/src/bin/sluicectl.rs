@@ -103,6 +103,19 @@ token), which the agents push them to; --node keeps one node's. With --agent-soc
 they come straight from those agents' unix sockets. -o json prints one object per line (fields in\n\
 control/README.md, \"Flow events\").")]
     Observe(ObserveArgs),
+    /// Send a synthetic packet through a node's live tables and print every stage's decision.
+    #[command(after_help = "Examples:\n  \
+  sluicectl trace --agent-socket /run/sluice/agent.sock --from demo/client --to svc/demo/web:80\n  \
+  sluicectl trace --agent-socket n1=/run/n1/agent.sock --agent-socket n2=/run/n2/agent.sock \\\n      \
+--from demo/client --to demo/db --protocol tcp --sport 41000 --flags SYN -o json\n  \
+  sluicectl trace --agent-socket /run/sluice/agent.sock --pcap dropped.pcap\n\n\
+--from: a pod (namespace/name) or an IPv4 address (pod, node, outside host). --to: a pod, a Service\n\
+(svc/namespace/name[:port]), or an IPv4 address with an optional :port (pod, ClusterIP, NodePort on\n\
+a node address, outside host). The agent of the source's node builds the frame and runs it through\n\
+its current tables and conntrack without changing anything. A packet that leaves for another node is\n\
+traced there too when that node's agent socket is given as NODE=PATH. --pcap traces each captured\n\
+frame instead. -o json: see control/README.md (\"Trace\").")]
+    Trace(TraceArgs),
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  \
   sluicectl completion bash > /etc/bash_completion.d/sluicectl\n  \
@@ -193,6 +206,40 @@ struct ObserveArgs {
     /// /run/sluice/agent.sock for the local node).
     #[arg(long = "agent-socket")]
     agent_sockets: Vec<PathBuf>,
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    /// Source: namespace/name or IPv4 address.
+    #[arg(long, required_unless_present = "pcap")]
+    from: Option<String>,
+    /// Destination: namespace/name, svc/namespace/name[:port], or IPv4[:port].
+    #[arg(long, required_unless_present = "pcap")]
+    to: Option<String>,
+    /// tcp, udp or icmp.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "icmp", "TCP", "UDP", "ICMP"])]
+    protocol: String,
+    /// Source port (default 40000; the echo id for icmp).
+    #[arg(long)]
+    sport: Option<u16>,
+    /// Destination port when --to names none (default: the Service's port, else 80).
+    #[arg(long)]
+    dport: Option<u16>,
+    /// TCP flags, comma separated (default SYN).
+    #[arg(long)]
+    flags: Option<String>,
+    /// The node whose agent traces first (a NODE of --agent-socket NODE=PATH).
+    #[arg(long)]
+    node: Option<String>,
+    /// Trace every frame of this pcap file (Ethernet) instead of a synthetic packet.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    pcap: Option<PathBuf>,
+    /// An agent's unix socket, PATH or NODE=PATH (repeatable). Required: tracing through the
+    /// control plane is not available yet.
+    #[arg(long = "agent-socket", required = true)]
+    agent_sockets: Vec<String>,
     #[arg(short, long, value_enum, default_value = "table")]
     output: Output,
 }
@@ -373,6 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Observe(args) => observe(&cli, args).await,
+        Command::Trace(args) => trace(args).await,
         Command::Apply(args) => apply(&cli, args).await,
         Command::Get(args) => get(&cli, args).await,
         Command::Delete(args) => delete(&cli, args).await,
@@ -446,6 +494,129 @@ async fn observe(cli: &Cli, args: &ObserveArgs) -> anyhow::Result<()> {
         .await
         .context("observe on the control plane")?;
     print_events(req, vec![stream], args.output).await
+}
+
+/// `--agent-socket` values: (node name or "", path).
+fn agent_sockets(v: &[String]) -> Vec<(String, PathBuf)> {
+    v.iter()
+        .map(|s| match s.split_once('=') {
+            Some((n, p)) => (n.to_owned(), PathBuf::from(p)),
+            None => (String::new(), PathBuf::from(s)),
+        })
+        .collect()
+}
+
+/// Trace `req` on the agent at `first`, then on the node the packet leaves for, as long as an
+/// agent socket is known for it (at most 4 nodes). Returns the node traces and a note on where
+/// the trace stops short.
+async fn trace_across(
+    req: sluice_control::agent_api::TraceRequest,
+    first: &std::path::Path,
+    sockets: &[(String, PathBuf)],
+) -> anyhow::Result<(Vec<sluice_control::agent_api::NodeTrace>, String)> {
+    let mut nodes = Vec::new();
+    let mut req = req;
+    let mut at = first.to_path_buf();
+    for _ in 0..4 {
+        let mut c = sluice_control::agent_client::connect(&at).await?;
+        let t = c
+            .trace(req)
+            .await
+            .with_context(|| format!("trace on {}", at.display()))?
+            .into_inner()
+            .trace
+            .context("the agent answered without a trace")?;
+        let next = (
+            t.next_node.clone(),
+            t.next_frame.clone(),
+            t.next_underlay_ip.clone(),
+        );
+        nodes.push(t);
+        if next.0.is_empty() && next.2.is_empty() {
+            return Ok((nodes, String::new()));
+        }
+        if next.1.is_empty() {
+            return Ok((
+                nodes,
+                format!(
+                    "the packet leaves for node {} ({}) in segments; not traced there",
+                    next.0, next.2
+                ),
+            ));
+        }
+        let Some((_, path)) = sockets.iter().find(|(n, _)| *n == next.0) else {
+            return Ok((
+                nodes,
+                format!(
+                    "the packet continues on node {} ({}); give --agent-socket {}=PATH to trace it there",
+                    next.0, next.2, next.0
+                ),
+            ));
+        };
+        at = path.clone();
+        req = sluice_control::agent_api::TraceRequest {
+            frame: next.1,
+            ..Default::default()
+        };
+    }
+    Ok((nodes, "stopped after 4 nodes".into()))
+}
+
+async fn trace(args: &TraceArgs) -> anyhow::Result<()> {
+    let sockets = agent_sockets(&args.agent_sockets);
+    let first = match &args.node {
+        Some(n) => sockets
+            .iter()
+            .find(|(name, _)| name == n)
+            .with_context(|| format!("--node {n}: no --agent-socket {n}=PATH"))?,
+        None => &sockets[0],
+    };
+    let mut reqs = Vec::new();
+    if let Some(p) = &args.pcap {
+        let data = std::fs::read(p).with_context(|| format!("read {}", p.display()))?;
+        let frames = sluice_control::trace::pcap_frames(&data)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        if frames.is_empty() {
+            bail!("{}: no frames", p.display());
+        }
+        for f in frames {
+            reqs.push(sluice_control::agent_api::TraceRequest {
+                frame: f,
+                ..Default::default()
+            });
+        }
+    } else {
+        reqs.push(sluice_control::agent_api::TraceRequest {
+            from: args.from.clone().unwrap_or_default(),
+            to: args.to.clone().unwrap_or_default(),
+            protocol: args.protocol.to_ascii_lowercase(),
+            src_port: args.sport.map(u32::from).unwrap_or(0),
+            dst_port: args.dport.map(u32::from).unwrap_or(0),
+            tcp_flags: args.flags.clone().unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+    let many = reqs.len() > 1;
+    let mut out = std::io::stdout().lock();
+    for (i, req) in reqs.into_iter().enumerate() {
+        let (nodes, note) = trace_across(req, &first.1, &sockets).await?;
+        match args.output {
+            Output::Json | Output::Yaml => {
+                let mut j = sluice_control::trace::to_json(&nodes, &note);
+                if many {
+                    j["frame"] = serde_json::json!(i + 1);
+                }
+                writeln!(out, "{j}")?;
+            }
+            Output::Table => {
+                if many {
+                    writeln!(out, "frame {}:", i + 1)?;
+                }
+                write!(out, "{}", sluice_control::trace::to_table(&nodes, &note))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn apply(cli: &Cli, args: &ApplyArgs) -> anyhow::Result<()> {
