@@ -14,11 +14,19 @@
 //!   "clusterCidr": "10.244.0.0/16",          // overrides the agent's
 //!   "serviceCidr": "10.96.0.0/12",           // overrides the agent's
 //!   "dataDir": "/var/lib/sluice/ipam",       // the plugin's state when IPAM is delegated
-//!   "mtu": { "mode": "routes", "podMtu": 65535, "underlayMtu": 1500, "plainMtu": 1450 },
+//!   "mtu": 1450,                             // the pod interface MTU, as bridge and ptp spell it
+//!   "sluiceMtu": { "mode": "routes", "podMtu": 65535, "underlayMtu": 1500, "plainMtu": 1450 },
 //!   "ipam": { "subnet": "10.244.1.0/24", "dataDir": "/var/lib/sluice/ipam" }
 //! }
 //! ```
 //! An `ipam` section with a `type` other than `sluice` is delegated to that plugin (CNI_PATH).
+//!
+//! MTU keys: `mtu` is an integer, the pod interface MTU (both veth ends), with the meaning it has
+//! for the reference plugins (bridge, ptp), Calico and Flannel's delegate. It is the mode's own
+//! interface MTU: `podMtu` in `routes` mode (route MTUs are capped at it), `plainMtu` in `plain`
+//! mode; giving both with different values is code 7. Sluice's richer settings live under
+//! `sluiceMtu`. The object under `mtu` that earlier versions read is still accepted as a
+//! deprecated spelling of `sluiceMtu` (a note on stderr says so); both at once is code 7.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -62,8 +70,15 @@ pub struct NetConf {
     /// for the built-in IPAM. A delegated IPAM plugin keeps `ipam.dataDir` to itself.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// `mtu`: the pod interface MTU (an integer, as the reference plugins spell it).
     #[serde(default)]
-    pub mtu: MtuConf,
+    pub mtu: Option<u32>,
+    /// `sluiceMtu`: how pod interface and route MTUs are set.
+    #[serde(default)]
+    pub sluice_mtu: MtuConf,
+    /// Things the caller should change in its configuration (deprecated spellings), for stderr.
+    #[serde(skip)]
+    pub notes: Vec<String>,
     #[serde(default)]
     pub ipam: IpamConf,
     #[serde(default)]
@@ -177,7 +192,7 @@ impl NetConf {
 
 /// Parse a network configuration from stdin's bytes.
 pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         CniError::new(
             Code::Decode,
             format!("network configuration on stdin is not valid JSON: {e}"),
@@ -185,11 +200,54 @@ pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
     })?;
     cni_version_of(&value)?;
     reject_ipv6(&value)?;
-    let conf: NetConf = serde_json::from_value(value)
+    let notes = normalize_mtu(&mut value)?;
+    if let Some(settings) = value.get("sluiceMtu") {
+        // Checked on its own first so that the error names the key.
+        MtuConf::deserialize(settings)
+            .map_err(|e| crate::error::config(format!("sluiceMtu: {e}")))?;
+    }
+    let mut conf: NetConf = serde_json::from_value(value)
         .map_err(|e| crate::error::config(format!("invalid network configuration: {e}")))?;
+    conf.notes = notes;
     validate(&conf)?;
     Ok(conf)
 }
+
+/// Check the `mtu` key (an integer, the interface MTU) and move the object earlier versions read
+/// there to `sluiceMtu`, returning a note that says so. Code 7 for anything else under `mtu`, or
+/// for the object form next to `sluiceMtu`.
+fn normalize_mtu(value: &mut serde_json::Value) -> Result<Vec<String>, CniError> {
+    let Some(obj) = value.as_object_mut() else {
+        return Ok(Vec::new());
+    };
+    match obj.get("mtu") {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Object(_)) => {
+            if obj.contains_key("sluiceMtu") {
+                return Err(crate::error::config(
+                    "both \"sluiceMtu\" and an object under \"mtu\" are set; \"mtu\" is the interface MTU (an integer), keep the settings under \"sluiceMtu\" only",
+                ));
+            }
+            if let Some(settings) = obj.remove("mtu") {
+                obj.insert("sluiceMtu".into(), settings);
+            }
+            Ok(vec![
+                "the object under \"mtu\" is deprecated: move it to \"sluiceMtu\" (\"mtu\" is the interface MTU, an integer, as bridge and ptp spell it)".into(),
+            ])
+        }
+        Some(v) => match v.as_u64().and_then(|m| u32::try_from(m).ok()) {
+            Some(m) if MTU_RANGE.contains(&m) => Ok(Vec::new()),
+            _ => Err(crate::error::config(format!(
+                "mtu {v} is not an interface MTU: give an integer in {}..={} (Sluice's MTU settings go under \"sluiceMtu\")",
+                MTU_RANGE.start(),
+                MTU_RANGE.end()
+            ))),
+        },
+    }
+}
+
+/// The MTUs a configuration may give (interface, underlay, plain).
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65535;
 
 /// The `cniVersion` of a configuration, checked against the supported ones (code 1 if not).
 pub fn cni_version_of(value: &serde_json::Value) -> Result<String, CniError> {
@@ -257,25 +315,40 @@ fn validate(conf: &NetConf) -> Result<(), CniError> {
             "standalone mode (\"agent\": false) needs \"ipam\": {\"subnet\": \"<pod CIDR>\"} or a delegated ipam type",
         ));
     }
+    let m = &conf.sluice_mtu;
     for (name, mtu) in [
-        ("mtu.podMtu", conf.mtu.pod_mtu),
-        ("mtu.underlayMtu", conf.mtu.underlay_mtu),
-        ("mtu.plainMtu", conf.mtu.plain_mtu),
+        ("mtu", conf.mtu),
+        ("sluiceMtu.podMtu", m.pod_mtu),
+        ("sluiceMtu.underlayMtu", m.underlay_mtu),
+        ("sluiceMtu.plainMtu", m.plain_mtu),
     ] {
         if let Some(mtu) = mtu
-            && !(576..=65535).contains(&mtu)
+            && !MTU_RANGE.contains(&mtu)
         {
             return Err(crate::error::config(format!(
-                "{name} {mtu} is out of range 576..=65535"
+                "{name} {mtu} is out of range {}..={}",
+                MTU_RANGE.start(),
+                MTU_RANGE.end()
             )));
         }
     }
-    if let Some(mtu) = conf.mtu.underlay_mtu
-        && mtu < 576 + crate::VXLAN_OVERHEAD
+    if let Some(mtu) = m.underlay_mtu
+        && mtu < MTU_RANGE.start() + crate::VXLAN_OVERHEAD
     {
         return Err(crate::error::config(format!(
-            "mtu.underlayMtu {mtu} leaves no room for VXLAN's {} bytes",
+            "sluiceMtu.underlayMtu {mtu} leaves no room for VXLAN's {} bytes",
             crate::VXLAN_OVERHEAD
+        )));
+    }
+    let own = match m.mode {
+        MtuMode::Routes => ("sluiceMtu.podMtu", m.pod_mtu),
+        MtuMode::Plain => ("sluiceMtu.plainMtu", m.plain_mtu),
+    };
+    if let (Some(mtu), (name, Some(other))) = (conf.mtu, own)
+        && mtu != other
+    {
+        return Err(crate::error::config(format!(
+            "mtu {mtu} and {name} {other} disagree: both are the pod interface MTU; give one"
         )));
     }
     Ok(())
@@ -337,6 +410,55 @@ mod tests {
                 .unwrap_err();
         assert_eq!(v6.code, Code::UnsupportedField);
         assert!(v6.msg.contains("ipam.subnet") && v6.msg.contains("fd00::/64"));
+    }
+
+    #[test]
+    fn mtu_keys() {
+        let conf = |extra: &str| {
+            parse(format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"t"{extra}}}"#).as_bytes())
+        };
+        let c = conf(r#","mtu":1450"#).unwrap();
+        assert_eq!((c.mtu, c.sluice_mtu.pod_mtu), (Some(1450), None));
+        assert!(c.notes.is_empty());
+        let c = conf(r#","mtu":null"#).unwrap();
+        assert_eq!(c.mtu, None);
+        // Sluice's own key, and the same object where earlier versions read it (with a note).
+        let c = conf(r#","sluiceMtu":{"mode":"plain","plainMtu":1400}"#).unwrap();
+        assert_eq!(c.sluice_mtu.mode, MtuMode::Plain);
+        assert_eq!(c.sluice_mtu.plain_mtu, Some(1400));
+        assert!(c.notes.is_empty());
+        let c = conf(r#","mtu":{"mode":"plain","plainMtu":1400}"#).unwrap();
+        assert_eq!(
+            (c.mtu, c.sluice_mtu.mode, c.sluice_mtu.plain_mtu),
+            (None, MtuMode::Plain, Some(1400))
+        );
+        assert!(c.notes[0].contains("sluiceMtu"), "{:?}", c.notes);
+        // The integer agrees with the mode's own interface MTU or is left alone.
+        assert!(conf(r#","mtu":1400,"sluiceMtu":{"mode":"plain","plainMtu":1400}"#).is_ok());
+        assert!(conf(r#","mtu":1400,"sluiceMtu":{"podMtu":1400}"#).is_ok());
+        assert!(conf(r#","mtu":1400,"sluiceMtu":{"mode":"plain","podMtu":9000}"#).is_ok());
+        // Code 7 for what is not an interface MTU, naming the key.
+        for bad in [
+            r#","mtu":"1450""#,
+            r#","mtu":1450.5"#,
+            r#","mtu":-1"#,
+            r#","mtu":0"#,
+            r#","mtu":575"#,
+            r#","mtu":65536"#,
+            r#","mtu":4294967296"#,
+            r#","mtu":true"#,
+            r#","mtu":[1450]"#,
+            r#","mtu":1400,"sluiceMtu":{"podMtu":9000}"#,
+            r#","mtu":1400,"sluiceMtu":{"mode":"plain","plainMtu":1450}"#,
+            r#","mtu":{"mode":"plain"},"sluiceMtu":{"mode":"routes"}"#,
+            r#","sluiceMtu":{"podMtu":70000}"#,
+            r#","sluiceMtu":{"mode":"fast"}"#,
+            r#","sluiceMtu":{"underlayMtu":600}"#,
+        ] {
+            let e = conf(bad).unwrap_err();
+            assert_eq!(e.code, Code::InvalidConfig, "{bad}: {e}");
+            assert!(e.msg.contains("mtu") || e.msg.contains("Mtu"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub async fn run(
         return Ok(Some(version(stdin)));
     }
     let conf = config::parse(stdin)?;
+    for note in &conf.notes {
+        eprintln!("sluice-cni: {note}");
+    }
     match cmd {
         Command::Add => add(&conf, stdin, &CniEnv::read(cmd, var)?).await.map(Some),
         Command::Del => del(&conf, stdin, &CniEnv::read(cmd, var)?)
@@ -132,23 +135,25 @@ impl NodeNet {
             },
         };
         let nonzero = |v: u32| (v != 0).then_some(v);
-        let underlay = conf
-            .mtu
+        let settings = &conf.sluice_mtu;
+        let underlay = settings
             .underlay_mtu
             .or(info.and_then(|i| nonzero(i.underlay_mtu)))
             .unwrap_or(DEFAULT_UNDERLAY_MTU);
+        // An integer `mtu` is the interface MTU in either mode (config::validate rejects it
+        // disagreeing with the mode's own key).
         let pod_mtu = conf
             .mtu
-            .pod_mtu
+            .or(settings.pod_mtu)
             .or(info.and_then(|i| nonzero(i.pod_mtu)))
             .unwrap_or(DEFAULT_POD_MTU);
         let remote_mtu = underlay.saturating_sub(VXLAN_OVERHEAD);
         let default: Ipv4Net = Ipv4Net::default();
-        Ok(match conf.mtu.mode {
+        Ok(match settings.mode {
             MtuMode::Plain => NodeNet {
                 pod_cidr,
                 cluster_cidr,
-                mtu: conf.mtu.plain_mtu.unwrap_or(remote_mtu),
+                mtu: conf.mtu.or(settings.plain_mtu).unwrap_or(remote_mtu),
                 routes: vec![PodRoute {
                     dst: default,
                     mtu: None,
@@ -157,7 +162,8 @@ impl NodeNet {
             MtuMode::Routes => {
                 // Inside the cluster (every node's pods, the Services) a pod never sees a small
                 // MTU: the node's dataplane segments for the underlay (DESIGN, MTU strategy).
-                // Only the way out of the cluster keeps the underlay's.
+                // Only the way out of the cluster keeps the underlay's. No route MTU exceeds the
+                // interface's (the veth would drop what the route let through).
                 let large = Some(pod_mtu.min(MAX_ROUTE_MTU));
                 let mut routes = Vec::new();
                 for cidr in [pod_cidr, cluster_cidr, service_cidr].into_iter().flatten() {
@@ -170,7 +176,7 @@ impl NodeNet {
                 }
                 routes.push(PodRoute {
                     dst: default,
-                    mtu: Some(remote_mtu),
+                    mtu: Some(remote_mtu.min(pod_mtu)),
                 });
                 NodeNet {
                     pod_cidr,
@@ -656,7 +662,7 @@ mod tests {
     #[test]
     fn node_net_from_agent_and_plain() {
         let conf = config::parse(
-            br#"{"cniVersion":"1.0.0","name":"n","type":"t","mtu":{"mode":"plain"}}"#,
+            br#"{"cniVersion":"1.0.0","name":"n","type":"t","sluiceMtu":{"mode":"plain"}}"#,
         )
         .unwrap();
         let info = NodeInfoResponse {
@@ -673,6 +679,53 @@ mod tests {
             NodeNet::resolve(&conf, Some(&empty)).unwrap_err().code,
             Code::TryAgainLater
         );
+    }
+
+    #[test]
+    fn integer_mtu_is_the_interface_mtu() {
+        let base = r#""cniVersion":"1.0.0","name":"n","type":"t","agent":false,"ipam":{"subnet":"10.244.1.0/24"},"clusterCidr":"10.244.0.0/16""#;
+        let resolve = |extra: &str| {
+            let conf = config::parse(format!("{{{base},{extra}}}").as_bytes()).unwrap();
+            let n = NodeNet::resolve(&conf, None).unwrap();
+            let routes: Vec<_> = n.routes.iter().map(|r| r.mtu).collect();
+            (n.mtu, routes)
+        };
+        // Routes mode (the default): the interface at the integer, no route above it.
+        assert_eq!(
+            resolve(r#""mtu":1450"#),
+            (1450, vec![Some(1450), Some(1450), Some(1450)])
+        );
+        assert_eq!(
+            resolve(r#""mtu":9000,"sluiceMtu":{"underlayMtu":9000}"#),
+            (9000, vec![Some(9000), Some(9000), Some(8950)])
+        );
+        assert_eq!(
+            resolve(r#""mtu":1400"#),
+            (1400, vec![Some(1400), Some(1400), Some(1400)]),
+            "the way out capped at the interface MTU, not 1450"
+        );
+        // Plain mode: the integer is the interface MTU, no route MTUs.
+        assert_eq!(
+            resolve(r#""mtu":1400,"sluiceMtu":{"mode":"plain"}"#),
+            (1400, vec![None])
+        );
+        // The agent's pod MTU is overridden by the configuration's.
+        let conf =
+            config::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"t","mtu":1450}"#).unwrap();
+        let info = NodeInfoResponse {
+            pod_cidr: "10.244.7.0/24".into(),
+            pod_mtu: 65535,
+            underlay_mtu: 1500,
+            ..Default::default()
+        };
+        assert_eq!(NodeNet::resolve(&conf, Some(&info)).unwrap().mtu, 1450);
+        // The deprecated object form still means what it did.
+        let old = config::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"t","mtu":{"mode":"plain"}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.sluice_mtu.mode, MtuMode::Plain);
+        assert_eq!(NodeNet::resolve(&old, Some(&info)).unwrap().mtu, 1450);
     }
 
     #[test]

@@ -453,7 +453,7 @@ fn plain_mtu_mode() {
         return;
     }
     let node = Node::standalone("plain", "1.1.0", SUBNET);
-    let conf = with(&node.conf, json!({ "mtu": { "mode": "plain" } }));
+    let conf = with(&node.conf, json!({ "sluiceMtu": { "mode": "plain" } }));
     let pod = Netns::new("plain-p");
     let r = node
         .call("ADD", &conf, "ctr-plain", &pod.path(), "eth0")
@@ -472,6 +472,76 @@ fn plain_mtu_mode() {
     .ok();
     node.call("DEL", &conf, "ctr-plain", &pod.path(), "eth0")
         .ok();
+}
+
+#[test]
+fn integer_mtu_as_reference_plugins_spell_it() {
+    if !require_root("integer_mtu_as_reference_plugins_spell_it") {
+        return;
+    }
+    let node = Node::standalone("imtu", "1.1.0", SUBNET);
+    let pod = Netns::new("imtu-p");
+    // `"mtu": 1450` is the interface MTU (both veth ends); no route carries a larger one.
+    let conf = with(&node.conf, json!({ "mtu": 1450 }));
+    let r = node
+        .call("ADD", &conf, "ctr-imtu", &pod.path(), "eth0")
+        .ok()
+        .clone();
+    assert_eq!(pod.run(&["cat", "/sys/class/net/eth0/mtu"]).trim(), "1450");
+    let host_if = r["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    assert_eq!(
+        node.host
+            .run(&["cat", &format!("/sys/class/net/{host_if}/mtu")])
+            .trim(),
+        "1450"
+    );
+    assert_eq!(r["interfaces"][1]["mtu"], 1450);
+    for route in r["routes"].as_array().unwrap() {
+        assert_eq!(route["mtu"], 1450, "{r}");
+    }
+    node.call(
+        "CHECK",
+        &with(&conf, json!({ "prevResult": r })),
+        "ctr-imtu",
+        &pod.path(),
+        "eth0",
+    )
+    .ok();
+    node.call("DEL", &conf, "ctr-imtu", &pod.path(), "eth0")
+        .ok();
+    // With the plain mode of Sluice's own key: one default route, no route MTUs.
+    let conf = with(
+        &node.conf,
+        json!({ "mtu": 9000, "sluiceMtu": { "mode": "plain" } }),
+    );
+    node.call("ADD", &conf, "ctr-imtu", &pod.path(), "eth0")
+        .ok();
+    assert_eq!(pod.run(&["cat", "/sys/class/net/eth0/mtu"]).trim(), "9000");
+    assert!(!pod.run(&["ip", "route"]).contains("mtu"));
+    node.call("DEL", &conf, "ctr-imtu", &pod.path(), "eth0")
+        .ok();
+    // What is not an interface MTU: 7, naming the key, nothing wired.
+    for bad in [
+        json!({ "mtu": "1450" }),
+        json!({ "mtu": 70000 }),
+        json!({ "mtu": 1450, "sluiceMtu": { "podMtu": 9000 } }),
+    ] {
+        let c = node.call(
+            "ADD",
+            &with(&node.conf, bad.clone()),
+            "ctr-imtu",
+            &pod.path(),
+            "eth0",
+        );
+        assert_eq!(c.code(), 7, "{bad}: {}", c.stdout);
+        assert!(
+            c.json["msg"].as_str().unwrap().contains("mtu"),
+            "{}",
+            c.stdout
+        );
+    }
+    assert!(node.host_veths().is_empty());
+    assert!(node.allocations().is_empty());
 }
 
 #[test]

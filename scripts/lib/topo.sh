@@ -254,7 +254,7 @@ topo_sluice_pod() {
     if out=$(printf '%s' "{\"cniVersion\":\"1.0.0\",\"name\":\"sluice\",\"type\":\"sluice-cni\",
         \"agentSocket\":\"$dir/n$n/agent.sock\",\"dataDir\":\"$dir/n$n/ipam\",
         \"ipam\":{\"dataDir\":\"$dir/n$n/ipam\"},
-        \"mtu\":{\"mode\":\"routes\",\"podMtu\":$SLUICE_POD_MTU,\"underlayMtu\":$uml},
+        \"sluiceMtu\":{\"mode\":\"routes\",\"podMtu\":$SLUICE_POD_MTU,\"underlayMtu\":$uml},
         \"runtimeConfig\":{\"labels\":$labels}}" |
       CNI_COMMAND=ADD CNI_CONTAINERID="${pfx}p$j" CNI_NETNS="/var/run/netns/${pfx}p$j" \
       CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni CNI_ARGS="K8S_POD_NAMESPACE=default;K8S_POD_NAME=p$j" \

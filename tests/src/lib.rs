@@ -903,7 +903,7 @@ impl Cluster {
             "cniVersion": "1.0.0", "name": "sluice", "type": "sluice-cni",
             "agentSocket": n.socket(),
             "dataDir": n.dir.join("cni"),
-            "mtu": {"mode": "routes", "podMtu": pod_mtu(), "underlayMtu": underlay_mtu()},
+            "sluiceMtu": {"mode": "routes", "podMtu": pod_mtu(), "underlayMtu": underlay_mtu()},
             "ipam": {"dataDir": n.dir.join("ipam")},
             "runtimeConfig": {"labels": labels},
         })
