@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use common::*;
 use sluice_control::api::{self, Kind, object::Body};
 use sluice_control::client::{ControlClient, watch_cluster};
-use sluice_control::store::{EtcdStore, Op, Store, Txn, WatchItem, conformance};
+use sluice_control::store::{EtcdStore, EtcdTls, Op, Store, Txn, WatchItem, conformance};
 
 fn service_ip(o: &api::Object) -> Option<String> {
     match &o.body {
@@ -104,7 +104,7 @@ async fn etcd_conformance_and_compaction() {
     let Some(etcd) = Etcd::start().await else {
         return;
     };
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), &EtcdTls::default())
         .await
         .unwrap();
     conformance::basic(&store).await;

@@ -7,7 +7,7 @@ use clap::{Parser, ValueEnum};
 use sluice_control::auth::{Authenticator, TokenTable};
 use sluice_control::metrics::ControlRegistry;
 use sluice_control::server::{ControlService, ServerConfig, ServerTls, serve_counted};
-use sluice_control::store::{AnyStore, EtcdStore, RedbStore};
+use sluice_control::store::{AnyStore, EtcdStore, EtcdTls, RedbStore};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Backend {
@@ -25,6 +25,7 @@ enum Backend {
     after_help = "Examples:\n  \
   sluice-control --listen 0.0.0.0:7443 --tls-cert server.pem --tls-key server.key --tokens tokens.txt\n  \
   sluice-control --store etcd --etcd-endpoints http://10.0.0.5:2379 --tls-cert server.pem --tls-key server.key --tokens tokens.txt\n  \
+  sluice-control --store etcd --etcd-endpoints https://10.0.0.5:2379 --etcd-cacert etcd-ca.pem --etcd-cert etcd-client.pem --etcd-key etcd-client.key --tls-cert server.pem --tls-key server.key --tokens tokens.txt\n  \
   sluice-control --listen 127.0.0.1:7443 --insecure-plaintext --data-dir /tmp/sluice   # development only\n\n\
 The tokens file has lines \"<operator|node> <name> <token>\"; see control/README.md."
 )]
@@ -37,9 +38,18 @@ struct Args {
     /// State directory of the embedded store.
     #[arg(long, default_value = "/var/lib/sluice/control")]
     data_dir: PathBuf,
-    /// etcd endpoints, comma separated.
+    /// etcd endpoints, comma separated (https:// ones with --etcd-cacert).
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) that signed etcd's serving certificate (etcdctl's --cacert).
+    #[arg(long)]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd run with --client-cert-auth (etcdctl's --cert).
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Key (PEM) of --etcd-cert (etcdctl's --key).
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Server certificate chain (PEM).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -121,9 +131,16 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
         ),
         Backend::Etcd => AnyStore::Etcd(Box::new(
-            EtcdStore::connect(&args.etcd_endpoints)
-                .await
-                .context("connecting to etcd")?,
+            EtcdStore::connect(
+                &args.etcd_endpoints,
+                &EtcdTls {
+                    ca: args.etcd_cacert.clone(),
+                    cert: args.etcd_cert.clone(),
+                    key: args.etcd_key.clone(),
+                },
+            )
+            .await
+            .context("connecting to etcd")?,
         )),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -68,10 +68,12 @@ impl From<StoreError> for Status {
                 "store: {e}; retry, and if it persists check the control plane's log and its \
                  --data-dir (disk space, permissions, another sluice-control holding the file)"
             )),
-            StoreError::Etcd(_) => Status::unavailable(format!(
-                "store: {e}; retry, and if it persists check that the control plane reaches etcd \
-                 at its --etcd-endpoints"
-            )),
+            StoreError::Etcd(_) | StoreError::EtcdConnect { .. } | StoreError::EtcdTls(_) => {
+                Status::unavailable(format!(
+                    "store: {e}; retry, and if it persists check that the control plane reaches \
+                     etcd at its --etcd-endpoints"
+                ))
+            }
             StoreError::WatchEnded(_) => Status::unavailable(format!("store: {e}; watch again")),
             StoreError::Task(join) if !join.is_panic() => {
                 Status::unavailable(format!("store: {e}; the control plane is stopping, retry"))

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use tokio::sync::mpsc;
 
-pub use etcd_store::EtcdStore;
+pub use etcd_store::{EtcdStore, EtcdTls};
 pub use redb_store::RedbStore;
 
 /// The embedded store's default history, in revisions.
@@ -100,6 +100,21 @@ pub enum StoreError {
     /// An etcd request failed: unreachable, timed out, refused.
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// The etcd TLS settings cannot be used (a file missing or not PEM, a certificate without
+    /// its key, TLS flags with `http://` endpoints or the reverse).
+    #[error("etcd TLS settings: {0}")]
+    EtcdTls(String),
+    /// The first request to etcd failed: nothing listening, a TLS handshake etcd or this side
+    /// refused (no client certificate, an unknown CA). `message` is the whole cause chain,
+    /// `hint` what to check.
+    #[error("cannot use etcd at {endpoints}: {message}{hint}")]
+    EtcdConnect {
+        endpoints: String,
+        message: String,
+        hint: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
     /// etcd closed or cancelled a watch.
     #[error("etcd ended the watch: {0}")]
     WatchEnded(String),

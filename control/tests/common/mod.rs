@@ -129,6 +129,49 @@ impl Certs {
     pub fn ca_pem(&self) -> Vec<u8> {
         std::fs::read(self.path("ca.pem")).unwrap()
     }
+
+    /// A client certificate `<name>.pem` (key `<name>.key`, CN `name`) signed by `ca` ("ca" or
+    /// "other", the second CA).
+    pub fn client(&self, name: &str, ca: &str) -> &Self {
+        let d = self.dir.path();
+        let (ca_pem, ca_key) = match ca {
+            "ca" => ("ca.pem", "ca.key"),
+            _ => ("other-ca.pem", "other.key"),
+        };
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-keyout", &format!("{name}.key")])
+            .args([
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ])
+            .current_dir(d));
+        std::fs::write(d.join("client-ext.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-in", &format!("{name}.csr")])
+            .args(["-CA", ca_pem, "-CAkey", ca_key, "-CAcreateserial"])
+            .args(["-out", &format!("{name}.pem"), "-days", "2"])
+            .args(["-extfile", "client-ext.cnf"])
+            .current_dir(d));
+        self
+    }
+
+    /// The store's TLS settings: `ca.pem` and the client certificate `<name>` ("" for none).
+    pub fn etcd_tls(&self, name: &str) -> sluice_control::store::EtcdTls {
+        sluice_control::store::EtcdTls {
+            ca: Some(self.path("ca.pem")),
+            cert: (!name.is_empty()).then(|| self.path(&format!("{name}.pem"))),
+            key: (!name.is_empty()).then(|| self.path(&format!("{name}.key"))),
+        }
+    }
 }
 
 /// How to run a server.
@@ -250,6 +293,13 @@ pub struct Etcd {
 impl Etcd {
     /// None when etcd is missing and SLUICE_ALLOW_SKIP=1.
     pub async fn start() -> Option<Self> {
+        Self::start_with(None).await
+    }
+
+    /// With `Some(certs)`: TLS with `server.pem`/`server.key` (127.0.0.1) and
+    /// `--client-cert-auth` against `ca.pem`; ready once a client with `client.pem` gets an
+    /// answer (see [`Certs::client`]).
+    pub async fn start_with(tls: Option<&Certs>) -> Option<Self> {
         let found = Command::new("etcd")
             .arg("--version")
             .output()
@@ -262,9 +312,20 @@ impl Etcd {
         }
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(c) = tls {
+            cmd.arg("--cert-file")
+                .arg(c.path("server.pem"))
+                .arg("--key-file")
+                .arg(c.path("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(c.path("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(dir.path())
             .args([
@@ -296,9 +357,19 @@ impl Etcd {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(mut c) = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await
-                && c.get("probe", None).await.is_ok()
-            {
+            let up = match tls {
+                Some(c) => sluice_control::store::EtcdStore::connect(
+                    std::slice::from_ref(&etcd.endpoint),
+                    &c.etcd_tls("client"),
+                )
+                .await
+                .is_ok(),
+                None => match etcd_client::Client::connect([etcd.endpoint.as_str()], None).await {
+                    Ok(mut c) => c.get("probe", None).await.is_ok(),
+                    Err(_) => false,
+                },
+            };
+            if up {
                 return Some(etcd);
             }
             assert!(
