@@ -9,6 +9,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::config::Mac;
@@ -171,6 +172,33 @@ impl PodRegistry {
     }
 }
 
+/// Whether `pod` may be wired on a node whose pod CIDR is `pod_cidr`, beside the `pods` already
+/// there: its IP is a pod address of the CIDR (not the network address, which is the VTEP's) and
+/// no other container or interface holds it. The reason, for the caller, when not. Pure: the
+/// checks `Agent::add_pod` makes while the holder's veth still exists (it also lets a holder
+/// whose veth is gone go, which needs the system), as the socket-request fuzz target drives them.
+pub fn admit<'a>(
+    pod_cidr: Ipv4Net,
+    pods: impl IntoIterator<Item = &'a PodRecord>,
+    pod: &PodRecord,
+) -> Result<(), String> {
+    if !pod_cidr.contains(&pod.ip) || pod.ip == pod_cidr.network() {
+        return Err(format!(
+            "ip {} is not a pod address of this node's pod CIDR {pod_cidr}",
+            pod.ip
+        ));
+    }
+    if let Some(other) = pods.into_iter().find(|p| p.ip == pod.ip)
+        && (other.container_id != pod.container_id || other.ifname != pod.ifname)
+    {
+        return Err(format!(
+            "ip {} already belongs to container {}",
+            pod.ip, other.container_id
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +218,21 @@ mod tests {
             labels: [("app".to_string(), "web".to_string())].into(),
             ports: vec![],
         }
+    }
+
+    #[test]
+    fn admit_checks_the_cidr_and_who_holds_the_ip() {
+        let cidr: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let pods = [pod("a", [10, 244, 1, 2])];
+        assert!(admit(cidr, &pods, &pod("b", [10, 244, 1, 3])).is_ok());
+        // The same container and interface again (a repeated ADD) keeps its address.
+        assert!(admit(cidr, &pods, &pod("a", [10, 244, 1, 2])).is_ok());
+        let e = admit(cidr, &pods, &pod("b", [10, 244, 1, 2])).unwrap_err();
+        assert!(e.contains("already belongs to container a"), "{e}");
+        let e = admit(cidr, &pods, &pod("b", [10, 244, 2, 3])).unwrap_err();
+        assert!(e.contains("not a pod address"), "{e}");
+        // The network address is the VTEP's.
+        assert!(admit(cidr, &pods, &pod("b", [10, 244, 1, 0])).is_err());
     }
 
     #[test]
