@@ -140,7 +140,8 @@ fn parse_ipv4(frame: &Frame<'_>) -> Result<Parsed, NotIpv4> {
     };
     let hl = usize::from(ip.ihl()) * 4;
     let total = usize::from(ip.total_len());
-    if total > frame.total_len() - L3_OFFSET {
+    // etherparse's header slice does not hold the total length to at least the header length.
+    if total < hl || total > frame.total_len() - L3_OFFSET {
         return Err(NotIpv4::Drop(DropReason::BadIpLength));
     }
     if checksum::checksum(ip.slice()) != 0 {
@@ -312,6 +313,26 @@ pub(crate) mod tests {
         assert_eq!(run(&mut f), ParseOutcome::Done(Verdict::PassToKernel));
         f[12..14].copy_from_slice(&[0x08, 0x06]);
         assert_eq!(run(&mut f), ParseOutcome::Done(Verdict::PassToKernel));
+    }
+
+    /// A total length shorter than the header (0 here) is a bad length, not an underflow (found
+    /// by the `vxlan_receive` fuzz target: `l4_len = total - hl` panicked with overflow checks
+    /// and wrapped without).
+    #[test]
+    fn total_length_below_the_header_length() {
+        let good = tcp_syn([10, 244, 1, 2], [10, 96, 0, 10], 40000, 80);
+        for total in [0u16, 19] {
+            let mut f = good.clone();
+            f[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+            ipv4::Packet::new_checked(&mut f[14..])
+                .unwrap()
+                .fill_checksum();
+            assert_eq!(
+                run(&mut f),
+                ParseOutcome::Done(Verdict::Drop(DropReason::BadIpLength)),
+                "total length {total}"
+            );
+        }
     }
 
     #[test]
