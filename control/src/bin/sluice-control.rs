@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use sluice_control::auth::{Authenticator, TokenTable};
 use sluice_control::metrics::ControlRegistry;
+use sluice_control::server::kube::KubeSource;
 use sluice_control::server::{ControlService, ServerConfig, ServerTls, serve_counted};
 use sluice_control::store::{AnyStore, EtcdStore, RedbStore};
 
@@ -25,7 +26,8 @@ enum Backend {
     after_help = "Examples:\n  \
   sluice-control --listen 0.0.0.0:7443 --tls-cert server.pem --tls-key server.key --tokens tokens.txt\n  \
   sluice-control --store etcd --etcd-endpoints http://10.0.0.5:2379 --tls-cert server.pem --tls-key server.key --tokens tokens.txt\n  \
-  sluice-control --listen 127.0.0.1:7443 --insecure-plaintext --data-dir /tmp/sluice   # development only\n\n\
+  sluice-control --listen 127.0.0.1:7443 --insecure-plaintext --data-dir /tmp/sluice   # development only\n  \
+  sluice-control --kubernetes --listen 0.0.0.0:7443 --tls-cert ... --tls-key ... --tokens ...   # in a pod (deploy/sluice.yaml)\n\n\
 The tokens file has lines \"<operator|node> <name> <token>\"; see control/README.md."
 )]
 struct Args {
@@ -68,6 +70,36 @@ struct Args {
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9479.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Follow the Kubernetes API server of this kubeconfig (its current context): Namespaces,
+    /// Nodes, Pods, Services, EndpointSlices and NetworkPolicies come from it, not from
+    /// `sluicectl apply`.
+    #[arg(long, conflicts_with = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Follow the Kubernetes API server of the pod this runs in (in-cluster service account), or
+    /// of $KUBECONFIG / ~/.kube/config outside a cluster.
+    #[arg(long)]
+    kubernetes: bool,
+}
+
+/// The API server to follow, if any.
+async fn kube_client(args: &Args) -> anyhow::Result<Option<kube::Client>> {
+    let config = match (&args.kubeconfig, args.kubernetes) {
+        (Some(path), _) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using the kubeconfig {}", path.display()))?
+        }
+        (None, true) => kube::Config::infer()
+            .await
+            .context("no in-cluster service account, $KUBECONFIG or ~/.kube/config")?,
+        (None, false) => return Ok(None),
+    };
+    let url = config.cluster_url.clone();
+    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    tracing::info!(%url, "following the Kubernetes API server");
+    Ok(Some(client))
 }
 
 #[tokio::main]
@@ -140,7 +172,12 @@ async fn main() -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
     };
-    let service = ControlService::new(store, cfg);
+    let mut service = ControlService::new(store, cfg);
+    if let Some(client) = kube_client(&args).await? {
+        let (source, link) = KubeSource::new(client);
+        service = service.following(link);
+        tokio::spawn(source.run(service.clone()));
+    }
     let counts = std::sync::Arc::new(sluice_control::metrics::RequestCounts::default());
     if let Some(maddr) = args.metrics_listen {
         let registry = std::sync::Arc::new(ControlRegistry::new(counts.clone()));
