@@ -144,7 +144,7 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 => {
+            b'%' if i + 2 < b.len() => {
                 let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
                 match u8::from_str_radix(hex, 16) {
                     Ok(v) => {
@@ -206,9 +206,9 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 /// Where a request goes: (collection, namespace if the path names one, object name if any).
 fn route(path: &str) -> Option<(String, Option<String>, Option<String>)> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (base, rest) = match segs.first()? {
-        &"api" if segs.len() >= 3 => (format!("/api/{}", segs[1]), &segs[2..]),
-        &"apis" if segs.len() >= 4 => (format!("/apis/{}/{}", segs[1], segs[2]), &segs[3..]),
+    let (base, rest) = match *segs.first()? {
+        "api" if segs.len() >= 3 => (format!("/api/{}", segs[1]), &segs[2..]),
+        "apis" if segs.len() >= 4 => (format!("/apis/{}/{}", segs[1], segs[2]), &segs[3..]),
         _ => return None,
     };
     match rest {
@@ -303,16 +303,26 @@ impl MockApi {
     fn put_value(&self, st: &mut State, collection: String, mut v: Value) -> u64 {
         st.rv += 1;
         let rv = st.rv;
-        let ns = v["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let ns = v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
         let key = (collection.clone(), ns.clone(), name.clone());
-        let existed = st.objects.get(&key).map(|s| s.value["metadata"]["uid"].clone());
+        let existed = st
+            .objects
+            .get(&key)
+            .map(|s| s.value["metadata"]["uid"].clone());
         v["metadata"]["resourceVersion"] = json!(rv.to_string());
         v["metadata"]["uid"] = match &existed {
             Some(uid) if !uid.is_null() => uid.clone(),
             _ => json!(format!("uid-{rv}")),
         };
-        let kind = if existed.is_some() { "MODIFIED" } else { "ADDED" };
+        let kind = if existed.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         st.objects.insert(key, Stored { value: v.clone() });
         Self::publish(
             st,
@@ -356,7 +366,11 @@ impl MockApi {
     }
 
     /// One object as stored.
-    pub fn get<K: Resource + DeserializeOwned>(&self, namespace: Option<&str>, name: &str) -> Option<K> {
+    pub fn get<K: Resource + DeserializeOwned>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<K> {
         let st = self.lock();
         let key = (
             collection_of::<K>(),
@@ -403,7 +417,8 @@ impl MockApi {
         let mut st = self.lock();
         let msg = format!("too old resource version: 1 ({})", st.rv);
         for w in st.watches.drain(..) {
-            let _ = w.tx.send(event_line("ERROR", &status(410, "Expired", &msg)));
+            let _ =
+                w.tx.send(event_line("ERROR", &status(410, "Expired", &msg)));
         }
     }
 
@@ -456,14 +471,22 @@ impl MockApi {
         let Some((collection, ns, name)) = route(uri.path()) else {
             return Ok(full(
                 StatusCode::NOT_FOUND,
-                &status(404, "NotFound", "the server could not find the requested resource"),
+                &status(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
             ));
         };
         let info = self.lock().kinds.get(&collection).cloned();
         let Some(info) = info else {
             return Ok(full(
                 StatusCode::NOT_FOUND,
-                &status(404, "NotFound", "the server could not find the requested resource"),
+                &status(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
             ));
         };
         let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
@@ -482,7 +505,11 @@ impl MockApi {
                     Some(s) => full(StatusCode::OK, &s.value),
                     None => full(
                         StatusCode::NOT_FOUND,
-                        &status(404, "NotFound", &format!("{} {name:?} not found", info.kind)),
+                        &status(
+                            404,
+                            "NotFound",
+                            &format!("{} {name:?} not found", info.kind),
+                        ),
                     ),
                 }
             }
@@ -498,13 +525,21 @@ impl MockApi {
                 let Some(s) = st.objects.get(&key) else {
                     return Ok(full(
                         StatusCode::NOT_FOUND,
-                        &status(404, "NotFound", &format!("{} {name:?} not found", info.kind)),
+                        &status(
+                            404,
+                            "NotFound",
+                            &format!("{} {name:?} not found", info.kind),
+                        ),
                     ));
                 };
                 let mut v = s.value.clone();
                 merge_patch(&mut v, &patch);
                 self.put_value(&mut st, collection, v);
-                let stored = st.objects.get(&key).map(|s| s.value.clone()).unwrap_or_default();
+                let stored = st
+                    .objects
+                    .get(&key)
+                    .map(|s| s.value.clone())
+                    .unwrap_or_default();
                 full(StatusCode::OK, &stored)
             }
             _ => full(
@@ -522,7 +557,10 @@ impl MockApi {
         q: &HashMap<String, String>,
     ) -> Response<MockBody> {
         let mut st = self.lock();
-        let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+        let limit = q
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > 0);
         let (rv, rest) = match q.get("continue").filter(|c| !c.is_empty()) {
             Some(token) => {
                 let expired = st.expire_continue > 0;
@@ -589,7 +627,9 @@ impl MockApi {
         match from {
             Some(from) if from >= st.compacted => {
                 for c in st.history.iter().filter(|c| {
-                    c.rv > from && c.collection == collection && ns.as_ref().is_none_or(|n| *n == c.namespace)
+                    c.rv > from
+                        && c.collection == collection
+                        && ns.as_ref().is_none_or(|n| *n == c.namespace)
                 }) {
                     let _ = tx.send(event_line(c.kind, &c.value));
                 }
@@ -604,11 +644,13 @@ impl MockApi {
                     tx: tx.clone(),
                 });
                 // The server ends a watch after its timeout.
+                // (A weak sender: a watch ended by the server before its timeout must end now.)
                 if let Some(secs) = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()) {
                     let state = Arc::downgrade(&self.state);
+                    let weak = tx.downgrade();
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(secs)).await;
-                        if let Some(s) = state.upgrade() {
+                        if let (Some(s), Some(tx)) = (state.upgrade(), weak.upgrade()) {
                             let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
                             st.watches.retain(|w| !w.tx.same_channel(&tx));
                         }
@@ -625,7 +667,8 @@ impl MockApi {
             }
         }
         drop(st);
-        let body = StreamBody::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).boxed();
+        let body =
+            StreamBody::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).boxed();
         let mut r = Response::new(body);
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
@@ -644,7 +687,11 @@ impl MockApi {
                 let api = api.clone();
                 tokio::spawn(async move {
                     let (parts, body) = req.into_parts();
-                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     match api.answer(parts.method, parts.uri, body).await {
                         Ok(resp) => send.send_response(resp),
                         Err(e) => send.send_error(e),
@@ -658,7 +705,10 @@ impl MockApi {
     /// Serve HTTP/1.1 on `addr` until the task is dropped; while refusing, the listener is
     /// closed (connections are refused) and open connections are dropped. Returns once the first
     /// listener is bound, with the task serving.
-    pub async fn serve_http(&self, addr: SocketAddr) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    pub async fn serve_http(
+        &self,
+        addr: SocketAddr,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let first = tokio::net::TcpListener::bind(addr).await?;
         let api = self.clone();
         Ok(tokio::spawn(async move {
@@ -746,14 +796,26 @@ mod tests {
         );
         assert_eq!(
             route("/apis/discovery.k8s.io/v1/endpointslices"),
-            Some(("/apis/discovery.k8s.io/v1/endpointslices".into(), None, None))
+            Some((
+                "/apis/discovery.k8s.io/v1/endpointslices".into(),
+                None,
+                None
+            ))
         );
-        let uri: http::Uri = "/api/v1/pods?limit=2&continue=a%2Db&watch=true".parse().unwrap();
+        let uri: http::Uri = "/api/v1/pods?limit=2&continue=a%2Db&watch=true"
+            .parse()
+            .unwrap();
         let q = query(&uri);
         assert_eq!(q["continue"], "a-b");
         assert_eq!(q["limit"], "2");
         let mut v = json!({"metadata": {"annotations": {"a": "1", "b": "2"}}});
-        merge_patch(&mut v, &json!({"metadata": {"annotations": {"a": null, "c": "3"}}}));
-        assert_eq!(v, json!({"metadata": {"annotations": {"b": "2", "c": "3"}}}));
+        merge_patch(
+            &mut v,
+            &json!({"metadata": {"annotations": {"a": null, "c": "3"}}}),
+        );
+        assert_eq!(
+            v,
+            json!({"metadata": {"annotations": {"b": "2", "c": "3"}}})
+        );
     }
 }

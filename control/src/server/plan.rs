@@ -125,7 +125,9 @@ pub(super) enum PlanError {
     #[error("spec.ports[{index}].nodePort: {port} is used twice")]
     NodePortTwice { index: usize, port: String },
     /// The pod CIDR the cluster allocated to a node is leased to another node.
-    #[error("spec.podCIDR: {cidr} is leased to {owner}; remove that node or give the clusters separate CIDRs")]
+    #[error(
+        "spec.podCIDR: {cidr} is leased to {owner}; remove that node or give the clusters separate CIDRs"
+    )]
     PodCidrTaken { cidr: String, owner: String },
     /// A Service without a spec.
     #[error("spec: missing")]
@@ -142,9 +144,7 @@ impl From<PlanError> for Status {
             PlanError::Exhausted { .. } => Status::resource_exhausted(message),
             PlanError::ClusterIpTaken { .. }
             | PlanError::NodePortTaken { .. }
-            | PlanError::PodCidrTaken { .. } => {
-                Status::already_exists(message)
-            }
+            | PlanError::PodCidrTaken { .. } => Status::already_exists(message),
             PlanError::NodePortTwice { .. } | PlanError::MissingSpec => {
                 Status::invalid_argument(message)
             }

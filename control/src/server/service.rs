@@ -309,7 +309,11 @@ impl<S: Store> ControlService<S> {
 
     /// Plan the removal of a node: its record, its pods, its pod CIDR claim. `false` when there
     /// is no such node.
-    pub(super) async fn plan_remove_node(&self, plan: &mut Plan, name: &str) -> Result<bool, Status> {
+    pub(super) async fn plan_remove_node(
+        &self,
+        plan: &mut Plan,
+        name: &str,
+    ) -> Result<bool, Status> {
         let r = node_ref(name);
         let Some((o, rev)) = self.get_object(&r).await? else {
             return Ok(false);

@@ -186,7 +186,14 @@ fn key_of(kind: Kind, namespace: Option<&str>, name: Option<&str>) -> String {
 }
 
 /// Translation of one API object into an [`Item`].
-trait Followed: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static {
+trait Followed:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + 'static
+{
     const KIND: Kind;
     fn item(&self) -> Item;
 }
@@ -394,7 +401,9 @@ impl KubeSource {
                 _ = tick.tick() => {}
             }
             if let Err(e) = self.flush(&svc).await {
-                tracing::warn!("writing the API server's objects into the store failed, will retry: {e}");
+                tracing::warn!(
+                    "writing the API server's objects into the store failed, will retry: {e}"
+                );
             }
             self.annotate(&svc).await;
         }
@@ -438,7 +447,8 @@ impl KubeSource {
                     .read()
                     .map(|n| n.keys().cloned().collect())
                     .unwrap_or_default();
-                v.nodes_gone.extend(old.into_iter().filter(|n| !listed.contains(n)));
+                v.nodes_gone
+                    .extend(old.into_iter().filter(|n| !listed.contains(n)));
                 if let Ok(mut n) = self.link.nodes.write() {
                     n.clear();
                 }
@@ -685,12 +695,20 @@ impl KubeSource {
         }
         let api: Api<Node> = Api::all(self.client.clone());
         for name in std::mem::take(&mut self.view.annotate) {
-            let facts = self.link.nodes.read().ok().and_then(|n| n.get(&name).cloned());
+            let facts = self
+                .link
+                .nodes
+                .read()
+                .ok()
+                .and_then(|n| n.get(&name).cloned());
             let Some(facts) = facts else { continue };
             let key = key_of(Kind::Node, None, Some(&name));
             let record = match svc.store().get(&key).await {
                 Ok(Some(kv)) => match model::decode_object(&kv.value, kv.mod_revision) {
-                    Ok(api::Object { body: Some(Body::Node(n)), .. }) => n,
+                    Ok(api::Object {
+                        body: Some(Body::Node(n)),
+                        ..
+                    }) => n,
                     _ => continue,
                 },
                 Ok(None) => continue,

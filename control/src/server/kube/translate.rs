@@ -69,7 +69,9 @@ pub fn namespace(ns: &Namespace) -> Result<api::Object, Skip> {
 pub fn service(svc: &Service) -> Result<api::Object, Skip> {
     let mut spec = svc.spec.clone().unwrap_or_default();
     if spec.type_.as_deref() == Some("ExternalName") {
-        return Err(Skip("an ExternalName Service has no ClusterIP to balance".into()));
+        return Err(Skip(
+            "an ExternalName Service has no ClusterIP to balance".into(),
+        ));
     }
     // Dual-stack: keep the IPv4 address (clusterIP is the primary family's).
     let v4 = spec
@@ -234,7 +236,11 @@ pub fn pod(p: &Pod) -> Result<PodFacts, Skip> {
         .unwrap_or_default()
         .to_string();
     Ok(PodFacts {
-        namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: p
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         name: p.metadata.name.clone().unwrap_or_default(),
         labels: p.metadata.labels.clone().unwrap_or_default(),
         ports,
@@ -281,8 +287,13 @@ pub struct NodeFacts {
 
 pub fn node(n: &Node) -> NodeFacts {
     let spec = n.spec.as_ref();
-    let pod_cidr = spec
-        .and_then(|s| s.pod_cidrs.iter().flatten().chain(s.pod_cidr.iter()).find_map(|c| c.parse().ok()));
+    let pod_cidr = spec.and_then(|s| {
+        s.pod_cidrs
+            .iter()
+            .flatten()
+            .chain(s.pod_cidr.iter())
+            .find_map(|c| c.parse().ok())
+    });
     let flannel = n
         .metadata
         .annotations
@@ -361,8 +372,13 @@ mod tests {
             serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": "shop", "labels": {"team": "a"}}})
         );
-        let Some(Body::K8s(k)) = &o.body else { panic!() };
-        assert_eq!((k.kind(), k.namespace.as_str(), k.name.as_str()), (Kind::Namespace, "", "shop"));
+        let Some(Body::K8s(k)) = &o.body else {
+            panic!()
+        };
+        assert_eq!(
+            (k.kind(), k.namespace.as_str(), k.name.as_str()),
+            (Kind::Namespace, "", "shop")
+        );
         // A new resourceVersion alone changes nothing stored.
         let mut again = ns.clone();
         again.metadata.resource_version = Some("8".into());
@@ -371,38 +387,54 @@ mod tests {
 
     #[test]
     fn service_keeps_the_api_servers_allocations_and_skips_what_has_no_clusterip() {
-        let svc: Service = from(serde_json::json!({"metadata": {"name": "web", "namespace": "shop",
+        let svc: Service = from(
+            serde_json::json!({"metadata": {"name": "web", "namespace": "shop",
             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
             "spec": {"type": "NodePort", "clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "172.20.0.10"],
                 "ipFamilies": ["IPv6", "IPv4"], "selector": {"app": "web"},
                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 8080}]},
-            "status": {"loadBalancer": {}}}));
+            "status": {"loadBalancer": {}}}),
+        );
         let j = k8s_json(&service(&svc).unwrap());
         assert_eq!(j["spec"]["clusterIP"], "172.20.0.10", "{j}");
         assert_eq!(j["spec"]["clusterIPs"], serde_json::json!(["172.20.0.10"]));
-        assert_eq!(j["spec"]["ports"][0]["nodePort"], 8080, "the cluster's NodePort range");
+        assert_eq!(
+            j["spec"]["ports"][0]["nodePort"], 8080,
+            "the cluster's NodePort range"
+        );
         assert!(j["metadata"].get("annotations").is_none() && j.get("status").is_none());
 
-        let ext: Service = from(serde_json::json!({"metadata": {"name": "x", "namespace": "a"},
-            "spec": {"type": "ExternalName", "externalName": "example.org"}}));
+        let ext: Service = from(
+            serde_json::json!({"metadata": {"name": "x", "namespace": "a"},
+            "spec": {"type": "ExternalName", "externalName": "example.org"}}),
+        );
         assert!(service(&ext).is_err());
-        let v6: Service = from(serde_json::json!({"metadata": {"name": "x", "namespace": "a"},
-            "spec": {"clusterIP": "fd00::1", "ports": [{"port": 80}]}}));
+        let v6: Service = from(
+            serde_json::json!({"metadata": {"name": "x", "namespace": "a"},
+            "spec": {"clusterIP": "fd00::1", "ports": [{"port": 80}]}}),
+        );
         assert!(service(&v6).unwrap_err().0.contains("IPv4"));
-        let headless: Service = from(serde_json::json!({"metadata": {"name": "h", "namespace": "a"},
-            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}));
-        assert_eq!(k8s_json(&service(&headless).unwrap())["spec"]["clusterIP"], "None");
+        let headless: Service = from(
+            serde_json::json!({"metadata": {"name": "h", "namespace": "a"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+        );
+        assert_eq!(
+            k8s_json(&service(&headless).unwrap())["spec"]["clusterIP"],
+            "None"
+        );
     }
 
     #[test]
     fn endpoint_slices_ipv4_only() {
         let slice = |t: &str, addr: &str| -> EndpointSlice {
-            from(serde_json::json!({"metadata": {"name": "web-x", "namespace": "shop",
+            from(
+                serde_json::json!({"metadata": {"name": "web-x", "namespace": "shop",
                 "labels": {"kubernetes.io/service-name": "web"}, "generation": 3},
                 "addressType": t, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
                 "endpoints": [{"addresses": [addr], "conditions": {"ready": true},
                     "nodeName": "n1", "targetRef": {"kind": "Pod", "name": "p"},
-                    "hints": {"forZones": [{"name": "z"}]}}]}))
+                    "hints": {"forZones": [{"name": "z"}]}}]}),
+            )
         };
         let j = k8s_json(&endpoint_slice(&slice("IPv4", "10.244.1.5")).unwrap());
         assert_eq!(j["endpoints"][0]["addresses"][0], "10.244.1.5");
@@ -415,26 +447,40 @@ mod tests {
 
     #[test]
     fn network_policies_drop_ipv6_peers_and_fail_closed() {
-        let np: NetworkPolicy = from(serde_json::json!({"metadata": {"name": "p", "namespace": "a"},
+        let np: NetworkPolicy = from(
+            serde_json::json!({"metadata": {"name": "p", "namespace": "a"},
             "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress", "Egress"],
                 "ingress": [
                     {"from": [{"ipBlock": {"cidr": "fd00::/8"}}]},
                     {"from": [{"ipBlock": {"cidr": "fd00::/8"}}, {"podSelector": {"matchLabels": {"role": "api"}}}],
                      "ports": [{"port": "pg", "protocol": "TCP"}]}],
-                "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]}]}}));
+                "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]}]}}),
+        );
         let (o, why) = network_policy(&np);
         assert_eq!(why, None);
         let j = k8s_json(&o);
         let ingress = j["spec"]["ingress"].as_array().unwrap();
-        assert_eq!(ingress.len(), 1, "the IPv6-only rule is gone, not widened: {j}");
+        assert_eq!(
+            ingress.len(),
+            1,
+            "the IPv6-only rule is gone, not widened: {j}"
+        );
         assert_eq!(ingress[0]["from"].as_array().unwrap().len(), 1);
-        assert_eq!(ingress[0]["ports"][0]["port"], "pg", "named ports pass through");
-        assert_eq!(j["spec"]["egress"][0]["to"][0]["ipBlock"]["except"][0], "10.1.0.0/16");
+        assert_eq!(
+            ingress[0]["ports"][0]["port"], "pg",
+            "named ports pass through"
+        );
+        assert_eq!(
+            j["spec"]["egress"][0]["to"][0]["ipBlock"]["except"][0],
+            "10.1.0.0/16"
+        );
 
         // A policy Sluice cannot carry still isolates its pods.
-        let odd: NetworkPolicy = from(serde_json::json!({"metadata": {"name": "q", "namespace": "a"},
+        let odd: NetworkPolicy = from(
+            serde_json::json!({"metadata": {"name": "q", "namespace": "a"},
             "spec": {"podSelector": {"matchLabels": {"app": "db"}},
-                "ingress": [{"ports": [{"port": 5432, "protocol": "ICMP"}]}]}}));
+                "ingress": [{"ports": [{"port": 5432, "protocol": "ICMP"}]}]}}),
+        );
         let (o, why) = network_policy(&odd);
         assert!(why.unwrap().0.contains("protocol"));
         let j = k8s_json(&o);
@@ -453,7 +499,9 @@ mod tests {
                 "podIPs": [{"ip": "fd00::5"}, {"ip": "10.244.1.5"}]}});
         if let (Some(a), Some(b)) = (v.as_object_mut(), extra.as_object()) {
             for (k, x) in b {
-                if let (Some(av), Some(bx)) = (a.get_mut(k).and_then(|v| v.as_object_mut()), x.as_object()) {
+                if let (Some(av), Some(bx)) =
+                    (a.get_mut(k).and_then(|v| v.as_object_mut()), x.as_object())
+                {
                     av.extend(bx.clone());
                 } else {
                     a.insert(k.clone(), x.clone());
@@ -469,15 +517,24 @@ mod tests {
         assert_eq!(f.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!((f.node.as_str(), f.ip.as_str()), ("n1", "10.244.1.5"));
         assert_eq!(f.ports.len(), 2);
-        assert_eq!((f.ports[0].name.as_str(), f.ports[0].port, f.ports[0].protocol.as_str()), ("http", 8080, "TCP"));
+        assert_eq!(
+            (
+                f.ports[0].name.as_str(),
+                f.ports[0].port,
+                f.ports[0].protocol.as_str()
+            ),
+            ("http", 8080, "TCP")
+        );
         assert_eq!(f.ports[1].protocol, "UDP");
 
         let host = pod_json(serde_json::json!({"spec": {"hostNetwork": true}}));
         assert!(pod(&host).is_err());
         let done = pod_json(serde_json::json!({"status": {"phase": "Succeeded"}}));
         assert!(pod(&done).is_err());
-        let pending: Pod = from(serde_json::json!({"metadata": {"name": "p", "namespace": "a"},
-            "spec": {"containers": [{"name": "c"}]}}));
+        let pending: Pod = from(
+            serde_json::json!({"metadata": {"name": "p", "namespace": "a"},
+            "spec": {"containers": [{"name": "c"}]}}),
+        );
         let f = pod(&pending).unwrap();
         assert_eq!((f.node.as_str(), f.ip.as_str()), ("", ""));
     }
@@ -503,16 +560,21 @@ mod tests {
             ..Default::default()
         };
         let r = pod_record(&f, Some(&reported), true);
-        assert_eq!((r.ip.as_str(), r.container_id.as_str()), ("10.244.1.9", "abc"));
+        assert_eq!(
+            (r.ip.as_str(), r.container_id.as_str()),
+            ("10.244.1.9", "abc")
+        );
         assert_eq!(r.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(r.ports.len(), 2);
     }
 
     #[test]
     fn nodes_give_their_pod_cidr_and_flannel_annotations() {
-        let n: Node = from(serde_json::json!({"metadata": {"name": "n1", "annotations": {
+        let n: Node = from(
+            serde_json::json!({"metadata": {"name": "n1", "annotations": {
                 BACKEND_TYPE: "vxlan", "other": "x"}},
-            "spec": {"podCIDR": "fd00:1::/64", "podCIDRs": ["fd00:1::/64", "10.244.7.0/24"]}}));
+            "spec": {"podCIDR": "fd00:1::/64", "podCIDRs": ["fd00:1::/64", "10.244.7.0/24"]}}),
+        );
         let f = node(&n);
         assert_eq!(f.pod_cidr, Some("10.244.7.0/24".parse().unwrap()));
         assert_eq!(f.flannel.len(), 1);
@@ -525,7 +587,10 @@ mod tests {
             pod_cidr: "10.244.7.0/24".into(),
         };
         let want = flannel_annotations(&me);
-        assert_eq!(want[BACKEND_DATA], r#"{"VNI":1,"VtepMAC":"0e:5c:02:00:00:a1"}"#);
+        assert_eq!(
+            want[BACKEND_DATA],
+            r#"{"VNI":1,"VtepMAC":"0e:5c:02:00:00:a1"}"#
+        );
         assert_eq!(want[PUBLIC_IP], "192.168.77.1");
         assert_eq!(want[KUBE_SUBNET_MANAGER], "true");
         assert!(!annotations_hold(&f.flannel, &want));
