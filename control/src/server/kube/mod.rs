@@ -122,6 +122,22 @@ impl KubeLink {
     }
 }
 
+/// The resources the source reads, as RBAC names them: (API group, resource). The manifest's
+/// ClusterRole grants get/list/watch on exactly these, and patch on nodes (the annotations).
+pub fn followed_resources() -> [(&'static str, &'static str); 6] {
+    fn r<K: k8s_openapi::Resource>() -> (&'static str, &'static str) {
+        (K::GROUP, K::URL_PATH_SEGMENT)
+    }
+    [
+        r::<Namespace>(),
+        r::<Node>(),
+        r::<Pod>(),
+        r::<Service>(),
+        r::<EndpointSlice>(),
+        r::<NetworkPolicy>(),
+    ]
+}
+
 /// The kinds followed, as the API server names them.
 const FOLLOWED: [&str; 6] = [
     "Namespace",
