@@ -23,6 +23,8 @@ pub mod auth;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod flows;
+#[cfg(feature = "kube-mock")]
+pub mod kube_mock;
 #[cfg(feature = "server")]
 pub mod manifest;
 #[cfg(feature = "client")]

@@ -10,9 +10,12 @@
 //! - `plan`: the transaction of one write as pure code over what was read: compares, puts,
 //!   deletes, and the allocation of pod CIDRs, ClusterIPs and NodePorts with their claims. No store
 //!   access, so allocation and release are unit-tested there.
+//! - `kube`: [`kube::KubeSource`], following a Kubernetes API server into the store (the objects
+//!   `sluicectl apply` writes otherwise), and the link it shares with the service.
 //! - `serve`: TLS and the listener ([`serve`], [`serve_counted`]), and [`with_identity`] for
 //!   callers that authenticate outside a request.
 
+pub mod kube;
 mod plan;
 mod serve;
 mod service;

@@ -124,6 +124,11 @@ pub(super) enum PlanError {
     /// Two ports of one Service have the same NodePort.
     #[error("spec.ports[{index}].nodePort: {port} is used twice")]
     NodePortTwice { index: usize, port: String },
+    /// The pod CIDR the cluster allocated to a node is leased to another node.
+    #[error(
+        "spec.podCIDR: {cidr} is leased to {owner}; remove that node or give the clusters separate CIDRs"
+    )]
+    PodCidrTaken { cidr: String, owner: String },
     /// A Service without a spec.
     #[error("spec: missing")]
     MissingSpec,
@@ -137,9 +142,9 @@ impl From<PlanError> for Status {
         let message = e.to_string();
         match e {
             PlanError::Exhausted { .. } => Status::resource_exhausted(message),
-            PlanError::ClusterIpTaken { .. } | PlanError::NodePortTaken { .. } => {
-                Status::already_exists(message)
-            }
+            PlanError::ClusterIpTaken { .. }
+            | PlanError::NodePortTaken { .. }
+            | PlanError::PodCidrTaken { .. } => Status::already_exists(message),
             PlanError::NodePortTwice { .. } | PlanError::MissingSpec => {
                 Status::invalid_argument(message)
             }
@@ -237,6 +242,31 @@ impl Plan {
             })?;
         self.claim(claims, &cidr, node_key);
         Ok(cidr)
+    }
+
+    /// Hold `cidr`, which the cluster allocated to the node at `node_key` (`spec.podCIDR`), in
+    /// the pod CIDR pool, so that no lease hands it to another node; release the node's old
+    /// CIDR (`old`) if it held another. Fails when another node holds it.
+    pub(super) fn hold_pod_cidr(
+        &mut self,
+        claims: &mut Claims,
+        cidr: &str,
+        old: Option<&str>,
+        node_key: &str,
+    ) -> Result<(), PlanError> {
+        self.hold(claims, cidr, node_key)
+            .map_err(|owner| PlanError::PodCidrTaken {
+                cidr: cidr.to_string(),
+                owner: model::parse_object_key(&owner)
+                    .map(|r| model::describe(&r))
+                    .unwrap_or(owner),
+            })?;
+        if let Some(old) = old.filter(|o| !o.is_empty() && *o != cidr)
+            && claims.owner(old) == Some(node_key)
+        {
+            self.release(claims, old);
+        }
+        Ok(())
     }
 
     /// A Service write at `key`: keep or allocate its ClusterIP and NodePorts (filling them into

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::ServerConfig;
+use super::kube::KubeLink;
 use super::plan::{Claims, Plan, Pool, ServiceClaims, stored_service};
 use crate::agent_api;
 use crate::api::control_server::{Control, ControlServer};
@@ -43,6 +44,8 @@ pub struct ControlService<S> {
     agents: Arc<Mutex<HashMap<String, AgentRecord>>>,
     /// Flow events the agents push, served by `Observe`.
     flows: Arc<FlowRelay>,
+    /// Set when following a Kubernetes API server (`super::kube`).
+    kube: Option<Arc<KubeLink>>,
 }
 
 impl<S: Clone> Clone for ControlService<S> {
@@ -52,6 +55,7 @@ impl<S: Clone> Clone for ControlService<S> {
             cfg: self.cfg.clone(),
             agents: self.agents.clone(),
             flows: self.flows.clone(),
+            kube: self.kube.clone(),
         }
     }
 }
@@ -221,6 +225,31 @@ impl<S: Store> ControlService<S> {
             cfg: Arc::new(cfg),
             agents: Arc::default(),
             flows: Arc::default(),
+            kube: None,
+        }
+    }
+
+    /// Follow a Kubernetes API server (`super::kube::KubeSource` on the other end of `link`):
+    /// registration takes the Node's pod CIDR and waits for Nodes to be listed, pods' labels and
+    /// ports come from the API server only, and operators may not `Apply` or `Delete`.
+    pub fn following(mut self, link: Arc<KubeLink>) -> Self {
+        self.kube = Some(link);
+        self
+    }
+
+    /// The store (for the API-server source, which writes the objects it follows).
+    pub(super) fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Refuse an operator's write of objects the API server owns.
+    fn refuse_when_following(&self) -> Result<(), Status> {
+        match self.kube {
+            Some(_) => Err(Status::failed_precondition(
+                "sluice-control follows the Kubernetes API server: change objects there \
+                 (kubectl apply/delete); it would undo changes made here",
+            )),
+            None => Ok(()),
         }
     }
 
@@ -282,7 +311,11 @@ impl<S: Store> ControlService<S> {
 
     /// Plan the removal of a node: its record, its pods, its pod CIDR claim. `false` when there
     /// is no such node.
-    async fn plan_remove_node(&self, plan: &mut Plan, name: &str) -> Result<bool, Status> {
+    pub(super) async fn plan_remove_node(
+        &self,
+        plan: &mut Plan,
+        name: &str,
+    ) -> Result<bool, Status> {
         let r = node_ref(name);
         let Some((o, rev)) = self.get_object(&r).await? else {
             return Ok(false);
@@ -463,6 +496,16 @@ impl<S: Store> Control for ControlService<S> {
         if node.vtep_mac.len() != 6 {
             return Err(Status::invalid_argument("node.vtep_mac: must be 6 bytes"));
         }
+        // The cluster's allocation, when it allocates pod CIDRs.
+        let allocated = match &self.kube {
+            Some(k) if !k.nodes_listed() => {
+                return Err(Status::unavailable(
+                    "waiting for the first list of Nodes from the Kubernetes API server; retry",
+                ));
+            }
+            Some(k) => k.pod_cidr(&node.name),
+            None => None,
+        };
         let r = node_ref(&node.name);
         let key = object_key(&r);
         for _ in 0..MAX_ATTEMPTS {
@@ -470,6 +513,22 @@ impl<S: Store> Control for ControlService<S> {
             let existing = self.get_object(&r).await?;
             let mut n = node.clone();
             match &existing {
+                _ if let Some(cidr) = allocated => {
+                    plan.compare(&key, existing.as_ref().map_or(0, |(_, rev)| *rev));
+                    let old = match &existing {
+                        Some((
+                            api::Object {
+                                body: Some(Body::Node(old)),
+                                ..
+                            },
+                            _,
+                        )) => Some(old.pod_cidr.as_str()),
+                        _ => None,
+                    };
+                    let mut claims = self.claims(Pool::PodCidr).await?;
+                    plan.hold_pod_cidr(&mut claims, &cidr.to_string(), old, &key)?;
+                    n.pod_cidr = cidr.to_string();
+                }
                 Some((
                     api::Object {
                         body: Some(Body::Node(old)),
@@ -492,6 +551,9 @@ impl<S: Store> Control for ControlService<S> {
             };
             plan.put(key.clone(), model::encode_object(&object));
             if let Some(revision) = self.commit(plan).await? {
+                if let Some(k) = &self.kube {
+                    k.node_registered(&n.name);
+                }
                 return Ok(Response::new(api::RegisterNodeResponse {
                     node: Some(n),
                     cluster_cidr: self.cfg.cluster_cidr.to_string(),
@@ -572,16 +634,23 @@ impl<S: Store> Control for ControlService<S> {
                                 pod.namespace, pod.name, old.node
                             )));
                         }
-                        if p.labels.is_empty() {
+                        if p.labels.is_empty() || self.kube.is_some() {
                             p.labels = old.labels;
                         }
-                        if p.ports.is_empty() {
+                        if p.ports.is_empty() || self.kube.is_some() {
                             p.ports = old.ports;
                         }
                     }
                     plan.compare(&key, rev);
                 }
-                None => plan.compare(&key, 0),
+                None => {
+                    plan.compare(&key, 0);
+                    // Labels and ports are the API server's (they come with its Pod).
+                    if self.kube.is_some() {
+                        p.labels.clear();
+                        p.ports.clear();
+                    }
+                }
             }
             plan.put(
                 key.clone(),
@@ -629,7 +698,25 @@ impl<S: Store> Control for ControlService<S> {
             }
             let mut plan = Plan::default();
             plan.compare(&key, rev);
-            plan.delete(key.clone());
+            match (&self.kube, o.body) {
+                // The API server still has the pod: keep its labels and ports, forget where it
+                // ran (the source deletes the record with the Pod).
+                (Some(k), Some(Body::Pod(old))) if k.has_pod(&req.namespace, &req.name) => {
+                    let kept = api::Pod {
+                        namespace: old.namespace,
+                        name: old.name,
+                        labels: old.labels,
+                        ports: old.ports,
+                        ..Default::default()
+                    };
+                    let object = api::Object {
+                        body: Some(Body::Pod(kept)),
+                        revision: 0,
+                    };
+                    plan.put(key.clone(), model::encode_object(&object));
+                }
+                _ => plan.delete(key.clone()),
+            }
             if let Some(revision) = self.commit(plan).await? {
                 return Ok(Response::new(api::RemovePodResponse {
                     existed: true,
@@ -645,6 +732,7 @@ impl<S: Store> Control for ControlService<S> {
         req: Request<api::ApplyRequest>,
     ) -> Result<Response<api::ApplyResponse>, Status> {
         require_operator(&identity(&req)?)?;
+        self.refuse_when_following()?;
         let items = parse_apply(&self.cfg, req.into_inner().objects)?;
         let needs_claims = items.iter().any(ApplyItem::is_service);
         for _ in 0..MAX_ATTEMPTS {
@@ -679,6 +767,7 @@ impl<S: Store> Control for ControlService<S> {
         req: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
         require_operator(&identity(&req)?)?;
+        self.refuse_when_following()?;
         let refs = req.into_inner().refs;
         for _ in 0..MAX_ATTEMPTS {
             let mut plan = Plan::default();
