@@ -301,6 +301,14 @@ impl Agent for Recorder {
             "the recording agent has no flow events",
         ))
     }
+    async fn trace(
+        &self,
+        _: tonic::Request<TraceRequest>,
+    ) -> Result<tonic::Response<TraceResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the recording agent has no tables to trace through",
+        ))
+    }
     async fn node_info(
         &self,
         _: tonic::Request<NodeInfoRequest>,
