@@ -398,6 +398,7 @@ sleep 3
 FD0_CONTROL=$(ls "/proc/$CONTROL_PID/fd" | wc -l)
 FD0_AGENT1=$(ls "/proc/${AGENT_PID[1]}/fd" | wc -l)
 FD0_AGENT2=$(ls "/proc/${AGENT_PID[2]}/fd" | wc -l)
+for r in control agent1 agent2; do ls -l "/proc/$(cat "$WORK/pid.$r")/fd" >"$WORK/fds-start.$r" 2>&1; done
 say "file descriptors at the start: control $FD0_CONTROL, agent n1 $FD0_AGENT1, agent n2 $FD0_AGENT2"
 
 # ---- churn and disruptions -----------------------------------------------------------------------
@@ -625,10 +626,12 @@ for n in 1 2; do
   V[umem$n]=$(metric_sum sluice_agent_umem_frames 'state="lost"' <<<"$m")
   V[umemtot$n]=$(grep -E '^sluice_agent_umem_frames' <<<"$m" | sed -E 's/.*state="([a-z]+)".* ([0-9]+)$/\1=\2/' | tr '\n' ' ')
   fds=()
-  for _ in 1 2 3; do fds+=("$(ls "/proc/${AGENT_PID[$n]}/fd" | wc -l)"); sleep 0.5; done
+  # the fewest of 5 counts over 4 s (a reconnect in flight holds one more for a moment)
+  for _ in 1 2 3 4 5; do fds+=("$(ls "/proc/${AGENT_PID[$n]}/fd" | wc -l)"); sleep 1; done
   V[fd$n]=$(printf '%s\n' "${fds[@]}" | sort -n | head -1)
 done
 V[fdc]=$(ls "/proc/$CONTROL_PID/fd" | wc -l)
+for r in control agent1 agent2; do ls -l "/proc/$(cat "$WORK/pid.$r")/fd" >"$WORK/fds-end.$r" 2>&1; done
 
 row "pod IPs: IPAM records vs live (leak/miss)" "${V[ipam1]}" "${V[ipam2]}" "$(( $(zero "${V[ipam1]}") & $(zero "${V[ipam2]}") ))"
 row "host veths vs live pods (extra/missing)" "${V[veth1]}" "${V[veth2]}" "$(( $(zero "${V[veth1]}") & $(zero "${V[veth2]}") ))"
@@ -648,27 +651,30 @@ row "control-plane fds: start -> end" "$FD0_CONTROL -> ${V[fdc]}" "" "$([ "${V[f
 rss_row() { # ROLE FULL-AT
   awk -v role="$1" -v pid="$3" -v full="$2" '
     $2 == role && $3 == pid {
-      if (first == "") { first = $4; ev0 = $6 }
+      if (first == "") first = $4
+      # the cost of a held event: RSS growth from a fifth of a full history to a full one (the
+      # start-up allocations, UMEM and maps, are behind us by then)
+      if (ev0 == "" && $6 != "-" && $6 + 0 >= full / 5) { rss0 = $4; ev0 = $6 }
       if (!isfull && $6 != "-" && $6 + 0 >= full) { isfull = 1; atfull = $4; evfull = $6; tfull = $1 }
       if (isfull && $4 > max) max = $4
       last = $4; n++
     }
     END {
       if (!isfull) { printf "never-full 0 %s %s - -\n", first, last; exit }
-      printf "%s %.1f %s %s %d %d\n", atfull, (max - atfull) * 100 / atfull, first, last, ev0, evfull
+      printf "%s %.1f %s %s %d %d %d\n", atfull, (max - atfull) * 100 / atfull, first, last, ev0, evfull, rss0
     }' "$WORK/samples.log"
 }
 for role in control agent1 agent2; do
   pid=$(cat "$WORK/pid.$role")
   full=$AGENT_HISTORY
   [ "$role" = control ] && full=$((2 * CONTROL_HISTORY_PER_NODE))
-  read -r atfull growth first last ev0 evfull <<<"$(rss_row "$role" "$full" "$pid")"
+  read -r atfull growth first last ev0 evfull rss0 <<<"$(rss_row "$role" "$full" "$pid")"
   if [ "$atfull" = never-full ]; then
     row "RSS $role (pid $pid): history never full" "first ${first} kB" "last ${last} kB" 0 "(SOAK_EVENT_RATE too low for the run?)"
   else
     ok=$(awk -v g="$growth" 'BEGIN { print (g <= 10) ? 1 : 0 }')
-    per=$(awk -v a="$first" -v b="$atfull" -v e0="$ev0" -v e1="$evfull" 'BEGIN { if (e1 > e0) printf "%.0f", (b - a) * 1024 / (e1 - e0); else print "?" }')
-    row "RSS $role kB: at full -> max growth %" "$atfull" "+$growth %" "$ok" "(first $first kB at $ev0 events, last $last kB; ~$per B/held event)"
+    per=$(awk -v a="$rss0" -v b="$atfull" -v e0="$ev0" -v e1="$evfull" 'BEGIN { if (e1 > e0) printf "%.0f", (b - a) * 1024 / (e1 - e0); else print "?" }')
+    row "RSS $role kB: at full -> max growth %" "$atfull" "+$growth %" "$ok" "(first $first kB, $rss0 at $ev0 events, last $last; ~$per B/held event)"
   fi
 done
 
