@@ -44,7 +44,8 @@ MINUTES=2 KEEP_LOGS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes)
-      MINUTES=${2:-}
+      [ $# -ge 2 ] || { echo "soak.sh: --minutes needs a value" >&2; exit 2; }
+      MINUTES=$2
       shift
       ;;
     --keep-logs) KEEP_LOGS=1 ;;
