@@ -600,7 +600,10 @@ for n in 1 2; do
   live_names=$(for p in "${!POD_IP[@]}"; do [ "${POD_NODE[$p]}" = "$n" ] && echo "$p"; done)
   links=$(nsx "${PFX}n$n" ip -o link show)
   ifindexes=$(awk -F': ' '{print $1}' <<<"$links")
-  pod_ifindexes=$(jq -r '[.. | objects | select(has("host_ifindex")) | .host_ifindex] | .[]' "$WORK/n$n/state/pods.json" 2>/dev/null)
+  # host veth ifindexes of the live pods (as the registry holds them)
+  pod_ifindexes=$(jq -r --arg ips "$live_ips" '($ips | split("\n")) as $l
+    | [.. | objects | select(has("host_ifindex") and has("ip")) | select(.ip as $i | $l | index($i)) | .host_ifindex] | .[]' \
+    "$WORK/n$n/state/pods.json" 2>/dev/null)
   V[ipam$n]=$(diffsets "$live_ips" "$(ls "$WORK/n$n/ipam/sluice" 2>/dev/null | grep -E '^[0-9]+(\.[0-9]+){3}$')")
   host_veths=$(nsx "${PFX}n$n" ip -o link show type veth | awk -F': ' '{sub(/@.*/, "", $2); print $2}' | grep -vxE 'up0|sluice-punt|sluice-host')
   d=$(( $(sed '/^$/d' <<<"$host_veths" | wc -l) - $(sed '/^$/d' <<<"$live_ips" | wc -l) ))
@@ -620,7 +623,9 @@ for n in 1 2; do
   V[slots$n]="$(comm -13 <(sort -u <<<"$ifindexes") <(sort -u <<<"$slots" | sed '/^$/d') | wc -l)/$(comm -23 <(sort -u <<<"$pod_ifindexes" | sed '/^$/d') <(sort -u <<<"$slots") | wc -l)"
   V[slots_n$n]=$(sed '/^$/d' <<<"$slots" | wc -l)
   iso=$(dump_keys "$maps/sluice_isolated" | ip4)
-  V[iso$n]="$(comm -13 <(sort -u <<<"$live_ips") <(sort -u <<<"$iso" | sed '/^$/d') | wc -l)"
+  # isolated now: the web pods (their policy is the only one left)
+  iso_want=$(for p in web-a web-b; do [ "${POD_NODE[$p]}" = "$n" ] && echo "${POD_IP[$p]}"; done)
+  V[iso$n]=$(diffsets "$iso_want" "$iso")
   pins=$(ls "$WORK/n$n/bpf/sluice/n$n/links" 2>/dev/null)
   V[pins$n]="$(comm -13 <(sort -u <<<"$ifindexes") <(sort -u <<<"$pins" | sed '/^$/d') | wc -l)/$(comm -23 <(sort -u <<<"$pod_ifindexes" | sed '/^$/d') <(sort -u <<<"$pins") | wc -l)"
   m=$(nsx "${PFX}n$n" curl -s -m 3 http://127.0.0.1:9090/metrics)
@@ -640,7 +645,7 @@ row "agent registry (pods.json) vs live" "${V[reg1]}" "${V[reg2]}" "$(( $(zero "
 row "control-plane Pods vs live" "${V[cp1]}" "${V[cp2]}" "$(( $(zero "${V[cp1]}") & $(zero "${V[cp2]}") ))"
 row "BPF sluice_ifaces (stale/missing)" "${V[ifaces1]} of ${V[ifaces_n1]}" "${V[ifaces2]} of ${V[ifaces_n2]}" "$(( $(zero "${V[ifaces1]}") & $(zero "${V[ifaces2]}") ))"
 row "BPF sluice_xsk_slots (stale/missing)" "${V[slots1]} of ${V[slots_n1]}" "${V[slots2]} of ${V[slots_n2]}" "$(( $(zero "${V[slots1]}") & $(zero "${V[slots2]}") ))"
-row "BPF sluice_isolated (stale)" "${V[iso1]}" "${V[iso2]}" "$(( $(zero "${V[iso1]}") & $(zero "${V[iso2]}") ))"
+row "BPF sluice_isolated (stale/missing)" "${V[iso1]}" "${V[iso2]}" "$(( $(zero "${V[iso1]}") & $(zero "${V[iso2]}") ))"
 row "BPF link pins (stale/missing)" "${V[pins1]}" "${V[pins2]}" "$(( $(zero "${V[pins1]}") & $(zero "${V[pins2]}") ))"
 row "UMEM frames lost (metric)" "${V[umem1]:-?}" "${V[umem2]:-?}" "$([ "${V[umem1]:-x}" = 0 ] && [ "${V[umem2]:-x}" = 0 ] && echo 1 || echo 0)"
 row "agent fds: start -> end" "$FD0_AGENT1 -> ${V[fd1]}" "$FD0_AGENT2 -> ${V[fd2]}" "$([ "${V[fd1]}" -le "$FD0_AGENT1" ] && [ "${V[fd2]}" -le "$FD0_AGENT2" ] && echo 1 || echo 0)"
