@@ -8,6 +8,7 @@
 //! agent (`SLUICE_AGENT_BIN`) reports them too.
 
 use std::collections::BTreeSet;
+use std::io::{Read, Seek};
 use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,9 +32,12 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// `ping -D` every `interval` for `seconds` from namespace `ns`, in the background.
-fn ping(ns: &str, to: Ipv4Addr, interval: &str, seconds: u32) -> Result<Child> {
-    in_ns(
+/// `ping -D` every `interval` for `seconds` from namespace `ns`, in the background. Its output
+/// goes to a file, not a pipe: a pipe nobody reads until the end fills at 64 KiB (about 800
+/// replies) and blocks ping, which then sends nothing more and looks like a silence.
+fn ping(ns: &str, to: Ipv4Addr, interval: &str, seconds: u32) -> Result<PingRun> {
+    let out = tempfile::tempfile().map_err(setup)?;
+    let child = in_ns(
         ns,
         &[
             "ping",
@@ -48,10 +52,17 @@ fn ping(ns: &str, to: Ipv4Addr, interval: &str, seconds: u32) -> Result<Child> {
             &to.to_string(),
         ],
     )
-    .stdout(Stdio::piped())
+    .stdout(out.try_clone().map_err(setup)?)
     .stderr(Stdio::piped())
     .spawn()
-    .map_err(|e| setup(format!("ping: {e}")))
+    .map_err(|e| setup(format!("ping: {e}")))?;
+    Ok(PingRun { child, out })
+}
+
+/// A running ping and the file its output goes to.
+struct PingRun {
+    child: Child,
+    out: std::fs::File,
 }
 
 /// What one ping run saw: replies as (sequence, arrival time in Unix seconds).
@@ -65,9 +76,12 @@ struct Pings {
 }
 
 impl Pings {
-    fn collect(child: Child, end: f64) -> Result<Self> {
-        let out = child.wait_with_output().map_err(setup)?;
-        let text = String::from_utf8_lossy(&out.stdout);
+    fn collect(run: PingRun, end: f64) -> Result<Self> {
+        let PingRun { child, mut out } = run;
+        let err = child.wait_with_output().map_err(setup)?;
+        let mut text = String::new();
+        out.rewind().map_err(setup)?;
+        out.read_to_string(&mut text).map_err(setup)?;
         let mut replies = Vec::new();
         for line in text.lines() {
             let (Some(t), Some(seq)) = (
@@ -91,7 +105,7 @@ impl Pings {
             .unwrap_or(0);
         // Errors on stderr, and ICMP errors on stdout ("From ... icmp_seq=N Destination Net
         // Unreachable"), each said once.
-        let mut errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        let mut errors: Vec<String> = String::from_utf8_lossy(&err.stderr)
             .lines()
             .chain(text.lines().filter(|l| l.contains("From ")))
             .map(|l| {
