@@ -37,6 +37,9 @@ cargo fmt --all -- --check
 step "cargo clippy (workspace, all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo build --workspace --bins (the end-to-end tests run the binaries: agent, CNI, control, sluicectl)"
+cargo build --workspace --bins --locked
+
 step "cargo test (unit, property, integration, netns end to end)"
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
