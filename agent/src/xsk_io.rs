@@ -62,7 +62,7 @@ pub const POD_FILL: u32 = 64;
 pub const FILL_RING: u32 = 2048;
 /// UMEM chunks kept out of the fill rings, for frames in flight on tx rings and copies.
 pub const TX_RESERVE: u32 = 4096;
-/// UMEM chunk size.
+/// UMEM chunk size (the agent registers its UMEMs with it, and [`UmemPlan::bytes`] counts in it).
 pub const CHUNK: u32 = 4096;
 
 /// How a worker's UMEM is sized for the node's pods. Every worker opens a socket on every pod

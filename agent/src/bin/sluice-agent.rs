@@ -94,6 +94,7 @@ async fn run(mut config: NodeConfig, no_datapath: bool, generic_xdp: bool) -> an
     );
     let xsk_config = sluice_xdp::XskConfig {
         frame_count: umem.frames,
+        frame_size: sluice_agent::xsk_io::CHUNK,
         fill_size: sluice_agent::xsk_io::FILL_RING,
         fill_boost: umem.fill_boost,
         batch_size: config.workers.batch_size as usize,
