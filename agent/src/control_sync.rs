@@ -29,11 +29,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
@@ -72,6 +74,10 @@ pub struct ControlSlot {
     pods: Notify,
     /// Why the agent is not in sync with the control plane (`None`: synced or standalone).
     note: Mutex<Option<String>>,
+    /// A revision received from the control plane has been applied (not only restored ones).
+    live: AtomicBool,
+    /// What `objects` held at start-up (see [`restore`]), for the Status message.
+    restored: Mutex<Option<String>>,
 }
 
 fn key(m: &ObjectMeta) -> (Option<&str>, Option<&str>) {
@@ -115,10 +121,20 @@ impl ControlSlot {
         }
     }
 
-    /// Whether a revision of the control plane has been applied (its peers are then the whole
-    /// list).
+    /// Whether a revision received from the control plane has been applied (its peers are then
+    /// the whole list); objects restored at start-up do not count.
     pub fn has_revision(&self) -> bool {
-        self.objects.read().is_ok_and(|o| o.is_some())
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Serve `objects` until the first revision arrives (see [`restore`]).
+    pub fn restore(&self, objects: ClusterObjects, what: String) {
+        if let Ok(mut o) = self.objects.write() {
+            *o = Some(Arc::new(objects));
+        }
+        if let Ok(mut r) = self.restored.lock() {
+            *r = Some(what);
+        }
     }
 
     /// The pod registry changed: report it.
@@ -166,6 +182,107 @@ pub fn client_config(c: &ControlConfig) -> Result<ClientConfig, ControlError> {
         cfg = cfg.with_tls_domain(d.clone());
     }
     Ok(cfg)
+}
+
+fn objects_path(config: &NodeConfig) -> PathBuf {
+    config.paths.state_dir.join("control-objects.json")
+}
+
+/// The control plane's objects of one applied revision, as kept in the state directory.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    node: String,
+    revision: u64,
+    objects: ClusterObjects,
+}
+
+/// Keep the objects of an applied revision for the next start (write then rename: a kill leaves
+/// the old file or the new one, never half of one).
+fn save_objects(config: &NodeConfig, revision: u64, objects: &ClusterObjects) {
+    let path = objects_path(config);
+    let tmp = path.with_extension("json.tmp");
+    let r = serde_json::to_vec(&Saved {
+        node: config.node_name.clone(),
+        revision,
+        objects: objects.clone(),
+    })
+    .map_err(std::io::Error::other)
+    .and_then(|bytes| std::fs::write(&tmp, bytes))
+    .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = r {
+        tracing::warn!("cannot keep revision {revision} in {}: {e}", path.display());
+    }
+}
+
+/// The name of the NetworkPolicy that isolates every local pod while an agent that lost its saved
+/// objects waits for its first revision.
+pub const AWAITING_POLICY: &str = "sluice-awaiting-control-plane";
+
+/// What a control-plane agent serves from start-up until its first revision arrives, so that a
+/// restart never opens what the control plane's policies close:
+/// - the objects of the last revision it applied, saved in `<state>/control-objects.json`
+///   (the policies, Services and peers the data path had before the restart);
+/// - without them (first start, or the file lost) and with pods in the registry: every local pod
+///   isolated for ingress and egress, one deny-all NetworkPolicy per namespace (fail-closed, as
+///   when no worker runs); the first revision replaces it.
+///
+/// Returns `None` in standalone mode and on a first start with no pods.
+pub fn restore<'a>(
+    config: &NodeConfig,
+    pods: impl Iterator<Item = &'a super::registry::PodRecord>,
+) -> Option<(ClusterObjects, String)> {
+    config.control.as_ref()?;
+    let path = objects_path(config);
+    match std::fs::read(&path).map(|b| serde_json::from_slice::<Saved>(&b)) {
+        Ok(Ok(saved)) if saved.node == config.node_name => {
+            let what = format!("revision {} kept before the restart", saved.revision);
+            return Some((saved.objects, what));
+        }
+        Ok(Ok(saved)) => tracing::warn!(
+            "{} holds node {}'s objects, not this node's; ignored",
+            path.display(),
+            saved.node
+        ),
+        Ok(Err(e)) => tracing::warn!("{} does not parse ({e}); ignored", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("cannot read {}: {e}", path.display()),
+    }
+    let namespaces: std::collections::BTreeSet<&str> = pods
+        .map(|p| {
+            if p.namespace.is_empty() {
+                "default"
+            } else {
+                p.namespace.as_str()
+            }
+        })
+        .collect();
+    if namespaces.is_empty() {
+        return None;
+    }
+    let network_policies = namespaces
+        .into_iter()
+        .map(|ns| NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(AWAITING_POLICY.into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+                ..Default::default()
+            }),
+        })
+        .collect();
+    tracing::warn!(
+        "no saved control-plane objects: the local pods stay isolated until the first revision"
+    );
+    Some((
+        ClusterObjects {
+            network_policies,
+            ..Default::default()
+        },
+        "no objects kept: local pods isolated until the first revision".into(),
+    ))
 }
 
 fn lease_path(config: &NodeConfig) -> PathBuf {
@@ -357,11 +474,17 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
                     .objects
                     .write()
                     .ok()
-                    .map(|mut o| o.replace(objects));
+                    .map(|mut o| o.replace(objects.clone()));
                 match agent.republish().await {
                     Ok(()) => {
                         agent.published_since(arrived);
+                        agent.control.live.store(true, Ordering::Release);
                         tracing::debug!(revision = state.revision, "tables published");
+                        let (config, rev) = (agent.clone(), state.revision);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            save_objects(&config.config, rev, &objects);
+                        })
+                        .await;
                         applied = Some((state.revision, peers));
                         programmed = Some(state.revision);
                     }
@@ -393,19 +516,33 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
             }
         }
         was_connected = connected;
+        let serving = || {
+            programmed.map_or_else(
+                || {
+                    let restored = agent.control.restored.lock().ok().and_then(|r| r.clone());
+                    format!(
+                        "the cached lease and pods, {}",
+                        restored
+                            .as_deref()
+                            .unwrap_or("no control-plane objects yet")
+                    )
+                },
+                |r| format!("revision {r}"),
+            )
+        };
         agent.control.set_note(match (connected, synced) {
             (true, Some(r)) if Some(r) == applied.as_ref().map(|a| a.0) => None,
             (true, Some(_)) if applied.is_some() && programmed != applied.as_ref().map(|a| a.0) => {
                 Some("not synced: the control plane's latest objects do not build".into())
             }
-            (true, _) => Some("not synced with the control plane yet".into()),
+            (true, _) => Some(format!(
+                "not synced with the control plane yet; serving {}",
+                serving()
+            )),
             (false, _) => Some(format!(
                 "not synced: the control plane at {} is unreachable; serving {}",
                 cfg.endpoint,
-                programmed.map_or_else(
-                    || "the cached lease and pods, no control-plane objects yet".to_owned(),
-                    |r| format!("revision {r}")
-                )
+                serving()
             )),
         });
     }

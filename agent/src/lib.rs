@@ -126,7 +126,7 @@ impl Agent {
         io: &IoFactory,
         ports: PortSet,
     ) -> Result<Self, AgentError> {
-        let objects = ClusterObjects::load(&config.manifests)?;
+        let objects = Arc::new(ClusterObjects::load(&config.manifests)?);
         let state = &config.paths.state_dir;
         std::fs::create_dir_all(state).map_err(|source| AgentError::Io {
             what: "create state dir",
@@ -150,13 +150,16 @@ impl Agent {
                 None => datapath::mac_of(uplink)?,
             },
         };
-        let publisher = Publisher::new(Snapshot::build(
-            1,
-            &config,
-            links,
-            &objects,
-            registry.pods(),
-        )?);
+        // Control-plane mode: until the first revision arrives, serve what the last one said
+        // (or keep the pods isolated), never tables without the control plane's policies.
+        let control = control_sync::ControlSlot::default();
+        if let Some((restored, what)) = control_sync::restore(&config, registry.pods()) {
+            tracing::info!("serving {what} until the control plane answers");
+            control.restore(restored, what);
+        }
+        let first = control.merged(objects.clone());
+        let publisher =
+            Publisher::new(Snapshot::build(1, &config, links, &first, registry.pods())?);
 
         // Workers: one per configured queue -> core entry, default one per uplink queue.
         let mut queues: Vec<(u32, usize)> = config
@@ -240,7 +243,7 @@ impl Agent {
 
         let agent = Self {
             config,
-            objects: std::sync::RwLock::new(Arc::new(objects)),
+            objects: std::sync::RwLock::new(objects),
             registry: Mutex::new(registry),
             publisher,
             workers,
@@ -249,7 +252,7 @@ impl Agent {
             uplink_ifindex,
             links,
             ports,
-            control: Default::default(),
+            control,
             events: Default::default(),
             punt,
             masquerading,

@@ -29,7 +29,7 @@ pub enum ManifestError {
 }
 
 /// All objects the manifests describe.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ClusterObjects {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,

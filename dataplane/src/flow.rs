@@ -17,7 +17,9 @@ pub mod proto {
 
 /// The protocol of a port in a Kubernetes object (`ServicePort`, `EndpointPort`,
 /// `ContainerPort`, `NetworkPolicyPort`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Protocol {
     Tcp,
     Udp,

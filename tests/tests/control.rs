@@ -1144,3 +1144,73 @@ fn pods_deleted_while_the_agent_is_down_leave_nothing_behind() {
         Ok(())
     })());
 }
+
+/// A control-plane agent restarted while the control plane is down never serves tables without
+/// its policies (found by the churn soak: a denied pair got through for the seconds between the
+/// restart and the first revision). It serves the objects of the last revision it applied, kept
+/// in its state directory (policies and peers: the denied pair stays denied and the allowed
+/// cross-node pair keeps working); without them, its pods stay isolated both ways until the
+/// control plane answers, which then restores the allowed pair.
+#[test]
+fn agent_restarted_without_the_control_plane_keeps_its_policies() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let mut s = Setup::new()?;
+        let client = s.c.add_pod_cni(0, &[("role", "other")])?;
+        let web = s.c.add_pod_cni(1, &[("app", "web")])?;
+        for p in [client, web] {
+            s.c.tcp_echo_server(p, 8080)?;
+        }
+        let (cns, wns) = (s.c.pods[client].ns.clone(), s.c.pods[web].ns.clone());
+        let (cip, wip) = (s.c.pods[client].ip, s.c.pods[web].ip);
+        until("every pod is reported", || {
+            s.ctl(&["get", "pods", "-o", "json"])
+                .is_ok_and(|j| [cip, wip].iter().all(|ip| j.contains(&format!("\"{ip}\""))))
+        })?;
+        s.apply_synced("deny.yaml", DENY)?;
+        // A denied connect times out (socat fails); an allowed one echoes.
+        let passes = |from: &str, to: Ipv4Addr, what: &str| -> Result<bool> {
+            let reply = Cluster::tcp_lines(from, to, 8080, &[what]);
+            println!("  {what}: {reply:?}");
+            Ok(reply.is_ok_and(|r| !r.is_empty()))
+        };
+        assert!(!passes(&cns, wip, "client -> web, synced")?);
+        assert!(passes(&wns, cip, "web -> client, synced")?);
+
+        s.c.stop_agent(1, nix::sys::signal::Signal::SIGKILL)?;
+        s.server.kill();
+        s.c.start_agent(1)?;
+        let (ready, note) = s.c.agent_status(1)?;
+        println!("agent 1 restarted without the control plane: ready {ready}, {note:?}");
+        assert!(ready && note.contains("kept before the restart"), "{note}");
+        for round in 0..3 {
+            assert!(
+                !passes(&cns, wip, &format!("client -> web, restarted ({round})"))?,
+                "the denied pair got through after the restart"
+            );
+        }
+        assert!(passes(&wns, cip, "web -> client, restarted")?);
+
+        s.c.stop_agent(1, nix::sys::signal::Signal::SIGKILL)?;
+        let kept = s.c.nodes[1].state_dir().join("control-objects.json");
+        std::fs::remove_file(&kept).map_err(setup)?;
+        s.c.start_agent(1)?;
+        let (ready, note) = s.c.agent_status(1)?;
+        println!("agent 1 restarted without its kept objects: ready {ready}, {note:?}");
+        assert!(ready && note.contains("isolated"), "{note}");
+        assert!(!passes(&cns, wip, "client -> web, nothing kept")?);
+        assert!(!passes(&wns, cip, "web -> client, nothing kept")?);
+
+        s.server.restart()?;
+        until("agent 1 notes it is synced", || {
+            s.c.agent_status(1)
+                .is_ok_and(|(ready, note)| ready && note.is_empty())
+        })?;
+        assert!(passes(&wns, cip, "web -> client, synced again")?);
+        assert!(!passes(&cns, wip, "client -> web, synced again")?);
+        assert!(kept.exists(), "the new revision is kept again");
+        Ok(())
+    })());
+}

@@ -149,7 +149,9 @@ fn slot(p: Protocol) -> usize {
 const OTHER_SLOT: usize = 3;
 
 /// A named (or unnamed) container port of a pod.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ContainerPort {
     pub name: Option<String>,
     pub port: u16,
@@ -157,7 +159,7 @@ pub struct ContainerPort {
 }
 
 /// A pod as the policy compiler needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
