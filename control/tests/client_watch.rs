@@ -212,3 +212,49 @@ async fn converges_across_server_restarts_and_resyncs() {
     .await;
     assert_eq!(status.node, "node-a");
 }
+
+/// SIGTERM stops the server while an agent's Watch stream is open (graceful shutdown alone would
+/// wait for the stream forever): it exits with success within its grace period, and the watcher
+/// sees the stream end.
+#[tokio::test]
+async fn sigterm_stops_the_server_with_a_watch_open() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        &Mode::Plaintext,
+        "127.0.0.1:0",
+        &["--data-dir".into(), data.path().display().to_string()],
+    );
+    let op = ControlClient::connect(&server.config(&Mode::Plaintext, None))
+        .await
+        .unwrap();
+    let mut stream = op.watch(0, "").await.unwrap();
+    let pid = server.child.id().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "sluice-control still runs 15 s after SIGTERM with a watch open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    println!("exited {status} {:?} after SIGTERM", t.elapsed());
+    assert!(status.success(), "{status}");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => break other.map(|_| ()),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch stream did not end");
+}

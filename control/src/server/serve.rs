@@ -66,13 +66,36 @@ pub async fn serve_counted<S: Store>(
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(30)));
-    builder
+    // Graceful shutdown waits for every connection to end, and an agent's Watch or
+    // PushFlowEvents stream never does: after SHUTDOWN_GRACE the rest are cut (the agents
+    // reconnect with backoff, as after a kill).
+    let (began, fired) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = began.send(());
+    };
+    let serving = builder
         .layer(CountLayer(counts))
         .add_service(service.into_server(auth))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(ServeError::Transport)
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::select! {
+        r = serving => r.map_err(ServeError::Transport),
+        () = async {
+            match fired.await {
+                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            tracing::info!(
+                "connections still open {SHUTDOWN_GRACE:?} after the shutdown began (streams): closed"
+            );
+            Ok(())
+        }
+    }
 }
+
+/// How long a shutdown waits for open connections (requests in flight) before closing them.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// For callers that hold an [`Identity`] outside a request (tests).
 pub fn with_identity<T>(mut req: Request<T>, id: Identity) -> Request<T> {
