@@ -889,8 +889,13 @@ impl<S: StageState> Ctx<'_, S> {
         }
         s.bump_ct_epoch();
         let mut inserted = s.ct_insert(orig, xlat.reversed(), value, now);
-        if snat {
-            // Another client may hold this source port towards the same backend: try others.
+        // Another connection holds the reply tuple: another client behind the same SNAT address,
+        // or this client with the same source port towards the same backend both directly and
+        // through a Service (a kernel picks ephemeral ports per destination, so both happen, and
+        // a closed one lingers in TIME_WAIT). Take another source port towards the backend, as
+        // Linux NAT does for a clashing tuple (`get_unique_tuple`); replies are translated back.
+        let remappable = matches!(p.proto, proto::TCP | proto::UDP | proto::ICMP);
+        if inserted == Err(CtError::Exists) && (snat || remappable) {
             let h = orig.hash64();
             let mut i = 0u64;
             while inserted == Err(CtError::Exists) && i < 16 {

@@ -175,6 +175,48 @@ fn cluster_ip_to_local_backend_and_reply() {
     assert_eq!(s.conntrack.len(), 1);
 }
 
+/// A client that uses one source port towards a backend both directly and through a Service (a
+/// kernel picks ephemeral ports per destination, so it does) opens two connections whose
+/// translated tuples are the same. In either order both work: the second takes another source
+/// port towards the backend (Linux NAT's clash resolution), and each reply reaches the client as
+/// the connection it opened. Before, the second SYN was dropped as `conntrack_invalid` (the churn
+/// soak's allowed connects that timed out).
+#[test]
+fn same_source_port_directly_and_through_a_service_both_connect() {
+    use tcp::flags::{ACK, SYN};
+    let t = demo_tables();
+    let sp = sport_for(&t, B);
+    let direct = FrameSpec::from_pod(2, B, sp, 8080);
+    let vip = FrameSpec::from_pod(2, VIP, sp, 80);
+    for order in [[direct, vip], [vip, direct]] {
+        let mut s = state();
+        let mut seen = Vec::new();
+        for (i, spec) in order.iter().enumerate() {
+            let syn = demo::tcp_frame(spec, SYN, b"");
+            let (v, out) = run(&t, &mut s, 1 + i as u64, POD_A, &syn);
+            assert_eq!(v, Verdict::Forward(POD_B), "SYN {i} of {order:?}");
+            assert!(checksums_ok(&out));
+            let k = tuple(&out);
+            assert_eq!((k.src, k.dst, k.dst_port), (A, B, 8080));
+            seen.push(k.src_port);
+        }
+        assert_eq!(seen[0], sp, "the first keeps its port");
+        assert_ne!(seen[1], sp, "the second takes another");
+        for (i, spec) in order.iter().enumerate() {
+            let synack = demo::tcp_frame(&FrameSpec::from_pod(3, A, 8080, seen[i]), SYN | ACK, b"");
+            let (v, out) = run(&t, &mut s, 10, POD_B, &synack);
+            assert_eq!(v, Verdict::Forward(POD_A), "SYN/ACK {i} of {order:?}");
+            assert!(checksums_ok(&out));
+            let k = tuple(&out);
+            assert_eq!(
+                (k.src, k.src_port, k.dst, k.dst_port),
+                (spec.dst, spec.dst_port, A, sp)
+            );
+        }
+        assert_eq!(s.conntrack.len(), 2);
+    }
+}
+
 #[test]
 fn cluster_ip_to_remote_backend_encaps_and_reply_is_decapped() {
     let t = demo_tables();
