@@ -10,6 +10,7 @@
 #            sluice (pods wired by sluice-cni, sluice-agent's AF_XDP dataplane, VXLAN between nodes)
 #            sluice-rt (the same with the agents' worker threads SCHED_FIFO; not in --quick)
 #   figures: iperf3 TCP 1 and 2 streams (Gbit/s), iperf3 UDP 64-byte payload (received kpps, loss),
+#            64-byte UDP loss at the same offered load (kernel-vxlan's sender rate in this layout),
 #            sockperf UDP ping-pong latency p50/p99 (us), same-node pod-to-pod TCP (Gbit/s);
 #            Sluice also through a ClusterIP Service (rows sluice-clusterip) and with 10 and 10,000
 #            NetworkPolicies installed (rows sluice-pol10, sluice-pol10k);
@@ -152,8 +153,12 @@ tcp() { # SETUP METRIC SRC IP STREAMS  (METRIC ends in _gbps; its CPU cost is ME
   record_cpu "$1" "${2%_gbps}_cpu_s_per_gb" "$c0" "$c1" "$(jq '(.end.sum_received.bytes // 0)/1e9' <<<"$j")"
 }
 
+# The rate (packets/s) kernel-vxlan's sender offered in its unthrottled 64 B UDP runs of this
+# layout (the lowest repetition): udp64_same_load offers every later setup exactly that.
+declare -A KVX_UDP_PPS=()
+
 udp64() { # SETUP SRC IP
-  local j v rx c0 c1
+  local j v rx c0 c1 sent
   c0=$(cpu_ticks)
   j=$(cli "$2" iperf3 -c "$3" -t "$SECS" -u -l 64 -b 0 --connect-timeout 3000 -J) ||
     { echo "bench.sh: $1: iperf3 UDP to $3 failed: $(jq -r .error <<<"$j" 2>/dev/null)" >&2; exit 1; }
@@ -164,6 +169,24 @@ udp64() { # SETUP SRC IP
   record "$1" udp64_kpps "$v"
   record "$1" udp64_loss_pct "$(jq '.end.sum.lost_percent' <<<"$j")"
   record_cpu "$1" udp64_cpu_s_per_mpkt "$c0" "$c1" "$(jq -n --argjson rx "$rx" '$rx/1e6')"
+  if [ "$1" = kernel-vxlan ]; then
+    sent=$(jq '((.end.sum.packets // 0)/(.end.sum.seconds // 1)) | floor' <<<"$j")
+    if [ -z "${KVX_UDP_PPS[$LAYOUT]:-}" ] || [ "$sent" -lt "${KVX_UDP_PPS[$LAYOUT]}" ]; then
+      KVX_UDP_PPS[$LAYOUT]=$sent
+    fi
+  fi
+}
+
+# udp64_same_load SETUP SRC IP: 64 B UDP at the rate kernel-vxlan's sender reached in this layout
+# (iperf3 -b: payload bits/s), so that loss is compared at the same offered load; skipped for
+# setups measured before kernel-vxlan.
+udp64_same_load() {
+  local pps=${KVX_UDP_PPS[$LAYOUT]:-} j
+  [ -n "$pps" ] || return 0
+  j=$(cli "$2" iperf3 -c "$3" -t "$SECS" -u -l 64 -b "$((pps * 64 * 8))" --connect-timeout 3000 -J) ||
+    { echo "bench.sh: $1: iperf3 UDP at $pps pps to $3 failed: $(jq -r .error <<<"$j" 2>/dev/null)" >&2; exit 1; }
+  record "$1" udp64_same_load_kpps_offered "$(jq '(.end.sum.packets // 0)/(.end.sum.seconds // 1)/1e3' <<<"$j")"
+  record "$1" udp64_same_load_loss_pct "$(jq '.end.sum.lost_percent' <<<"$j")"
 }
 
 lat() { # SETUP SRC IP
@@ -176,10 +199,10 @@ lat() { # SETUP SRC IP
   record "$1" lat_p99_us "$p99"
 }
 
-# measure SETUP SRC_NS DST_NS DST_IP [FIGURES] [SERVER_IP]: FIGURES from "tcp1 tcp2 udp lat"
-# (default all); SERVER_IP is the address the servers bind (default DST_IP; differs for a VIP).
+# measure SETUP SRC_NS DST_NS DST_IP [FIGURES] [SERVER_IP]: FIGURES from "tcp1 tcp2 udp udpload
+# lat" (default all); SERVER_IP is the address the servers bind (default DST_IP; differs for a VIP).
 measure() {
-  local setup=$1 src=$2 dst=$3 ip=$4 figs=${5:-"tcp1 tcp2 udp lat"} rep f
+  local setup=$1 src=$2 dst=$3 ip=$4 figs=${5:-"tcp1 tcp2 udp udpload lat"} rep f
   servers_start "$dst" "${6:-$ip}"
   for rep in $(seq "$REPS"); do
     echo "   $setup ($LAYOUT): repetition $rep/$REPS ($figs)" >&2
@@ -188,6 +211,7 @@ measure() {
         tcp1) tcp "$setup" tcp1_gbps "$src" "$ip" 1 ;;
         tcp2) tcp "$setup" tcp2_gbps "$src" "$ip" 2 ;;
         udp) udp64 "$setup" "$src" "$ip" ;;
+        udpload) udp64_same_load "$setup" "$src" "$ip" ;;
         lat) lat "$setup" "$src" "$ip" ;;
       esac
     done

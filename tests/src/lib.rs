@@ -18,6 +18,8 @@
 //!
 //! The harness shells out to `ip`, `ethtool`, `bridge`; product code never does.
 
+pub mod manifests;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

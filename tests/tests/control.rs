@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use sluice_agent::config::{ControlConfig, UNLEASED_POD_CIDR};
 use sluice_control::client::{ClientConfig, ControlClient};
+use sluice_e2e::manifests::{WEB_VIP, web};
 use sluice_e2e::{AgentOptions, Cluster, HarnessError, NodeKind, Result, in_ns, require_root, run};
 
 const SERVER_IP: &str = "192.168.77.254";
@@ -346,33 +347,6 @@ kind: Namespace
 metadata: {name: default, labels: {team: e2e}}
 "#;
 
-fn web(backends: &[Ipv4Addr]) -> String {
-    let eps: String = backends
-        .iter()
-        .map(|ip| format!("  - addresses: [\"{ip}\"]\n"))
-        .collect();
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  clusterIP: 10.96.0.10
-  ports:
-    - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:
-{eps}"#
-    )
-}
-
 const DENY: &str = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -394,7 +368,7 @@ spec:
       ports: [{port: 8080, protocol: TCP}]
 "#;
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP: Ipv4Addr = WEB_VIP;
 
 /// `n` connections to the VIP from namespace `ns`; backend -> connections served.
 fn spread(ns: &str, n: usize) -> Result<BTreeMap<String, usize>> {

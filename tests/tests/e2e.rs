@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 
 use nix::sys::signal::Signal;
+use sluice_e2e::manifests::{WEB_NODE_PORT, WEB_SERVICE, WEB_VIP, web_endpoints};
 use sluice_e2e::{AgentOptions, Cluster, NodeKind, Result, TcpSession, require_root};
 
 fn sluice_cluster(nodes: usize) -> Result<Cluster> {
@@ -309,32 +310,12 @@ fn harness_leaves_no_namespace_behind() {
     assert!(!mounts.contains(&prefix), "bpffs mounts left behind");
 }
 
-const WEB_SERVICE: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.10
-  ports:
-    - {name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}
-"#;
-
 /// Backends 10.244.1.3 (node 0), 10.244.2.2 and 10.244.2.3 (node 1).
-const WEB_ENDPOINTS: &str = r#"
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.244.1.3]
-  - addresses: [10.244.2.2]
-  - addresses: [10.244.2.3]
-"#;
+const WEB_BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 1, 3),
+    Ipv4Addr::new(10, 244, 2, 2),
+    Ipv4Addr::new(10, 244, 2, 3),
+];
 
 /// Two nodes with the `web` service; pods: client 10.244.1.2 and backend 10.244.1.3 on node 0,
 /// backends 10.244.2.2 and 10.244.2.3 on node 1, each running the echo server on 8080.
@@ -346,7 +327,7 @@ fn web_cluster() -> Result<(Cluster, usize)> {
 fn web_cluster_with(options: AgentOptions) -> Result<(Cluster, usize)> {
     let mut c = Cluster::new(&[NodeKind::Sluice; 2], options)?;
     let svc = c.write_manifest("services.yaml", WEB_SERVICE)?;
-    let eps = c.write_manifest("endpointslices.yaml", WEB_ENDPOINTS)?;
+    let eps = c.write_manifest("endpointslices.yaml", &web_endpoints(&WEB_BACKENDS))?;
     c.start_agents(|_, cfg| {
         cfg.manifests.services.push(svc.clone());
         cfg.manifests.endpoint_slices.push(eps.clone());
@@ -359,7 +340,7 @@ fn web_cluster_with(options: AgentOptions) -> Result<(Cluster, usize)> {
     Ok((c, client))
 }
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP: Ipv4Addr = WEB_VIP;
 
 #[test]
 fn clusterip_service_spreads_and_sticks() {
@@ -430,10 +411,8 @@ fn backend_removal_keeps_established(options: AgentOptions) -> Result<()> {
             sessions.push((s, backend));
         }
         let removed = "10.244.2.3";
-        let endpoints = c.write_manifest(
-            "endpointslices.yaml",
-            &WEB_ENDPOINTS.replace("  - addresses: [10.244.2.3]\n", ""),
-        )?;
+        let endpoints =
+            c.write_manifest("endpointslices.yaml", &web_endpoints(&WEB_BACKENDS[..2]))?;
         assert!(
             !std::fs::read_to_string(&endpoints)
                 .map_err(|e| sluice_e2e::HarnessError::Setup(e.to_string()))?
@@ -477,8 +456,12 @@ fn nodeport_from_the_underlay() {
         for node in 0..2 {
             for i in 0..8 {
                 let line = format!("n{node}c{i}");
-                let reply =
-                    Cluster::tcp_lines(&c.switch, c.nodes[node].underlay_ip, 30080, &[&line])?;
+                let reply = Cluster::tcp_lines(
+                    &c.switch,
+                    c.nodes[node].underlay_ip,
+                    WEB_NODE_PORT,
+                    &[&line],
+                )?;
                 assert_eq!(reply.len(), 1, "NodePort on node {node}: {reply:?}");
                 let (backend, echoed) = reply[0].split_once(' ').unwrap_or_default();
                 assert_eq!(echoed, line);

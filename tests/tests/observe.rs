@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use sluice_e2e::manifests::{WEB_SERVICE, WEB_VIP, web_endpoints};
 use sluice_e2e::{AgentOptions, Cluster, HarnessError, NodeKind, Result, require_root};
 
 fn check(r: Result<()>) {
@@ -92,30 +93,6 @@ spec:
   policyTypes: [Ingress]
 "#;
 
-const WEB: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
-"#;
-
-const WEB_EPS: &str = r#"
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: ["10.244.1.4"]
-    conditions: {ready: true}
-"#;
-
 #[test]
 fn denied_connection_service_backend_and_exact_counters() {
     if !require_root() {
@@ -124,8 +101,11 @@ fn denied_connection_service_backend_and_exact_counters() {
     check((|| {
         let mut c = Cluster::new(&[NodeKind::Sluice], AgentOptions::default())?;
         let pol = c.write_manifest("policies.yaml", DENY)?;
-        let svc = c.write_manifest("services.yaml", WEB)?;
-        let eps = c.write_manifest("endpointslices.yaml", WEB_EPS)?;
+        let svc = c.write_manifest("services.yaml", WEB_SERVICE)?;
+        let eps = c.write_manifest(
+            "endpointslices.yaml",
+            &web_endpoints(&[Ipv4Addr::new(10, 244, 1, 4)]),
+        )?;
         c.start_agents(|_, cfg| {
             cfg.manifests.network_policies.push(pol.clone());
             cfg.manifests.services.push(svc.clone());
@@ -182,12 +162,7 @@ fn denied_connection_service_backend_and_exact_counters() {
         assert!(String::from_utf8_lossy(&table.stdout).contains("policy_denied_ingress"));
 
         // 2. A service connection names the chosen backend.
-        let reply = Cluster::tcp_lines(
-            &c.pods[client].ns,
-            Ipv4Addr::new(10, 96, 0, 10),
-            80,
-            &["hi"],
-        )?;
+        let reply = Cluster::tcp_lines(&c.pods[client].ns, WEB_VIP, 80, &["hi"])?;
         assert_eq!(reply.len(), 1, "{reply:?}");
         let e = wait_event(
             &c,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use sluice_e2e::manifests::{WEB_SERVICE, WEB_VIP, web_endpoints};
 use sluice_e2e::{AgentOptions, Cluster, HarnessError, NodeKind, Result, require_root};
 
 fn check(r: Result<()>) {
@@ -131,31 +132,6 @@ spec:
   policyTypes: [Ingress]
 "#;
 
-const WEB: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
-"#;
-
-// The backend is n1's second pod.
-const WEB_EPS: &str = r#"
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: ["10.244.2.3"]
-    conditions: {ready: true}
-"#;
-
 #[test]
 fn traces_agree_with_what_the_traffic_did() {
     if !require_root() {
@@ -167,8 +143,11 @@ fn traces_agree_with_what_the_traffic_did() {
             AgentOptions::default(),
         )?;
         let pol = c.write_manifest("policies.yaml", DENY)?;
-        let svc = c.write_manifest("services.yaml", WEB)?;
-        let eps = c.write_manifest("endpointslices.yaml", WEB_EPS)?;
+        let svc = c.write_manifest("services.yaml", WEB_SERVICE)?;
+        let eps = c.write_manifest(
+            "endpointslices.yaml",
+            &web_endpoints(&[Ipv4Addr::new(10, 244, 2, 3)]),
+        )?;
         c.start_agents(|_, cfg| {
             cfg.manifests.network_policies.push(pol.clone());
             cfg.manifests.services.push(svc.clone());
@@ -210,12 +189,7 @@ fn traces_agree_with_what_the_traffic_did() {
         let detail = t["nodes"][0]["steps"].to_string();
         assert!(detail.contains("10.244.2.3:8080"), "{detail}");
         // What the traffic did: the backend answers through the Service.
-        let reply = Cluster::tcp_lines(
-            &c.pods[client].ns,
-            Ipv4Addr::new(10, 96, 0, 10),
-            80,
-            &["hi"],
-        )?;
+        let reply = Cluster::tcp_lines(&c.pods[client].ns, WEB_VIP, 80, &["hi"])?;
         assert_eq!(reply.len(), 1, "{reply:?}");
 
         // 2. Denied by the database's ingress policy, decided on its node.
