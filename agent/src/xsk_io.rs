@@ -689,7 +689,21 @@ impl XskIo {
                     tally.drops.add(AgentDrop::TooLarge);
                     return;
                 };
-                let mut piece = Frame::new(head, start, w.head_len);
+                // The piece with its tail buffers: encapsulation takes the outer lengths from
+                // the whole inner frame.
+                let tail: ArrayVec<&[u8], MAX_SEGMENTS> = tails
+                    .iter()
+                    .take(w.tail_bufs)
+                    .enumerate()
+                    .map(|(k, t)| {
+                        if k + 1 == w.tail_bufs {
+                            t.get(..w.last_tail_len).unwrap_or(t)
+                        } else {
+                            &t[..]
+                        }
+                    })
+                    .collect();
+                let mut piece = Frame::new(head, start, w.head_len).with_tail(&tail);
                 if tunnel.encap(&mut piece, self.state.next_ip_id()).is_err() {
                     tally.drops.add(AgentDrop::TooLarge);
                     return;

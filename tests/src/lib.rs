@@ -196,6 +196,8 @@ pub struct AgentOptions {
     /// Pod veth queues; 0: as many as the uplink (every worker then has a socket on each pod's
     /// veth). 1 with a multi-queue uplink: each pod's socket belongs to one worker.
     pub pod_queues: u32,
+    /// Underlay MTU of this cluster (`None`: [`underlay_mtu`]).
+    pub underlay_mtu: Option<u32>,
 }
 
 /// One node of the cluster.
@@ -374,6 +376,11 @@ static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 
 impl Cluster {
     /// Build the underlay and the nodes (agents not started yet: see [`Cluster::start_agents`]).
+    /// The underlay MTU of this cluster.
+    pub fn underlay_mtu(&self) -> u32 {
+        self.options.underlay_mtu.unwrap_or_else(underlay_mtu)
+    }
+
     pub fn new(kinds: &[NodeKind], options: AgentOptions) -> Result<Self> {
         let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("sle-{}-{n}", std::process::id());
@@ -435,11 +442,11 @@ impl Cluster {
         ip(Some(&self.switch), &format!("link set n{i} master br0 up"))?;
         ip(
             Some(&ns),
-            &format!("link set eth0 mtu {} up", underlay_mtu()),
+            &format!("link set eth0 mtu {} up", self.underlay_mtu()),
         )?;
         ip(
             Some(&self.switch),
-            &format!("link set n{i} mtu {}", underlay_mtu()),
+            &format!("link set n{i} mtu {}", self.underlay_mtu()),
         )?;
         ip(Some(&ns), &format!("addr add {underlay_ip}/24 dev eth0"))?;
         sh(&ns, "sysctl -qw net.ipv4.ip_forward=1")?;
@@ -485,7 +492,7 @@ impl Cluster {
         let n = &self.nodes[i];
         let json = serde_json::json!({
             "node_name": format!("n{i}"),
-            "underlay": {"interface": "eth0", "address": n.underlay_ip, "mtu": underlay_mtu(), "mac": n.underlay_mac},
+            "underlay": {"interface": "eth0", "address": n.underlay_ip, "mtu": self.underlay_mtu(), "mac": n.underlay_mac},
             "pod_cidr": n.pod_cidr,
             "pod_mtu": pod_mtu(),
             "vtep": {"mac": n.vtep_mac},
@@ -755,7 +762,7 @@ impl Cluster {
         )?;
         ip(
             Some(&ns),
-            &format!("link set flannel.1 mtu {} up", underlay_mtu() - 50),
+            &format!("link set flannel.1 mtu {} up", self.underlay_mtu() - 50),
         )?;
         ip(
             Some(&ns),
@@ -820,7 +827,7 @@ impl Cluster {
         ip(Some(&ns), &format!("addr add {pod_ip}/32 dev eth0"))?;
         let host_mac = mac_of(&node_ns, &host_if)?;
         let pod_mac = mac_of(&ns, "eth0")?;
-        let overlay_mtu = underlay_mtu() - 50;
+        let overlay_mtu = self.underlay_mtu() - 50;
         ip(Some(&ns), "route add 169.254.1.1 dev eth0 scope link")?;
         ip(
             Some(&ns),
@@ -905,7 +912,7 @@ impl Cluster {
             "cniVersion": "1.0.0", "name": "sluice", "type": "sluice-cni",
             "agentSocket": n.socket(),
             "dataDir": n.dir.join("cni"),
-            "sluiceMtu": {"mode": "routes", "podMtu": pod_mtu(), "underlayMtu": underlay_mtu()},
+            "sluiceMtu": {"mode": "routes", "podMtu": pod_mtu(), "underlayMtu": self.underlay_mtu()},
             "ipam": {"dataDir": n.dir.join("ipam")},
             "runtimeConfig": {"labels": labels},
         })

@@ -42,6 +42,42 @@ fn cross_node_ping_and_tcp() {
     })());
 }
 
+/// Cross-node TCP over a jumbo underlay (MTU 9000): the pods send 64 KiB frames, the sending
+/// worker cuts them into VXLAN frames of up to 9000 bytes that span several UMEM chunks, and the
+/// receiving node takes every one (the outer lengths once counted only a segment's first chunk,
+/// and the receiver dropped every data segment as `bad_ip_length`).
+#[test]
+fn cross_node_tcp_over_a_jumbo_underlay() {
+    if !require_root() {
+        return;
+    }
+    check((|| {
+        let options = AgentOptions {
+            underlay_mtu: Some(9000),
+            ..AgentOptions::default()
+        };
+        let mut c = Cluster::new(&[NodeKind::Sluice; 2], options)?;
+        c.start_agents(|_, _| {})?;
+        let a = c.add_pod(0, &[])?;
+        let b = c.add_pod(1, &[])?;
+        let (bytes, gbps) = c.iperf3(a, b, 2)?;
+        println!("cross-node iperf3 at underlay MTU 9000: {bytes} bytes, {gbps:.2} Gbit/s");
+        assert!(bytes > 10_000_000, "{bytes} bytes");
+        for n in 0..2 {
+            let f = c.nodes[n].counters()?;
+            println!("node {n} counters: {:?}", f.workers);
+            for w in &f.workers {
+                assert!(
+                    w.drops.get("bad_ip_length").is_none_or(|d| *d == 0),
+                    "node {n}: {:?}",
+                    w.drops
+                );
+            }
+        }
+        Ok(())
+    })());
+}
+
 #[test]
 fn same_node_ping_and_tcp() {
     if !require_root() {
