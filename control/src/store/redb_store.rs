@@ -23,6 +23,14 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Revisions kept in the log for watchers that fall behind, by default.
 pub const DEFAULT_HISTORY: u64 = 100_000;
 
+/// Committed revisions kept in memory for live watchers (a watcher that falls further behind
+/// reads what it missed from the log). Each holds its events' encoded objects, so this bounds the
+/// memory the change feed holds (a full ring of 4,096 churn revisions is megabytes).
+const CHANGE_RING: usize = 256;
+
+/// Items a watch buffers for its reader.
+const WATCH_BUFFER: usize = 1024;
+
 type Batch = Arc<(Revision, Vec<StoreEvent>)>;
 
 struct Inner {
@@ -137,7 +145,7 @@ impl RedbStore {
             tx.open_table(META).map_err(err)?;
         }
         tx.commit().map_err(err)?;
-        let (changes, _) = broadcast::channel(4096);
+        let (changes, _) = broadcast::channel(CHANGE_RING);
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -338,7 +346,7 @@ impl Store for RedbStore {
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchReceiver, StoreError> {
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let inner = self.inner.clone();
         let prefix = prefix.to_string();
         tokio::spawn(async move {
@@ -485,6 +493,47 @@ mod tests {
             panic!("a key that is not UTF-8 decoded");
         };
         assert!(e.source().is_some(), "{e:?}");
+    }
+
+    /// A watcher that reads nothing while more revisions commit than its buffer and the in-memory
+    /// change ring hold still gets every one of them, in order: it catches up from the log.
+    #[tokio::test]
+    async fn a_watcher_behind_the_change_ring_reads_the_rest_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(Txn {
+                compares: vec![],
+                ops: vec![Op::Put("/k/first".into(), vec![0])],
+            })
+            .await
+            .unwrap();
+        let mut rx = store.watch("/k/", 1).await.unwrap();
+        let n = (WATCH_BUFFER + 3 * CHANGE_RING) as u64;
+        for i in 0..n {
+            store
+                .commit(Txn {
+                    compares: vec![],
+                    ops: vec![Op::Put(format!("/k/{}", i % 7), i.to_le_bytes().to_vec())],
+                })
+                .await
+                .unwrap();
+        }
+        let mut last = 1;
+        while last < n + 1 {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+                .await
+                .expect("the watcher stalled")
+                .unwrap()
+                .unwrap()
+            {
+                WatchItem::Changes { revision, .. } => {
+                    assert_eq!(revision, last + 1, "a revision skipped or repeated");
+                    last = revision;
+                }
+                other => panic!("expected changes, got {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
