@@ -1130,9 +1130,10 @@ fn pods_deleted_while_the_agent_is_down_leave_nothing_behind() {
 /// A control-plane agent restarted while the control plane is down never serves tables without
 /// its policies (found by the churn soak: a denied pair got through for the seconds between the
 /// restart and the first revision). It serves the objects of the last revision it applied, kept
-/// in its state directory (policies and peers: the denied pair stays denied and the allowed
-/// cross-node pair keeps working); without them, its pods stay isolated both ways until the
-/// control plane answers, which then restores the allowed pair.
+/// in its state directory (policies and peers: the denied pairs stay denied, the one on the
+/// restarted node's own pods included, which only that node can deny, and the allowed cross-node
+/// pair keeps working); without them, its pods stay isolated both ways until the control plane
+/// answers, which then restores the allowed pair.
 #[test]
 fn agent_restarted_without_the_control_plane_keeps_its_policies() {
     if !require_root() {
@@ -1142,14 +1143,21 @@ fn agent_restarted_without_the_control_plane_keeps_its_policies() {
         let mut s = Setup::new()?;
         let client = s.c.add_pod_cni(0, &[("role", "other")])?;
         let web = s.c.add_pod_cni(1, &[("app", "web")])?;
+        // On the node that restarts: its policy decisions are that node's alone.
+        let neighbour = s.c.add_pod_cni(1, &[("role", "other")])?;
         for p in [client, web] {
             s.c.tcp_echo_server(p, 8080)?;
         }
         let (cns, wns) = (s.c.pods[client].ns.clone(), s.c.pods[web].ns.clone());
+        let nns = s.c.pods[neighbour].ns.clone();
         let (cip, wip) = (s.c.pods[client].ip, s.c.pods[web].ip);
+        let nip = s.c.pods[neighbour].ip;
         until("every pod is reported", || {
-            s.ctl(&["get", "pods", "-o", "json"])
-                .is_ok_and(|j| [cip, wip].iter().all(|ip| j.contains(&format!("\"{ip}\""))))
+            s.ctl(&["get", "pods", "-o", "json"]).is_ok_and(|j| {
+                [cip, wip, nip]
+                    .iter()
+                    .all(|ip| j.contains(&format!("\"{ip}\"")))
+            })
         })?;
         s.apply_synced("deny.yaml", DENY)?;
         // A denied connect times out (socat fails); an allowed one echoes.
@@ -1159,6 +1167,7 @@ fn agent_restarted_without_the_control_plane_keeps_its_policies() {
             Ok(reply.is_ok_and(|r| !r.is_empty()))
         };
         assert!(!passes(&cns, wip, "client -> web, synced")?);
+        assert!(!passes(&nns, wip, "neighbour -> web, synced")?);
         assert!(passes(&wns, cip, "web -> client, synced")?);
 
         s.c.stop_agent(1, nix::sys::signal::Signal::SIGKILL)?;
@@ -1173,6 +1182,10 @@ fn agent_restarted_without_the_control_plane_keeps_its_policies() {
             s.c.agent_status(1)?
         );
         for round in 0..3 {
+            assert!(
+                !passes(&nns, wip, &format!("neighbour -> web, restarted ({round})"))?,
+                "the denied same-node pair got through after the restart"
+            );
             assert!(
                 !passes(&cns, wip, &format!("client -> web, restarted ({round})"))?,
                 "the denied pair got through after the restart"
@@ -1193,6 +1206,7 @@ fn agent_restarted_without_the_control_plane_keeps_its_policies() {
             s.c.agent_status(1)?
         );
         assert!(!passes(&cns, wip, "client -> web, nothing kept")?);
+        assert!(!passes(&nns, wip, "neighbour -> web, nothing kept")?);
         assert!(!passes(&wns, cip, "web -> client, nothing kept")?);
 
         s.server.restart()?;
