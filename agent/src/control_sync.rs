@@ -188,27 +188,33 @@ fn objects_path(config: &NodeConfig) -> PathBuf {
     config.paths.state_dir.join("control-objects.json")
 }
 
-/// The control plane's objects of one applied revision, as kept in the state directory.
+/// The control plane's objects of one applied revision, as kept in the state directory (written
+/// from a borrow, read into an owned value).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Saved {
+struct Saved<O> {
     node: String,
     revision: u64,
-    objects: ClusterObjects,
+    objects: O,
 }
 
-/// Keep the objects of an applied revision for the next start (write then rename: a kill leaves
-/// the old file or the new one, never half of one).
+/// Write `bytes` to `path` through a temporary file and a rename: a kill leaves the old file or
+/// the new one, never half of one.
+fn write_whole(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Keep the objects of an applied revision for the next start.
 fn save_objects(config: &NodeConfig, revision: u64, objects: &ClusterObjects) {
     let path = objects_path(config);
-    let tmp = path.with_extension("json.tmp");
     let r = serde_json::to_vec(&Saved {
         node: config.node_name.clone(),
         revision,
-        objects: objects.clone(),
+        objects,
     })
     .map_err(std::io::Error::other)
-    .and_then(|bytes| std::fs::write(&tmp, bytes))
-    .and_then(|()| std::fs::rename(&tmp, &path));
+    .and_then(|bytes| write_whole(&path, &bytes));
     if let Err(e) = r {
         tracing::warn!("cannot keep revision {revision} in {}: {e}", path.display());
     }
@@ -233,7 +239,7 @@ pub fn restore<'a>(
 ) -> Option<(ClusterObjects, String)> {
     config.control.as_ref()?;
     let path = objects_path(config);
-    match std::fs::read(&path).map(|b| serde_json::from_slice::<Saved>(&b)) {
+    match std::fs::read(&path).map(|b| serde_json::from_slice::<Saved<ClusterObjects>>(&b)) {
         Ok(Ok(saved)) if saved.node == config.node_name => {
             let what = format!("revision {} kept before the restart", saved.revision);
             return Some((saved.objects, what));
@@ -248,13 +254,7 @@ pub fn restore<'a>(
         Err(e) => tracing::warn!("cannot read {}: {e}", path.display()),
     }
     let namespaces: std::collections::BTreeSet<&str> = pods
-        .map(|p| {
-            if p.namespace.is_empty() {
-                "default"
-            } else {
-                p.namespace.as_str()
-            }
-        })
+        .map(super::registry::PodRecord::namespace_or_default)
         .collect();
     if namespaces.is_empty() {
         return None;
@@ -300,10 +300,8 @@ fn cached_lease(config: &NodeConfig) -> Option<Ipv4Net> {
 fn save_lease(config: &NodeConfig, cidr: Ipv4Net) {
     let v = serde_json::json!({"node": config.node_name, "pod_cidr": cidr.to_string()});
     let path = lease_path(config);
-    let tmp = path.with_extension("json.tmp");
     let r = std::fs::create_dir_all(&config.paths.state_dir)
-        .and_then(|()| std::fs::write(&tmp, v.to_string()))
-        .and_then(|()| std::fs::rename(&tmp, &path));
+        .and_then(|()| write_whole(&path, v.to_string().as_bytes()));
     if let Err(e) = r {
         tracing::warn!("cannot cache the pod CIDR lease in {}: {e}", path.display());
     }
@@ -480,9 +478,9 @@ async fn run(agent: Arc<Agent>, cfg: ClientConfig, mut registered: bool) {
                         agent.published_since(arrived);
                         agent.control.live.store(true, Ordering::Release);
                         tracing::debug!(revision = state.revision, "tables published");
-                        let (config, rev) = (agent.clone(), state.revision);
+                        let (a, rev) = (agent.clone(), state.revision);
                         let _ = tokio::task::spawn_blocking(move || {
-                            save_objects(&config.config, rev, &objects);
+                            save_objects(&a.config, rev, &objects);
                         })
                         .await;
                         applied = Some((state.revision, peers));
@@ -554,11 +552,7 @@ async fn desired_pods(agent: &Agent, me: &str) -> BTreeMap<(String, String), api
     registry
         .pods()
         .map(|p| {
-            let ns = if p.namespace.is_empty() {
-                "default".to_owned()
-            } else {
-                p.namespace.clone()
-            };
+            let ns = p.namespace_or_default().to_owned();
             let name = if p.name.is_empty() {
                 p.container_id.clone()
             } else {

@@ -35,6 +35,17 @@ pub struct PodRecord {
     pub ports: Vec<PodPort>,
 }
 
+impl PodRecord {
+    /// The pod's namespace, `default` when the runtime gave none (as Kubernetes defaults it).
+    pub fn namespace_or_default(&self) -> &str {
+        if self.namespace.is_empty() {
+            "default"
+        } else {
+            &self.namespace
+        }
+    }
+}
+
 /// A named container port (for NetworkPolicy named ports).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodPort {

@@ -227,11 +227,7 @@ impl Snapshot {
             pods: records
                 .iter()
                 .map(|p| PodInfo {
-                    namespace: if p.namespace.is_empty() {
-                        "default".into()
-                    } else {
-                        p.namespace.clone()
-                    },
+                    namespace: p.namespace_or_default().to_owned(),
                     name: p.name.clone(),
                     labels: p.labels.clone(),
                     ip: p.ip,
