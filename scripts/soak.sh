@@ -33,6 +33,7 @@
 # Usage: scripts/soak.sh [--minutes N] [--keep-logs]   (N: default 2, the run scripts/test.sh makes)
 #   SOAK_BIN=DIR   take sluice-agent, sluice-control, sluicectl and sluice-cni from DIR instead of
 #                  building the release binaries into target/release
+#   SOAK_HISTORY=N revisions the control plane's store keeps (--history; default 200, see below)
 # Needs root. Namespaces (prefix "sls-<pid>-"), processes, BPF pins and files are removed on every
 # exit path; logs and samples are kept in the work directory when a check fails or with --keep-logs.
 set -euo pipefail
@@ -59,6 +60,11 @@ done
 EVENT_RATE=${SOAK_EVENT_RATE:-300}
 PODS_PER_NODE=${SOAK_PODS:-12}
 GRACE=${SOAK_GRACE:-5}
+# Revisions the control plane's store keeps (sluice-control --history): small, so that this
+# bounded history is full (and compaction runs on every commit) before the memory check starts; at
+# the default (100,000) the store's file (about 200 B a revision here) and the pages redb caches
+# grow for hours, which a run of minutes cannot tell from a leak.
+HISTORY=${SOAK_HISTORY:-200}
 # Flow events a full history holds: per node in the control plane (control/src/flows.rs
 # NODE_HISTORY) and in an agent (agent/src/events.rs HISTORY).
 CONTROL_HISTORY_PER_NODE=10000
@@ -148,7 +154,7 @@ ctl() { nsx "${PFX}n1" "$BIN/sluicectl" "$@"; }
 start_control() {
   nsx_bg "${PFX}sw" "$BIN/sluice-control" --listen "$CONTROL_IP:7443" --data-dir "$WORK/control" \
     --tls-cert "$WORK/pki/server.pem" --tls-key "$WORK/pki/server.key" --tokens "$WORK/pki/tokens" \
-    --metrics-listen "$CONTROL_IP:9479" >>"$WORK/control.log" 2>&1
+    --metrics-listen "$CONTROL_IP:9479" --history "$HISTORY" >>"$WORK/control.log" 2>&1
   CONTROL_PID=$!
   echo "$CONTROL_PID" >"$WORK/pid.control"
   local i

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, and runs every check and test of Sluice: formatting, clippy,
 # unit/property/integration tests (the netns end-to-end ones need root and fail without it), the
-# fuzz targets' build, and smoke runs of the pipeline replay, the cluster demo and the benchmark.
+# fuzz targets' build, smoke runs of the pipeline replay, the cluster demo and the benchmark, and
+# a 2-minute churn soak.
 #
 # Usage: scripts/test.sh [--no-smoke]
-#   --no-smoke  skip the demo and benchmark smoke runs (quicker local iterations)
+#   --no-smoke  skip the demo, benchmark and soak runs (quicker local iterations)
 # A root-only test never skips silently: without root the run fails, unless SLUICE_ALLOW_SKIP=1 is
 # set, in which case each skipped test says why.
 set -euo pipefail
@@ -63,6 +64,9 @@ if [ "$SMOKE" = 1 ]; then
 
   step "smoke: the benchmark (scripts/bench.sh --quick)"
   scripts/bench.sh --quick --criterion off
+
+  step "churn soak, 2 minutes (scripts/soak.sh: leaks, memory, policy under churn and restarts)"
+  scripts/soak.sh --minutes 2
 fi
 
 step "done"

@@ -158,6 +158,9 @@ pub struct WorkerParams {
     pub busy_poll: bool,
     /// Keep polling this long after a busy round before sleeping (see the node config).
     pub idle_spin: Duration,
+    /// Give the core to any other runnable thread after a round that moved frames (see the
+    /// node config's `yield_busy`).
+    pub yield_busy: bool,
 }
 
 impl Worker {
@@ -308,6 +311,10 @@ fn run(
         let handled = io.poll_once(tables.current(), &counters);
         if handled > 0 {
             last_busy = Instant::now();
+            if params.yield_busy {
+                // One sched_yield per round, not per frame: see `WorkerParams::yield_busy`.
+                std::thread::yield_now();
+            }
         } else if !params.idle_spin.is_zero() && last_busy.elapsed() < params.idle_spin {
             std::hint::spin_loop();
             continue;
@@ -366,6 +373,7 @@ mod tests {
                 core: None,
                 busy_poll: false,
                 idle_spin: Duration::ZERO,
+                yield_busy: true,
             },
             Box::new(NoIo::default()),
             publisher(),

@@ -282,6 +282,9 @@ impl Xsk {
             ring::reap(sock, &self.mem, &mut self.free);
             ring::produce_tx(sock);
         }
+        for sock in self.sockets.iter_mut().flatten() {
+            sock.fill_queued = ring::fill_queued(sock);
+        }
         self.adapt_fill_targets();
         for sock in self.sockets.iter_mut().flatten() {
             ring::refill(sock, &mut self.free);
@@ -298,6 +301,7 @@ impl Xsk {
             base: s.fill_base,
             target: s.fill_target,
             out: s.fill_out,
+            queued: s.fill_queued,
             received: s.stats.rx_descs - s.rx_seen,
             idle: s.idle_flushes,
         };

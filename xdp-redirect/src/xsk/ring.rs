@@ -324,6 +324,15 @@ pub(super) fn fill_ring_entries(fill: &xsk_ring_prod) -> Vec<u64> {
 }
 
 /// Tops `sock`'s fill ring up to its fill target from `free`.
+/// Chunks on `sock`'s fill ring the kernel has not taken yet (its consumer index, read now).
+pub(super) fn fill_queued(sock: &mut Socket) -> u64 {
+    let fill = &mut sock.fill;
+    // SAFETY: the fill ring of a live socket; asking for the whole ring makes libxdp read the
+    // kernel's consumer index unless the ring is known to be empty.
+    let room = unsafe { libxdp_sys::xsk_prod_nb_free(fill, fill.size) };
+    u64::from(fill.size.saturating_sub(room))
+}
+
 pub(super) fn refill(sock: &mut Socket, free: &mut Vec<u64>) {
     let fill = &mut sock.fill;
     // SAFETY: the fill ring of a live socket.

@@ -144,6 +144,8 @@ pub(super) struct Socket {
     pub(super) need_wakeup: bool,
     /// Chunks given to the fill ring and not received back.
     pub(super) fill_out: u64,
+    /// Of those, the chunks still on the fill ring at the last flush (see [`super::fill`]).
+    pub(super) fill_queued: u64,
     /// How many chunks this socket's fill ring is kept at now (see
     /// [`super::fill`]).
     pub(super) fill_target: u32,
@@ -330,6 +332,7 @@ impl Xsk {
             pending_cap: self.cfg.tx_size as usize,
             need_wakeup: self.cfg.need_wakeup,
             fill_out: 0,
+            fill_queued: 0,
             fill_target: fill_target.min(self.cfg.fill_size),
             fill_base: fill_target.min(self.cfg.fill_size),
             rx_seen: 0,
