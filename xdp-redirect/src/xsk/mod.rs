@@ -281,8 +281,6 @@ impl Xsk {
             ring::kick_tx(sock)?;
             ring::reap(sock, &self.mem, &mut self.free);
             ring::produce_tx(sock);
-        }
-        for sock in self.sockets.iter_mut().flatten() {
             sock.fill_queued = ring::fill_queued(sock);
         }
         self.adapt_fill_targets();
