@@ -217,14 +217,17 @@ pub struct WorkerConfig {
     /// costs the core it runs on; worth it when the worker has a core of its own.
     #[serde(default)]
     pub idle_spin_us: u32,
-    /// After a round that moved frames, give the core to any other runnable thread
-    /// (`sched_yield`, one per round, not per frame). A worker sharing its core with pods
-    /// otherwise keeps it for its whole time slice while it delivers into their sockets, and a
-    /// pod's application that cannot run meanwhile overflows its receive buffer: 64-byte UDP at
-    /// kernel VXLAN's load lost 2.7 % in `scripts/bench.sh`'s shared layout without the yield,
-    /// 0.2-0.6 % with it (kernel VXLAN 0.4-0.5 %). Alone on its core the yield returns at once.
+    /// After a round that queued frames for a pod of this node, give the core to any other
+    /// runnable thread (`sched_yield`, one per round, not per frame). A worker sharing its core
+    /// with pods otherwise keeps it for its whole time slice while it delivers into their
+    /// sockets, and a pod's application that cannot run meanwhile overflows its receive buffer:
+    /// 64-byte UDP at kernel VXLAN's load lost 2.7-3.4 % in `scripts/bench.sh`'s shared layout
+    /// without the yield, 0-0.6 % with it (kernel VXLAN 0.2-0.5 %). Rounds that only send
+    /// towards the uplink do not yield: there the thread waiting for the core is the sender
+    /// itself, and yielding to an unthrottled sender on every round cut what the worker took
+    /// off the wire to a fifth. Alone on its core the yield returns at once.
     #[serde(default = "default_true")]
-    pub yield_busy: bool,
+    pub yield_to_pods: bool,
     #[serde(default)]
     pub bind_mode: BindMode,
     /// Whether to pin workers to their cores (off lets many agents share a small machine).
@@ -239,7 +242,7 @@ impl Default for WorkerConfig {
             batch_size: default_batch_size(),
             busy_poll: false,
             idle_spin_us: 0,
-            yield_busy: true,
+            yield_to_pods: true,
             bind_mode: BindMode::Copy,
             pin: true,
         }

@@ -197,7 +197,7 @@ impl Agent {
                     idle_spin: std::time::Duration::from_micros(u64::from(
                         config.workers.idle_spin_us,
                     )),
-                    yield_busy: config.workers.yield_busy,
+                    yield_to_pods: config.workers.yield_to_pods,
                 },
                 wio,
                 publisher.clone(),

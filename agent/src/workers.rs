@@ -75,15 +75,24 @@ pub enum WorkerError {
     Stopped(usize),
 }
 
+/// What one round of a worker's frame I/O did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Frames handled: received, or taken from other workers.
+    pub handled: usize,
+    /// Frames forwarded to a pod of this node (not to the uplink).
+    pub to_pods: usize,
+}
+
 /// The frame I/O a worker drives (AF_XDP over sluice-xdp in production).
 pub trait WorkerIo: Send {
     /// Open a socket for `spec` on this worker's UMEM; returns its fd to wait on.
     fn open_port(&mut self, spec: &PortSpec) -> Result<RawFd, WorkerError>;
     /// Close the socket of `port` (unknown ports are ignored).
     fn close_port(&mut self, port: PortId);
-    /// One round: receive up to a batch per port, run the pipeline, transmit. Returns the number
-    /// of frames handled (0 means idle).
-    fn poll_once(&mut self, tables: &Snapshot, counters: &WorkerCounters) -> usize;
+    /// One round: receive up to a batch per port, run the pipeline, transmit. Returns what it
+    /// did (no frame handled means idle).
+    fn poll_once(&mut self, tables: &Snapshot, counters: &WorkerCounters) -> Round;
     /// This worker's ends of the handoff rings (called once, before the worker starts, when the
     /// node has several workers). Frame I/O without handoff ignores it.
     fn attach_handoff(&mut self, _handoff: Handoff) {}
@@ -113,8 +122,8 @@ impl WorkerIo for NoIo {
     fn close_port(&mut self, port: PortId) {
         self.ports.retain(|p| p.port != port);
     }
-    fn poll_once(&mut self, _: &Snapshot, _: &WorkerCounters) -> usize {
-        0
+    fn poll_once(&mut self, _: &Snapshot, _: &WorkerCounters) -> Round {
+        Round::default()
     }
 }
 
@@ -158,9 +167,9 @@ pub struct WorkerParams {
     pub busy_poll: bool,
     /// Keep polling this long after a busy round before sleeping (see the node config).
     pub idle_spin: Duration,
-    /// Give the core to any other runnable thread after a round that moved frames (see the
-    /// node config's `yield_busy`).
-    pub yield_busy: bool,
+    /// Give the core to any other runnable thread after a round that queued frames for a pod of
+    /// this node (see the node config's `yield_to_pods`).
+    pub yield_to_pods: bool,
 }
 
 impl Worker {
@@ -308,11 +317,11 @@ fn run(
                 }
             }
         }
-        let handled = io.poll_once(tables.current(), &counters);
+        let Round { handled, to_pods } = io.poll_once(tables.current(), &counters);
         if handled > 0 {
             last_busy = Instant::now();
-            if params.yield_busy {
-                // One sched_yield per round, not per frame: see `WorkerParams::yield_busy`.
+            if params.yield_to_pods && to_pods > 0 {
+                // One sched_yield per round, not per frame: see `WorkerParams::yield_to_pods`.
                 std::thread::yield_now();
             }
         } else if !params.idle_spin.is_zero() && last_busy.elapsed() < params.idle_spin {
@@ -373,7 +382,7 @@ mod tests {
                 core: None,
                 busy_poll: false,
                 idle_spin: Duration::ZERO,
-                yield_busy: true,
+                yield_to_pods: true,
             },
             Box::new(NoIo::default()),
             publisher(),

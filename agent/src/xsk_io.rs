@@ -44,7 +44,7 @@ use super::datapath::{SharedLoader, with_loader};
 use super::drops::{AgentDrop, AgentDropCounts};
 use super::handoff::{Handoff, HandoffError, HandoffKind};
 use super::tables::{PortId, Snapshot};
-use super::workers::{PortKind, PortSpec, WorkerError, WorkerIo};
+use super::workers::{PortKind, PortSpec, Round, WorkerError, WorkerIo};
 use sluice_dataplane::coalesce::{self, ChecksumTrust, Merged};
 use sluice_dataplane::frame::{Frame, TxChecksum};
 use sluice_dataplane::pipeline::{BATCH, WorkerConfig, WorkerState, process, process_batch};
@@ -104,6 +104,8 @@ struct RoundTally {
     drops: AgentDropCounts,
     /// Frames handed to another worker.
     handoffs: u64,
+    /// Frames forwarded on this worker's sockets to a pod (not the uplink).
+    to_pods: usize,
 }
 
 /// One socket of this worker.
@@ -304,7 +306,7 @@ impl WorkerIo for XskIo {
         }
     }
 
-    fn poll_once(&mut self, snapshot: &Snapshot, counters: &WorkerCounters) -> usize {
+    fn poll_once(&mut self, snapshot: &Snapshot, counters: &WorkerCounters) -> Round {
         if self.state.events.is_none() {
             self.state.events = counters.events.take_sink(self.start);
         }
@@ -325,7 +327,10 @@ impl WorkerIo for XskIo {
             tracing::debug!("flush: {e}");
         }
         self.publish(counters, &tally, now_ns, handled);
-        handled
+        Round {
+            handled,
+            to_pods: tally.to_pods,
+        }
     }
 }
 
@@ -532,7 +537,12 @@ impl XskIo {
     ) {
         match o.verdict {
             Verdict::Forward(to) => match self.index.get(to) {
-                Some(id) => self.forward(i, o, id, tally),
+                Some(id) => {
+                    if to != snapshot.tables.node.uplink {
+                        tally.to_pods += 1;
+                    }
+                    self.forward(i, o, id, tally);
+                }
                 // Another worker has the socket: the processed frame goes there to be sent.
                 None if hand_on => {
                     let w = self
