@@ -217,22 +217,35 @@ pub struct WorkerConfig {
     /// costs the core it runs on; worth it when the worker has a core of its own.
     #[serde(default)]
     pub idle_spin_us: u32,
-    /// After a round that queued frames for a pod of this node, give the core to any other
-    /// runnable thread (`sched_yield`, one per round, not per frame). A worker sharing its core
-    /// with pods otherwise keeps it for its whole time slice while it delivers into their
-    /// sockets, and a pod's application that cannot run meanwhile overflows its receive buffer:
-    /// 64-byte UDP at kernel VXLAN's load lost 2.7-3.4 % in `scripts/bench.sh`'s shared layout
-    /// without the yield, 0-0.6 % with it (kernel VXLAN 0.2-0.5 %). Rounds that only send
-    /// towards the uplink do not yield: there the thread waiting for the core is the sender
-    /// itself, and yielding to an unthrottled sender on every round cut what the worker took
-    /// off the wire to a fifth. Alone on its core the yield returns at once.
-    #[serde(default = "default_true")]
+    /// After a round that forwarded frames to a pod of this node, give the core to any other
+    /// runnable thread (`sched_yield`, one per round, not per frame). Off by default: under
+    /// EEVDF each yield pushes the worker's deadline a whole slice back, so a worker that yields
+    /// often loses its core to whatever else runs there. With pods on the worker's core it
+    /// helped (64-byte UDP at kernel VXLAN's load in `scripts/bench.sh`, shared layout: 0.05 %
+    /// lost, kernel VXLAN 0.41 %), but with the two nodes' workers sharing a core (dedicated
+    /// layout) the yielding one starved and the unthrottled flood fell from 345 to 45 kpps.
+    /// `slice_us` gets most of the gain without that.
+    #[serde(default)]
     pub yield_to_pods: bool,
+    /// The worker threads' time slice in microseconds under the fair scheduler (EEVDF's custom
+    /// slice, Linux 6.12 and later; 0: the kernel's default, a few milliseconds). A worker sharing
+    /// its core with pods otherwise keeps it for a whole default slice while it delivers into
+    /// their sockets, and a pod's application that cannot run meanwhile overflows its receive
+    /// buffer. With 100 us, 64-byte UDP at kernel VXLAN's load lost 0.43 % (kernel VXLAN
+    /// 0.33 %) in the shared layout and 0.12 % in the dedicated one, and the unthrottled flood
+    /// moved 256 and 317 kpps (0.91x and 2.32x kernel VXLAN); with the default slice 0.53 %
+    /// (kernel 0.30 %), 245 and 334 kpps. Ignored for SCHED_FIFO workers.
+    #[serde(default = "default_slice_us")]
+    pub slice_us: u32,
     #[serde(default)]
     pub bind_mode: BindMode,
     /// Whether to pin workers to their cores (off lets many agents share a small machine).
     #[serde(default = "default_true")]
     pub pin: bool,
+}
+
+fn default_slice_us() -> u32 {
+    100
 }
 
 impl Default for WorkerConfig {
@@ -242,7 +255,8 @@ impl Default for WorkerConfig {
             batch_size: default_batch_size(),
             busy_poll: false,
             idle_spin_us: 0,
-            yield_to_pods: true,
+            yield_to_pods: false,
+            slice_us: default_slice_us(),
             bind_mode: BindMode::Copy,
             pin: true,
         }

@@ -198,6 +198,9 @@ impl Agent {
                         config.workers.idle_spin_us,
                     )),
                     yield_to_pods: config.workers.yield_to_pods,
+                    slice: (config.workers.slice_us > 0).then(|| {
+                        std::time::Duration::from_micros(u64::from(config.workers.slice_us))
+                    }),
                 },
                 wio,
                 publisher.clone(),

@@ -185,7 +185,7 @@ topo_sluice_config() {
   "peers": [{"name": "n$m", "underlay_ip": "${UNDERLAY_NET}.1$m", "underlay_mac": "$pmac",
              "pod_cidr": "${POD_NET}.$m.0/24", "vtep_mac": "0e:5c:02:00:00:0$m"}],
   "manifests": {"services": ["$svc"], "endpoint_slices": ["$eps"], "network_policies": [$pol]},
-  "workers": {"queues": {"0": $cpu}, "pin": true, "batch_size": ${SLUICE_BATCH:-64}, "busy_poll": ${SLUICE_BUSY_POLL:-false}, "idle_spin_us": ${SLUICE_IDLE_SPIN_US:-0}, "yield_to_pods": ${SLUICE_YIELD_TO_PODS:-true}},
+  "workers": {"queues": {"0": $cpu}, "pin": true, "batch_size": ${SLUICE_BATCH:-64}, "busy_poll": ${SLUICE_BUSY_POLL:-false}, "idle_spin_us": ${SLUICE_IDLE_SPIN_US:-0}, "yield_to_pods": ${SLUICE_YIELD_TO_PODS:-false}, "slice_us": ${SLUICE_SLICE_US:-100}},
   "paths": {"socket": "$dir/n$n/agent.sock", "state_dir": "$dir/n$n/state", "bpffs": "$dir/n$n/bpf"}
 }
 JSON
