@@ -167,8 +167,8 @@ pub struct WorkerParams {
     pub busy_poll: bool,
     /// Keep polling this long after a busy round before sleeping (see the node config).
     pub idle_spin: Duration,
-    /// Give the core to any other runnable thread after a round that queued frames for a pod of
-    /// this node (see the node config's `yield_to_pods`).
+    /// Give the core to any other runnable thread after a round that forwarded frames to a pod
+    /// of this node (see the node config's `yield_to_pods`).
     pub yield_to_pods: bool,
     /// The worker thread's time slice under the fair scheduler (see the node config's
     /// `slice_us`); `None` keeps the kernel's default.

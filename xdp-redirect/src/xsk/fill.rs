@@ -7,8 +7,9 @@
 //! chunks is shared among the busy: at every [`super::Xsk::flush`], a socket that received and
 //! whose fill ring the kernel drained below half its target doubles its target (up to the fill
 //! ring's size; straight to it when the ring ran dry) as far as the pool allows; a socket that
-//! received nothing for [`IDLE_FLUSHES`] flushes goes back to its base, and the chunks above it return to the pool as the kernel hands them
-//! back with frames (a fill ring cannot be drained from this side).
+//! received nothing for [`IDLE_FLUSHES`] flushes goes back to its base, and the chunks above it
+//! return to the pool as the kernel hands them back with frames (a fill ring cannot be drained
+//! from this side).
 //!
 //! "Drained" is what is still on the fill ring, read from the kernel's consumer index: not the
 //! chunks the socket has given and not yet received back, which also counts the frames waiting on

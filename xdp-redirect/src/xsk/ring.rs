@@ -323,7 +323,6 @@ pub(super) fn fill_ring_entries(fill: &xsk_ring_prod) -> Vec<u64> {
         .collect()
 }
 
-/// Tops `sock`'s fill ring up to its fill target from `free`.
 /// Chunks on `sock`'s fill ring the kernel has not taken yet (its consumer index, read now).
 pub(super) fn fill_queued(sock: &mut Socket) -> u64 {
     let fill = &mut sock.fill;
@@ -333,6 +332,7 @@ pub(super) fn fill_queued(sock: &mut Socket) -> u64 {
     u64::from(fill.size.saturating_sub(room))
 }
 
+/// Tops `sock`'s fill ring up to its fill target from `free`.
 pub(super) fn refill(sock: &mut Socket, free: &mut Vec<u64>) {
     let fill = &mut sock.fill;
     // SAFETY: the fill ring of a live socket.
